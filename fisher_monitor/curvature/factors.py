@@ -1,0 +1,290 @@
+"""Per-layer factors of F and EF, and the small matrices the metrics are computed from.
+
+For one layer (all trainable parameters of one module, ``D`` of them, flattened in
+``named_parameters`` order) and a probe batch of ``N`` samples:
+
+- ``U = [g_1 … g_N]/√N`` (``D × N``), ``g_n = ∇_θ ℓ_n`` the per-sample gradient, so
+  ``EF = UUᵀ`` and the mean gradient is ``g = U 1/√N``;
+- ``V`` (``D × R``) with ``F = VVᵀ``: ``R = C·N`` columns for the exact Fisher (``C``
+  outputs per sample), ``R = M·N`` for ``M`` Monte-Carlo labels per sample.
+
+Three representations, chosen by layer type:
+
+- :class:`OuterProductFactors` (``Linear`` on ``(N, I)`` inputs): every column is an outer
+  product, ``g_n = vec(δ_n x_nᵀ)`` and ``v_{r,n} = vec(s_{r,n} x_nᵀ)``, so Gram matrices
+  are Hadamard products of small Grams, ``K_U = (ΔΔᵀ ⊙ XXᵀ)/N``, and nothing of size
+  ``N × D`` is formed;
+- :class:`WeightSharingFactors` (convolutions, ``Linear`` on sequences): sums of outer
+  products over ``T`` positions, materialised per sample;
+- :class:`MaterializedFactors` (any other layer BackPACK supports): ``U`` and ``V`` as
+  given by BackPACK's parameter Jacobians.
+
+A bias is handled as an extra input column of ones, the usual augmentation; the
+conversion to ``named_parameters`` order happens only where a per-parameter layout
+is returned (diagonals, mean gradient, dense blocks).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fisher_monitor.metrics.kronecker import OuterSamples
+
+
+@dataclass
+class KroneckerFactors:
+    """Kronecker-factored Fisher ``G ⊗ A`` and the EF's per-sample gradients, same layout.
+
+    Attributes:
+        input_factor: ``A`` (``I × I``).
+        output_factor: ``G`` (``O × O``).
+        samples: Per-sample gradients as ``N × O × I`` or :class:`OuterSamples`.
+    """
+
+    input_factor: Tensor
+    output_factor: Tensor
+    samples: Tensor | OuterSamples
+
+
+class LayerFactors(ABC):
+    """Factors of one layer's F and EF blocks (see the module docstring)."""
+
+    num_samples: int
+    num_columns: int
+    dimension: int
+
+    @abstractmethod
+    def mean_gradient(self) -> Tensor:
+        """Mean gradient ``g`` (``D``, ``named_parameters`` order)."""
+
+    @abstractmethod
+    def diagonals(self) -> tuple[Tensor, Tensor]:
+        """``(diag F, diag EF)`` (each ``D``, ``named_parameters`` order)."""
+
+    @abstractmethod
+    def gram_u(self) -> Tensor:
+        """``K_U = UᵀU`` (``N × N``)."""
+
+    @abstractmethod
+    def gram_v(self) -> Tensor:
+        """``K_V = VᵀV`` (``R × R``)."""
+
+    @abstractmethod
+    def gram_uv(self) -> Tensor:
+        """``K_UV = UᵀV`` (``N × R``)."""
+
+    @abstractmethod
+    def dense_blocks(self) -> tuple[Tensor, Tensor]:
+        """``(F, EF)`` as ``D × D`` matrices (only for small layers)."""
+
+    def kronecker(self) -> KroneckerFactors | None:
+        """Kronecker factors, or ``None`` where the layer type has none."""
+        return None
+
+    def prefers_dense(self) -> bool:
+        """Whether ``D × D`` blocks are smaller than the Gram matrices (the dense path)."""
+        return self.dimension <= max(self.num_samples, self.num_columns)
+
+
+def augment(inputs: Tensor, weight: bool, bias: bool) -> Tensor:
+    """Return the layer inputs with a trailing column of ones for the bias.
+
+    Args:
+        inputs: ``(..., I)`` inputs to the layer.
+        weight: Whether the weight is trainable (keep the inputs).
+        bias: Whether the bias is trainable (append ones).
+
+    Returns:
+        ``(..., I + 1)``, ``(..., I)`` or ``(..., 1)`` as the trainable parameters need.
+    """
+    parts = [inputs] if weight else []
+    if bias:
+        parts.append(torch.ones_like(inputs[..., :1]))
+    return torch.cat(parts, dim=-1)
+
+
+def to_parameter_order(matrix: Tensor, weight_columns: int, has_bias: bool) -> Tensor:
+    """Flatten ``(..., O, I)`` augmented matrices into ``named_parameters`` order.
+
+    The augmented layout puts the bias as the last column; PyTorch's order is the
+    flattened weight, then the bias.
+
+    Args:
+        matrix: ``(..., O, weight_columns + has_bias)``.
+        weight_columns: Number of weight input columns (0 when the weight is frozen).
+        has_bias: Whether the last column is the bias.
+
+    Returns:
+        ``(..., O * weight_columns + O * has_bias)``.
+    """
+    parts = []
+    if weight_columns:
+        parts.append(matrix[..., :weight_columns].flatten(start_dim=-2))
+    if has_bias:
+        parts.append(matrix[..., weight_columns])
+    return torch.cat(parts, dim=-1)
+
+
+class MaterializedFactors(LayerFactors):
+    """``U`` and ``V`` stored explicitly.
+
+    Args:
+        per_sample: ``(N, D)`` per-sample gradients ``g_n`` (not divided by ``√N``).
+        sqrt: ``(R, D)`` square-root factor columns ``v_r`` with ``F = Σ_r v_r v_rᵀ``.
+    """
+
+    def __init__(self, per_sample: Tensor, sqrt: Tensor):
+        self.per_sample = per_sample
+        self.sqrt = sqrt
+        self.num_samples, self.dimension = per_sample.shape
+        self.num_columns = sqrt.shape[0]
+
+    def mean_gradient(self) -> Tensor:  # noqa: D102
+        return self.per_sample.mean(dim=0)
+
+    def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        return self.sqrt.square().sum(dim=0), self.per_sample.square().mean(dim=0)
+
+    def gram_u(self) -> Tensor:  # noqa: D102
+        return self.per_sample @ self.per_sample.T / self.num_samples
+
+    def gram_v(self) -> Tensor:  # noqa: D102
+        return self.sqrt @ self.sqrt.T
+
+    def gram_uv(self) -> Tensor:  # noqa: D102
+        return self.per_sample @ self.sqrt.T / self.num_samples**0.5
+
+    def dense_blocks(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        return self.sqrt.T @ self.sqrt, self.per_sample.T @ self.per_sample / self.num_samples
+
+
+class OuterProductFactors(LayerFactors):
+    """Factors of a ``Linear`` layer on ``(N, I)`` inputs, kept as outer products.
+
+    Args:
+        inputs: ``(N, I)`` augmented inputs ``x̃_n`` (see :func:`augment`).
+        output_grads: ``(N, O)`` per-sample output gradients ``δ_n`` with
+            ``g_n = vec(δ_n x̃_nᵀ)``.
+        sqrt: ``(R_n, N, O)`` square-root factors at the output, ``v_{r,n} = vec(s_{r,n} x̃_nᵀ)``.
+        weight_columns: Number of weight columns in ``inputs`` (0: frozen weight).
+        has_bias: Whether ``inputs`` ends with the bias column.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        output_grads: Tensor,
+        sqrt: Tensor,
+        weight_columns: int,
+        has_bias: bool,
+    ):
+        self.inputs = inputs
+        self.output_grads = output_grads
+        self.sqrt = sqrt
+        self.weight_columns = weight_columns
+        self.has_bias = has_bias
+        self.num_samples, self.in_features = inputs.shape
+        self.out_features = output_grads.shape[1]
+        self.num_columns = sqrt.shape[0] * sqrt.shape[1]
+        self.dimension = self.in_features * self.out_features
+        self._input_gram: Tensor | None = None
+
+    def _order(self, matrix: Tensor) -> Tensor:
+        return to_parameter_order(matrix, self.weight_columns, self.has_bias)
+
+    def input_gram(self) -> Tensor:
+        """``X̃X̃ᵀ`` (``N × N``), shared by every Gram matrix."""
+        if self._input_gram is None:
+            self._input_gram = self.inputs @ self.inputs.T
+        return self._input_gram
+
+    def _flat_sqrt(self) -> Tensor:
+        return self.sqrt.reshape(-1, self.out_features)  # column (r, n) at r * N + n
+
+    def mean_gradient(self) -> Tensor:  # noqa: D102
+        return self._order(self.output_grads.T @ self.inputs / self.num_samples)
+
+    def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        x_sq = self.inputs.square()
+        fisher = self.sqrt.square().sum(dim=0).T @ x_sq
+        empirical = self.output_grads.square().T @ x_sq / self.num_samples
+        return self._order(fisher), self._order(empirical)
+
+    def gram_u(self) -> Tensor:  # noqa: D102
+        return (self.output_grads @ self.output_grads.T) * self.input_gram() / self.num_samples
+
+    def gram_v(self) -> Tensor:  # noqa: D102
+        s = self._flat_sqrt()
+        repeats = self.sqrt.shape[0]
+        return (s @ s.T) * self.input_gram().repeat(repeats, repeats)
+
+    def gram_uv(self) -> Tensor:  # noqa: D102
+        s = self._flat_sqrt()
+        repeats = self.sqrt.shape[0]
+        return (
+            (self.output_grads @ s.T) * self.input_gram().repeat(1, repeats) / self.num_samples**0.5
+        )
+
+    def dense_blocks(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        per_sample = self._order(self.output_grads.unsqueeze(2) * self.inputs.unsqueeze(1))
+        x = self.inputs.unsqueeze(0).expand(self.sqrt.shape[0], -1, -1)
+        sqrt = self._order(self.sqrt.unsqueeze(3) * x.unsqueeze(2)).reshape(-1, self.dimension)
+        return sqrt.T @ sqrt, per_sample.T @ per_sample / self.num_samples
+
+    def kronecker(self) -> KroneckerFactors:  # noqa: D102
+        s = self._flat_sqrt()
+        return KroneckerFactors(
+            input_factor=self.inputs.T @ self.inputs / self.num_samples,
+            output_factor=s.T @ s,
+            samples=OuterSamples(self.output_grads, self.inputs),
+        )
+
+
+class WeightSharingFactors(MaterializedFactors):
+    """Factors of a layer that applies one weight at ``T`` positions (conv, sequence linear).
+
+    ``g_n = vec(Σ_t δ_{n,t} x̃_{n,t}ᵀ)`` and ``v_{r,n} = vec(Σ_t s_{r,n,t} x̃_{n,t}ᵀ)`` are
+    materialised. The Kronecker factors follow KFC (Grosse & Martens, 2016), also known as
+    KFAC-expand: ``A = (1/N) Σ_{n,t} x̃_{n,t} x̃_{n,t}ᵀ`` and
+    ``G = (1/T) Σ_{r,n,t} s_{r,n,t} s_{r,n,t}ᵀ`` (``s`` already carries the ``1/√N``), so
+    that ``G ⊗ A`` is exact for ``N = T = 1``. BackPACK's own ``KFLR``/``KFAC`` for
+    convolutions differ by the factor ``T`` (documented there as a known inconsistency).
+
+    Args:
+        inputs: ``(N, T, I)`` augmented inputs.
+        output_grads: ``(N, T, O)`` per-sample output gradients.
+        sqrt: ``(R_n, N, T, O)`` square-root factors at the output.
+        weight_columns: Number of weight columns in ``inputs``.
+        has_bias: Whether ``inputs`` ends with the bias column.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        output_grads: Tensor,
+        sqrt: Tensor,
+        weight_columns: int,
+        has_bias: bool,
+    ):
+        self.inputs = inputs
+        self.output_grads = output_grads
+        self.sqrt_at_output = sqrt
+        self.sample_matrices = torch.einsum("nto,nti->noi", output_grads, inputs)
+        per_sample = to_parameter_order(self.sample_matrices, weight_columns, has_bias)
+        sqrt_matrices = torch.einsum("rnto,nti->rnoi", sqrt, inputs)
+        flat_sqrt = to_parameter_order(sqrt_matrices, weight_columns, has_bias)
+        super().__init__(per_sample, flat_sqrt.reshape(-1, per_sample.shape[1]))
+
+    def kronecker(self) -> KroneckerFactors:  # noqa: D102
+        n, t, i = self.inputs.shape
+        x = self.inputs.reshape(n * t, i)
+        s = self.sqrt_at_output.reshape(-1, self.sqrt_at_output.shape[-1])
+        return KroneckerFactors(
+            input_factor=x.T @ x / n,
+            output_factor=s.T @ s / t,
+            samples=self.sample_matrices,
+        )

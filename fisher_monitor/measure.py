@@ -1,0 +1,347 @@
+"""``measure()``: F against EF on one probe batch, for every layer and the whole network.
+
+See DESIGN.md §2 for the definitions and §3 for the metric names. In short, for a probe
+batch of ``N`` samples with per-sample gradients ``g_n`` of the per-sample negative
+log-likelihoods ``ℓ_n``:
+
+``g = (1/N) Σ g_n``, ``EF = (1/N) Σ g_n g_nᵀ`` and
+``F = (1/N) Σ_n E_{ŷ~p(·|f_n)}[∇ℓ(f_n, ŷ) ∇ℓ(f_n, ŷ)ᵀ]``,
+
+whatever the loss module's reduction (a ``"sum"`` loss is divided back by ``N``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fisher_monitor.curvature.factors import LayerFactors
+from fisher_monitor.curvature.losses import LossSpec, resolve_loss
+from fisher_monitor.curvature.network import LayerInfo, PreparedNetwork, seed_from
+from fisher_monitor.metrics import (
+    LayerStatistics,
+    dense_statistics,
+    diagonal_statistics,
+    finalize,
+    kronecker_statistics,
+    lowrank_statistics,
+    sum_statistics,
+)
+from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings, Structure
+
+#: Key of the whole network in metric keys.
+ALL = "all"
+
+
+@dataclass
+class Measurement:
+    """The result of one measurement.
+
+    Attributes:
+        scalars: Metric values under ``"{structure}/{metric}/{layer}"`` (DESIGN.md §3),
+            including ``"{structure}/{metric}/all"``, plus ``"probe/loss"``,
+            ``"probe/batch_size"``, ``"probe/grad_norm"`` and ``"probe/seconds"``.
+        layers: The measured layers in forward (``named_modules``) order.
+        diagonals: Per layer name, ``(diag F, diag EF)`` as float64 CPU tensors in
+            ``named_parameters`` order.
+        settings: The settings used (plain data).
+        notes: Things the user should know about this measurement (e.g. a BatchNorm
+            layer measured in eval mode, a layer without Kronecker factors).
+    """
+
+    scalars: dict[str, float]
+    layers: list[LayerInfo]
+    diagonals: dict[str, tuple[Tensor, Tensor]]
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> float:
+        """Return the scalar stored under ``key``.
+
+        Raises:
+            KeyError: With a hint listing similar keys.
+        """
+        try:
+            return self.scalars[key]
+        except KeyError:
+            parts = key.split("/")
+            similar = [k for k in self.scalars if parts and k.startswith(parts[0] + "/")][:8]
+            raise KeyError(f"No scalar {key!r}. Similar keys: {similar}") from None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.scalars
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the measured layers, forward order."""
+        return [layer.name for layer in self.layers]
+
+
+def relative_dampings(
+    settings: MeasureSettings, trace: float, dimension: int
+) -> tuple[list[float], bool]:
+    """Per-layer damping values λ_b for one structure.
+
+    Args:
+        settings: Validated settings.
+        trace: ``tr F_S`` of the layer (structure-specific).
+        dimension: ``D_b``.
+
+    Returns:
+        The dampings and whether the relative rule had to fall back to absolute values
+        (a layer whose Fisher trace is zero or not finite).
+    """
+    if settings.damping_mode is DampingMode.ABSOLUTE:
+        return list(settings.dampings), False
+    scale = trace / dimension
+    if not (scale > 0 and torch.isfinite(torch.tensor(scale))):
+        return list(settings.dampings), True
+    return [d * scale for d in settings.dampings], False
+
+
+class Measurer:
+    """Measure F against EF repeatedly on one network, preparing it once.
+
+    ``measure()`` is ``Measurer(...)(inputs, targets)`` followed by :meth:`close`; the
+    Lightning callback keeps one alive across training steps.
+
+    Args:
+        model: The network (left untouched: see :func:`measure`).
+        loss_fn: A supported loss module or name.
+        settings: Validated settings.
+        dtype: Floating-point type of the curvature computations (float64 by default:
+            the damped solves amplify rounding by up to ``1/λ``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | str | LossSpec,
+        settings: MeasureSettings,
+        dtype: torch.dtype = torch.float64,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.loss = loss_fn if isinstance(loss_fn, LossSpec) else resolve_loss(loss_fn)
+        self.settings = settings
+        self.dtype = dtype
+        self._prepared: PreparedNetwork | None = None
+
+    @property
+    def prepared(self) -> PreparedNetwork:
+        """The prepared shadow network, rebuilt if the caller replaced its parameters."""
+        if self._prepared is None or self._prepared.is_stale():
+            if self._prepared is not None:
+                self._prepared.close()
+            self._prepared = PreparedNetwork(self.model, self.loss)
+        return self._prepared
+
+    def __call__(
+        self, inputs, targets: Tensor, generator: torch.Generator | None = None
+    ) -> Measurement:
+        """Measure on one probe batch.
+
+        Args:
+            inputs: Input tensor (or tuple of tensors passed as positional arguments).
+            targets: Targets for the loss; the first dimension is the batch.
+            generator: Generator for label sampling and dropout masks.
+
+        Returns:
+            The measurement.
+        """
+        start = time.perf_counter()
+        prepared = self.prepared
+        prepared.sync()
+        inputs, targets = _batch_on_device(inputs, targets, prepared.device)
+        settings = self.settings
+        statistics: dict[Structure, dict[str, LayerStatistics]] = {
+            s: {} for s in settings.structures
+        }
+        diagonals: dict[str, tuple[Tensor, Tensor]] = {}
+        grad_sq: list[Tensor] = []
+        notes = [
+            f"{name}: BatchNorm in train mode measured in eval mode (running statistics)"
+            for name in prepared.batchnorm_in_eval
+        ]
+        notes += list(prepared.notes)
+        kron_skipped: list[str] = []
+        fallback: list[str] = []
+
+        def on_layer(info: LayerInfo, factors: LayerFactors) -> None:
+            fisher_diag, empirical_diag = factors.diagonals()
+            gradient = factors.mean_gradient()
+            grad_sq.append(gradient.square().sum())
+            diagonals[info.name] = (fisher_diag.detach().cpu(), empirical_diag.detach().cpu())
+            dampings, fell_back = relative_dampings(
+                settings, float(fisher_diag.sum()), info.dimension
+            )
+            if fell_back:
+                fallback.append(info.name)
+            if Structure.DIAG in statistics:
+                statistics[Structure.DIAG][info.name] = diagonal_statistics(
+                    fisher_diag, empirical_diag, gradient, dampings
+                )
+            gram_u = None
+            if Structure.BLOCK in statistics:
+                if factors.prefers_dense():
+                    fisher, empirical = factors.dense_blocks()
+                    block = dense_statistics(fisher, empirical, gradient, dampings)
+                else:
+                    gram_u = factors.gram_u()
+                    block = lowrank_statistics(
+                        gram_u, factors.gram_v(), factors.gram_uv(), info.dimension, dampings
+                    )
+                statistics[Structure.BLOCK][info.name] = block
+            if Structure.KRON in statistics:
+                kron = factors.kronecker()
+                if kron is None:
+                    kron_skipped.append(f"{info.name} ({info.module_type})")
+                    return
+                trace = float(torch.trace(kron.input_factor) * torch.trace(kron.output_factor))
+                kron_dampings, kron_fell_back = relative_dampings(settings, trace, info.dimension)
+                if kron_fell_back and info.name not in fallback:
+                    fallback.append(info.name)
+                statistics[Structure.KRON][info.name] = kronecker_statistics(
+                    kron.input_factor,
+                    kron.output_factor,
+                    kron.samples,
+                    factors.gram_u() if gram_u is None else gram_u,
+                    kron_dampings,
+                )
+
+        result = prepared.run(
+            inputs,
+            targets,
+            exact=settings.fisher is FisherType.EXACT,
+            mc_samples=settings.mc_samples,
+            seed=seed_from(generator),
+            on_layer=on_layer,
+            dtype=self.dtype,
+        )
+        layers = [info for info, _ in prepared.layers if info.name in result.measured]
+        unused = [info.name for info, _ in prepared.layers if info.name not in result.measured]
+        if unused:
+            notes.append(f"not measured (no gradient reached them): {', '.join(unused)}")
+        if kron_skipped:
+            notes.append(
+                "kron: no Kronecker factorisation for "
+                f"{', '.join(kron_skipped)}; kron/all covers the other layers"
+            )
+        if fallback:
+            notes.append(
+                "relative damping fell back to absolute damping for layers with zero Fisher "
+                f"trace: {', '.join(fallback)}"
+            )
+        scalars: dict[str, float] = {}
+        for structure, per_layer in statistics.items():
+            ordered = [info.name for info in layers if info.name in per_layer]
+            for name in ordered:
+                for metric, value in finalize(per_layer[name], settings.dampings).items():
+                    scalars[f"{structure.value}/{metric}/{name}"] = value
+            if ordered:
+                total = sum_statistics([per_layer[name] for name in ordered])
+                for metric, value in finalize(total, settings.dampings).items():
+                    scalars[f"{structure.value}/{metric}/{ALL}"] = value
+        scalars["probe/loss"] = result.loss
+        scalars["probe/batch_size"] = float(result.batch_size)
+        scalars["probe/grad_norm"] = float(torch.stack(grad_sq).sum().sqrt()) if grad_sq else 0.0
+        scalars["probe/seconds"] = time.perf_counter() - start
+        return Measurement(
+            scalars=scalars,
+            layers=layers,
+            diagonals={info.name: diagonals[info.name] for info in layers},
+            settings=settings.as_dict(),
+            notes=notes,
+        )
+
+    def close(self) -> None:
+        """Remove BackPACK's hooks from the shadow copy and drop it."""
+        if self._prepared is not None:
+            self._prepared.close()
+            self._prepared = None
+
+
+def _batch_on_device(inputs, targets, device: torch.device):
+    """Validate the probe batch and move it to the network's device."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}.")
+    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"inputs must be tensors, got {type(tensor).__name__}.")
+    batch = targets.shape[0] if targets.dim() else None
+    if batch is None:
+        raise ValueError("targets must have a batch dimension, got a scalar.")
+    if batch == 0:
+        raise ValueError("The probe batch is empty (0 samples): nothing to measure.")
+    for tensor in tensors:
+        if tensor.dim() == 0 or tensor.shape[0] != batch:
+            raise ValueError(
+                f"inputs of shape {tuple(tensor.shape)} and targets of shape "
+                f"{tuple(targets.shape)} disagree on the batch size."
+            )
+    moved = tuple(t.to(device) for t in tensors)
+    return (moved if isinstance(inputs, (tuple, list)) else moved[0]), targets.to(device)
+
+
+def measure(
+    model: nn.Module,
+    loss_fn: nn.Module | str,
+    inputs,
+    targets: Tensor,
+    *,
+    structures: Sequence[str] | str = ("diag", "block"),
+    fisher: str = "exact",
+    mc_samples: int = 1,
+    damping: float | Sequence[float] = 1e-3,
+    damping_mode: str = "relative",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Measurement:
+    """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
+
+    The model is left exactly as it was: the computation runs on a *shadow copy* (new
+    module objects carrying BackPACK's hooks, parameters sharing the caller's storage,
+    cloned buffers), so the caller's parameters, ``.grad``, buffers, train/eval modes
+    and hooks are untouched. The global RNG state is restored afterwards: label sampling
+    (``fisher="mc"``) and dropout masks use a seed drawn from ``generator``.
+
+    Args:
+        model: The network. Layers are modules that own trainable parameters, named by
+            their qualified names in ``model``.
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (reduction
+            ``"mean"`` or ``"sum"``), or ``"cross_entropy"``, ``"mse"``,
+            ``"bce_with_logits"``.
+        inputs: Input batch (a tensor, or a tuple of tensors passed as arguments).
+        targets: Targets of the batch.
+        structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
+        fisher: ``"exact"`` (exact loss-Hessian square root) or ``"mc"`` (sampled labels).
+        mc_samples: Sampled labels per input for ``fisher="mc"``.
+        damping: λ (relative or absolute), or a sequence of values; with more than one,
+            damped metrics are reported for each under ``{metric}@{value}``.
+        damping_mode: ``"relative"``: λ_b = damping · tr(F_b)/D_b per layer (and
+            structure); ``"absolute"``: λ_b = damping.
+        generator: Generator that seeds label sampling and dropout masks. ``None`` draws
+            a fresh seed from the operating system (the global RNG is never consumed).
+        dtype: Type of the curvature arithmetic (float64 by default).
+
+    Returns:
+        The :class:`Measurement`.
+
+    Raises:
+        ValueError: For invalid settings, an unsupported loss option, or a batch whose
+            shape does not fit the loss.
+        NotImplementedError: For a network BackPACK cannot handle (the message names the
+            module and lists what is supported).
+    """
+    settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
+    measurer = Measurer(model, loss_fn, settings, dtype=dtype)
+    try:
+        return measurer(inputs, targets, generator=generator)
+    finally:
+        measurer.close()

@@ -1,0 +1,77 @@
+"""Statistics of dense per-layer blocks, for layers with fewer parameters than factor columns.
+
+When a layer has ``D`` parameters and the factors of F and EF have more than ``D``
+columns (a bias, a tiny layer, or a huge probe batch), the ``D × D`` matrices are the
+cheaper representation. Both matrices are diagonalised once; every damping then costs
+``O(D²)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
+
+
+def dense_statistics(
+    fisher: Tensor, empirical: Tensor, gradient: Tensor, dampings: Sequence[float]
+) -> LayerStatistics:
+    r"""Additive statistics of dense ``F_S`` against dense ``EF_S``.
+
+    With the eigendecompositions ``F = Q diag(α) Qᵀ`` and ``EF = P diag(μ) Pᵀ``:
+    ``log det A − log det B = Σ log(1 + α_i/λ) − Σ log(1 + μ_i/λ)`` and
+    ``tr(B A⁻¹) − D = tr(A⁻¹(EF − F)) = Σ_i [Qᵀ EF Q]_ii/(α_i + λ) − Σ_i α_i/(α_i + λ)``.
+
+    Args:
+        fisher: ``D × D`` symmetric positive semi-definite Fisher block.
+        empirical: ``D × D`` empirical Fisher block.
+        gradient: Mean gradient, ``D`` entries.
+        dampings: Damping values λ (> 0).
+
+    Returns:
+        The layer's additive statistics.
+    """
+    f = 0.5 * (fisher + fisher.T)
+    e = 0.5 * (empirical + empirical.T)
+    g = gradient.reshape(-1)
+    alpha, q = torch.linalg.eigh(f)
+    mu, p = torch.linalg.eigh(e)
+    alpha = alpha.clamp_min(0.0)
+    mu = mu.clamp_min(0.0)
+    g_f = q.T @ g
+    g_e = p.T @ g
+    e_in_f = torch.einsum("ij,ik,kj->j", q, e, q)  # diag(Qᵀ EF Q)
+    damped = []
+    for damping in dampings:
+        a = alpha + damping
+        b = mu + damping
+        nat = q @ (g_f / a)
+        ef = p @ (g_e / b)
+        trace_term = (e_in_f / a).sum() - (alpha / a).sum()
+        logdet_term = torch.log1p(alpha / damping).sum() - torch.log1p(mu / damping).sum()
+        damped.append(
+            DampedStatistics(
+                damping_mass=torch.as_tensor(damping * g.numel(), dtype=g.dtype, device=g.device),
+                kl=0.5 * (trace_term + logdet_term),
+                grad_sq=g.square().sum(),
+                nat_sq=nat.square().sum(),
+                ef_sq=ef.square().sum(),
+                nat_ef=nat @ ef,
+                nat_projection=(g_f.square() / a).sum(),
+                ef_projection=(g_e.square() / b).sum(),
+                ef_projection_per_sample=(mu / b).sum(),
+            )
+        )
+    return LayerStatistics(
+        dimension=g.numel(),
+        trace_f=torch.diagonal(f).sum(),
+        trace_ef=torch.diagonal(e).sum(),
+        frob_f_sq=f.square().sum(),
+        frob_ef_sq=e.square().sum(),
+        inner=(f * e).sum(),
+        frob_diff_sq=(e - f).square().sum(),
+        damped=damped,
+    )

@@ -1,0 +1,240 @@
+"""Additive statistics of a (F, EF) pair and the metrics derived from them.
+
+Every structure (diagonal, block, Kronecker) reduces a layer to the same small set of
+numbers: traces, Frobenius inner products, a Kullback-Leibler divergence, and inner
+products of the damped solves ``A⁻¹g`` and ``B⁻¹g`` with ``A = F_S + λI`` and
+``B = EF_S + λI``. These numbers *add up* over the layers of a block-diagonal matrix, so
+the whole-network value (``all``) is their sum, never an average of per-layer metrics.
+The metric definitions (DESIGN.md §3) are functions of the sums only; they live in
+:func:`finalize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+#: Metric names that do not depend on the damping λ.
+UNDAMPED_METRICS: tuple[str, ...] = ("trace_ratio", "rel_error", "matrix_cosine", "dimension")
+#: Metric names that depend on the damping λ (suffixed ``@λ`` with several dampings).
+DAMPED_METRICS: tuple[str, ...] = (
+    "kl",
+    "direction_cosine",
+    "nat_grad_cosine",
+    "ef_grad_cosine",
+    "nat_projection",
+    "ef_projection",
+    "ef_projection_per_sample",
+    "damping",
+)
+#: Every metric key, in the order the reports list them.
+METRICS: tuple[str, ...] = (
+    "trace_ratio",
+    "rel_error",
+    "matrix_cosine",
+    "kl",
+    "direction_cosine",
+    "nat_grad_cosine",
+    "ef_grad_cosine",
+    "nat_projection",
+    "ef_projection",
+    "ef_projection_per_sample",
+    "dimension",
+    "damping",
+)
+
+
+@dataclass
+class DampedStatistics:
+    """The λ-dependent sums of one layer (or of several layers, once added).
+
+    With ``A = F_S + λI``, ``B = EF_S + λI`` and the mean gradient ``g``:
+
+    Attributes:
+        damping_mass: ``Σ_b D_b λ_b``, so that ``damping_mass / D`` is the mean damping.
+        kl: ``½[tr(B A⁻¹) − D + log det A − log det B]``.
+        grad_sq: ``‖g‖²``.
+        nat_sq: ``‖A⁻¹g‖²``.
+        ef_sq: ``‖B⁻¹g‖²``.
+        nat_ef: ``⟨A⁻¹g, B⁻¹g⟩``.
+        nat_projection: ``gᵀA⁻¹g``.
+        ef_projection: ``gᵀB⁻¹g``.
+        ef_projection_per_sample: ``(1/N) Σ_n g_nᵀ B⁻¹ g_n = tr(B⁻¹ EF_S)``.
+    """
+
+    damping_mass: Tensor
+    kl: Tensor
+    grad_sq: Tensor
+    nat_sq: Tensor
+    ef_sq: Tensor
+    nat_ef: Tensor
+    nat_projection: Tensor
+    ef_projection: Tensor
+    ef_projection_per_sample: Tensor
+
+    def __add__(self, other: DampedStatistics) -> DampedStatistics:
+        return DampedStatistics(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
+
+@dataclass
+class LayerStatistics:
+    """Additive statistics of ``F_S`` and ``EF_S`` on one layer (or a sum of layers).
+
+    Attributes:
+        dimension: Number of parameters ``D``.
+        trace_f: ``tr F_S``.
+        trace_ef: ``tr EF_S``.
+        frob_f_sq: ``‖F_S‖²_F``.
+        frob_ef_sq: ``‖EF_S‖²_F``.
+        inner: ``⟨EF_S, F_S⟩_F``.
+        frob_diff_sq: ``‖EF_S − F_S‖²_F``.
+        damped: One :class:`DampedStatistics` per damping value, in the order given.
+    """
+
+    dimension: int
+    trace_f: Tensor
+    trace_ef: Tensor
+    frob_f_sq: Tensor
+    frob_ef_sq: Tensor
+    inner: Tensor
+    frob_diff_sq: Tensor
+    damped: list[DampedStatistics] = field(default_factory=list)
+
+    def __add__(self, other: LayerStatistics) -> LayerStatistics:
+        if len(self.damped) != len(other.damped):
+            raise ValueError("Cannot add statistics computed for different dampings.")
+        return LayerStatistics(
+            dimension=self.dimension + other.dimension,
+            trace_f=self.trace_f + other.trace_f,
+            trace_ef=self.trace_ef + other.trace_ef,
+            frob_f_sq=self.frob_f_sq + other.frob_f_sq,
+            frob_ef_sq=self.frob_ef_sq + other.frob_ef_sq,
+            inner=self.inner + other.inner,
+            frob_diff_sq=self.frob_diff_sq + other.frob_diff_sq,
+            damped=[a + b for a, b in zip(self.damped, other.damped, strict=True)],
+        )
+
+
+def sum_statistics(statistics: Sequence[LayerStatistics]) -> LayerStatistics:
+    """Add the statistics of several layers (the block-diagonal whole).
+
+    Args:
+        statistics: Per-layer statistics, all computed for the same dampings.
+
+    Returns:
+        Their sum.
+
+    Raises:
+        ValueError: If ``statistics`` is empty.
+    """
+    if not statistics:
+        raise ValueError("Cannot sum an empty list of layer statistics.")
+    total = statistics[0]
+    for stat in statistics[1:]:
+        total = total + stat
+    return total
+
+
+def damping_suffix(damping: float, several: bool) -> str:
+    """Return the key suffix for a damping value: ``""`` or ``"@{value}"``.
+
+    Args:
+        damping: The damping value.
+        several: Whether several damping values are reported.
+
+    Returns:
+        ``"@" + repr(float(damping))`` when ``several``, else the empty string.
+    """
+    return f"@{float(damping)!r}" if several else ""
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator == 0.0:
+        return float("nan")
+    return numerator / denominator
+
+
+def _cosine(inner: float, sq_a: float, sq_b: float) -> float:
+    if sq_a <= 0.0 or sq_b <= 0.0:
+        return float("nan")
+    value = inner / (sq_a**0.5 * sq_b**0.5)
+    # rounding can push a cosine of two parallel vectors a hair outside [-1, 1]
+    return min(1.0, max(-1.0, value))
+
+
+def finalize(statistics: LayerStatistics, dampings: Sequence[float]) -> dict[str, float]:
+    r"""Turn additive statistics into the metrics of DESIGN.md §3.
+
+    With ``A = F_S + λI`` and ``B = EF_S + λI``:
+
+    .. math::
+        \mathrm{trace\_ratio} = \frac{\operatorname{tr} EF_S}{\operatorname{tr} F_S},\quad
+        \mathrm{rel\_error} = \frac{\|EF_S - F_S\|_F}{\|F_S\|_F},\quad
+        \mathrm{matrix\_cosine} = \frac{\langle EF_S, F_S\rangle_F}{\|EF_S\|_F \|F_S\|_F},
+
+        \mathrm{kl} = \tfrac12[\operatorname{tr}(BA^{-1}) - D + \log\det A - \log\det B],\quad
+        \mathrm{direction\_cosine} = \cos(A^{-1}g, B^{-1}g),
+
+    ``nat_grad_cosine = cos(g, A⁻¹g)``, ``ef_grad_cosine = cos(g, B⁻¹g)``,
+    ``nat_projection = gᵀA⁻¹g``, ``ef_projection = gᵀB⁻¹g``,
+    ``ef_projection_per_sample = (1/N) Σ_n g_nᵀB⁻¹g_n``, ``dimension = D`` and
+    ``damping`` the mean λ over the parameters (``Σ_b D_b λ_b / D``; for one layer, λ_b).
+
+    A ratio whose denominator is zero (e.g. a layer with zero Fisher) is ``nan``.
+
+    Args:
+        statistics: Summed statistics of a layer or of the whole network.
+        dampings: The damping values the damped statistics were computed for (same
+            order). With more than one, damped metric names get the suffix ``@{value}``.
+
+    Returns:
+        Mapping from metric name (with suffix where needed) to value.
+    """
+    several = len(dampings) > 1
+    values = _as_floats(statistics)
+    out: dict[str, float] = {
+        "trace_ratio": _ratio(values["trace_ef"], values["trace_f"]),
+        "rel_error": _ratio(max(values["frob_diff_sq"], 0.0) ** 0.5, values["frob_f_sq"] ** 0.5),
+        "matrix_cosine": _cosine(values["inner"], values["frob_ef_sq"], values["frob_f_sq"]),
+        "dimension": float(statistics.dimension),
+    }
+    for damping, damped in zip(dampings, values["damped"], strict=True):
+        suffix = damping_suffix(damping, several)
+        out[f"kl{suffix}"] = max(damped["kl"], 0.0)
+        out[f"direction_cosine{suffix}"] = _cosine(
+            damped["nat_ef"], damped["nat_sq"], damped["ef_sq"]
+        )
+        out[f"nat_grad_cosine{suffix}"] = _cosine(
+            damped["nat_projection"], damped["grad_sq"], damped["nat_sq"]
+        )
+        out[f"ef_grad_cosine{suffix}"] = _cosine(
+            damped["ef_projection"], damped["grad_sq"], damped["ef_sq"]
+        )
+        out[f"nat_projection{suffix}"] = damped["nat_projection"]
+        out[f"ef_projection{suffix}"] = damped["ef_projection"]
+        out[f"ef_projection_per_sample{suffix}"] = damped["ef_projection_per_sample"]
+        out[f"damping{suffix}"] = _ratio(damped["damping_mass"], float(statistics.dimension))
+    return out
+
+
+def _as_floats(statistics: LayerStatistics) -> dict:
+    """Move every statistic to Python floats with a single device synchronisation."""
+    undamped_names = ("trace_f", "trace_ef", "frob_f_sq", "frob_ef_sq", "inner", "frob_diff_sq")
+    damped_names = [f.name for f in fields(DampedStatistics)]
+    tensors = [torch.as_tensor(getattr(statistics, n), dtype=torch.float64) for n in undamped_names]
+    for damped in statistics.damped:
+        tensors += [torch.as_tensor(getattr(damped, n), dtype=torch.float64) for n in damped_names]
+    device = tensors[0].device
+    flat = torch.stack([t.detach().reshape(()).to(device) for t in tensors]).cpu().tolist()
+    values: dict = dict(zip(undamped_names, flat[: len(undamped_names)], strict=True))
+    rest = flat[len(undamped_names) :]
+    values["damped"] = [
+        dict(zip(damped_names, rest[i : i + len(damped_names)], strict=True))
+        for i in range(0, len(rest), len(damped_names))
+    ]
+    return values

@@ -1,0 +1,132 @@
+"""What to measure: structures, Fisher type, damping. Validated once, shared by all entry points."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Structure(str, Enum):
+    """Restrictions of F and EF that are compared (DESIGN.md §2)."""
+
+    DIAG = "diag"
+    BLOCK = "block"
+    KRON = "kron"
+
+
+class FisherType(str, Enum):
+    """How the Fisher is computed: exactly, or from sampled labels."""
+
+    EXACT = "exact"
+    MC = "mc"
+
+
+class DampingMode(str, Enum):
+    """``relative``: λ_b = damping · tr(F_b)/D_b per layer; ``absolute``: λ_b = damping."""
+
+    RELATIVE = "relative"
+    ABSOLUTE = "absolute"
+
+
+def _choice(enum: type[Enum], value, argument: str) -> Enum:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = tuple(member.value for member in enum)
+        raise ValueError(f"Invalid {argument}: {value!r}. Supported: {allowed}.") from None
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """Validated settings of a measurement.
+
+    Attributes:
+        structures: Structures to compute, in the order given.
+        fisher: Exact or Monte-Carlo Fisher.
+        mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
+        dampings: Damping values (one or more).
+        several_dampings: Whether damped metric keys carry an ``@{value}`` suffix.
+        damping_mode: Relative or absolute damping.
+    """
+
+    structures: tuple[Structure, ...]
+    fisher: FisherType
+    mc_samples: int
+    dampings: tuple[float, ...]
+    several_dampings: bool
+    damping_mode: DampingMode
+
+    @classmethod
+    def create(
+        cls,
+        structures: Iterable[str] | str = ("diag", "block"),
+        fisher: str = "exact",
+        mc_samples: int = 1,
+        damping: float | Sequence[float] = 1e-3,
+        damping_mode: str = "relative",
+    ) -> MeasureSettings:
+        """Validate the user-facing arguments.
+
+        Args:
+            structures: Any of ``"diag"``, ``"block"``, ``"kron"`` (non-empty, no repeats).
+            fisher: ``"exact"`` or ``"mc"``.
+            mc_samples: Positive number of sampled labels per input.
+            damping: Positive finite float, or a non-empty sequence of distinct ones.
+            damping_mode: ``"relative"`` or ``"absolute"``.
+
+        Returns:
+            The validated settings.
+
+        Raises:
+            ValueError: For any invalid value; the message shows it and what is allowed.
+            TypeError: For arguments of the wrong type.
+        """
+        if isinstance(structures, str):
+            structures = (structures,)
+        structures = tuple(structures)
+        if not structures:
+            allowed = tuple(s.value for s in Structure)
+            raise ValueError(f"Invalid structures: (). Choose at least one of {allowed}.")
+        parsed = tuple(_choice(Structure, s, "structure") for s in structures)
+        if len(set(parsed)) != len(parsed):
+            raise ValueError(f"Invalid structures: {structures!r} lists a structure twice.")
+        fisher_type = _choice(FisherType, fisher, "fisher")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"Invalid mc_samples: {mc_samples!r}. Use a positive integer.")
+        several = not isinstance(damping, numbers.Real)
+        values = tuple(damping) if several else (damping,)  # type: ignore[arg-type]
+        if not values:
+            raise ValueError("Invalid damping: []. Give a positive float or a list of them.")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"Invalid damping value {value!r}: expected a positive float.")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"Invalid damping: {value!r}. Damping must be a positive finite number: "
+                    "λ = 0 makes the rank-deficient F and EF singular."
+                )
+        dampings = tuple(float(v) for v in values)
+        if len(set(map(repr, dampings))) != len(dampings):
+            raise ValueError(f"Invalid damping: {damping!r} repeats a value.")
+        mode = _choice(DampingMode, damping_mode, "damping_mode")
+        return cls(
+            structures=parsed,  # type: ignore[arg-type]
+            fisher=fisher_type,  # type: ignore[arg-type]
+            mc_samples=mc_samples,
+            dampings=dampings,
+            several_dampings=len(dampings) > 1,
+            damping_mode=mode,  # type: ignore[arg-type]
+        )
+
+    def as_dict(self) -> dict:
+        """Plain-data view, for logging as hyperparameters and for reports."""
+        return {
+            "structures": [s.value for s in self.structures],
+            "fisher": self.fisher.value,
+            "mc_samples": self.mc_samples,
+            "damping": list(self.dampings) if self.several_dampings else self.dampings[0],
+            "damping_mode": self.damping_mode.value,
+        }
