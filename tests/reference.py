@@ -263,7 +263,15 @@ def _positions_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """(T, I) layer inputs of one sample at every position the weight is applied to."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    # convolution: the patch each output position sees, via an explicit loop over positions
+    if isinstance(module, nn.Conv1d):  # as a 2d convolution over a height-1 image
+        patches = nn.functional.unfold(
+            x.unsqueeze(0).unsqueeze(2),
+            (1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=(0, module.padding[0]),
+            stride=(1, module.stride[0]),
+        )[0]
+        return patches.T
     patches = nn.functional.unfold(
         x.unsqueeze(0),
         module.kernel_size,

@@ -217,11 +217,15 @@ class PreparedNetwork:
                 warnings.simplefilter("always")
                 network = convert_module_to_backpack(copy_root, False)
             for warning in caught:
-                if "may break second-order extensions" in str(warning.message):
+                message = str(warning.message)
+                if "may break second-order extensions" in message:
+                    operation = message.split("op=")[-1].split(". If you")[0]
                     raise NotImplementedError(
-                        "fisher-monitor's BackPACK backend cannot follow the forward pass of "
-                        f"{type(model).__name__}: {warning.message}. Use modules instead of "
-                        "functional calls for that operation, or measure a sub-network."
+                        f"fisher-monitor's BackPACK backend cannot follow the forward pass of "
+                        f"{type(model).__name__}: it contains an operation that is not a module "
+                        f"({operation}). BackPACK needs every operation between parametrised "
+                        "layers to be a supported module: replace the call by its module (e.g. "
+                        "`F.relu` by `nn.ReLU`), or measure a sub-network."
                     )
             self.notes.append("network converted with BackPACK's graph converter")
         else:
