@@ -260,26 +260,27 @@ def _layer_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _positions_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """(T, I) layer inputs of one sample at every position the weight is applied to."""
+    """(T, I) layer inputs of one sample at every position the weight is applied to.
+
+    For a convolution, the patch under the kernel at each output position, cut out with
+    ``Tensor.unfold`` one spatial dimension at a time (any of 1d/2d/3d).
+    """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv1d):  # as a 2d convolution over a height-1 image
-        patches = nn.functional.unfold(
-            x.unsqueeze(0).unsqueeze(2),
-            (1, module.kernel_size[0]),
-            dilation=(1, module.dilation[0]),
-            padding=(0, module.padding[0]),
-            stride=(1, module.stride[0]),
-        )[0]
-        return patches.T
-    patches = nn.functional.unfold(
-        x.unsqueeze(0),
-        module.kernel_size,
-        dilation=module.dilation,
-        padding=module.padding,
-        stride=module.stride,
-    )[0]
-    return patches.T
+    dims = len(module.kernel_size)
+    padded = nn.functional.pad(x, [p for pad in reversed(module.padding) for p in (pad, pad)])
+    patches = padded
+    for d in range(dims):
+        span = module.dilation[d] * (module.kernel_size[d] - 1) + 1
+        patches = patches.unfold(1 + d, span, module.stride[d])
+        index = torch.arange(0, span, module.dilation[d])
+        patches = patches.index_select(patches.dim() - 1, index)
+    # (C, T_1..T_d, k_1..k_d) -> (T_1..T_d, C, k_1..k_d) -> (T, C·k)
+    channels = patches.shape[0]
+    order = list(range(1, dims + 1)) + [0] + list(range(dims + 1, 2 * dims + 1))
+    patches = patches.permute(*order)
+    positions = int(torch.tensor(patches.shape[:dims]).prod())
+    return patches.reshape(positions, channels * int(torch.tensor(module.kernel_size).prod()))
 
 
 def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor):

@@ -119,7 +119,7 @@ def test_probe_scalars():
     model, inputs, targets, case = make_problem("mlp", "ce")
     loss = case.module("sum")
     m = measure(model, loss, inputs, targets)
-    assert m["probe/loss"] == pytest.approx(float(loss(model(inputs), targets)), rel=1e-12)
+    assert m["probe/loss"] == pytest.approx(float(loss(model(inputs), targets).detach()), rel=1e-12)
     assert m["probe/batch_size"] == 6
     g = reference.per_sample_gradients(model, loss, inputs, targets).mean(0)
     assert m["probe/grad_norm"] == pytest.approx(float(g.norm()), rel=1e-10)
