@@ -13,7 +13,7 @@ whatever the loss module's reduction (a ``"sum"`` loss is divided back by ``N``)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -142,7 +142,11 @@ class Measurer:
         return self._prepared
 
     def __call__(
-        self, inputs, targets: Tensor, generator: torch.Generator | None = None
+        self,
+        inputs,
+        targets: Tensor,
+        generator: torch.Generator | None = None,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> Measurement:
         """Measure on one probe batch.
 
@@ -150,47 +154,48 @@ class Measurer:
             inputs: Input tensor (or tuple of tensors passed as positional arguments).
             targets: Targets for the loss; the first dimension is the batch.
             generator: Generator for label sampling and dropout masks.
+            all_reduce: For data-parallel diagonal measurements: a function that sums a
+                float64 tensor over all processes. The diagonals (and the loss) are then
+                the averages over the union of every process's probe batch, taken before
+                any ratio. Only valid with ``structures=("diag",)``.
 
         Returns:
             The measurement.
         """
         start = time.perf_counter()
+        settings = self.settings
+        if all_reduce is not None and settings.structures != (Structure.DIAG,):
+            raise ValueError("all_reduce is only supported for structures=('diag',).")
         prepared = self.prepared
         prepared.sync()
         inputs, targets = _batch_on_device(inputs, targets, prepared.device)
-        settings = self.settings
         statistics: dict[Structure, dict[str, LayerStatistics]] = {
-            s: {} for s in settings.structures
+            s: {} for s in settings.structures if s is not Structure.DIAG
         }
-        diagonals: dict[str, tuple[Tensor, Tensor]] = {}
-        grad_sq: list[Tensor] = []
+        local: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         notes = [
             f"{name}: BatchNorm in train mode measured in eval mode (running statistics)"
             for name in prepared.batchnorm_in_eval
         ]
         notes += list(prepared.notes)
         kron_skipped: list[str] = []
-        fallback: list[str] = []
+        fallback: set[str] = set()
 
         def on_layer(info: LayerInfo, factors: LayerFactors) -> None:
             fisher_diag, empirical_diag = factors.diagonals()
-            gradient = factors.mean_gradient()
-            grad_sq.append(gradient.square().sum())
-            diagonals[info.name] = (fisher_diag.detach().cpu(), empirical_diag.detach().cpu())
+            local[info.name] = (fisher_diag, empirical_diag, factors.mean_gradient())
+            if not statistics:
+                return
             dampings, fell_back = relative_dampings(
                 settings, float(fisher_diag.sum()), info.dimension
             )
             if fell_back:
-                fallback.append(info.name)
-            if Structure.DIAG in statistics:
-                statistics[Structure.DIAG][info.name] = diagonal_statistics(
-                    fisher_diag, empirical_diag, gradient, dampings
-                )
+                fallback.add(info.name)
             gram_u = None
             if Structure.BLOCK in statistics:
                 if factors.prefers_dense():
                     fisher, empirical = factors.dense_blocks()
-                    block = dense_statistics(fisher, empirical, gradient, dampings)
+                    block = dense_statistics(fisher, empirical, local[info.name][2], dampings)
                 else:
                     gram_u = factors.gram_u()
                     block = lowrank_statistics(
@@ -204,8 +209,8 @@ class Measurer:
                     return
                 trace = float(torch.trace(kron.input_factor) * torch.trace(kron.output_factor))
                 kron_dampings, kron_fell_back = relative_dampings(settings, trace, info.dimension)
-                if kron_fell_back and info.name not in fallback:
-                    fallback.append(info.name)
+                if kron_fell_back:
+                    fallback.add(info.name)
                 statistics[Structure.KRON][info.name] = kronecker_statistics(
                     kron.input_factor,
                     kron.output_factor,
@@ -224,6 +229,21 @@ class Measurer:
             dtype=self.dtype,
         )
         layers = [info for info, _ in prepared.layers if info.name in result.measured]
+        loss, batch_size = result.loss, float(result.batch_size)
+        if all_reduce is not None:
+            local, loss, batch_size = _reduce_diagonals(local, layers, loss, batch_size, all_reduce)
+        if Structure.DIAG in settings.structures:
+            statistics[Structure.DIAG] = {}
+            for info in layers:
+                fisher_diag, empirical_diag, gradient = local[info.name]
+                dampings, fell_back = relative_dampings(
+                    settings, float(fisher_diag.sum()), info.dimension
+                )
+                if fell_back:
+                    fallback.add(info.name)
+                statistics[Structure.DIAG][info.name] = diagonal_statistics(
+                    fisher_diag, empirical_diag, gradient, dampings
+                )
         unused = [info.name for info, _ in prepared.layers if info.name not in result.measured]
         if unused:
             notes.append(f"not measured (no gradient reached them): {', '.join(unused)}")
@@ -235,10 +255,11 @@ class Measurer:
         if fallback:
             notes.append(
                 "relative damping fell back to absolute damping for layers with zero Fisher "
-                f"trace: {', '.join(fallback)}"
+                f"trace: {', '.join(sorted(fallback))}"
             )
         scalars: dict[str, float] = {}
-        for structure, per_layer in statistics.items():
+        for structure in settings.structures:
+            per_layer = statistics[structure]
             ordered = [info.name for info in layers if info.name in per_layer]
             for name in ordered:
                 for metric, value in finalize(per_layer[name], settings.dampings).items():
@@ -247,14 +268,18 @@ class Measurer:
                 total = sum_statistics([per_layer[name] for name in ordered])
                 for metric, value in finalize(total, settings.dampings).items():
                     scalars[f"{structure.value}/{metric}/{ALL}"] = value
-        scalars["probe/loss"] = result.loss
-        scalars["probe/batch_size"] = float(result.batch_size)
+        grad_sq = [local[info.name][2].square().sum() for info in layers]
+        scalars["probe/loss"] = loss
+        scalars["probe/batch_size"] = batch_size
         scalars["probe/grad_norm"] = float(torch.stack(grad_sq).sum().sqrt()) if grad_sq else 0.0
         scalars["probe/seconds"] = time.perf_counter() - start
         return Measurement(
             scalars=scalars,
             layers=layers,
-            diagonals={info.name: diagonals[info.name] for info in layers},
+            diagonals={
+                info.name: (local[info.name][0].detach().cpu(), local[info.name][1].detach().cpu())
+                for info in layers
+            },
             settings=settings.as_dict(),
             notes=notes,
         )
@@ -264,6 +289,28 @@ class Measurer:
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+
+
+def _reduce_diagonals(local, layers, loss, batch_size, all_reduce):
+    """Average diagonals, gradients and loss over all processes, weighted by batch size."""
+    device = local[layers[0].name][0].device if layers else torch.device("cpu")
+    parts = [torch.tensor([batch_size, loss * batch_size], dtype=torch.float64, device=device)]
+    for info in layers:
+        for tensor in local[info.name]:
+            parts.append(tensor.detach().to(torch.float64).reshape(-1) * batch_size)
+    flat = torch.cat(parts)
+    total = all_reduce(flat)
+    total_size = float(total[0])
+    offset = 2
+    reduced = {}
+    for info in layers:
+        tensors = []
+        for tensor in local[info.name]:
+            size = tensor.numel()
+            tensors.append((total[offset : offset + size] / total_size).to(tensor.dtype))
+            offset += size
+        reduced[info.name] = tuple(tensors)
+    return reduced, float(total[1]) / total_size, total_size
 
 
 def _batch_on_device(inputs, targets, device: torch.device):

@@ -1,0 +1,77 @@
+"""The few collectives the callback needs under data parallelism (``torch.distributed``).
+
+Every function is a no-op on a single process. Collectives must be entered by every
+process in the same order; :func:`all_agree` lets the processes decide together whether to
+go ahead, so that one process failing to prepare its probe batch cannot leave the others
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one process is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    # NCCL communicates CUDA tensors only; gloo both
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all processes (a new tensor; the input is left alone)."""
+    if not is_distributed():
+        return tensor.clone()
+    out = tensor.detach().clone().to(_collective_device(tensor.device))
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(tensor.device)
+
+
+def all_agree(ok: bool) -> bool:
+    """Whether every process reports ``ok`` (a collective: all processes must call it)."""
+    if not is_distributed():
+        return ok
+    device = _collective_device(torch.device("cpu"))
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0.5)
+
+
+def gather_batch(tensor: Tensor) -> Tensor:
+    """Concatenate every process's ``tensor`` along dimension 0, in rank order.
+
+    Batches may differ in size between processes (e.g. the last batch of an epoch).
+
+    Args:
+        tensor: This process's tensor; all processes must pass the same trailing shape
+            and dtype.
+
+    Returns:
+        The joined tensor, identical on every process, on ``tensor``'s device.
+    """
+    if not is_distributed():
+        return tensor
+    device = _collective_device(tensor.device)
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor.to(device)
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    joined = torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
+    return joined.to(tensor.device)

@@ -1,0 +1,177 @@
+"""TensorBoard extras: custom-scalar layout, histograms, the heat-map image, the settings.
+
+Scalars go through Lightning's loggers (any logger works); this module adds what only a
+TensorBoard ``SummaryWriter`` can show. Everything here takes plain data (names, dicts,
+tensors), never the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fisher_monitor.metrics import damping_suffix
+
+#: Metrics shown one chart each, layers side by side (all of DESIGN.md §3 but dimension).
+LAYER_CHARTS = (
+    "direction_cosine",
+    "trace_ratio",
+    "rel_error",
+    "matrix_cosine",
+    "kl",
+    "nat_grad_cosine",
+    "ef_grad_cosine",
+    "nat_projection",
+    "ef_projection",
+    "ef_projection_per_sample",
+    "damping",
+)
+
+
+def tensorboard_writers(loggers: Iterable) -> list:
+    """The ``SummaryWriter`` of each TensorBoard logger (either Lightning namespace).
+
+    Args:
+        loggers: ``trainer.loggers``.
+
+    Returns:
+        Writers (on non-zero ranks Lightning returns a no-op stand-in).
+    """
+    writers = []
+    for logger in loggers:
+        if type(logger).__name__ == "TensorBoardLogger":
+            writers.append(logger.experiment)
+    return writers
+
+
+def custom_scalar_layout(
+    prefix: str, structures: Sequence[str], dampings: Sequence[float]
+) -> dict[str, dict[str, list]]:
+    """The "Custom Scalars" layout: per structure, one multi-line chart per metric.
+
+    Each metric chart overlays every layer and ``all`` (regular expressions over the tags);
+    two charts per structure put F against EF: the projections ``gᵀF̃⁻¹g`` vs ``gᵀẼF⁻¹g``
+    (with the per-sample projection and ``D`` for reference) and the gradient cosines.
+
+    Args:
+        prefix: Logging prefix, e.g. ``"fisher"``.
+        structures: Measured structures.
+        dampings: Damping values (several: one set of F-vs-EF charts per value).
+
+    Returns:
+        A layout for ``SummaryWriter.add_custom_scalars``.
+    """
+    several = len(dampings) > 1
+    p = re.escape(prefix)
+    layout: dict[str, dict[str, list]] = {}
+    for structure in structures:
+        s = re.escape(structure)
+        charts: dict[str, list] = {}
+        for metric in LAYER_CHARTS:
+            charts[f"{metric} (layers)"] = ["Multiline", [rf"{p}/{s}/{metric}(@[^/]*)?/.*"]]
+        for damping in dampings:
+            suffix = damping_suffix(damping, several)
+            label = f" λ={damping:g}" if several else ""
+            charts[f"F vs EF: projections (all){label}"] = [
+                "Multiline",
+                [
+                    f"{prefix}/{structure}/nat_projection{suffix}/all",
+                    f"{prefix}/{structure}/ef_projection{suffix}/all",
+                    f"{prefix}/{structure}/ef_projection_per_sample{suffix}/all",
+                    f"{prefix}/{structure}/dimension/all",
+                ],
+            ]
+            charts[f"F vs EF: gradient cosines (all){label}"] = [
+                "Multiline",
+                [
+                    f"{prefix}/{structure}/nat_grad_cosine{suffix}/all",
+                    f"{prefix}/{structure}/ef_grad_cosine{suffix}/all",
+                ],
+            ]
+        layout[f"{prefix}: {structure}"] = charts
+    layout[f"{prefix}: probe"] = {
+        "loss": ["Multiline", [f"{prefix}/probe/loss"]],
+        "gradient norm": ["Multiline", [f"{prefix}/probe/grad_norm"]],
+        "seconds per measurement": ["Multiline", [f"{prefix}/probe/seconds"]],
+    }
+    return layout
+
+
+def log_ratio(fisher: Tensor, empirical: Tensor) -> Tensor:
+    """``log10(EF_ii / F_ii)`` over the entries where both are positive and finite."""
+    keep = (fisher > 0) & (empirical > 0) & torch.isfinite(fisher) & torch.isfinite(empirical)
+    return torch.log10(empirical[keep] / fisher[keep])
+
+
+def log_histograms(
+    writer, prefix: str, diagonals: Mapping[str, tuple[Tensor, Tensor]], step: int
+) -> None:
+    """Histogram of ``log10(EF_ii/F_ii)`` per layer.
+
+    Tags: ``{prefix}/histograms/log10_ef_over_f/{layer}``.
+    """
+    for layer, (fisher, empirical) in diagonals.items():
+        values = log_ratio(fisher, empirical)
+        if values.numel():
+            writer.add_histogram(
+                f"{prefix}/histograms/log10_ef_over_f/{layer}", values.float().numpy(), step
+            )
+
+
+def heatmap_image(
+    steps: Sequence[int], layers: Sequence[str], values: np.ndarray, title: str
+) -> np.ndarray:
+    """Render a layers × steps heat map of a cosine to an ``(H, W, 3)`` uint8 image.
+
+    Args:
+        steps: Training steps (columns).
+        layers: Layer names (rows).
+        values: ``len(layers) × len(steps)`` values in [−1, 1] (NaN: not measured).
+        title: Figure title.
+
+    Returns:
+        RGB image.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height = 1.6 + 0.32 * len(layers)
+    figure = Figure(figsize=(8, height), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(
+        np.ma.masked_invalid(values),
+        aspect="auto",
+        cmap="RdYlGn",
+        vmin=-1.0,
+        vmax=1.0,
+        interpolation="nearest",
+    )
+    axes.set_yticks(range(len(layers)), labels=list(layers))
+    ticks = np.unique(np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int))
+    axes.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
+    axes.set_xlabel("training step")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="cosine")
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def settings_markdown(settings: Mapping, layers: Sequence, notes: Sequence[str]) -> str:
+    """Markdown shown in TensorBoard's Text tab: settings, measured layers and notes."""
+    lines = ["| setting | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    lines += ["", "| layer | type | parameters | D |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {layer.name} | {layer.module_type} | {', '.join(layer.parameter_names)} | "
+        f"{layer.dimension} |"
+        for layer in layers
+    ]
+    if notes:
+        lines += ["", "Notes:", *[f"- {note}" for note in notes]]
+    return "\n".join(lines)
