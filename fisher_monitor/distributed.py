@@ -63,15 +63,17 @@ def gather_batch(tensor: Tensor) -> Tensor:
     """
     if not is_distributed():
         return tensor
+    # all_reduce of rank-indexed slots rather than all_gather: with gloo, all_gather left
+    # a thread behind that aborted the process at exit (torch 2.14, "terminate called
+    # without an active exception"); probe batches are small, so the extra traffic is too
     device = _collective_device(tensor.device)
-    world = dist.get_world_size()
-    size = torch.tensor([tensor.shape[0]], device=device, dtype=torch.long)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[: tensor.shape[0]] = tensor.to(device)
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    joined = torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
+    world, me = dist.get_world_size(), dist.get_rank()
+    sizes = torch.zeros(world, dtype=torch.long, device=device)
+    sizes[me] = tensor.shape[0]
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM)
+    longest = int(sizes.max().item())
+    slots = torch.zeros((world, longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    slots[me, : tensor.shape[0]] = tensor.to(device)
+    dist.all_reduce(slots, op=dist.ReduceOp.SUM)
+    joined = torch.cat([slots[r, : int(sizes[r].item())] for r in range(world)])
     return joined.to(tensor.device)

@@ -55,7 +55,10 @@ def case(name):
         return model, (1, 8, 8), ["0", "4"]
     if name == "conv3d_dilated":
         model = nn.Sequential(
-            nn.Conv3d(1, 2, 2, dilation=(1, 2, 1), padding=(1, 0, 0)), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 2 * 3, 3)
+            nn.Conv3d(1, 2, 2, dilation=(1, 2, 1), padding=(1, 0, 0)),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(2 * 5 * 2 * 3, 3),
         )
         return model, (1, 4, 4, 4), ["0", "3"]
     raise KeyError(name)

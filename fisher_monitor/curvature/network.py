@@ -249,7 +249,14 @@ class PreparedNetwork:
                 continue
             offending.append(f"{names_of_copy.get(id(module), name)!r} ({type(module).__name__})")
         if offending:
-            allowed = sorted({cls.__name__ for cls in supported})
+            allowed = sorted(
+                {
+                    cls.__name__
+                    for cls in supported
+                    if cls.__module__.startswith("torch.nn.modules")
+                    and not cls.__module__.endswith(".loss")
+                }
+            )
             raise NotImplementedError(
                 "fisher-monitor's BackPACK backend cannot handle module(s) "
                 f"{', '.join(offending)}. Supported module types: {', '.join(allowed)}."

@@ -1,0 +1,100 @@
+"""Tiny LightningModules, data and a spy logger for the callback tests (LightningCLI-importable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class SpyLogger(Logger):
+    """Records every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+        self.hparams: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "spy"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.hparams.update(dict(params) if isinstance(params, dict) else vars(params))
+
+    def steps_with(self, key: str) -> list[int]:
+        return [step for step, metrics in self.calls if key in metrics]
+
+    def value(self, key: str, step: int) -> float:
+        return next(metrics[key] for s, metrics in self.calls if s == step and key in metrics)
+
+
+class TinyClassifier(pl.LightningModule):
+    """An MLP classifier holding its loss as an attribute, as most LightningModules do."""
+
+    def __init__(self, hidden: int = 8, dropout: float = 0.0, lr: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(4, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, 3)
+        )
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = self.loss_fn(self(inputs), targets)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 4, generator=generator)
+    targets = (inputs[:, 0] > 0).long() + (inputs[:, 1] > 0.5).long()
+    return TensorDataset(inputs, targets)
+
+
+def loader(n: int = 64, batch_size: int = 16, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    return DataLoader(dataset(n, seed), batch_size=batch_size, shuffle=shuffle)
+
+
+class TinyData(pl.LightningDataModule):
+    """The same data as :func:`loader`, as a DataModule (for LightningCLI)."""
+
+    def __init__(self, batch_size: int = 16):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(batch_size=self.batch_size)
+
+
+def trainer_kwargs(**overrides) -> dict[str, Any]:
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,89 @@
+"""DDP with two CPU processes (gloo): logged metrics equal one process on the joined batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_helpers import TinyClassifier
+from torch import nn
+
+from fisher_monitor import measure
+
+SCRIPT = Path(__file__).parent / "ddp_script.py"
+
+pytestmark = pytest.mark.slow
+
+
+def run_ddp(tmp_path: Path, structures: str) -> None:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), structures],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("structures", ["diag", "diag,block,kron"])
+def test_ddp_metrics_equal_single_process_on_joined_batch(tmp_path, structures):
+    run_ddp(tmp_path, structures)
+    for step in range(3):
+        logged = torch.load(tmp_path / f"metrics_{step}.pt")
+        inputs0, targets0 = torch.load(tmp_path / f"batch_0_{step}.pt")
+        inputs1, targets1 = torch.load(tmp_path / f"batch_1_{step}.pt")
+        assert not torch.equal(inputs0, inputs1)  # the processes saw different data
+        net = TinyClassifier().net
+        net.load_state_dict(torch.load(tmp_path / f"weights_{step}.pt"))
+        joined = measure(
+            net,
+            nn.CrossEntropyLoss(),
+            torch.cat([inputs0, inputs1]),
+            torch.cat([targets0, targets1]),
+            structures=tuple(structures.split(",")),
+        )
+        assert logged["fisher/probe/batch_size"] == len(targets0) + len(targets1)
+        for key, value in joined.scalars.items():
+            if key == "probe/seconds":
+                continue
+            assert logged[f"fisher/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-8), key
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from fisher_monitor import distributed
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        mine = torch.arange(3 + rank * 2, dtype=torch.float64).reshape(-1, 1) + 100 * rank
+        joined = distributed.gather_batch(mine)
+        summed = distributed.all_reduce_sum(torch.tensor([rank + 1.0]))
+        agreed = distributed.all_agree(rank == 0)
+        torch.save((joined, summed, agreed), f"{out}/gather_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_with_uneven_batches(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    expected = torch.cat([torch.arange(3.0), torch.arange(5.0) + 100]).reshape(-1, 1).double()
+    for rank in range(2):
+        joined, summed, agreed = torch.load(tmp_path / f"gather_{rank}.pt")
+        assert torch.equal(joined, expected)
+        assert summed.item() == 3.0
+        assert agreed is False  # one process said no
