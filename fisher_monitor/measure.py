@@ -194,8 +194,7 @@ class Measurer:
             gram_u = None
             if Structure.BLOCK in statistics:
                 if factors.prefers_dense():
-                    fisher, empirical = factors.dense_blocks()
-                    block = dense_statistics(fisher, empirical, local[info.name][2], dampings)
+                    block = dense_statistics(*factors.dense_blocks(), dampings)
                 else:
                     gram_u = factors.gram_u()
                     block = lowrank_statistics(
@@ -217,6 +216,8 @@ class Measurer:
                     kron.samples,
                     factors.gram_u() if gram_u is None else gram_u,
                     kron_dampings,
+                    input_root=kron.input_root,
+                    output_root=kron.output_root,
                 )
 
         result = prepared.run(

@@ -44,7 +44,7 @@ def test_softmax_output_layer_rank():
     targets = torch.randint(0, C, (N,))
     (layer,) = collect_factors(model, nn.CrossEntropyLoss(), inputs, targets).values()
     assert layer.dimension == C * (H + 1)
-    fisher, empirical = layer.dense_blocks()
+    fisher, empirical, _ = layer.dense_blocks()
     assert matrix_rank(fisher) == (C - 1) * (H + 1)
     assert matrix_rank(empirical) == (C - 1) * (H + 1)
     # the per-sample projection sees the same rank as λ → 0
@@ -124,7 +124,7 @@ def test_logistic_regression_at_zero_logits_fisher_equals_empirical_fisher():
         assert m[f"{structure}/kl/all"] == pytest.approx(0.0, abs=1e-9)
     assert m["block/trace_ratio/all"] == pytest.approx(1.0)
     (layer,) = collect_factors(model, nn.BCEWithLogitsLoss(), inputs, targets).values()
-    fisher, empirical = layer.dense_blocks()
+    fisher, empirical, _ = layer.dense_blocks()
     torch.testing.assert_close(fisher, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(empirical, expected, rtol=1e-12, atol=1e-14)
 
@@ -137,7 +137,7 @@ def test_linear_regression_closed_forms():
     targets = torch.randn(N, 1, dtype=torch.float64)
     model = nn.Linear(d, 1, bias=False).double()
     (layer,) = collect_factors(model, nn.MSELoss(), inputs, targets).values()
-    fisher, empirical = layer.dense_blocks()
+    fisher, empirical, _ = layer.dense_blocks()
     residuals = (model(inputs) - targets).detach().squeeze(1)
     torch.testing.assert_close(fisher, 2 * inputs.T @ inputs / N)
     torch.testing.assert_close(empirical, 4 * (inputs * residuals[:, None] ** 2).T @ inputs / N)

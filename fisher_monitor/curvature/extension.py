@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from backpack.utils.conv import unfold_input
@@ -119,6 +120,8 @@ class FactorCapture(SqrtGGN):
                 "version is not supported. Install backpack-for-pytorch>=1.6,<2."
             )
         self.supported_modules: tuple[type[nn.Module], ...] = tuple(registry)
+        if exact:
+            _drop_null_direction(registry[nn.CrossEntropyLoss])
         for module_extension in registry.values():
             for param in getattr(module_extension, "_ModuleExtension__params", []):
                 # an instance attribute shadows the stock per-parameter method
@@ -129,6 +132,38 @@ class FactorCapture(SqrtGGN):
     def get_num_mc_samples(self) -> int:
         """Return the number of sampled labels per sample."""
         return self._mc_samples
+
+
+def _drop_null_direction(loss_extension) -> None:
+    """Backpropagate ``C − 1`` instead of ``C`` square-root columns for a softmax.
+
+    The softmax Hessian ``diag(p) − ppᵀ`` has rank ``C − 1``: BackPACK's square root
+    ``S = diag(√p)(I − √p√pᵀ)`` annihilates ``√p``. With ``Q`` an orthonormal basis of the
+    complement of ``√p`` (a Householder reflection), ``SQ`` is a square root with one column
+    fewer, ``(SQ)(SQ)ᵀ = SSᵀ``. Every backpropagated matrix, Gram matrix and Cholesky
+    factorisation shrinks accordingly (``(C − 1)/C`` of the columns).
+    """
+    stock = loss_extension.backpropagate
+
+    def backpropagate(ext, module, g_inp, g_out, backproped):
+        sqrt = stock(ext, module, g_inp, g_out, backproped)
+        if sqrt.dim() != 3 or sqrt.shape[0] < 2:  # extra output dimensions: keep all columns
+            return sqrt
+        classes = sqrt.shape[0]
+        tau = module.input0.detach().softmax(dim=1).sqrt().to(sqrt.dtype)  # (N, C)
+        pivot = tau.argmax(dim=1)
+        u = tau - torch.nn.functional.one_hot(pivot, classes).to(tau.dtype)
+        norm_sq = u.square().sum(dim=1, keepdim=True)
+        scale = torch.where(norm_sq > 0, 2.0 / norm_sq.clamp_min(1e-300), torch.zeros_like(norm_sq))
+        reflector = torch.eye(classes, dtype=tau.dtype, device=tau.device) - scale.unsqueeze(2) * (
+            u.unsqueeze(2) * u.unsqueeze(1)
+        )  # (N, C, C), maps √p to e_pivot
+        keep = torch.ones_like(tau, dtype=torch.bool)
+        keep[torch.arange(tau.shape[0]), pivot] = False
+        basis = reflector.transpose(1, 2)[keep].reshape(tau.shape[0], classes - 1, classes)
+        return torch.einsum("vnc,njv->jnc", sqrt, basis)
+
+    loss_extension.backpropagate = backpropagate
 
 
 def _param_function(derivatives, param_str: str):

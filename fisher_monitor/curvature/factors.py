@@ -43,27 +43,38 @@ class KroneckerFactors:
         input_factor: ``A`` (``I × I``).
         output_factor: ``G`` (``O × O``).
         samples: Per-sample gradients as ``N × O × I`` or :class:`OuterSamples`.
+        input_root: ``X`` with ``XᵀX = A`` (lets a wide factor be diagonalised via ``XXᵀ``).
+        output_root: ``S`` with ``SᵀS = G``.
     """
 
     input_factor: Tensor
     output_factor: Tensor
     samples: Tensor | OuterSamples
+    input_root: Tensor | None = None
+    output_root: Tensor | None = None
 
 
 class LayerFactors(ABC):
-    """Factors of one layer's F and EF blocks (see the module docstring)."""
+    """Factors of one layer's F and EF blocks (see the module docstring).
+
+    The factors are kept in the network's floating-point type; Gram matrices and dense
+    blocks are formed in ``dtype`` (float64 by default), because the damped solves built
+    on them amplify rounding by up to ``1/λ``. Diagonals and the mean gradient are sums
+    without such amplification and are formed in the network's type, then converted.
+    """
 
     num_samples: int
     num_columns: int
     dimension: int
+    dtype: torch.dtype
 
     @abstractmethod
     def mean_gradient(self) -> Tensor:
-        """Mean gradient ``g`` (``D``, ``named_parameters`` order)."""
+        """Mean gradient ``g`` (``D``, ``named_parameters`` order, ``dtype``)."""
 
     @abstractmethod
     def diagonals(self) -> tuple[Tensor, Tensor]:
-        """``(diag F, diag EF)`` (each ``D``, ``named_parameters`` order)."""
+        """``(diag F, diag EF)`` (each ``D``, ``named_parameters`` order, ``dtype``)."""
 
     @abstractmethod
     def gram_u(self) -> Tensor:
@@ -78,8 +89,8 @@ class LayerFactors(ABC):
         """``K_UV = UᵀV`` (``N × R``)."""
 
     @abstractmethod
-    def dense_blocks(self) -> tuple[Tensor, Tensor]:
-        """``(F, EF)`` as ``D × D`` matrices (only for small layers)."""
+    def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(F, EF, g)``: ``D × D`` blocks and the mean gradient, all in ``dtype``."""
 
     def kronecker(self) -> KroneckerFactors | None:
         """Kronecker factors, or ``None`` where the layer type has none."""
@@ -135,31 +146,43 @@ class MaterializedFactors(LayerFactors):
     Args:
         per_sample: ``(N, D)`` per-sample gradients ``g_n`` (not divided by ``√N``).
         sqrt: ``(R, D)`` square-root factor columns ``v_r`` with ``F = Σ_r v_r v_rᵀ``.
+        dtype: Floating-point type of Gram matrices and dense blocks.
     """
 
-    def __init__(self, per_sample: Tensor, sqrt: Tensor):
+    def __init__(self, per_sample: Tensor, sqrt: Tensor, dtype: torch.dtype = torch.float64):
         self.per_sample = per_sample
         self.sqrt = sqrt
+        self.dtype = dtype
         self.num_samples, self.dimension = per_sample.shape
         self.num_columns = sqrt.shape[0]
 
     def mean_gradient(self) -> Tensor:  # noqa: D102
-        return self.per_sample.mean(dim=0)
+        return self.per_sample.mean(dim=0).to(self.dtype)
 
     def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
-        return self.sqrt.square().sum(dim=0), self.per_sample.square().mean(dim=0)
+        return (
+            self.sqrt.square().sum(dim=0).to(self.dtype),
+            self.per_sample.square().mean(dim=0).to(self.dtype),
+        )
+
+    def _cast(self) -> tuple[Tensor, Tensor]:
+        return self.per_sample.to(self.dtype), self.sqrt.to(self.dtype)
 
     def gram_u(self) -> Tensor:  # noqa: D102
-        return self.per_sample @ self.per_sample.T / self.num_samples
+        u, _ = self._cast()
+        return u @ u.T / self.num_samples
 
     def gram_v(self) -> Tensor:  # noqa: D102
-        return self.sqrt @ self.sqrt.T
+        _, v = self._cast()
+        return v @ v.T
 
     def gram_uv(self) -> Tensor:  # noqa: D102
-        return self.per_sample @ self.sqrt.T / self.num_samples**0.5
+        u, v = self._cast()
+        return u @ v.T / self.num_samples**0.5
 
-    def dense_blocks(self) -> tuple[Tensor, Tensor]:  # noqa: D102
-        return self.sqrt.T @ self.sqrt, self.per_sample.T @ self.per_sample / self.num_samples
+    def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
+        u, v = self._cast()
+        return v.T @ v, u.T @ u / self.num_samples, u.mean(dim=0)
 
 
 class OuterProductFactors(LayerFactors):
@@ -172,6 +195,7 @@ class OuterProductFactors(LayerFactors):
         sqrt: ``(R_n, N, O)`` square-root factors at the output, ``v_{r,n} = vec(s_{r,n} x̃_nᵀ)``.
         weight_columns: Number of weight columns in ``inputs`` (0: frozen weight).
         has_bias: Whether ``inputs`` ends with the bias column.
+        dtype: Floating-point type of Gram matrices, dense blocks and Kronecker factors.
     """
 
     def __init__(
@@ -181,17 +205,38 @@ class OuterProductFactors(LayerFactors):
         sqrt: Tensor,
         weight_columns: int,
         has_bias: bool,
+        dtype: torch.dtype = torch.float64,
     ):
-        self.inputs = inputs
-        self.output_grads = output_grads
-        self.sqrt = sqrt
+        self.raw = (inputs, output_grads, sqrt)
+        self.dtype = dtype
         self.weight_columns = weight_columns
         self.has_bias = has_bias
         self.num_samples, self.in_features = inputs.shape
         self.out_features = output_grads.shape[1]
         self.num_columns = sqrt.shape[0] * sqrt.shape[1]
         self.dimension = self.in_features * self.out_features
+        self._cast: tuple[Tensor, Tensor, Tensor] | None = None
         self._input_gram: Tensor | None = None
+
+    @property
+    def inputs(self) -> Tensor:
+        """``x̃`` in ``dtype``."""
+        return self._casted()[0]
+
+    @property
+    def output_grads(self) -> Tensor:
+        """``δ`` in ``dtype``."""
+        return self._casted()[1]
+
+    @property
+    def sqrt(self) -> Tensor:
+        """``s`` in ``dtype``."""
+        return self._casted()[2]
+
+    def _casted(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._cast is None:
+            self._cast = tuple(t.to(self.dtype) for t in self.raw)  # type: ignore[assignment]
+        return self._cast  # type: ignore[return-value]
 
     def _order(self, matrix: Tensor) -> Tensor:
         return to_parameter_order(matrix, self.weight_columns, self.has_bias)
@@ -206,41 +251,52 @@ class OuterProductFactors(LayerFactors):
         return self.sqrt.reshape(-1, self.out_features)  # column (r, n) at r * N + n
 
     def mean_gradient(self) -> Tensor:  # noqa: D102
-        return self._order(self.output_grads.T @ self.inputs / self.num_samples)
+        inputs, output_grads, _ = self.raw
+        return self._order(output_grads.T @ inputs / self.num_samples).to(self.dtype)
 
     def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
-        x_sq = self.inputs.square()
-        fisher = self.sqrt.square().sum(dim=0).T @ x_sq
-        empirical = self.output_grads.square().T @ x_sq / self.num_samples
-        return self._order(fisher), self._order(empirical)
+        inputs, output_grads, sqrt = self.raw
+        left = torch.cat([sqrt.square().sum(dim=0), output_grads.square() / self.num_samples], 1)
+        both = left.T @ inputs.square()  # (2·O) × I: one product for F and EF
+        fisher, empirical = both[: self.out_features], both[self.out_features :]
+        return self._order(fisher).to(self.dtype), self._order(empirical).to(self.dtype)
 
     def gram_u(self) -> Tensor:  # noqa: D102
         return (self.output_grads @ self.output_grads.T) * self.input_gram() / self.num_samples
 
     def gram_v(self) -> Tensor:  # noqa: D102
         s = self._flat_sqrt()
-        repeats = self.sqrt.shape[0]
-        return (s @ s.T) * self.input_gram().repeat(repeats, repeats)
+        columns, n = self.sqrt.shape[0], self.num_samples
+        gram = (s @ s.T).view(columns, n, columns, n)
+        gram *= self.input_gram().view(1, n, 1, n)  # broadcast instead of tiling X̃X̃ᵀ
+        return gram.view(columns * n, columns * n)
 
     def gram_uv(self) -> Tensor:  # noqa: D102
         s = self._flat_sqrt()
-        repeats = self.sqrt.shape[0]
-        return (
-            (self.output_grads @ s.T) * self.input_gram().repeat(1, repeats) / self.num_samples**0.5
-        )
+        columns, n = self.sqrt.shape[0], self.num_samples
+        gram = (self.output_grads @ s.T).view(n, columns, n)
+        gram *= self.input_gram().view(n, 1, n) / n**0.5
+        return gram.view(n, columns * n)
 
-    def dense_blocks(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+    def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
         per_sample = self._order(self.output_grads.unsqueeze(2) * self.inputs.unsqueeze(1))
         x = self.inputs.unsqueeze(0).expand(self.sqrt.shape[0], -1, -1)
         sqrt = self._order(self.sqrt.unsqueeze(3) * x.unsqueeze(2)).reshape(-1, self.dimension)
-        return sqrt.T @ sqrt, per_sample.T @ per_sample / self.num_samples
+        return (
+            sqrt.T @ sqrt,
+            per_sample.T @ per_sample / self.num_samples,
+            per_sample.mean(dim=0),
+        )
 
     def kronecker(self) -> KroneckerFactors:  # noqa: D102
         s = self._flat_sqrt()
+        root = self.inputs / self.num_samples**0.5
         return KroneckerFactors(
-            input_factor=self.inputs.T @ self.inputs / self.num_samples,
+            input_factor=root.T @ root,
             output_factor=s.T @ s,
             samples=OuterSamples(self.output_grads, self.inputs),
+            input_root=root,
+            output_root=s,
         )
 
 
@@ -269,7 +325,10 @@ class WeightSharingFactors(MaterializedFactors):
         sqrt: Tensor,
         weight_columns: int,
         has_bias: bool,
+        dtype: torch.dtype = torch.float64,
     ):
+        # materialised in the computation type: these *are* U and V
+        inputs, output_grads, sqrt = (t.to(dtype) for t in (inputs, output_grads, sqrt))
         self.inputs = inputs
         self.output_grads = output_grads
         self.sqrt_at_output = sqrt
@@ -277,14 +336,16 @@ class WeightSharingFactors(MaterializedFactors):
         per_sample = to_parameter_order(self.sample_matrices, weight_columns, has_bias)
         sqrt_matrices = torch.einsum("rnto,nti->rnoi", sqrt, inputs)
         flat_sqrt = to_parameter_order(sqrt_matrices, weight_columns, has_bias)
-        super().__init__(per_sample, flat_sqrt.reshape(-1, per_sample.shape[1]))
+        super().__init__(per_sample, flat_sqrt.reshape(-1, per_sample.shape[1]), dtype)
 
     def kronecker(self) -> KroneckerFactors:  # noqa: D102
         n, t, i = self.inputs.shape
-        x = self.inputs.reshape(n * t, i)
-        s = self.sqrt_at_output.reshape(-1, self.sqrt_at_output.shape[-1])
+        x = self.inputs.reshape(n * t, i) / n**0.5
+        s = self.sqrt_at_output.reshape(-1, self.sqrt_at_output.shape[-1]) / t**0.5
         return KroneckerFactors(
-            input_factor=x.T @ x / n,
-            output_factor=s.T @ s / t,
+            input_factor=x.T @ x,
+            output_factor=s.T @ s,
             samples=self.sample_matrices,
+            input_root=x,
+            output_root=s,
         )

@@ -409,24 +409,26 @@ class PreparedNetwork:
             captured = detach_capture(structured)
             has_weight = any(p is getattr(module, "weight", None) for p in params)
             has_bias = any(p is getattr(module, "bias", None) for p in params)
-            inputs = augment(captured.inputs.to(dtype), has_weight, has_bias)
+            inputs = augment(captured.inputs, has_weight, has_bias)
             weight_columns = captured.inputs.shape[-1] if has_weight else 0
-            output_grads = captured.output_grads.to(dtype) * scale_u
-            sqrt = captured.sqrt.to(dtype) * scale_v
+            output_grads = captured.output_grads * scale_u
+            sqrt = captured.sqrt * scale_v
             if captured.positions:
-                return WeightSharingFactors(inputs, output_grads, sqrt, weight_columns, has_bias)
+                return WeightSharingFactors(
+                    inputs, output_grads, sqrt, weight_columns, has_bias, dtype
+                )
             return OuterProductFactors(
-                inputs[:, 0], output_grads[:, 0], sqrt[:, :, 0], weight_columns, has_bias
+                inputs[:, 0], output_grads[:, 0], sqrt[:, :, 0], weight_columns, has_bias, dtype
             )
         per_sample, sqrt = [], []
         for p in params:
             capture: MaterializedCapture | None = pop_materialized(p)
             if capture is None:
                 raise RuntimeError(f"BackPACK delivered no factors for a {type(module).__name__}.")
-            per_sample.append(capture.per_sample.to(dtype).flatten(start_dim=1) * scale_u)
-            sqrt.append(capture.sqrt.to(dtype).flatten(start_dim=2) * scale_v)
+            per_sample.append(capture.per_sample.flatten(start_dim=1) * scale_u)
+            sqrt.append(capture.sqrt.flatten(start_dim=2) * scale_v)
         return MaterializedFactors(
-            torch.cat(per_sample, dim=1), torch.cat(sqrt, dim=2).flatten(end_dim=1)
+            torch.cat(per_sample, dim=1), torch.cat(sqrt, dim=2).flatten(end_dim=1), dtype
         )
 
     def close(self) -> None:

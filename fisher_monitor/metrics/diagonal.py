@@ -38,33 +38,44 @@ def diagonal_statistics(
     f = fisher.reshape(-1)
     e = empirical.reshape(-1)
     g = gradient.reshape(-1)
+    # This runs over every parameter of the network: a handful of reused buffers and
+    # dot products, since fresh large temporaries cost page faults on every call.
     diff = e - f
+    g_sq_sum = torch.dot(g, g)
+    inv_a, inv_b = torch.empty_like(f), torch.empty_like(f)
+    g_a, g_b = torch.empty_like(f), torch.empty_like(f)
     damped = []
-    g_sq = g.square()
     for damping in dampings:
-        a = f + damping
-        b = e + damping
-        u = diff / a
+        torch.add(f, damping, out=inv_a).reciprocal_()
+        torch.add(e, damping, out=inv_b).reciprocal_()
+        torch.mul(g, inv_a, out=g_a)  # A⁻¹g
+        torch.mul(g, inv_b, out=g_b)  # B⁻¹g
+        nat_projection, nat_sq = torch.dot(g_a, g), torch.dot(g_a, g_a)
+        ef_projection, ef_sq = torch.dot(g_b, g), torch.dot(g_b, g_b)
+        nat_ef = torch.dot(g_a, g_b)
+        per_sample = torch.dot(e, inv_b)
+        u = torch.mul(diff, inv_a, out=g_a)  # g_a is free again
+        kl = 0.5 * u.sub_(torch.log1p(u, out=g_b)).sum()
         damped.append(
             DampedStatistics(
                 damping_mass=torch.as_tensor(damping * f.numel(), dtype=f.dtype, device=f.device),
-                kl=0.5 * (u - torch.log1p(u)).sum(),
-                grad_sq=g_sq.sum(),
-                nat_sq=(g_sq / a.square()).sum(),
-                ef_sq=(g_sq / b.square()).sum(),
-                nat_ef=(g_sq / (a * b)).sum(),
-                nat_projection=(g_sq / a).sum(),
-                ef_projection=(g_sq / b).sum(),
-                ef_projection_per_sample=(e / b).sum(),
+                kl=kl,
+                grad_sq=g_sq_sum,
+                nat_sq=nat_sq,
+                ef_sq=ef_sq,
+                nat_ef=nat_ef,
+                nat_projection=nat_projection,
+                ef_projection=ef_projection,
+                ef_projection_per_sample=per_sample,
             )
         )
     return LayerStatistics(
         dimension=f.numel(),
         trace_f=f.sum(),
         trace_ef=e.sum(),
-        frob_f_sq=f.square().sum(),
-        frob_ef_sq=e.square().sum(),
-        inner=(f * e).sum(),
-        frob_diff_sq=diff.square().sum(),
+        frob_f_sq=torch.dot(f, f),
+        frob_ef_sq=torch.dot(e, e),
+        inner=torch.dot(f, e),
+        frob_diff_sq=torch.dot(diff, diff),
         damped=damped,
     )

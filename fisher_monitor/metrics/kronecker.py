@@ -4,19 +4,24 @@ A layer whose weight (with the bias as an extra input column) is an ``O × I`` m
 has the Kronecker-factored Fisher ``F_S = G ⊗ A`` (``G``: ``O × O`` output factor,
 ``A``: ``I × I`` input factor; row-major vectorisation) and the exact empirical Fisher
 ``EF = UUᵀ`` with columns ``u_n = vec(M_n)/√N``, ``M_n`` the per-sample gradient as an
-``O × I`` matrix. With ``G = Q_G diag(γ) Q_Gᵀ`` and ``A = Q_A diag(α) Q_Aᵀ``, ``F_S`` is
-diagonal in the rotated coordinates ``M̂ = Q_Gᵀ M Q_A`` with eigenvalues ``γ_i α_j``, so
+``O × I`` matrix. With ``G = Q_G diag(γ) Q_Gᵀ`` and ``A = Q_A diag(α) Q_Aᵀ`` restricted to
+their ranges, ``F_S`` has eigenvalues ``γ_i α_j`` on ``range(G) ⊗ range(A)`` and 0 on the
+rest, where ``A_S = F_S + λI`` acts as ``λ``. Writing ``M̂ = Q_Gᵀ M Q_A`` and
+``R(M) = M − Q_G M̂ Q_Aᵀ`` (the part outside the range):
 
-- ``tr F_S = tr G · tr A``, ``‖F_S‖²_F = ‖G‖²_F ‖A‖²_F``;
-- ``⟨EF, F_S⟩_F = (1/N) Σ_n Σ_ij M̂_n,ij² γ_i α_j``;
-- ``A_S = F_S + λI`` is diagonal (``Λ_ij = γ_i α_j + λ``) after rotation;
-- ``tr(B A_S⁻¹) − D = (1/N) Σ_n Σ_ij M̂_n,ij² / Λ_ij − Σ_ij γ_i α_j / Λ_ij``;
+- ``tr F_S = tr G · tr A``, ``‖F_S‖²_F = ‖G‖²_F ‖A‖²_F``,
+  ``⟨EF, F_S⟩_F = (1/N) Σ_n Σ_ij M̂_n,ij² γ_i α_j``;
+- ``A_S⁻¹ vec M = vec(Q_G (M̂ / Λ) Q_Aᵀ + R(M)/λ)`` with ``Λ_ij = γ_i α_j + λ``;
+- ``tr(B A_S⁻¹) − D = (1/N) Σ_n [Σ_ij M̂_n,ij²/Λ_ij + ‖R(M_n)‖²/λ] − Σ_ij γ_i α_j/Λ_ij``;
 - ``log det A_S − log det B = Σ_ij log(1 + γ_i α_j/λ) − log det(I + K_U/λ)``.
 
-The EF side (``B⁻¹g``, the per-sample projection) uses the Gram matrix as in
-:mod:`fisher_monitor.metrics.lowrank`. When the per-sample gradients are outer
-products ``M_n = δ_n x_nᵀ`` (a linear layer without weight sharing), nothing of size
-``N × O × I`` is formed.
+Residuals ``R(·)`` are formed explicitly, never as ``‖M‖² − ‖M̂‖²``, which would cancel.
+A factor is diagonalised through its smaller side: ``A = XᵀX`` with ``X`` of ``k < I``
+rows is diagonalised through the ``k × k`` Gram ``XXᵀ`` (a probe of ``N`` samples makes
+the input factor of a wide layer rank ``≤ N``). The EF side (``B⁻¹g``, the per-sample
+projection) uses the Gram matrix as in :mod:`fisher_monitor.metrics.lowrank`. When the
+per-sample gradients are outer products ``M_n = δ_n x_nᵀ`` (a linear layer without weight
+sharing), nothing of size ``N × O × I`` is formed.
 """
 
 from __future__ import annotations
@@ -47,10 +52,86 @@ class OuterSamples:
 Samples = Tensor | OuterSamples
 
 
-def _rotate(samples: Samples, q_out: Tensor, q_in: Tensor) -> Samples:
+@dataclass
+class FactorBasis:
+    """Eigenvalues and orthonormal eigenvectors of a PSD factor on (at least) its range.
+
+    Attributes:
+        eigenvalues: ``r`` non-negative eigenvalues.
+        vectors: ``dim × r`` orthonormal eigenvectors.
+        complete: Whether ``r = dim`` (then nothing lies outside the basis).
+    """
+
+    eigenvalues: Tensor
+    vectors: Tensor
+    complete: bool
+
+    def project_out(self, matrix: Tensor, side: str) -> Tensor:
+        """Remove the basis components: ``(I − QQᵀ) M`` (``side="left"``) or ``M (I − QQᵀ)``."""
+        q = self.vectors
+        if side == "left":
+            return matrix - q @ (q.T @ matrix)
+        return matrix - (matrix @ q) @ q.T
+
+
+def factor_basis(factor: Tensor, root: Tensor | None = None) -> FactorBasis:
+    """Diagonalise a PSD Kronecker factor ``factor = rootᵀ root``, through the smaller side.
+
+    Args:
+        factor: ``dim × dim`` factor.
+        root: Optional ``k × dim`` matrix with ``rootᵀ root = factor``. When ``k < dim`` the
+            ``k × k`` Gram ``root rootᵀ`` is diagonalised instead, which yields the
+            factor's range (eigenvectors ``rootᵀ w/√μ``).
+
+    Returns:
+        The basis (complete when the factor itself was diagonalised).
+    """
+    dim = factor.shape[0]
+    if root is None or root.shape[0] >= dim:
+        eigenvalues, vectors = torch.linalg.eigh(0.5 * (factor + factor.T))
+        return FactorBasis(eigenvalues.clamp_min(0.0), vectors, complete=True)
+    mu, w = torch.linalg.eigh(root @ root.T)
+    keep = mu > mu.max().clamp_min(0.0) * root.shape[0] * torch.finfo(mu.dtype).eps
+    mu, w = mu[keep], w[:, keep]
+    vectors = root.T @ (w / mu.sqrt())
+    # one re-orthonormalisation pass guards against rounding in tiny eigenvalues
+    vectors, _ = torch.linalg.qr(vectors)
+    eigenvalues = torch.einsum("dr,de,er->r", vectors, factor, vectors).clamp_min(0.0)
+    return FactorBasis(eigenvalues, vectors, complete=False)
+
+
+def _rotate(samples: Samples, out_basis: FactorBasis, in_basis: FactorBasis) -> Samples:
     if isinstance(samples, OuterSamples):
-        return OuterSamples(samples.output_grads @ q_out, samples.inputs @ q_in)
-    return torch.einsum("oi,noj,jk->nik", q_out, samples, q_in)
+        return OuterSamples(
+            samples.output_grads @ out_basis.vectors, samples.inputs @ in_basis.vectors
+        )
+    return torch.einsum("or,noi,is->nrs", out_basis.vectors, samples, in_basis.vectors)
+
+
+def _residual_square_norms(
+    samples: Samples, rotated: Samples, out_basis: FactorBasis, in_basis: FactorBasis
+) -> Tensor | None:
+    """``‖R(M_n)‖²`` per sample, or ``None`` when both bases are complete."""
+    if out_basis.complete and in_basis.complete:
+        return None
+    if isinstance(samples, OuterSamples):
+        assert isinstance(rotated, OuterSamples)
+        # R(δxᵀ) = δ⊥ xᵀ + δ∥ x⊥ᵀ with δ⊥ ⟂ δ∥, so the squared norms add up
+        out_residual = (
+            torch.zeros_like(samples.output_grads[:, 0])
+            if out_basis.complete
+            else out_basis.project_out(samples.output_grads.T, "left").square().sum(dim=0)
+        )
+        in_residual = (
+            torch.zeros_like(samples.inputs[:, 0])
+            if in_basis.complete
+            else in_basis.project_out(samples.inputs.T, "left").square().sum(dim=0)
+        )
+        return out_residual * samples.inputs.square().sum(dim=1) + (
+            rotated.output_grads.square().sum(dim=1) * in_residual
+        )
+    inside = torch.einsum("or,nrs,is->noi", out_basis.vectors, rotated, in_basis.vectors)
+    return (samples - inside).square().sum(dim=(1, 2))
 
 
 def _weighted_square_sum(samples: Samples, weights: Tensor) -> Tensor:
@@ -80,6 +161,8 @@ def kronecker_statistics(
     samples: Samples,
     gram_u: Tensor,
     dampings: Sequence[float],
+    input_root: Tensor | None = None,
+    output_root: Tensor | None = None,
 ) -> LayerStatistics:
     """Additive statistics of ``F_S = G ⊗ A`` against ``EF = UUᵀ``.
 
@@ -90,48 +173,68 @@ def kronecker_statistics(
             (``N × O × I``) or :class:`OuterSamples`; the EF is ``(1/N) Σ_n vec M_n vec M_nᵀ``.
         gram_u: ``K_U = UᵀU`` (``N × N``), consistent with ``samples``.
         dampings: Damping values λ (> 0).
+        input_root: Optional ``k × I`` matrix with ``rootᵀ root = A`` (see :func:`factor_basis`).
+        output_root: Optional ``k × O`` matrix with ``rootᵀ root = G``.
 
     Returns:
         The layer's additive statistics.
     """
     n = gram_u.shape[0]
-    alpha, q_in = torch.linalg.eigh(0.5 * (input_factor + input_factor.T))
-    gamma, q_out = torch.linalg.eigh(0.5 * (output_factor + output_factor.T))
-    spectrum = gamma.clamp_min(0.0).unsqueeze(1) * alpha.clamp_min(0.0).unsqueeze(0)
-    rotated = _rotate(samples, q_out, q_in)
-    grad = _sample_sum(rotated) / n  # rotated mean gradient ĝ
-    grad_sq = grad.square().sum()
+    in_basis = factor_basis(input_factor, input_root)
+    out_basis = factor_basis(output_factor, output_root)
+    spectrum = out_basis.eigenvalues.unsqueeze(1) * in_basis.eigenvalues.unsqueeze(0)
+    dimension = output_factor.shape[0] * input_factor.shape[0]
+    rotated = _rotate(samples, out_basis, in_basis)
+    residual_sq = _residual_square_norms(samples, rotated, out_basis, in_basis)
+    mean = _sample_sum(samples) / n  # g as an O × I matrix
+    grad = _sample_sum(rotated) / n  # ĝ = Q_Gᵀ g Q_A
+    grad_inside_sq = grad.square().sum()
+    if residual_sq is None:
+        grad_residual = None
+        grad_residual_sq = torch.zeros_like(grad_inside_sq)
+        grad_sq = grad_inside_sq
+    else:
+        grad_residual = mean - out_basis.vectors @ grad @ in_basis.vectors.T
+        grad_residual_sq = grad_residual.square().sum()
+        grad_sq = grad_inside_sq + grad_residual_sq
     trace_ef = torch.diagonal(gram_u).sum()
     frob_ef_sq = gram_u.square().sum()
-    frob_f_sq = spectrum.square().sum()
+    input_sq = input_factor.square().sum()
+    output_sq = output_factor.square().sum()
     inner = _weighted_square_sum(rotated, spectrum) / n
     damped = []
     for damping in dampings:
         shifted = spectrum + damping
         nat = grad / shifted
         ef = empirical_solve(gram_u, damping)
-        # B⁻¹g = U b = Σ_n b_n M̂_n/√N
-        nat_ef = (ef.coefficients * _sample_inner(rotated, nat)).sum() / n**0.5
+        # B⁻¹g = U b = Σ_n b_n M_n/√N; A_S⁻¹g = Q_G (ĝ/Λ) Q_Aᵀ + R(g)/λ
+        inner_nat = _sample_inner(rotated, nat)
+        if grad_residual is not None:
+            inner_nat = inner_nat + _sample_inner(samples, grad_residual) / damping
+        nat_ef = (ef.coefficients * inner_nat).sum() / n**0.5
         trace_term = _weighted_square_sum(rotated, 1.0 / shifted) / n - (spectrum / shifted).sum()
+        if residual_sq is not None:
+            trace_term = trace_term + residual_sq.sum() / (n * damping)
         logdet_term = torch.log1p(spectrum / damping).sum() - ef.logdet_ratio
         damped.append(
             DampedStatistics(
                 damping_mass=torch.as_tensor(
-                    damping * spectrum.numel(), dtype=gram_u.dtype, device=gram_u.device
+                    damping * dimension, dtype=gram_u.dtype, device=gram_u.device
                 ),
                 kl=0.5 * (trace_term + logdet_term),
                 grad_sq=grad_sq,
-                nat_sq=nat.square().sum(),
+                nat_sq=nat.square().sum() + grad_residual_sq / damping**2,
                 ef_sq=ef.ef_sq,
                 nat_ef=nat_ef,
-                nat_projection=(grad * nat).sum(),
+                nat_projection=(grad * nat).sum() + grad_residual_sq / damping,
                 ef_projection=ef.ef_projection,
                 ef_projection_per_sample=ef.per_sample,
             )
         )
+    frob_f_sq = input_sq * output_sq
     return LayerStatistics(
-        dimension=spectrum.numel(),
-        trace_f=spectrum.sum(),
+        dimension=dimension,
+        trace_f=torch.trace(input_factor) * torch.trace(output_factor),
         trace_ef=trace_ef,
         frob_f_sq=frob_f_sq,
         frob_ef_sq=frob_ef_sq,

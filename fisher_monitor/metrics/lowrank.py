@@ -69,14 +69,14 @@ def factor_damped_gram(gram: Tensor, damping: float) -> DampedGram:
         The factorisation.
     """
     k = gram.shape[0]
-    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    shifted = 0.5 * (gram + gram.T) + damping * eye
+    # Cholesky reads the lower triangle only, so the Gram needs no symmetrisation
+    shifted = gram.clone()
+    shifted.diagonal().add_(damping)
     cholesky, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
         sigma, q = torch.linalg.eigh(0.5 * (gram + gram.T))
         sigma = sigma.clamp_min(0.0)
-        # rebuild a factor of the clipped matrix: λI + QΣQᵀ = (Q√(Σ+λ)) (Q√(Σ+λ))ᵀ
-        # is not triangular, so keep a QR-based triangular factor for solves
+        # a triangular factor of the clipped λI + QΣQᵀ = (Q√(Σ+λ))(Q√(Σ+λ))ᵀ, from a QR
         root = q * (sigma + damping).sqrt()
         cholesky = torch.linalg.qr(root.T, mode="r")[1].T
         cholesky = cholesky * torch.sign(torch.diagonal(cholesky)).unsqueeze(0)
@@ -84,9 +84,14 @@ def factor_damped_gram(gram: Tensor, damping: float) -> DampedGram:
     logdet_ratio = 2.0 * torch.log(diag).sum() - k * torch.log(
         torch.as_tensor(damping, dtype=gram.dtype, device=gram.device)
     )
-    inverse_factor = torch.linalg.solve_triangular(cholesky, eye, upper=False)
-    trace_inverse = inverse_factor.square().sum()
+    trace_inverse = triangular_inverse(cholesky).square().sum()
     return DampedGram(damping, cholesky, logdet_ratio, trace_inverse)
+
+
+def triangular_inverse(lower: Tensor) -> Tensor:
+    """Inverse of a lower-triangular matrix (a triangular solve against the identity)."""
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False)
 
 
 @dataclass
