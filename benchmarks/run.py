@@ -363,9 +363,11 @@ def main() -> None:
     lines = [
         f"# fisher-monitor benchmark ({device.type})",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"- machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        f"- torch {torch.__version__}, batch {args.batch}, CrossEntropyLoss, median of {repeats} interleaved repeats",
+        f"- torch {torch.__version__}, batch {args.batch}, CrossEntropyLoss, "
+        f"median of {repeats} interleaved repeats",
         "",
     ]
     for model_name in args.models.split(","):
@@ -401,9 +403,11 @@ def main() -> None:
                 goal = TARGETS[model_name].get((structures, fisher))
                 target = f"≤ {goal}×" if goal else ""
                 if not args.quick:
-                    memory = f"{peak_memory(model_name, structures + ' ' + fisher, args.batch, args.device):.0f}"
+                    spec = f"{structures} {fisher}"
+                    memory = f"{peak_memory(model_name, spec, args.batch, args.device):.0f}"
+            milliseconds = times[case.label] * 1e3
             lines.append(
-                f"| {case.label} | {times[case.label] * 1e3:.1f} | {ratio:.1f} | {target} | {memory} |"
+                f"| {case.label} | {milliseconds:.1f} | {ratio:.1f} | {target} | {memory} |"
             )
         lines.append("")
         print("\n".join(lines[-len(cases) - 5 :]), flush=True)
