@@ -162,14 +162,21 @@ def heatmap_image(
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def settings_markdown(settings: Mapping, layers: Sequence, notes: Sequence[str]) -> str:
-    """Markdown shown in TensorBoard's Text tab: settings, measured layers and notes."""
+    """Markdown shown in TensorBoard's Text tab: settings, measured layers and notes.
+
+    The report command parses this text back (``report.load.parse_settings``).
+    """
     lines = ["| setting | value |", "| --- | --- |"]
-    lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in settings.items()]
     lines += ["", "| layer | type | parameters | D |", "| --- | --- | --- | --- |"]
     lines += [
-        f"| {layer.name} | {layer.module_type} | {', '.join(layer.parameter_names)} | "
-        f"{layer.dimension} |"
+        f"| {_cell(layer.name)} | {layer.module_type} | {_cell(', '.join(layer.parameter_names))} "
+        f"| {layer.dimension} |"
         for layer in layers
     ]
     if notes:

@@ -7,7 +7,7 @@ import math
 import pytest
 import reference
 import torch
-from conftest import LOSS_CASES, MODELS, make_problem
+from cases import LOSS_CASES, MODELS, make_problem
 from torch import nn
 
 from fisher_monitor import measure

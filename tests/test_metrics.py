@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 
-import reference
 from fisher_monitor.metrics import (
     OuterSamples,
     dense_statistics,
@@ -60,7 +60,12 @@ def test_rank_deficient_and_badly_scaled_factors():
         U = per_sample.T / 6**0.5
         damping = 1e-3 * float((V * V).sum()) / 20
         expected = dense_reference(V @ V.T, per_sample, damping)
-        compare(lowrank_statistics(U.T @ U, V.T @ V, U.T @ V, 20, [damping]), expected, damping, rtol=1e-6)
+        compare(
+            lowrank_statistics(U.T @ U, V.T @ V, U.T @ V, 20, [damping]),
+            expected,
+            damping,
+            rtol=1e-6,
+        )
 
 
 def test_diagonal_statistics_match_dense_diagonal_matrices():
@@ -71,10 +76,15 @@ def test_diagonal_statistics_match_dense_diagonal_matrices():
     empirical = per_sample.square().mean(0)
     for damping in (1e-6, 1e-2):
         expected = reference.dense_metrics(
-            torch.diag(fisher), torch.diag(empirical), per_sample, torch.full((15,), damping, dtype=torch.float64)
+            torch.diag(fisher),
+            torch.diag(empirical),
+            per_sample,
+            torch.full((15,), damping, dtype=torch.float64),
         )
         # the per-sample projection uses the diagonal EF: same as the dense definition with B diagonal
-        compare(diagonal_statistics(fisher, empirical, per_sample.mean(0), [damping]), expected, damping)
+        compare(
+            diagonal_statistics(fisher, empirical, per_sample.mean(0), [damping]), expected, damping
+        )
 
 
 @pytest.mark.parametrize("outer", [True, False])
@@ -112,7 +122,8 @@ def test_statistics_add_up_over_layers():
         blocks.append((V, per_sample))
     damping = 0.1
     stats = [
-        lowrank_statistics(ps @ ps.T / 5, V.T @ V, ps @ V / 5**0.5, V.shape[0], [damping]) for V, ps in blocks
+        lowrank_statistics(ps @ ps.T / 5, V.T @ V, ps @ V / 5**0.5, V.shape[0], [damping])
+        for V, ps in blocks
     ]
     F = torch.block_diag(*(V @ V.T for V, _ in blocks))
     per_sample = torch.cat([ps for _, ps in blocks], dim=1)

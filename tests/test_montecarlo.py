@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import reference
 import torch
-from conftest import make_problem
+from cases import make_problem
 
 from fisher_monitor import measure
 
