@@ -35,6 +35,8 @@ from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings, St
 
 #: Key of the whole network in metric keys.
 ALL = "all"
+#: Largest layer whose dense blocks ``keep_blocks=True`` will form.
+MAX_KEPT_BLOCK = 8192
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Measurement:
         settings: The settings used (plain data).
         notes: Things the user should know about this measurement (e.g. a BatchNorm
             layer measured in eval mode, a layer without Kronecker factors).
+        blocks: With ``keep_blocks=True``: per layer name, the dense ``(F_b, EF_b, g_b)``
+            (``D_b × D_b``, ``D_b × D_b``, ``D_b``) as float64 CPU tensors; else empty.
     """
 
     scalars: dict[str, float]
@@ -58,6 +62,7 @@ class Measurement:
     diagonals: dict[str, tuple[Tensor, Tensor]]
     settings: dict
     notes: list[str] = field(default_factory=list)
+    blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> float:
         """Return the scalar stored under ``key``.
@@ -147,6 +152,7 @@ class Measurer:
         targets: Tensor,
         generator: torch.Generator | None = None,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        keep_blocks: bool = False,
     ) -> Measurement:
         """Measure on one probe batch.
 
@@ -154,6 +160,8 @@ class Measurer:
             inputs: Input tensor (or tuple of tensors passed as positional arguments).
             targets: Targets for the loss; the first dimension is the batch.
             generator: Generator for label sampling and dropout masks.
+            keep_blocks: Also return every layer's dense ``(F_b, EF_b, g_b)`` in
+                :attr:`Measurement.blocks` (layers up to ``MAX_KEPT_BLOCK`` parameters).
             all_reduce: For data-parallel diagonal measurements: a function that sums a
                 float64 tensor over all processes. The diagonals (and the loss) are then
                 the averages over the union of every process's probe batch, taken before
@@ -180,10 +188,24 @@ class Measurer:
         notes += list(prepared.notes)
         kron_skipped: list[str] = []
         fallback: set[str] = set()
+        blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        if keep_blocks:
+            too_large = [
+                f"{info.name} (D={info.dimension})"
+                for info, _ in prepared.layers
+                if info.dimension > MAX_KEPT_BLOCK
+            ]
+            if too_large:
+                raise ValueError(
+                    f"keep_blocks=True forms dense D × D blocks, limited to D ≤ {MAX_KEPT_BLOCK}; "
+                    f"too large: {', '.join(too_large)}."
+                )
 
         def on_layer(info: LayerInfo, factors: LayerFactors) -> None:
             fisher_diag, empirical_diag = factors.diagonals()
             local[info.name] = (fisher_diag, empirical_diag, factors.mean_gradient())
+            if keep_blocks:
+                blocks[info.name] = tuple(t.detach().cpu() for t in factors.dense_blocks())
             if not statistics:
                 return
             dampings, fell_back = relative_dampings(
@@ -283,6 +305,7 @@ class Measurer:
             },
             settings=settings.as_dict(),
             notes=notes,
+            blocks={info.name: blocks[info.name] for info in layers if info.name in blocks},
         )
 
     def close(self) -> None:
@@ -350,6 +373,7 @@ def measure(
     damping_mode: str = "relative",
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
+    keep_blocks: bool = False,
 ) -> Measurement:
     """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
 
@@ -377,6 +401,8 @@ def measure(
         generator: Generator that seeds label sampling and dropout masks. ``None`` draws
             a fresh seed from the operating system (the global RNG is never consumed).
         dtype: Type of the curvature arithmetic (float64 by default).
+        keep_blocks: Also return each layer's dense ``(F_b, EF_b, g_b)`` in
+            ``Measurement.blocks`` (small layers only; for teaching and plotting).
 
     Returns:
         The :class:`Measurement`.
@@ -390,6 +416,6 @@ def measure(
     settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
     measurer = Measurer(model, loss_fn, settings, dtype=dtype)
     try:
-        return measurer(inputs, targets, generator=generator)
+        return measurer(inputs, targets, generator=generator, keep_blocks=keep_blocks)
     finally:
         measurer.close()

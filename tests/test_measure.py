@@ -159,3 +159,19 @@ def test_sequence_linear_uses_weight_sharing_factors():
     loss = nn.CrossEntropyLoss()
     m = measure(model, loss, inputs, targets, structures=("diag", "block", "kron"))
     assert_matches(m.scalars, reference_for(model, loss, inputs, targets, [1e-3], "relative"))
+
+
+def test_keep_blocks_returns_the_dense_reference_blocks():
+    model, inputs, targets, case = make_problem("cnn", "mse3")
+    loss = case.module("sum")
+    m = measure(model, loss, inputs, targets, structures=("diag",), keep_blocks=True)
+    per_sample = reference.per_sample_gradients(model, loss, inputs, targets)
+    F = reference.fisher(model, loss, inputs, targets)
+    for name, s in reference.layer_slices(model).items():
+        fisher, empirical, gradient = m.blocks[name]
+        torch.testing.assert_close(fisher, F[s, s], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(empirical, reference.empirical_fisher(per_sample[:, s]), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gradient, per_sample[:, s].mean(0), rtol=1e-9, atol=1e-12)
+    big = torch.nn.Linear(100, 100)
+    with pytest.raises(ValueError, match=r"limited to D ≤ 8192; too large: \(root\) \(D=10100\)"):
+        measure(big, "mse", torch.randn(3, 100), torch.randn(3, 100), keep_blocks=True)
