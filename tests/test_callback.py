@@ -328,6 +328,40 @@ def test_unsupported_network_is_an_error_at_setup():
         fit(FisherMonitor(network="backbone"), steps=1)
 
 
+def test_module_without_forward_uses_the_submodule_holding_the_parameters():
+    class NoForward(TinyClassifier):
+        forward = pl.LightningModule.forward
+
+        def training_step(self, batch, batch_idx):
+            return self.loss_fn(self.net(batch[0]), batch[1])
+
+    _, _, logger = fit(
+        FisherMonitor(every_n_steps=1, structures=("diag",)), steps=2, model=NoForward()
+    )
+    assert "fisher/diag/kl/0" in logger.calls[0][1]  # layers named inside `net`
+
+    class TwoParts(NoForward):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 3)
+
+    with pytest.raises(ValueError, match="defines no forward\\(\\) and no single submodule"):
+        fit(FisherMonitor(), steps=1, model=TwoParts())
+
+
+def test_untraceable_forward_is_named_at_setup():
+    class Branchy(TinyClassifier):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.net(x)
+            return self.net(-x)
+
+    with pytest.raises(
+        NotImplementedError, match="cannot trace the forward pass of Branchy with torch.fx"
+    ):
+        fit(FisherMonitor(), steps=1, model=Branchy())
+
+
 def test_batch_that_cannot_be_split_is_an_error_at_the_first_batch():
     class OnlyInputs(torch.utils.data.Dataset):
         def __len__(self):

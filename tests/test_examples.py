@@ -88,7 +88,8 @@ def test_lightning_cli_config_adds_the_monitor(tmp_path):
     cli = load("lightning_cli").main(
         [
             "fit",
-            "--config", str(EXAMPLES / "lightning_cli.yaml"),
+            "--config",
+            str(EXAMPLES / "lightning_cli.yaml"),
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={tmp_path}",

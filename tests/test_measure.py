@@ -170,7 +170,9 @@ def test_keep_blocks_returns_the_dense_reference_blocks():
     for name, s in reference.layer_slices(model).items():
         fisher, empirical, gradient = m.blocks[name]
         torch.testing.assert_close(fisher, F[s, s], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(empirical, reference.empirical_fisher(per_sample[:, s]), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            empirical, reference.empirical_fisher(per_sample[:, s]), rtol=1e-9, atol=1e-12
+        )
         torch.testing.assert_close(gradient, per_sample[:, s].mean(0), rtol=1e-9, atol=1e-12)
     big = torch.nn.Linear(100, 100)
     with pytest.raises(ValueError, match=r"limited to D ≤ 8192; too large: \(root\) \(D=10100\)"):

@@ -131,3 +131,14 @@ def test_statistics_add_up_over_layers():
     lam = torch.full((15,), damping, dtype=torch.float64)
     expected = reference.dense_metrics(F, EF, per_sample, lam)
     compare(sum_statistics(stats), expected, damping)
+
+
+def test_inverse_square_norm_by_blocks_equals_the_direct_inverse():
+    from fisher_monitor.metrics.lowrank import inverse_square_norm
+
+    g = torch.Generator().manual_seed(6)
+    for k in (5, 130, 301):
+        root = torch.randn(k, k + 3, generator=g, dtype=torch.float64)
+        lower = torch.linalg.cholesky(root @ root.T + 1e-2 * torch.eye(k, dtype=torch.float64))
+        direct = torch.linalg.inv(lower).square().sum()
+        assert float(inverse_square_norm(lower, base=16)) == pytest.approx(float(direct), rel=1e-9)

@@ -166,7 +166,9 @@ class MaterializedFactors(LayerFactors):
         )
 
     def _cast(self) -> tuple[Tensor, Tensor]:
-        return self.per_sample.to(self.dtype), self.sqrt.to(self.dtype)
+        if getattr(self, "_casted_factors", None) is None:
+            self._casted_factors = (self.per_sample.to(self.dtype), self.sqrt.to(self.dtype))
+        return self._casted_factors
 
     def gram_u(self) -> Tensor:  # noqa: D102
         u, _ = self._cast()
@@ -327,8 +329,9 @@ class WeightSharingFactors(MaterializedFactors):
         has_bias: bool,
         dtype: torch.dtype = torch.float64,
     ):
-        # materialised in the computation type: these *are* U and V
-        inputs, output_grads, sqrt = (t.to(dtype) for t in (inputs, output_grads, sqrt))
+        # materialised in the network's type (the sums over positions are the expensive part);
+        # every Gram matrix is then formed in `dtype` from these same tensors, so the Grams
+        # stay mutually consistent
         self.inputs = inputs
         self.output_grads = output_grads
         self.sqrt_at_output = sqrt
@@ -340,12 +343,12 @@ class WeightSharingFactors(MaterializedFactors):
 
     def kronecker(self) -> KroneckerFactors:  # noqa: D102
         n, t, i = self.inputs.shape
-        x = self.inputs.reshape(n * t, i) / n**0.5
-        s = self.sqrt_at_output.reshape(-1, self.sqrt_at_output.shape[-1]) / t**0.5
+        x = self.inputs.reshape(n * t, i).to(self.dtype) / n**0.5
+        s = self.sqrt_at_output.reshape(-1, self.sqrt_at_output.shape[-1]).to(self.dtype) / t**0.5
         return KroneckerFactors(
             input_factor=x.T @ x,
             output_factor=s.T @ s,
-            samples=self.sample_matrices,
+            samples=self.sample_matrices.to(self.dtype),
             input_root=x,
             output_root=s,
         )

@@ -215,7 +215,17 @@ class PreparedNetwork:
         if convert:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                network = convert_module_to_backpack(copy_root, False)
+                try:
+                    network = convert_module_to_backpack(copy_root, False)
+                except Exception as error:  # noqa: BLE001 - torch.fx raises many kinds
+                    first_line = str(error).strip().splitlines()[0] if str(error) else ""
+                    raise NotImplementedError(
+                        f"fisher-monitor's BackPACK backend cannot trace the forward pass of "
+                        f"{type(model).__name__} with torch.fx ({type(error).__name__}: "
+                        f"{first_line[:200]}). Measure a sub-network whose forward is traceable "
+                        "(e.g. FisherMonitor(network='net')), or write data-dependent control "
+                        "flow as modules."
+                    ) from error
             for warning in caught:
                 message = str(warning.message)
                 if "may break second-order extensions" in message:
