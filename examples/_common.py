@@ -62,7 +62,10 @@ class DigitsClassifier(pl.LightningModule):
     def __init__(self, net: nn.Module | None = None, hidden: int = 128, lr: float = 1e-3):
         super().__init__()
         self.net = net or nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, 10),
         )
         self.loss_fn = nn.CrossEntropyLoss()

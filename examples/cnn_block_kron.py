@@ -82,8 +82,10 @@ def main(fast: bool = False) -> dict:
     axes = figure.subplots(1, 2)
     positions = np.arange(len(layers) + 1)
     for ax, metric, title in zip(
-        axes, ("rel_error", "direction_cosine"),
-        ("median ‖EF_S − F_S‖ / ‖F_S‖", "median cos(F̃_S⁻¹g, ẼF_S⁻¹g)"), strict=True,
+        axes,
+        ("rel_error", "direction_cosine"),
+        ("median ‖EF_S − F_S‖ / ‖F_S‖", "median cos(F̃_S⁻¹g, ẼF_S⁻¹g)"),
+        strict=True,
     ):
         for k, structure in enumerate(STRUCTURES):
             values = [table[layer][structure][metric] for layer in [*layers, "all"]]
@@ -97,7 +99,9 @@ def main(fast: bool = False) -> dict:
     FigureCanvasAgg(figure).print_png(figure_path)
 
     print(f"figure: {figure_path}; TensorBoard logs: {logger.log_dir}")
-    print(f"{'layer':>8} | " + " | ".join(f"{s:>17}" for s in STRUCTURES) + "   (rel. error / cosine)")
+    print(
+        f"{'layer':>8} | " + " | ".join(f"{s:>17}" for s in STRUCTURES) + "   (rel. error / cosine)"
+    )
     for layer in [*layers, "all"]:
         cells = [
             f"{table[layer][s]['rel_error']:8.3f} / {table[layer][s]['direction_cosine']:6.3f}"

@@ -76,8 +76,15 @@ def model_at(theta: torch.Tensor) -> nn.Linear:
 
 
 def block(theta, inputs, labels):
-    m = measure(model_at(theta), nn.BCEWithLogitsLoss(), inputs, labels, structures=("block",),
-                damping=1e-6, keep_blocks=True)
+    m = measure(
+        model_at(theta),
+        nn.BCEWithLogitsLoss(),
+        inputs,
+        labels,
+        structures=("block",),
+        damping=1e-6,
+        keep_blocks=True,
+    )
     return m, m.blocks["(root)"]
 
 
@@ -108,7 +115,9 @@ def main(fast: bool = False) -> dict:
                 halfway, _ = block(optimum / 2, inputs, labels)
                 for metric in ("rel_error", "kl", "trace_ratio"):
                     results[dataset][metric][i, seed] = at_optimum[f"block/{metric}/all"]
-                results[dataset]["direction_cosine"][i, seed] = halfway["block/direction_cosine/all"]
+                results[dataset]["direction_cosine"][i, seed] = halfway[
+                    "block/direction_cosine/all"
+                ]
     means = {d: {m: results[d][m].mean(axis=1) for m in METRICS} for d in DATASETS}
 
     figure = Figure(figsize=(14, 3.6), dpi=100, layout="constrained")

@@ -62,8 +62,16 @@ def run(method: str, step: float, damping: float, iterations: int, x, y) -> dict
     theta = torch.zeros(31, dtype=torch.float64)
     losses, cosines = [], []
     for _ in range(iterations):
-        m = measure(model_at(theta), nn.BCEWithLogitsLoss(), x, y, structures=("block",),
-                    damping=damping, damping_mode="absolute", keep_blocks=True)
+        m = measure(
+            model_at(theta),
+            nn.BCEWithLogitsLoss(),
+            x,
+            y,
+            structures=("block",),
+            damping=damping,
+            damping_mode="absolute",
+            keep_blocks=True,
+        )
         fisher, empirical, gradient = m.blocks["(root)"]
         losses.append(m["probe/loss"])
         cosines.append(m["block/direction_cosine/all"])
@@ -80,8 +88,13 @@ def run(method: str, step: float, damping: float, iterations: int, x, y) -> dict
             break
     final = float(nn.functional.binary_cross_entropy_with_logits(model_at(theta)(x), y))
     losses.append(final if np.isfinite(final) else float("inf"))
-    return {"method": method, "step": step, "damping": damping, "losses": losses,
-            "cosines": cosines}
+    return {
+        "method": method,
+        "step": step,
+        "damping": damping,
+        "losses": losses,
+        "cosines": cosines,
+    }
 
 
 def main(fast: bool = False) -> dict:
@@ -123,11 +136,20 @@ def main(fast: bool = False) -> dict:
     print(f"figure: {out}")
     for method, result in best.items():
         cos = result["cosines"]
-        print(f"{method:>3}: η={result['step']:g} λ={result['damping']:g} final loss "
-              f"{result['losses'][-1]:.5f}; direction cosine along its trajectory "
-              f"min {min(cos):.3f}, last {cos[-1]:.3f}")
-    return {method: {"final_loss": r["losses"][-1], "cosines": r["cosines"], "step": r["step"],
-                     "damping": r["damping"]} for method, r in best.items()}
+        print(
+            f"{method:>3}: η={result['step']:g} λ={result['damping']:g} final loss "
+            f"{result['losses'][-1]:.5f}; direction cosine along its trajectory "
+            f"min {min(cos):.3f}, last {cos[-1]:.3f}"
+        )
+    return {
+        method: {
+            "final_loss": r["losses"][-1],
+            "cosines": r["cosines"],
+            "step": r["step"],
+            "damping": r["damping"],
+        }
+        for method, r in best.items()
+    }
 
 
 if __name__ == "__main__":

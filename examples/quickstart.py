@@ -62,8 +62,10 @@ def main(fast: bool = False, demo: bool = False, root: Path | None = None) -> di
     print(f"TensorBoard run:  {log_dir}")
     print(f"  open it with:   tensorboard --logdir {root}")
     print(f"HTML report:      {written['html']}")
-    print(f"Validation accuracy {accuracy:.3f} after {trainer.global_step} steps, "
-          f"{len(run.steps)} measurements.")
+    print(
+        f"Validation accuracy {accuracy:.3f} after {trainer.global_step} steps, "
+        f"{len(run.steps)} measurements."
+    )
     print(f"Verdict: {headline.text}")
     return {
         "log_dir": log_dir,

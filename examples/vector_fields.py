@@ -53,8 +53,16 @@ def curvature(theta: np.ndarray, features, targets):
     model = nn.Linear(2, 1, bias=False).double()
     with torch.no_grad():
         model.weight.copy_(torch.as_tensor(theta).reshape(1, 2))
-    m = measure(model, nn.MSELoss(), features, targets, structures=("block",),
-                damping=DAMPING, damping_mode="absolute", keep_blocks=True)
+    m = measure(
+        model,
+        nn.MSELoss(),
+        features,
+        targets,
+        structures=("block",),
+        damping=DAMPING,
+        damping_mode="absolute",
+        keep_blocks=True,
+    )
     fisher, empirical, gradient = (t.numpy() for t in m.blocks["(root)"])
     return gradient, fisher, empirical, m["block/direction_cosine/all"]
 
@@ -111,8 +119,15 @@ def main(fast: bool = False) -> dict:
                 fields[method][i, j] = field[method] / (np.linalg.norm(field[method]) + 1e-300)
     trajectories = {}
     for ax, method in zip(axes, methods, strict=True):
-        ax.quiver(span, span, fields[method][..., 0], fields[method][..., 1], color="0.5",
-                  angles="xy", width=0.004)
+        ax.quiver(
+            span,
+            span,
+            fields[method][..., 0],
+            fields[method][..., 1],
+            color="0.5",
+            angles="xy",
+            width=0.004,
+        )
         for start in starts:
             path = integrate(start, method, features, targets, steps=20 if fast else 80, length=9.0)
             trajectories.setdefault(method, []).append(path)

@@ -28,7 +28,7 @@ from fisher_monitor.schedules import Schedule, every
 from fisher_monitor.settings import MeasureSettings, Structure
 
 #: Default cadence; see the class docstring for how it was chosen.
-DEFAULT_EVERY_N_STEPS = 2500
+DEFAULT_EVERY_N_STEPS = 4000
 
 _INPUT_KEYS = ("inputs", "input", "x", "features", "images", "image", "data")
 _TARGET_KEYS = ("targets", "target", "y", "labels", "label")
@@ -99,13 +99,13 @@ class FisherMonitor(*_BASES):
 
     Args:
         every_n_steps: Measure every this many optimizer steps (``trainer.global_step``).
-            Default 2500: with the default settings (diag + block, exact Fisher) one
-            measurement of a 784-512-256-10 MLP on a 128-sample batch costs about as much
-            as 50 of its Lightning training steps on two CPU cores (``make bench``), so
-            every 2500 steps keeps the amortised overhead under 2%. Measure more often
-            for richer curves (``every_n_steps=100`` costs about 50% there), or use
-            ``schedules.log_spaced`` to be dense early and sparse later. Ignored when
-            ``schedule`` is given.
+            Default 4000: with the default settings (diag + block, exact Fisher) one
+            measurement of a 784-512-256-10 MLP on a 128-sample batch, with its
+            TensorBoard logging, costs about as much as 70 of its Lightning training steps
+            on two CPU cores (``make bench``), so every 4000 steps keeps the amortised
+            overhead under 2%. Measure more often for richer curves (every 100 steps
+            costs about 70% there), or use ``schedules.log_spaced`` to be dense early and
+            sparse later. Ignored when ``schedule`` is given.
         schedule: A callable ``step -> bool`` choosing the steps to measure at, e.g.
             ``schedules.every(50)`` or ``schedules.log_spaced(per_decade=10)``.
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
