@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from lightning_helpers import TinyClassifier
+
 from runs import HostileNames, train
 
 

@@ -9,10 +9,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from runs import HOSTILE_LAYER
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fisher_monitor.report.cli import main
+from runs import HOSTILE_LAYER
 
 
 class Collector(HTMLParser):
