@@ -53,8 +53,9 @@ def main() -> int:
                 failures += 1
                 print(f"MISMATCH {name} {key}: cpu {value!r} gpu {on_gpu[key]!r}")
         # the batch on another device than the model is moved, not an error
-        mixed = measure(gpu_model, nn.CrossEntropyLoss(), inputs, targets, structures=("diag",))
-        assert math.isclose(mixed["diag/kl/all"], on_cpu["diag/kl/all"], rel_tol=1e-6)
+        mixed = measure(gpu_model, nn.CrossEntropyLoss(), inputs, targets, **kwargs)
+        key = "diag/kl@0.001/all"
+        assert math.isclose(mixed[key], on_cpu[key], rel_tol=1e-6), "batch on the CPU, model on CUDA"
         print(
             f"{name}: {len(on_cpu.scalars)} scalars, worst relative difference CPU/GPU {worst:.2e}"
         )
