@@ -129,6 +129,9 @@ class FisherMonitor(*_BASES):
         probe_data: A fixed probe set used at every measurement instead of the training
             batch, so curves are comparable across steps: a DataLoader (its first batch
             is taken once) or an ``(inputs, targets)`` pair.
+        backend: ``"auto"`` (BackPACK where it can handle the network, ``torch.func``
+            otherwise, e.g. for LayerNorm or attention), ``"backpack"`` or ``"functorch"``.
+            The coverage (which layers, which backend) is logged once as text.
         log_prefix: Prefix of every logged key.
         log_histograms: Log histograms of ``log10(EF_ii / F_ii)`` per layer (TensorBoard).
         log_images: Log a heat map of the direction cosine, layers × steps (TensorBoard).
@@ -162,7 +165,8 @@ class FisherMonitor(*_BASES):
         MisconfigurationException: At setup, with ``Trainer(logger=False)``.
         ValueError: At setup, for invalid arguments or when no loss is found; at the first
             batch, when the batch cannot be split into inputs and targets.
-        NotImplementedError: At setup, for a network BackPACK cannot handle.
+        NotImplementedError: At setup, for a network the chosen backend cannot handle
+            (with ``backend="auto"`` only when ``torch.func`` cannot either).
 
     Example::
 
@@ -185,6 +189,7 @@ class FisherMonitor(*_BASES):
         batch_to_inputs_targets: Callable[[Any], tuple[Any, Tensor]] | None = None,
         probe_size: int | None = None,
         probe_data: Any = None,
+        backend: str = "auto",
         log_prefix: str = "fisher",
         log_histograms: bool = True,
         log_images: bool = True,
@@ -223,6 +228,11 @@ class FisherMonitor(*_BASES):
         self.batch_to_inputs_targets = batch_to_inputs_targets or default_batch_to_inputs_targets
         self.probe_size = probe_size
         self.probe_data = probe_data
+        from fisher_monitor.measure import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
+        self.backend = backend
         self.log_prefix = log_prefix.rstrip("/")
         self.log_histograms = log_histograms
         self.log_images = log_images
@@ -257,7 +267,7 @@ class FisherMonitor(*_BASES):
             )
         network = self._resolve_network(pl_module)
         loss = self._resolve_loss(pl_module)
-        self._measurer = Measurer(network, loss, self.settings)
+        self._measurer = Measurer(network, loss, self.settings, backend=self.backend)
         self._measurer.prepared  # noqa: B018 - checks the network now, not at the first step
         if self.probe_data is not None:
             self._probe = self._fixed_probe(self.probe_data)

@@ -20,8 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from fisher_monitor.curvature.factors import LayerFactors
-from fisher_monitor.curvature.losses import LossSpec, resolve_loss
-from fisher_monitor.curvature.network import LayerInfo, PreparedNetwork, seed_from
+from fisher_monitor.curvature.functorch_backend import FunctorchNetwork
+from fisher_monitor.curvature.losses import LossKind, LossSpec, resolve_loss
+from fisher_monitor.curvature.network import (
+    LayerInfo,
+    PreparedNetwork,
+    ShadowNetwork,
+    forked_rng,
+    full_precision,
+    seed_from,
+)
 from fisher_monitor.metrics import (
     LayerStatistics,
     dense_statistics,
@@ -35,6 +43,8 @@ from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings, St
 
 #: Key of the whole network in metric keys.
 ALL = "all"
+#: Backends of the curvature engine.
+BACKENDS = ("auto", "backpack", "functorch")
 #: Largest layer whose dense blocks ``keep_blocks=True`` will form.
 MAX_KEPT_BLOCK = 8192
 
@@ -53,6 +63,9 @@ class Measurement:
         settings: The settings used (plain data).
         notes: Things the user should know about this measurement (e.g. a BatchNorm
             layer measured in eval mode, a layer without Kronecker factors).
+        coverage: Per layer: ``{"layer", "type", "parameters", "dimension", "backend",
+            "measured", "reason"}`` — which parameters were measured, by which backend
+            (``"backpack"`` or ``"functorch"``), and why a layer was not.
         blocks: With ``keep_blocks=True``: per layer name, the dense ``(F_b, EF_b, g_b)``
             (``D_b × D_b``, ``D_b × D_b``, ``D_b``) as float64 CPU tensors; else empty.
     """
@@ -63,6 +76,7 @@ class Measurement:
     settings: dict
     notes: list[str] = field(default_factory=list)
     blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    coverage: list[dict] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> float:
         """Return the scalar stored under ``key``.
@@ -120,6 +134,10 @@ class Measurer:
         settings: Validated settings.
         dtype: Floating-point type of the curvature computations (float64 by default:
             the damped solves amplify rounding by up to ``1/λ``).
+        backend: ``"auto"`` (BackPACK where it can handle the network, ``torch.func``
+            otherwise), ``"backpack"`` or ``"functorch"``.
+        memory_budget: Bytes a measurement may use at its peak; ``None`` for half the
+            memory available (80% of the free GPU memory on CUDA).
     """
 
     def __init__(
@@ -128,23 +146,43 @@ class Measurer:
         loss_fn: nn.Module | str | LossSpec,
         settings: MeasureSettings,
         dtype: torch.dtype = torch.float64,
+        backend: str = "auto",
+        memory_budget: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.model = model
         self.loss = loss_fn if isinstance(loss_fn, LossSpec) else resolve_loss(loss_fn)
         self.settings = settings
         self.dtype = dtype
-        self._prepared: PreparedNetwork | None = None
+        self.backend = backend
+        self.memory_budget = memory_budget
+        self._columns_per_sample = 1
+        self._prepared: ShadowNetwork | None = None
 
     @property
-    def prepared(self) -> PreparedNetwork:
+    def prepared(self) -> ShadowNetwork:
         """The prepared shadow network, rebuilt if the caller replaced its parameters."""
         if self._prepared is None or self._prepared.is_stale():
             if self._prepared is not None:
                 self._prepared.close()
-            self._prepared = PreparedNetwork(self.model, self.loss)
+            self._prepared = self._prepare()
         return self._prepared
+
+    def _prepare(self) -> ShadowNetwork:
+        if self.backend == "functorch":
+            return FunctorchNetwork(self.model, self.loss)
+        if self.backend == "backpack":
+            return PreparedNetwork(self.model, self.loss)
+        try:
+            return PreparedNetwork(self.model, self.loss)
+        except NotImplementedError as error:
+            network = FunctorchNetwork(self.model, self.loss)
+            reason = str(error).split(". ")[0].replace("fisher-monitor's BackPACK backend ", "")
+            network.notes.append(f"BackPACK {reason}: measured with torch.func instead")
+            return network
 
     def __call__(
         self,
@@ -154,7 +192,140 @@ class Measurer:
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         keep_blocks: bool = False,
     ) -> Measurement:
-        """Measure on one probe batch.
+        """Measure on one probe batch, sub-sampled first if it would not fit in memory.
+
+        The peak memory of the measurement is estimated from the shapes before anything
+        large is allocated (see :meth:`estimate_peak_bytes`); a probe batch whose estimate
+        exceeds the memory budget is cut to the largest prefix that fits, and a measurement
+        that still runs out of memory is retried on half the samples. Both are noted.
+        Arguments as for :meth:`_measure_once`.
+        """
+        start = time.perf_counter()
+        prepared = self.prepared
+        prepared.sync()
+        inputs, targets = _batch_on_device(
+            inputs, targets, prepared.device, prepared.parameter_dtype
+        )
+        notes: list[str] = []
+        size = targets.shape[0]
+        fitting = self._fitting_batch_size(inputs, size)
+        if fitting < size:
+            estimate = self.estimate_peak_bytes(size, self._columns_per_sample)
+            notes.append(
+                f"probe sub-sampled from {size} to {fitting} samples to fit the memory budget "
+                f"({estimate / 2**30:.1f} GiB estimated for {size})"
+            )
+            size = fitting
+        while True:
+            try:
+                measurement = self._measure_once(
+                    _take_batch(inputs, size), targets[:size], generator, all_reduce, keep_blocks
+                )
+                break
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                out_of_memory = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+                    "out of memory" in str(error) or "can't allocate memory" in str(error)
+                )
+                if not out_of_memory or size == 1 or all_reduce is not None:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                notes.append(f"ran out of memory with {size} samples; retried with {size // 2}")
+                size //= 2
+        measurement.notes[:0] = notes
+        measurement.scalars["probe/seconds"] = time.perf_counter() - start
+        return measurement
+
+    def _fitting_batch_size(self, inputs, size: int) -> int:
+        """The largest probe size whose estimated peak memory fits the budget."""
+        budget = (
+            self.memory_budget
+            if self.memory_budget is not None
+            else _available_memory(self.prepared.device)
+        )
+        if budget is None:
+            return size
+        self._columns_per_sample = self._output_columns(inputs)
+        if self.estimate_peak_bytes(size, self._columns_per_sample) <= budget:
+            return size
+        low, high = 1, size
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.estimate_peak_bytes(middle, self._columns_per_sample) <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        if self.estimate_peak_bytes(low, self._columns_per_sample) > budget:
+            needed = self.estimate_peak_bytes(1, self._columns_per_sample)
+            raise MemoryError(
+                f"Even one probe sample needs an estimated {needed / 2**30:.1f} GiB, above the "
+                f"memory budget of {budget / 2**30:.1f} GiB. Measure fewer structures (e.g. "
+                "structures=('diag',)), fisher='mc', or a sub-network."
+            )
+        return low
+
+    def _output_columns(self, inputs) -> int:
+        """Fisher square-root columns per sample, from the output shape of one sample."""
+        settings, prepared = self.settings, self.prepared
+        if settings.fisher is FisherType.MC:
+            return settings.mc_samples
+        first = _take_batch(inputs, 1)
+        args = first if isinstance(first, (tuple, list)) else (first,)
+        network = prepared.network
+        with torch.no_grad(), forked_rng(prepared.device, 0), full_precision(prepared):
+            output = network(*args)  # one sample, only for its shape; the global RNG is restored
+        shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else (1,)
+        if self.loss.kind is LossKind.CROSS_ENTROPY:
+            classes = shape[0] if shape else 1
+            positions = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+            return max(classes - 1, 1) * positions
+        if self.loss.kind is LossKind.MSE:
+            return int(torch.tensor(shape).prod()) if shape else 1
+        return 1
+
+    def estimate_peak_bytes(self, size: int, columns_per_sample: int) -> int:
+        """Estimated peak memory of one measurement with ``size`` probe samples.
+
+        Per layer: its factors (outer-product factors for ``Linear`` layers with BackPACK,
+        materialised ``U`` and ``V`` otherwise, in the network's type and in float64), the
+        Gram or dense matrices of the ``block`` structure (``R × R`` with
+        ``R = size · columns_per_sample``, or ``D × D``, four of them), the Kronecker
+        factors and the diagonals; the largest layer counts, as layers are processed one
+        at a time. The ``torch.func`` backend holds every layer's factors at once.
+        """
+        settings, prepared = self.settings, self.prepared
+        columns = size * columns_per_sample
+        functorch = prepared.backend == "functorch"
+        largest, held = 0, 0
+        for info, module in prepared.layers:
+            dim = info.dimension
+            weight = getattr(module, "weight", None)
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else (dim, 1)
+            out_features, in_features = shape[0], dim // max(shape[0], 1)
+            if not functorch and isinstance(module, nn.Linear):
+                factors = 8 * (columns * out_features + size * (in_features + out_features))
+            else:
+                factors = 12 * (size + columns) * dim
+            needed = factors + 6 * 8 * dim
+            if Structure.BLOCK in settings.structures or Structure.KRON in settings.structures:
+                side = columns if dim > max(size, columns) else dim
+                needed += 4 * 8 * side * side
+            if Structure.KRON in settings.structures:
+                needed += 3 * 8 * (out_features**2 + in_features**2)
+            largest = max(largest, needed)
+            if functorch:
+                held += 4 * size * (1 + columns_per_sample) * dim
+        return largest + held
+
+    def _measure_once(
+        self,
+        inputs,
+        targets: Tensor,
+        generator: torch.Generator | None = None,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+        keep_blocks: bool = False,
+    ) -> Measurement:
+        """One measurement on a probe batch already on the network's device.
 
         Args:
             inputs: Input tensor (or tuple of tensors passed as positional arguments).
@@ -175,8 +346,6 @@ class Measurer:
         if all_reduce is not None and settings.structures != (Structure.DIAG,):
             raise ValueError("all_reduce is only supported for structures=('diag',).")
         prepared = self.prepared
-        prepared.sync()
-        inputs, targets = _batch_on_device(inputs, targets, prepared.device)
         statistics: dict[Structure, dict[str, LayerStatistics]] = {
             s: {} for s in settings.structures if s is not Structure.DIAG
         }
@@ -203,7 +372,17 @@ class Measurer:
 
         def on_layer(info: LayerInfo, factors: LayerFactors) -> None:
             fisher_diag, empirical_diag = factors.diagonals()
-            local[info.name] = (fisher_diag, empirical_diag, factors.mean_gradient())
+            gradient = factors.mean_gradient()
+            if not bool(
+                torch.isfinite(fisher_diag).all()
+                & torch.isfinite(empirical_diag).all()
+                & torch.isfinite(gradient).all()
+            ):
+                raise FloatingPointError(
+                    f"Non-finite gradients or curvature in layer {info.name!r}; skipping the "
+                    "measurement."
+                )
+            local[info.name] = (fisher_diag, empirical_diag, gradient)
             if keep_blocks:
                 blocks[info.name] = tuple(t.detach().cpu() for t in factors.dense_blocks())
             if not statistics:
@@ -271,10 +450,12 @@ class Measurer:
         if unused:
             notes.append(f"not measured (no gradient reached them): {', '.join(unused)}")
         if kron_skipped:
-            notes.append(
-                "kron: no Kronecker factorisation for "
-                f"{', '.join(kron_skipped)}; kron/all covers the other layers"
+            why = (
+                "the torch.func backend forms no Kronecker factors"
+                if prepared.backend == "functorch"
+                else "no Kronecker factorisation for " + ", ".join(kron_skipped)
             )
+            notes.append(f"kron: {why}; kron/all covers the other layers")
         if fallback:
             notes.append(
                 "relative damping fell back to absolute damping for layers with zero Fisher "
@@ -306,6 +487,20 @@ class Measurer:
             settings=settings.as_dict(),
             notes=notes,
             blocks={info.name: blocks[info.name] for info in layers if info.name in blocks},
+            coverage=[
+                {
+                    "layer": info.name,
+                    "type": info.module_type,
+                    "parameters": list(info.parameter_names),
+                    "dimension": info.dimension,
+                    "backend": prepared.backend,
+                    "measured": info.name in result.measured,
+                    "reason": None
+                    if info.name in result.measured
+                    else "no gradient reached it in this pass",
+                }
+                for info, _ in prepared.layers
+            ],
         )
 
     def close(self) -> None:
@@ -313,6 +508,27 @@ class Measurer:
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+
+
+def _take_batch(inputs, count: int):
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(t[:count] for t in inputs)
+    return inputs[:count]
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Half of the memory available now (CUDA: free device memory; Linux: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        return None
+    return None
 
 
 def _reduce_diagonals(local, layers, loss, batch_size, all_reduce):
@@ -337,8 +553,13 @@ def _reduce_diagonals(local, layers, loss, batch_size, all_reduce):
     return reduced, float(total[1]) / total_size, total_size
 
 
-def _batch_on_device(inputs, targets, device: torch.device):
-    """Validate the probe batch and move it to the network's device."""
+def _batch_on_device(inputs, targets, device: torch.device, dtype: torch.dtype):
+    """Validate the probe batch, move it to the network's device, match its float type.
+
+    Floating-point inputs are cast to the type the network computes in (e.g. float64
+    inputs for a float32 network, or a half-precision network measured in float32);
+    integer inputs (token ids for an embedding) are left as they are.
+    """
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}.")
     tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -356,7 +577,9 @@ def _batch_on_device(inputs, targets, device: torch.device):
                 f"inputs of shape {tuple(tensor.shape)} and targets of shape "
                 f"{tuple(targets.shape)} disagree on the batch size."
             )
-    moved = tuple(t.to(device) for t in tensors)
+    moved = tuple(
+        t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in tensors
+    )
     return (moved if isinstance(inputs, (tuple, list)) else moved[0]), targets.to(device)
 
 
@@ -367,6 +590,7 @@ def measure(
     targets: Tensor,
     *,
     structures: Sequence[str] | str = ("diag", "block"),
+    backend: str = "auto",
     fisher: str = "exact",
     mc_samples: int = 1,
     damping: float | Sequence[float] = 1e-3,
@@ -374,6 +598,7 @@ def measure(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
     keep_blocks: bool = False,
+    memory_budget: int | None = None,
 ) -> Measurement:
     """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
 
@@ -392,6 +617,11 @@ def measure(
         inputs: Input batch (a tensor, or a tuple of tensors passed as arguments).
         targets: Targets of the batch.
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
+        backend: ``"auto"`` uses BackPACK when it can handle the whole network and
+            ``torch.func`` otherwise (LayerNorm, attention, GELU, arbitrary functional
+            code); ``"backpack"`` or ``"functorch"`` force one. ``Measurement.coverage``
+            and ``notes`` say which was used. The ``torch.func`` backend forms no
+            Kronecker factors.
         fisher: ``"exact"`` (exact loss-Hessian square root) or ``"mc"`` (sampled labels).
         mc_samples: Sampled labels per input for ``fisher="mc"``.
         damping: λ (relative or absolute), or a sequence of values; with more than one,
@@ -403,6 +633,8 @@ def measure(
         dtype: Type of the curvature arithmetic (float64 by default).
         keep_blocks: Also return each layer's dense ``(F_b, EF_b, g_b)`` in
             ``Measurement.blocks`` (small layers only; for teaching and plotting).
+        memory_budget: Peak bytes the measurement may use (``None``: half the available
+            memory). A probe batch estimated to need more is sub-sampled, with a note.
 
     Returns:
         The :class:`Measurement`.
@@ -414,7 +646,9 @@ def measure(
             module and lists what is supported).
     """
     settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
-    measurer = Measurer(model, loss_fn, settings, dtype=dtype)
+    measurer = Measurer(
+        model, loss_fn, settings, dtype=dtype, backend=backend, memory_budget=memory_budget
+    )
     try:
         return measurer(inputs, targets, generator=generator, keep_blocks=keep_blocks)
     finally:

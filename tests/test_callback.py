@@ -323,7 +323,12 @@ def test_unsupported_network_is_an_error_at_setup():
     model = TinyClassifier()
     model.net[1] = nn.GELU()
     with pytest.raises(NotImplementedError, match=r"module\(s\) '1' \(GELU\)"):
-        fit(FisherMonitor(network="net"), steps=1, model=model)
+        fit(FisherMonitor(network="net", backend="backpack"), steps=1, model=model)
+    # by default the torch.func backend takes over, and says so
+    monitor = FisherMonitor(network="net", every_n_steps=1, structures=("diag", "block"))
+    _, _, logger = fit(monitor, steps=2, model=model)
+    assert logger.steps_with("fisher/block/direction_cosine/all") == [0, 1]
+    assert any("measured with torch.func" in note for note in monitor.last_measurement.notes)
     with pytest.raises(ValueError, match="has no attribute 'backbone'"):
         fit(FisherMonitor(network="backbone"), steps=1)
 
@@ -359,7 +364,11 @@ def test_untraceable_forward_is_named_at_setup():
     with pytest.raises(
         NotImplementedError, match="cannot trace the forward pass of Branchy with torch.fx"
     ):
-        fit(FisherMonitor(), steps=1, model=Branchy())
+        fit(FisherMonitor(backend="backpack"), steps=1, model=Branchy())
+    # torch.func follows data-dependent control flow: "auto" measures it
+    monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
+    _, _, logger = fit(monitor, steps=2, model=Branchy())
+    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
 
 
 def test_batch_that_cannot_be_split_is_an_error_at_the_first_batch():

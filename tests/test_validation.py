@@ -124,7 +124,10 @@ def test_unsupported_module_is_named(batch):
         NotImplementedError,
         match=r"'1' \(GELU\), '2' \(LayerNorm\).*Supported module types: .*Linear",
     ):
-        measure(model, nn.CrossEntropyLoss(), inputs, targets)
+        measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets)  # "auto" falls back to torch.func
+    assert any("cannot handle module(s) '1' (GELU)" in note and "torch.func" in note for note in m.notes)
+    assert {entry["backend"] for entry in m.coverage} == {"functorch"}
 
 
 def test_functional_call_the_converter_cannot_follow_is_named(batch):
@@ -142,7 +145,7 @@ def test_functional_call_the_converter_cannot_follow_is_named(batch):
         NotImplementedError,
         match=r"Net: it contains an operation that is not a module.*gelu.*nn.ReLU",
     ):
-        measure(Net(), nn.CrossEntropyLoss(), inputs, targets)
+        measure(Net(), nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
 
 
 def test_tied_weights_are_rejected(batch):

@@ -20,6 +20,8 @@ from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from backpack.utils.conv import unfold_input
 from torch import Tensor, nn
 
+from fisher_monitor.curvature.losses import complement_basis
+
 SAVEFIELD = "fisher_monitor_factors"
 _CAPTURE_ATTRIBUTE = "_fisher_monitor_capture"
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -139,9 +141,9 @@ def _drop_null_direction(loss_extension) -> None:
 
     The softmax Hessian ``diag(p) − ppᵀ`` has rank ``C − 1``: BackPACK's square root
     ``S = diag(√p)(I − √p√pᵀ)`` annihilates ``√p``. With ``Q`` an orthonormal basis of the
-    complement of ``√p`` (a Householder reflection), ``SQ`` is a square root with one column
-    fewer, ``(SQ)(SQ)ᵀ = SSᵀ``. Every backpropagated matrix, Gram matrix and Cholesky
-    factorisation shrinks accordingly (``(C − 1)/C`` of the columns).
+    complement of ``√p`` (see :func:`~fisher_monitor.curvature.losses.complement_basis`),
+    ``SQ`` is a square root with one column fewer, ``(SQ)(SQ)ᵀ = SSᵀ``. Every
+    backpropagated matrix, Gram matrix and Cholesky factorisation shrinks accordingly.
     """
     stock = loss_extension.backpropagate
 
@@ -149,18 +151,8 @@ def _drop_null_direction(loss_extension) -> None:
         sqrt = stock(ext, module, g_inp, g_out, backproped)
         if sqrt.dim() != 3 or sqrt.shape[0] < 2:  # extra output dimensions: keep all columns
             return sqrt
-        classes = sqrt.shape[0]
         tau = module.input0.detach().softmax(dim=1).sqrt().to(sqrt.dtype)  # (N, C)
-        pivot = tau.argmax(dim=1)
-        u = tau - torch.nn.functional.one_hot(pivot, classes).to(tau.dtype)
-        norm_sq = u.square().sum(dim=1, keepdim=True)
-        scale = torch.where(norm_sq > 0, 2.0 / norm_sq.clamp_min(1e-300), torch.zeros_like(norm_sq))
-        reflector = torch.eye(classes, dtype=tau.dtype, device=tau.device) - scale.unsqueeze(2) * (
-            u.unsqueeze(2) * u.unsqueeze(1)
-        )  # (N, C, C), maps √p to e_pivot
-        keep = torch.ones_like(tau, dtype=torch.bool)
-        keep[torch.arange(tau.shape[0]), pivot] = False
-        basis = reflector.transpose(1, 2)[keep].reshape(tau.shape[0], classes - 1, classes)
+        basis = complement_basis(tau).transpose(1, 2)  # (N, C − 1, C)
         return torch.einsum("vnc,njv->jnc", sqrt, basis)
 
     loss_extension.backpropagate = backpropagate

@@ -80,6 +80,80 @@ class LossSpec:
         """Factor turning BackPACK's loss-Hessian square root into ``F = VVᵀ`` (a mean)."""
         return 1.0 if self.reduction == "mean" else batch_size**-0.5
 
+    # ---------------------------------------------------------------- one sample at a time
+    # Closed forms used by the torch.func backend. ``output`` is one sample's output (no
+    # batch dimension); ℓ is the loss module applied to a batch of that one sample.
+
+    def _positions(self, output: Tensor) -> int:
+        return output[0].numel() if self.kind is LossKind.CROSS_ENTROPY else 1
+
+    def observed_gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        """``∇_f ℓ(f, y)`` for one sample, shaped like ``output``."""
+        if self.kind is LossKind.CROSS_ENTROPY:
+            probs = output.softmax(dim=0)
+            onehot = _one_hot(target, output.shape[0])
+            scale = 1.0 / self._positions(output) if self.reduction == "mean" else 1.0
+            return (probs - onehot.to(probs.dtype)) * scale
+        if self.kind is LossKind.MSE:
+            scale = 2.0 / output.numel() if self.reduction == "mean" else 2.0
+            return scale * (output - target)
+        return torch.sigmoid(output) - target
+
+    def sqrt_hessian(self, output: Tensor) -> Tensor:
+        """``S`` with ``SSᵀ = ∇²_f ℓ`` for one sample: ``(output.numel(), R)`` columns."""
+        if self.kind is LossKind.CROSS_ENTROPY:
+            classes, positions = output.shape[0], self._positions(output)
+            tau = output.reshape(classes, positions).softmax(dim=0).sqrt().T  # (T, C)
+            # diag(√p) Q: Q an orthonormal basis of √p's complement (rank C − 1)
+            blocks = tau.unsqueeze(-1) * complement_basis(tau)  # (T, C, C − 1)
+            if self.reduction == "mean":
+                blocks = blocks / positions**0.5
+            eye = torch.eye(positions, dtype=output.dtype, device=output.device)
+            # block-diagonal over positions, rows in the output's (C, T) order
+            full = torch.einsum("tcr,ts->ctsr", blocks, eye)
+            return full.reshape(classes * positions, positions * (classes - 1))
+        if self.kind is LossKind.MSE:
+            size = output.numel()
+            scale = (2.0 / size) ** 0.5 if self.reduction == "mean" else 2.0**0.5
+            return scale * torch.eye(size, dtype=output.dtype, device=output.device)
+        probs = torch.sigmoid(output).reshape(1)
+        return (probs * (1 - probs)).sqrt().reshape(1, 1)
+
+    def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:
+        """Noise for :meth:`sampled_gradients`, ``(N, M, *output_shape)``, from the global RNG.
+
+        Uniform for the categorical and the Bernoulli, standard Gaussian for the Gaussian.
+        """
+        shape = (outputs.shape[0], samples, *outputs.shape[1:])
+        if self.kind is LossKind.MSE:
+            return torch.randn(shape, dtype=outputs.dtype, device=outputs.device)
+        return torch.rand(shape, dtype=outputs.dtype, device=outputs.device)
+
+    def sampled_gradients(self, output: Tensor, noise: Tensor) -> Tensor:
+        """``∇_f ℓ(f, ŷ_m)/√M`` for ``M`` labels drawn from the model: ``(numel, M)``.
+
+        The labels come from pre-drawn ``noise`` (Gumbel-max for the categorical, a
+        uniform threshold for the Bernoulli, Gaussian noise for the Gaussian), so that the
+        draw is reproducible and free of in-transform randomness.
+        """
+        samples = noise.shape[0]
+        if self.kind is LossKind.CROSS_ENTROPY:
+            logits = output.log_softmax(dim=0)
+            gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-12)))
+            labels = (logits.unsqueeze(0) + gumbel).argmax(dim=1)  # (M, ...)
+            onehot = _one_hot(labels, output.shape[0], dim=1)
+            scale = 1.0 / self._positions(output) if self.reduction == "mean" else 1.0
+            grads = (output.softmax(dim=0).unsqueeze(0) - onehot.to(output.dtype)) * scale
+        elif self.kind is LossKind.MSE:
+            size = output.numel()
+            # ŷ = f + s ε with s² = K/2 (mean) or 1/2 (sum): ∇_f ℓ(f, ŷ) = −√(2/K) ε or −√2 ε
+            scale = (2.0 / size) ** 0.5 if self.reduction == "mean" else 2.0**0.5
+            grads = -scale * noise
+        else:
+            labels = (noise < torch.sigmoid(output).unsqueeze(0)).to(output.dtype)
+            grads = torch.sigmoid(output).unsqueeze(0) - labels
+        return grads.reshape(samples, -1).T / samples**0.5
+
     def check_batch(self, outputs: Tensor, targets: Tensor) -> None:
         """Check that outputs and targets fit this loss, with a message that names both.
 
@@ -141,6 +215,35 @@ class LossSpec:
                     f"{self.name} needs binary (0/1) targets for the Bernoulli likelihood, got "
                     "other values."
                 )
+
+
+def _one_hot(labels: Tensor, classes: int, dim: int = 0) -> Tensor:
+    """One-hot encoding with the class axis at ``dim`` (written to work under ``vmap``)."""
+    shape = [1] * (labels.dim() + 1)
+    shape[dim] = classes
+    arange = torch.arange(classes, device=labels.device).reshape(shape)
+    return (labels.unsqueeze(dim) == arange).to(torch.get_default_dtype())
+
+
+def complement_basis(unit: Tensor) -> Tensor:
+    """Orthonormal bases of the complement of unit vectors with non-negative entries.
+
+    A Householder reflection ``P = I − 2uuᵀ/‖u‖²`` with ``u = τ + e₀`` swaps ``e₀`` and
+    ``−τ``; its other ``C − 1`` columns are orthonormal and orthogonal to ``τ``. Since
+    ``τ₀ ≥ 0``, ``‖u‖² = 2 + 2τ₀ ≥ 2``: no cancellation, whatever the prediction.
+
+    Args:
+        unit: ``(..., C)`` unit vectors with entries ``≥ 0`` (e.g. ``√softmax``).
+
+    Returns:
+        ``(..., C, C − 1)`` bases.
+    """
+    classes = unit.shape[-1]
+    eye = torch.eye(classes, dtype=unit.dtype, device=unit.device)
+    u = unit + eye[0]  # out of place: also used under torch.func transforms
+    scale = 2.0 / u.square().sum(dim=-1, keepdim=True)
+    reflector = eye - scale.unsqueeze(-1) * u.unsqueeze(-1) * u.unsqueeze(-2)
+    return reflector[..., 1:]
 
 
 def resolve_loss(loss_fn: nn.Module | str) -> LossSpec:

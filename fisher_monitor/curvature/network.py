@@ -135,8 +135,16 @@ def _shadow(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     return new
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def shadow_copy(model: nn.Module) -> nn.Module:
     """Return a hook-free copy of ``model`` whose parameters share the caller's storage.
+
+    Half-precision (float16/bfloat16) parameters and buffers get float32 copies instead (the
+    curvature computations need the precision; :meth:`ShadowNetwork.sync` refreshes them),
+    and modules that work in place (``ReLU(inplace=True)`` and the like) work out of place
+    in the copy, which BackPACK's hooks and ``torch.func`` both need.
 
     Args:
         model: The caller's network.
@@ -147,8 +155,18 @@ def shadow_copy(model: nn.Module) -> nn.Module:
     memo: dict[int, object] = {}
     for p in model.parameters():
         if id(p) not in memo:
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-    return _shadow(model, memo)
+            data = p.detach()
+            if data.dtype in _LOW_PRECISION:
+                data = data.float()
+            memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+    copy_root = _shadow(model, memo)
+    for module in copy_root.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.dtype in _LOW_PRECISION:
+                module._buffers[name] = buffer.float()
+    return copy_root
 
 
 def _is_plain_tree(model: nn.Module) -> bool:
@@ -171,7 +189,109 @@ class PassResult:
     measured: list[str]
 
 
-class PreparedNetwork:
+class ShadowNetwork:
+    """A shadow copy of the caller's network, shared by both backends.
+
+    Keeps the layers, the correspondence between the caller's modules and the copy's,
+    and re-synchronises buffers, train/eval modes and half-precision parameter copies
+    before every pass.
+
+    Args:
+        model: The caller's network (left untouched).
+        loss: Validated loss specification.
+    """
+
+    backend = "none"
+
+    def __init__(self, model: nn.Module, loss: LossSpec):
+        self.source = model
+        self.loss = loss
+        self.notes: list[str] = []
+        self.layers = find_layers(model)
+        self._source_params = [p for p in model.parameters()]
+        copy_root = shadow_copy(model)
+        self._copy_root = copy_root
+        self._copy_modules = dict(
+            zip(
+                [m for _, m in model.named_modules()],
+                [m for _, m in copy_root.named_modules()],
+                strict=True,
+            )
+        )
+        self._copy_params = [p for p in copy_root.parameters()]
+        self._copy_buffers = [b for b in copy_root.buffers()]
+        self._low_precision = [
+            (source, target)
+            for source, target in zip(self._source_params, self._copy_params, strict=True)
+            if source.dtype in _LOW_PRECISION
+        ]
+        if self._low_precision:
+            kinds = sorted({str(p.dtype).replace("torch.", "") for p, _ in self._low_precision})
+            self.notes.append(f"parameters in {', '.join(kinds)} measured through float32 copies")
+        self._layer_of_copy_param = {}
+        for info, module in self.layers:
+            for p in self._copy_modules[module].parameters(recurse=False):
+                if p.requires_grad:
+                    self._layer_of_copy_param[id(p)] = info
+        self._batchnorm_in_eval: list[str] = []
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the network's first parameter."""
+        return self._source_params[0].device
+
+    @property
+    def parameter_dtype(self) -> torch.dtype:
+        """Floating-point type the copy computes in."""
+        return self._copy_params[0].dtype
+
+    def is_stale(self) -> bool:
+        """Whether the caller's parameters were replaced or moved since preparation.
+
+        A stale network must be prepared again (e.g. after ``model.to(device)``).
+        """
+        current = list(self.source.parameters())
+        if len(current) != len(self._source_params):
+            return True
+        shared = {id(target) for _, target in self._low_precision}
+        return any(
+            a is not b
+            or a.requires_grad != c.requires_grad
+            or a.device != c.device
+            or (id(c) not in shared and a.data_ptr() != c.data_ptr())
+            for a, b, c in zip(current, self._source_params, self._copy_params, strict=True)
+        )
+
+    def sync(self) -> None:
+        """Copy buffers, half-precision parameters and train/eval modes from the caller's model.
+
+        ``BatchNorm`` layers in train mode are measured in eval mode (their running
+        statistics), since per-sample gradients through batch statistics are not defined;
+        :attr:`batchnorm_in_eval` lists them.
+        """
+        with torch.no_grad():
+            for source, target in self._low_precision:
+                target.copy_(source.detach())
+        for source, target in zip(self.source.buffers(), self._copy_buffers, strict=True):
+            target.copy_(source.detach())
+        for source, target in self._copy_modules.items():
+            target.training = source.training
+        self._batchnorm_in_eval = []
+        for name, module in self.source.named_modules():
+            if isinstance(module, _BATCHNORM_TYPES) and module.training:
+                self._copy_modules[module].training = False
+                self._batchnorm_in_eval.append(name)
+
+    @property
+    def batchnorm_in_eval(self) -> list[str]:
+        """BatchNorm layers in train mode that the last pass measured in eval mode."""
+        return list(self._batchnorm_in_eval)
+
+    def close(self) -> None:
+        """Release what the backend attached to the copy."""
+
+
+class PreparedNetwork(ShadowNetwork):
     """A BackPACK-extended shadow copy of the caller's network, ready for repeated passes.
 
     Args:
@@ -185,30 +305,12 @@ class PreparedNetwork:
             message names the module and lists what is supported.
     """
 
+    backend = "backpack"
+
     def __init__(self, model: nn.Module, loss: LossSpec, use_converter: bool | str = "auto"):
-        self.source = model
-        self.loss = loss
-        self.notes: list[str] = []
-        self.layers = find_layers(model)
-        self._source_params = [p for p in model.parameters()]
-        self._source_buffers = [b for b in model.buffers()]
-        copy_root = shadow_copy(model)
-        self._copy_root = copy_root
-        self._copy_modules = dict(
-            zip(
-                [m for _, m in model.named_modules()],
-                [m for _, m in copy_root.named_modules()],
-                strict=True,
-            )
-        )
+        super().__init__(model, loss)
+        copy_root = self._copy_root
         names_of_copy = {id(m): (n or "(root)") for n, m in copy_root.named_modules()}
-        self._copy_params = [p for p in copy_root.parameters()]
-        self._copy_buffers = [b for b in copy_root.buffers()]
-        self._layer_of_copy_param = {}
-        for info, module in self.layers:
-            for p in self._copy_modules[module].parameters(recurse=False):
-                if p.requires_grad:
-                    self._layer_of_copy_param[id(p)] = info
         self.extension_probe = FactorCapture(exact=True)
         convert = not _is_plain_tree(model) if use_converter == "auto" else bool(use_converter)
         handles_before = len(CTX.hook_handles)
@@ -245,7 +347,6 @@ class PreparedNetwork:
         self.loss_module = extend(loss.make_module())
         self._handles = CTX.hook_handles[handles_before:]
         self._layer_modules = self._map_layer_modules(network)
-        self._batchnorm_in_eval = []
 
     def _check_supported(self, network: nn.Module, names_of_copy: dict[int, str]) -> None:
         supported = self.extension_probe.supported_modules
@@ -300,46 +401,6 @@ class PreparedNetwork:
             mapping[id(module)] = info
         return mapping
 
-    @property
-    def device(self) -> torch.device:
-        """Device of the network's first parameter."""
-        return self._source_params[0].device
-
-    def is_stale(self) -> bool:
-        """Whether the caller's parameters were replaced or moved since preparation.
-
-        A stale network must be prepared again (e.g. after ``model.to(device)``).
-        """
-        current = list(self.source.parameters())
-        if len(current) != len(self._source_params):
-            return True
-        return any(
-            a is not b or a.data_ptr() != c.data_ptr() or a.requires_grad != c.requires_grad
-            for a, b, c in zip(current, self._source_params, self._copy_params, strict=True)
-        )
-
-    def sync(self) -> None:
-        """Copy buffers and train/eval modes from the caller's model.
-
-        ``BatchNorm`` layers in train mode are measured in eval mode (their running
-        statistics), since per-sample gradients through batch statistics are not defined;
-        :attr:`batchnorm_in_eval` lists them.
-        """
-        for source, target in zip(self.source.buffers(), self._copy_buffers, strict=True):
-            target.copy_(source.detach())
-        for source, target in self._copy_modules.items():
-            target.training = source.training
-        self._batchnorm_in_eval = []
-        for name, module in self.source.named_modules():
-            if isinstance(module, _BATCHNORM_TYPES) and module.training:
-                self._copy_modules[module].training = False
-                self._batchnorm_in_eval.append(name)
-
-    @property
-    def batchnorm_in_eval(self) -> list[str]:
-        """BatchNorm layers in train mode that the last pass measured in eval mode."""
-        return list(self._batchnorm_in_eval)
-
     def run(
         self,
         inputs,
@@ -383,7 +444,7 @@ class PreparedNetwork:
 
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         try:
-            with _forked_rng(self.device, seed), warnings.catch_warnings():
+            with _forked_rng(self.device, seed), warnings.catch_warnings(), full_precision(self):
                 warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
                 with torch.enable_grad():
                     outputs = self.network(*args)
@@ -451,6 +512,18 @@ class PreparedNetwork:
 
 
 @contextmanager
+def full_precision(network: ShadowNetwork) -> Iterator[None]:
+    """Disable autocast for a pass (mixed precision would round the curvature) and say so."""
+    device_type = network.device.type
+    if torch.is_autocast_enabled(device_type):
+        note = "autocast (mixed precision) was active: measured in full precision"
+        if note not in network.notes:
+            network.notes.append(note)
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+@contextmanager
 def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Run with the global RNG (CPU and the network's CUDA device) seeded, then restore it."""
     cuda = device.type == "cuda"
@@ -475,4 +548,16 @@ def seed_from(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
 
-__all__ = ["LayerInfo", "PassResult", "PreparedNetwork", "find_layers", "seed_from", "shadow_copy"]
+__all__ = [
+    "LayerInfo",
+    "PassResult",
+    "PreparedNetwork",
+    "ShadowNetwork",
+    "find_layers",
+    "forked_rng",
+    "full_precision",
+    "seed_from",
+    "shadow_copy",
+]
+
+forked_rng = _forked_rng
