@@ -132,6 +132,9 @@ class FisherMonitor(*_BASES):
         backend: ``"auto"`` (BackPACK where it can handle the network, ``torch.func``
             otherwise, e.g. for LayerNorm or attention), ``"backpack"`` or ``"functorch"``.
             The coverage (which layers, which backend) is logged once as text.
+        memory_budget: Peak bytes one measurement may use; ``None`` for half the memory
+            available (80% of the free GPU memory). A probe batch estimated to need more is
+            sub-sampled, and the measurement's notes say so.
         log_prefix: Prefix of every logged key.
         log_histograms: Log histograms of ``log10(EF_ii / F_ii)`` per layer (TensorBoard).
         log_images: Log a heat map of the direction cosine, layers × steps (TensorBoard).
@@ -190,6 +193,7 @@ class FisherMonitor(*_BASES):
         probe_size: int | None = None,
         probe_data: Any = None,
         backend: str = "auto",
+        memory_budget: int | None = None,
         log_prefix: str = "fisher",
         log_histograms: bool = True,
         log_images: bool = True,
@@ -233,6 +237,7 @@ class FisherMonitor(*_BASES):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
+        self.memory_budget = memory_budget
         self.log_prefix = log_prefix.rstrip("/")
         self.log_histograms = log_histograms
         self.log_images = log_images
@@ -267,7 +272,9 @@ class FisherMonitor(*_BASES):
             )
         network = self._resolve_network(pl_module)
         loss = self._resolve_loss(pl_module)
-        self._measurer = Measurer(network, loss, self.settings, backend=self.backend)
+        self._measurer = Measurer(
+            network, loss, self.settings, backend=self.backend, memory_budget=self.memory_budget
+        )
         self._measurer.prepared  # noqa: B018 - checks the network now, not at the first step
         if self.probe_data is not None:
             self._probe = self._fixed_probe(self.probe_data)
@@ -501,7 +508,9 @@ class FisherMonitor(*_BASES):
                 }
                 writer.add_text(
                     f"{prefix}/settings",
-                    tensorboard.settings_markdown(settings, measurement.layers, measurement.notes),
+                    tensorboard.settings_markdown(
+                        settings, measurement.coverage, measurement.notes
+                    ),
                     step,
                 )
             if self.log_histograms:

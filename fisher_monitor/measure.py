@@ -160,6 +160,7 @@ class Measurer:
         self.backend = backend
         self.memory_budget = memory_budget
         self._columns_per_sample = 1
+        self._columns_cache: dict[tuple, int] = {}
         self._prepared: ShadowNetwork | None = None
 
     @property
@@ -245,7 +246,12 @@ class Measurer:
         )
         if budget is None:
             return size
-        self._columns_per_sample = self._output_columns(inputs)
+        key = tuple(
+            tuple(t.shape[1:]) for t in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))
+        )
+        if key not in self._columns_cache:  # one forward of one sample, once per input shape
+            self._columns_cache[key] = self._output_columns(inputs)
+        self._columns_per_sample = self._columns_cache[key]
         if self.estimate_peak_bytes(size, self._columns_per_sample) <= budget:
             return size
         low, high = 1, size
@@ -373,11 +379,8 @@ class Measurer:
         def on_layer(info: LayerInfo, factors: LayerFactors) -> None:
             fisher_diag, empirical_diag = factors.diagonals()
             gradient = factors.mean_gradient()
-            if not bool(
-                torch.isfinite(fisher_diag).all()
-                & torch.isfinite(empirical_diag).all()
-                & torch.isfinite(gradient).all()
-            ):
+            # one reduction instead of elementwise checks: NaN and ±inf survive a sum
+            if not bool(torch.isfinite(fisher_diag.sum() + empirical_diag.sum() + gradient.sum())):
                 raise FloatingPointError(
                     f"Non-finite gradients or curvature in layer {info.name!r}; skipping the "
                     "measurement."
@@ -398,9 +401,7 @@ class Measurer:
                     block = dense_statistics(*factors.dense_blocks(), dampings)
                 else:
                     gram_u = factors.gram_u()
-                    block = lowrank_statistics(
-                        gram_u, factors.gram_v(), factors.gram_uv(), info.dimension, dampings
-                    )
+                    block = _lowrank_block(factors, gram_u, info.dimension, dampings)
                 statistics[Structure.BLOCK][info.name] = block
             if Structure.KRON in statistics:
                 kron = factors.kronecker()
@@ -508,6 +509,27 @@ class Measurer:
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+
+
+def _lowrank_block(factors: LayerFactors, gram_u: Tensor, dimension: int, dampings):
+    """Block statistics from Grams, through ``U = VB`` when the coefficients check out.
+
+    The exact Fisher writes every per-sample gradient in its own square-root columns
+    (``U = VB``); using that identity avoids the ``1/λ`` cancellations of the Woodbury
+    formulas. It is used only if ``BᵀK_VB`` reproduces the directly formed ``K_U`` (it does
+    not, for example, when a probability underflowed in the network's precision).
+    """
+    gram_v = factors.gram_v()
+    coefficients = factors.coefficient_matrix()
+    if coefficients is not None:
+        gram_uv = coefficients.T @ gram_v
+        rebuilt = gram_uv @ coefficients
+        scale = torch.diagonal(gram_u).abs().max()
+        if bool((rebuilt - gram_u).abs().max() <= 1e-5 * scale):
+            return lowrank_statistics(
+                rebuilt, gram_v, gram_uv, dimension, dampings, coefficients=coefficients
+            )
+    return lowrank_statistics(gram_u, gram_v, factors.gram_uv(), dimension, dampings)
 
 
 def _take_batch(inputs, count: int):

@@ -170,19 +170,34 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def settings_markdown(settings: Mapping, layers: Sequence, notes: Sequence[str]) -> str:
-    """Markdown shown in TensorBoard's Text tab: settings, measured layers and notes.
+def settings_markdown(settings: Mapping, coverage: Sequence[Mapping], notes: Sequence[str]) -> str:
+    """Markdown shown in TensorBoard's Text tab: settings, coverage of the layers, notes.
 
     The report command parses this text back (``report.load.parse_settings``).
+
+    Args:
+        settings: Setting name to value.
+        coverage: ``Measurement.coverage`` entries (layer, type, parameters, dimension,
+            backend, measured, reason).
+        notes: Notes of the measurement.
+
+    Returns:
+        The markdown text.
     """
     lines = ["| setting | value |", "| --- | --- |"]
     lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in settings.items()]
-    lines += ["", "| layer | type | parameters | D |", "| --- | --- | --- | --- |"]
     lines += [
-        f"| {_cell(layer.name)} | {layer.module_type} | {_cell(', '.join(layer.parameter_names))} "
-        f"| {layer.dimension} |"
-        for layer in layers
+        "",
+        "| layer | type | parameters | D | backend | status |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    for entry in coverage:
+        status = "measured" if entry["measured"] else f"skipped: {entry['reason']}"
+        parameters = _cell(", ".join(entry["parameters"]))
+        lines.append(
+            f"| {_cell(entry['layer'])} | {entry['type']} | {parameters} "
+            f"| {entry['dimension']} | {entry['backend']} | {_cell(status)} |"
+        )
     if notes:
-        lines += ["", "Notes:", *[f"- {note}" for note in notes]]
+        lines += ["", "Notes:", *[f"- {_cell(note)}" for note in notes]]
     return "\n".join(lines)

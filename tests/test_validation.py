@@ -126,7 +126,9 @@ def test_unsupported_module_is_named(batch):
     ):
         measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
     m = measure(model, nn.CrossEntropyLoss(), inputs, targets)  # "auto" falls back to torch.func
-    assert any("cannot handle module(s) '1' (GELU)" in note and "torch.func" in note for note in m.notes)
+    assert any(
+        "cannot handle module(s) '1' (GELU)" in note and "torch.func" in note for note in m.notes
+    )
     assert {entry["backend"] for entry in m.coverage} == {"functorch"}
 
 

@@ -27,6 +27,7 @@ is returned (diagonals, mean gradient, dense blocks).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,24 @@ class LayerFactors(ABC):
     num_columns: int
     dimension: int
     dtype: torch.dtype
+    #: Returns ``β`` (``N × R_n``) with ``g_n = Σ_r v_{r,n} β_{n,r}`` (exact Fisher), or None
+    sqrt_coefficients: Callable[[], Tensor | None] | None = None
+
+    def coefficient_matrix(self) -> Tensor | None:
+        """``B`` (``R × N``) with ``U = VB``, from :attr:`sqrt_coefficients`; ``None`` if unknown.
+
+        Column ``(r, n)`` of ``V`` sits at row ``r·N + n``, so ``B[r·N + n, n] = β_{n,r}``.
+        """
+        beta = self.sqrt_coefficients() if self.sqrt_coefficients is not None else None
+        if beta is None or beta.shape[0] != self.num_samples:
+            return None
+        n, columns = beta.shape
+        if columns * n != self.num_columns:
+            return None
+        matrix = torch.zeros(columns, n, n, dtype=self.dtype, device=beta.device)
+        index = torch.arange(n, device=beta.device)
+        matrix[:, index, index] = beta.T.to(self.dtype)
+        return matrix.reshape(columns * n, n)
 
     @abstractmethod
     def mean_gradient(self) -> Tensor:

@@ -32,6 +32,7 @@ from fisher_monitor.curvature.network import (
     ShadowNetwork,
     forked_rng,
     full_precision,
+    lazy,
 )
 
 #: Samples per vmap chunk by default; the memory guard may choose fewer.
@@ -89,6 +90,7 @@ class FunctorchNetwork(ShadowNetwork):
                     f"The probe loss is {loss.item()!r}; skipping the measurement."
                 )
             noise = None if exact else spec.draw_noise(outputs, mc_samples)
+            coefficients = lazy(spec.sqrt_coefficients, outputs, targets) if exact else None
 
             def one_sample(params, sample_args, target, sample_noise):
                 def output_of(p):
@@ -149,6 +151,8 @@ class FunctorchNetwork(ShadowNetwork):
             if not per_sample.any() and not sqrt.any():
                 continue  # no gradient reaches this layer
             measured.append(info.name)
-            on_layer(info, MaterializedFactors(per_sample, sqrt, dtype))
+            factors = MaterializedFactors(per_sample, sqrt, dtype)
+            factors.sqrt_coefficients = coefficients
+            on_layer(info, factors)
             del per_layer, flat, per_sample, sqrt
         return PassResult(loss=float(loss), batch_size=batch_size, measured=measured)

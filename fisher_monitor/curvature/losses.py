@@ -119,6 +119,33 @@ class LossSpec:
         probs = torch.sigmoid(output).reshape(1)
         return (probs * (1 - probs)).sqrt().reshape(1, 1)
 
+    def sqrt_coefficients(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """``β_n`` with ``S_n β_n = ∇_f ℓ(f_n, y_n)``, ``(N, R_n)`` in float64.
+
+        Each observed-label gradient written in the exact Fisher's own square-root columns.
+        For these likelihoods the gradient at the observed label lies in the range of the
+        loss Hessian, so ``g_n = J_nᵀ S_n β_n``: the per-sample gradients are combinations
+        of the Fisher factor's columns. ``None`` where that fails numerically (e.g. a
+        saturated probability) or for outputs with extra dimensions.
+        """
+        if outputs.dim() != 2:
+            return None
+        outputs = outputs.detach().to(torch.float64)
+        if self.kind is not LossKind.MSE:
+            targets = targets.detach()
+        else:
+            targets = targets.detach().to(torch.float64)
+        roots = torch.func.vmap(self.sqrt_hessian)(outputs)  # (N, numel, R_n)
+        gradients = torch.func.vmap(self.observed_gradient)(outputs, targets).reshape(
+            outputs.shape[0], -1
+        )
+        coefficients = torch.linalg.lstsq(roots, gradients.unsqueeze(-1)).solution.squeeze(-1)
+        residual = (roots @ coefficients.unsqueeze(-1)).squeeze(-1) - gradients
+        scale = gradients.norm(dim=1) + torch.finfo(torch.float64).tiny
+        if not torch.isfinite(coefficients).all() or (residual.norm(dim=1) > 1e-9 * scale).any():
+            return None
+        return coefficients
+
     def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:
         """Noise for :meth:`sampled_gradients`, ``(N, M, *output_shape)``, from the global RNG.
 

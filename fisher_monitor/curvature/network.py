@@ -347,6 +347,7 @@ class PreparedNetwork(ShadowNetwork):
         self.loss_module = extend(loss.make_module())
         self._handles = CTX.hook_handles[handles_before:]
         self._layer_modules = self._map_layer_modules(network)
+        self._coefficients: Callable[[], Tensor | None] | None = None
 
     def _check_supported(self, network: nn.Module, names_of_copy: dict[int, str]) -> None:
         supported = self.extension_probe.supported_modules
@@ -459,6 +460,11 @@ class PreparedNetwork(ShadowNetwork):
                         raise FloatingPointError(
                             f"The probe loss is {loss.item()!r}; skipping the measurement."
                         )
+                    self._coefficients = (
+                        _lazy(self.loss.sqrt_coefficients, outputs.detach(), targets)
+                        if exact
+                        else None
+                    )
                     with backpack(extension, extension_hook=hook):
                         loss.backward()
         finally:
@@ -470,6 +476,13 @@ class PreparedNetwork(ShadowNetwork):
         return PassResult(loss=float(loss.detach()), batch_size=batch_size, measured=measured)
 
     def _factors(self, module: nn.Module, batch_size: int, dtype: torch.dtype) -> LayerFactors:
+        factors = self._capture_factors(module, batch_size, dtype)
+        factors.sqrt_coefficients = self._coefficients
+        return factors
+
+    def _capture_factors(
+        self, module: nn.Module, batch_size: int, dtype: torch.dtype
+    ) -> LayerFactors:
         scale_u = self.loss.per_sample_scale(batch_size)
         scale_v = self.loss.sqrt_scale(batch_size)
         structured: StructuredCapture | None = pop_structured(module)
@@ -511,6 +524,18 @@ class PreparedNetwork(ShadowNetwork):
         self._handles = []
 
 
+def _lazy(function: Callable, *args) -> Callable[[], object]:
+    """A zero-argument function that calls ``function(*args)`` once, when first needed."""
+    cache: list = []
+
+    def value():
+        if not cache:
+            cache.append(function(*args))
+        return cache[0]
+
+    return value
+
+
 @contextmanager
 def full_precision(network: ShadowNetwork) -> Iterator[None]:
     """Disable autocast for a pass (mixed precision would round the curvature) and say so."""
@@ -550,6 +575,7 @@ def seed_from(generator: torch.Generator | None) -> int:
 
 __all__ = [
     "LayerInfo",
+    "lazy",
     "PassResult",
     "PreparedNetwork",
     "ShadowNetwork",
@@ -561,3 +587,4 @@ __all__ = [
 ]
 
 forked_rng = _forked_rng
+lazy = _lazy

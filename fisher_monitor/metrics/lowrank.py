@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisher_monitor.metrics.dense import dense_statistics
 from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
 
 
@@ -166,10 +167,21 @@ def lowrank_statistics(
     gram_uv: Tensor,
     dimension: int,
     dampings: Sequence[float],
+    coefficients: Tensor | None = None,
 ) -> LayerStatistics:
     """Additive statistics of ``F = VVᵀ`` against ``EF = UUᵀ`` from Gram matrices.
 
-    See the module docstring for the identities used.
+    See the module docstring for the identities used. Two routes avoid the cancellation
+    that ``A⁻¹g = (1/λ)(g − V(λI + K_V)⁻¹Vᵀg)`` suffers when ``g`` lies (almost) in the range
+    of ``V`` and λ is small against ``K_V`` — the usual case for the exact Fisher:
+
+    - with ``coefficients`` ``B`` (``R × N``, ``U = VB``: each per-sample gradient written
+      in the Fisher's own square-root columns, known exactly for the exact Fisher), the
+      push-through identity ``A⁻¹V = V(λI + K_V)⁻¹`` gives ``A⁻¹g = V(λI + K_V)⁻¹Ba`` and
+      ``tr(UᵀA⁻¹U) = ‖B‖² − λ tr(Bᵀ(λI + K_V)⁻¹B)``, with no division by λ;
+    - otherwise the Woodbury formulas are used, and where they would lose more than half
+      the digits the statistics are recomputed densely in an orthonormal basis of the
+      joint range of ``U`` and ``V`` (:func:`joint_basis_statistics`).
 
     Args:
         gram_u: ``K_U = UᵀU`` (``N × N``), with ``U = [g_1 … g_N]/√N``.
@@ -177,32 +189,61 @@ def lowrank_statistics(
         gram_uv: ``K_UV = UᵀV`` (``N × R``).
         dimension: Number of parameters ``D`` of the block.
         dampings: Damping values λ (> 0).
+        coefficients: Optional ``B`` with ``U = VB``. When given, ``gram_u`` and
+            ``gram_uv`` must equal ``BᵀK_VB`` and ``BᵀK_V``.
 
     Returns:
         The block's additive statistics.
     """
     n, r = gram_uv.shape
     a = torch.full((n,), n**-0.5, dtype=gram_u.dtype, device=gram_u.device)
-    k_a = gram_u @ a
-    grad_sq = a @ k_a
-    w = gram_uv.T @ a  # Vᵀg
     trace_ef = torch.diagonal(gram_u).sum()
     frob_ef_sq = gram_u.square().sum()
     frob_f_sq = gram_v.square().sum()
     inner = gram_uv.square().sum()
+    undamped = dict(
+        dimension=dimension,
+        trace_f=torch.diagonal(gram_v).sum(),
+        trace_ef=trace_ef,
+        frob_f_sq=frob_f_sq,
+        frob_ef_sq=frob_ef_sq,
+        inner=inner,
+        frob_diff_sq=(frob_ef_sq + frob_f_sq - 2.0 * inner).clamp_min(0.0),
+    )
+    if coefficients is not None:
+        gradient_coefficients = coefficients @ a  # g = V B a
+        w = gram_v @ gradient_coefficients  # Vᵀg
+        grad_sq = gradient_coefficients @ w
+        k_coefficients = gram_v @ coefficients  # VᵀU
+    else:
+        grad_sq = a @ (gram_u @ a)
+        w = gram_uv.T @ a  # Vᵀg
     damped = []
     for damping in dampings:
         fisher_factor = factor_damped_gram(gram_v, damping)
         ef = empirical_solve(gram_u, damping)
-        c = fisher_factor.solve(w)
-        w_c = w @ c
-        k_uv_c = gram_uv @ c
-        nat_projection = (grad_sq - w_c) / damping
-        nat_sq = (grad_sq - 2.0 * w_c + c @ (gram_v @ c)) / damping**2
-        nat_ef = (a @ (gram_u @ ef.coefficients) - ef.coefficients @ k_uv_c) / damping
-        projected = fisher_factor.half_solve(gram_uv.T)
-        trace_u = (trace_ef - torch.linalg.vector_norm(projected) ** 2) / damping
         trace_v = r - damping * fisher_factor.trace_inverse
+        if coefficients is not None:
+            # A⁻¹g = V(λI + K_V)⁻¹b; every product is arranged to act on K_V b first, so
+            # components of b in the null space of K_V (which V ignores) are never divided by λ
+            c = fisher_factor.solve(w)  # (λI + K_V)⁻¹K_V b = K_V (λI + K_V)⁻¹ b
+            nat_projection = gradient_coefficients @ c
+            nat_sq = gradient_coefficients @ fisher_factor.solve(c)
+            nat_ef = c @ (coefficients @ ef.coefficients)
+            trace_u = (
+                fisher_factor.half_solve(coefficients) * fisher_factor.half_solve(k_coefficients)
+            ).sum()  # tr(Bᵀ(λI + K_V)⁻¹K_V B)
+        else:
+            c = fisher_factor.solve(w)
+            w_c = w @ c
+            residual_sq = grad_sq - 2.0 * w_c + c @ (gram_v @ c)  # ‖g − Vc‖² = λ²‖A⁻¹g‖²
+            if residual_sq <= 1e-8 * grad_sq or grad_sq - w_c <= 1e-8 * grad_sq:
+                return joint_basis_statistics(gram_u, gram_v, gram_uv, dimension, dampings)
+            nat_projection = (grad_sq - w_c) / damping
+            nat_sq = residual_sq / damping**2
+            nat_ef = (a @ (gram_u @ ef.coefficients) - ef.coefficients @ (gram_uv @ c)) / damping
+            projected = fisher_factor.half_solve(gram_uv.T)
+            trace_u = (trace_ef - torch.linalg.vector_norm(projected) ** 2) / damping
         kl = 0.5 * (trace_u - trace_v + fisher_factor.logdet_ratio - ef.logdet_ratio)
         damped.append(
             DampedStatistics(
@@ -219,13 +260,39 @@ def lowrank_statistics(
                 ef_projection_per_sample=ef.per_sample,
             )
         )
-    return LayerStatistics(
-        dimension=dimension,
-        trace_f=torch.diagonal(gram_v).sum(),
-        trace_ef=trace_ef,
-        frob_f_sq=frob_f_sq,
-        frob_ef_sq=frob_ef_sq,
-        inner=inner,
-        frob_diff_sq=(frob_ef_sq + frob_f_sq - 2.0 * inner).clamp_min(0.0),
-        damped=damped,
+    return LayerStatistics(**undamped, damped=damped)
+
+
+def joint_basis_statistics(
+    gram_u: Tensor,
+    gram_v: Tensor,
+    gram_uv: Tensor,
+    dimension: int,
+    dampings: Sequence[float],
+) -> LayerStatistics:
+    """The statistics computed densely in an orthonormal basis of ``range([V, U])``.
+
+    With ``W = [V, U]`` and ``K_W = WᵀW = QΛQᵀ`` (positive eigenvalues kept), the columns of
+    ``WQΛ^{-1/2}`` are orthonormal and span both factors; in that basis ``V`` and ``U``
+    have coordinates ``Λ^{-1/2}QᵀK_W`` and ``g`` lies inside, while outside it F, EF and g
+    all vanish, so ``A`` and ``B`` act as ``λI`` there and contribute nothing to any
+    statistic but the dimension. Costs an eigendecomposition of size ``R + N``: the
+    fallback for when Woodbury's formulas would cancel.
+    """
+    n, r = gram_uv.shape
+    joint = torch.cat(
+        [torch.cat([gram_v, gram_uv.T], dim=1), torch.cat([gram_uv, gram_u], dim=1)], dim=0
     )
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (joint + joint.T))
+    keep = eigenvalues > eigenvalues.max() * joint.shape[0] * torch.finfo(joint.dtype).eps
+    to_basis = (vectors[:, keep] / eigenvalues[keep].sqrt()).T  # Λ^{-1/2} Qᵀ
+    coordinates = to_basis @ joint  # columns: V's, then U's, in the basis
+    v_basis, u_basis = coordinates[:, :r], coordinates[:, r:]
+    a = torch.full((n,), n**-0.5, dtype=gram_u.dtype, device=gram_u.device)
+    stats = dense_statistics(v_basis @ v_basis.T, u_basis @ u_basis.T, u_basis @ a, dampings)
+    stats.dimension = dimension
+    for damped, damping in zip(stats.damped, dampings, strict=True):
+        damped.damping_mass = torch.as_tensor(
+            damping * dimension, dtype=gram_u.dtype, device=gram_u.device
+        )
+    return stats

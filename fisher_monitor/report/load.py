@@ -289,12 +289,10 @@ def parse_settings(text: str) -> tuple[dict[str, str], dict[str, dict[str, str]]
                 settings[cells[0]] = cells[1]
         elif line.startswith("|") and table == "layers":
             cells = _cells(line)
-            if len(cells) == 4:
-                layers[cells[0]] = {
-                    "type": cells[1],
-                    "parameters": cells[2],
-                    "D": cells[3],
-                }
+            if len(cells) >= 4:
+                layers[cells[0]] = {"type": cells[1], "parameters": cells[2], "D": cells[3]}
+                if len(cells) >= 6:
+                    layers[cells[0]].update(backend=cells[4], status=cells[5])
         elif line.startswith("- "):
             notes.append(line[2:])
     return settings, layers, notes

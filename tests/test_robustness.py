@@ -1,0 +1,307 @@
+"""Odd models, odd batches and faults: the monitor keeps working, says what it did, never breaks training."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import reference
+import torch
+from lightning_helpers import SpyLogger, TinyClassifier, loader, trainer_kwargs
+from test_measure import assert_matches
+from torch import nn
+
+from fisher_monitor import FisherMonitor, Measurer, measure
+from fisher_monitor.settings import MeasureSettings
+
+
+def block_reference(model, loss, inputs, targets):
+    per_sample = reference.per_sample_gradients(model, loss, inputs, targets)
+    F = reference.fisher(model, loss, inputs, targets)
+    slices = reference.layer_slices(model)
+    out = {}
+    for structure in ("diag", "block"):
+        out.update(
+            reference.reference_metrics(F, per_sample, slices, structure, [1e-3], "relative")
+        )
+    return out
+
+
+def fit(monitor, model=None, data=None, steps=4, **kwargs):
+    torch.manual_seed(0)
+    logger = SpyLogger()
+    trainer = pl.Trainer(
+        max_steps=steps, logger=logger, callbacks=[monitor], **trainer_kwargs(**kwargs)
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model or TinyClassifier(), data or loader())
+    return trainer, logger
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_inplace_activations_are_measured_out_of_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(inplace=True),
+        nn.Linear(6, 3),
+        nn.LeakyReLU(inplace=True),
+        nn.Linear(3, 2),
+    ).double()
+    inputs, targets = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 2, (7,))
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
+    assert_matches(m.scalars, block_reference(model, nn.CrossEntropyLoss(), inputs, targets))
+    assert model[1].inplace and model[3].inplace
+
+
+def test_integer_inputs_through_an_embedding_with_backpack():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # BackPACK's Embedding Jacobian uses the default dtype
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 3), nn.Flatten(), nn.Linear(12, 2))
+        tokens, targets = torch.randint(0, 10, (6, 4)), torch.randint(0, 2, (6,))
+        m = measure(model, nn.CrossEntropyLoss(), tokens, targets)
+        assert {entry["backend"] for entry in m.coverage} == {"backpack"}
+        assert_matches(m.scalars, block_reference(model, nn.CrossEntropyLoss(), tokens, targets))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_bfloat16_parameters_are_measured_through_float32_copies():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    inputs, targets = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    m = measure(model, nn.CrossEntropyLoss(), inputs.to(torch.bfloat16), targets)
+    assert any("parameters in bfloat16 measured through float32 copies" in n for n in m.notes)
+    # the same (bf16-rounded) weights in float32 give the same numbers
+    twin = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    twin.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    expected = measure(twin, nn.CrossEntropyLoss(), inputs.to(torch.bfloat16).float(), targets)
+    for key, value in expected.scalars.items():
+        if key != "probe/seconds":
+            assert m[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_autocast_is_switched_off_and_noted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    plain = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert any("autocast" in note for note in under_autocast.notes)
+    assert under_autocast["block/kl/all"] == pytest.approx(plain["block/kl/all"], rel=1e-9)
+
+
+def test_float64_batch_for_a_float32_model_is_cast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    inputs, targets = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    cast = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    same = measure(model, nn.CrossEntropyLoss(), inputs.float(), targets)
+    assert cast["block/kl/all"] == same["block/kl/all"]
+
+
+def test_lightning_bf16_mixed_precision_run():
+    monitor = FisherMonitor(every_n_steps=1, structures=("diag", "block"))
+    _, logger = fit(monitor, steps=3, precision="bf16-mixed")
+    assert logger.steps_with("fisher/block/direction_cosine/all") == [0, 1, 2]
+
+
+def test_multiple_optimizers_with_manual_optimization():
+    """global_step counts every optimizer step: the monitor measures the whole network once
+    at each scheduled step, whichever optimizer stepped."""
+
+    class TwoOptimizers(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            first, second = self.optimizers()
+            loss = self.loss_fn(self(batch[0]), batch[1])
+            self.manual_backward(loss)
+            first.step()
+            second.step()
+            first.zero_grad()
+            second.zero_grad()
+
+        def configure_optimizers(self):
+            return (
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[3].parameters(), lr=0.1),
+            )
+
+    _, logger = fit(
+        FisherMonitor(every_n_steps=2, structures=("diag",)), model=TwoOptimizers(), steps=8
+    )
+    steps = logger.steps_with("fisher/diag/kl/all")
+    assert steps == sorted(set(steps)) and all(s % 2 == 0 for s in steps) and len(steps) >= 2
+    assert (
+        "fisher/diag/kl/net.0" in logger.calls[0][1]
+        and "fisher/diag/kl/net.3" in logger.calls[0][1]
+    )
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_non_finite_gradients_with_a_finite_loss_name_the_layer():
+    class Kink(nn.Module):
+        def forward(self, x):
+            return torch.sqrt(torch.abs(x))  # finite at 0, infinite slope there
+
+    model = nn.Sequential(nn.Linear(3, 4), Kink(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    inputs, targets = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(FloatingPointError, match="Non-finite gradients or curvature in layer '0'"):
+        measure(model, nn.CrossEntropyLoss(), inputs, targets)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_batch_is_skipped_with_one_warning(poison):
+    class Poisoned(torch.utils.data.Dataset):
+        def __init__(self):
+            self.base = loader().dataset
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            x, y = self.base[i]
+            return (x.clone().fill_(poison) if i in (20, 40) else x), y
+
+    class Robust(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss_fn(self(torch.nan_to_num(x, posinf=0.0)), y)
+
+    data = torch.utils.data.DataLoader(Poisoned(), batch_size=16)
+    with pytest.warns(
+        UserWarning, match=r"skipped the measurement at step 1 \(FloatingPointError"
+    ) as caught:
+        _, logger = fit(
+            FisherMonitor(every_n_steps=1, structures=("diag",)), model=Robust(), data=data
+        )
+    assert len([w for w in caught if "skipped the measurement" in str(w.message)]) == 1  # once
+    assert logger.steps_with("fisher/diag/kl/all") == [0, 3]
+
+
+def test_probe_that_would_not_fit_is_sub_sampled_and_noted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 10))
+    inputs, targets = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    settings = MeasureSettings.create(("diag", "block"), "exact")
+    measurer = Measurer(model, nn.CrossEntropyLoss(), settings)
+    full = measurer.estimate_peak_bytes(64, 9)
+    budget = measurer.estimate_peak_bytes(20, 9)
+    assert full > budget
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=budget)
+    assert m["probe/batch_size"] == 20
+    assert any(
+        "probe sub-sampled from 64 to 20 samples to fit the memory budget" in n for n in m.notes
+    )
+    with pytest.raises(MemoryError, match="Even one probe sample needs an estimated"):
+        measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=10)
+
+
+def test_out_of_memory_is_retried_on_half_the_samples(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    inputs, targets = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    original = Measurer._measure_once
+
+    def pretend(self, inputs, targets, *args, **kwargs):
+        if targets.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, inputs, targets, *args, **kwargs)
+
+    monkeypatch.setattr(Measurer, "_measure_once", pretend)
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert m["probe/batch_size"] == 4
+    assert [n for n in m.notes if "ran out of memory" in n] == [
+        "ran out of memory with 16 samples; retried with 8",
+        "ran out of memory with 8 samples; retried with 4",
+    ]
+
+
+def test_callback_survives_out_of_memory_and_bad_targets(monkeypatch):
+    calls = []
+    original = Measurer.__call__
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Measurer, "__call__", flaky)
+    with pytest.warns(
+        UserWarning, match=r"skipped the measurement at step 1 \(OutOfMemoryError: simulated\)"
+    ):
+        _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), steps=3)
+    assert logger.steps_with("fisher/diag/kl/all") == [0, 2]
+    monkeypatch.undo()
+
+    bad_targets = FisherMonitor(
+        every_n_steps=1,
+        structures=("diag",),
+        batch_to_inputs_targets=lambda b: (b[0], b[1].float()),
+    )
+    with pytest.warns(
+        UserWarning, match=r"CrossEntropyLoss needs integer class indices.*targets \(16,\)"
+    ):
+        _, logger = fit(bad_targets, steps=2)
+    assert logger.steps_with("fisher/diag/kl/all") == []
+
+
+def test_empty_probe_and_batch_of_one_in_the_callback():
+    empty = FisherMonitor(
+        every_n_steps=1,
+        structures=("diag",),
+        batch_to_inputs_targets=lambda b: (b[0][:0], b[1][:0]),
+    )
+    with pytest.warns(UserWarning, match=r"ValueError: The probe batch is empty"):
+        _, logger = fit(empty, steps=2)
+    assert logger.steps_with("fisher/diag/kl/all") == []
+    one = FisherMonitor(every_n_steps=1, structures=("diag", "block", "kron"), probe_size=1)
+    _, logger = fit(one, steps=2)
+    assert logger.value("fisher/probe/batch_size", 0) == 1
+    assert logger.value("fisher/block/ef_projection_per_sample/all", 0) == pytest.approx(
+        2.0, rel=1e-3
+    )  # rank 1 per layer
+
+
+def test_coverage_is_logged_as_text_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = TinyClassifier()
+    model.net[1] = nn.GELU()  # BackPACK cannot: the torch.func backend measures
+    monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=pl.loggers.TensorBoardLogger(tmp_path),
+        callbacks=[monitor],
+        **trainer_kwargs(),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader())
+    events = EventAccumulator(
+        str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"tensors": 0}
+    )
+    events.Reload()
+    texts = events.Tensors("fisher/settings/text_summary")
+    assert len(texts) == 1
+    text = texts[0].tensor_proto.string_val[0].decode()
+    assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | functorch | measured |" in text
+    assert "measured with torch.func" in text
