@@ -55,7 +55,9 @@ def main() -> int:
         # the batch on another device than the model is moved, not an error
         mixed = measure(gpu_model, nn.CrossEntropyLoss(), inputs, targets, **kwargs)
         key = "diag/kl@0.001/all"
-        assert math.isclose(mixed[key], on_cpu[key], rel_tol=1e-6), "batch on the CPU, model on CUDA"
+        assert math.isclose(mixed[key], on_cpu[key], rel_tol=1e-6), (
+            "batch on the CPU, model on CUDA"
+        )
         print(
             f"{name}: {len(on_cpu.scalars)} scalars, worst relative difference CPU/GPU {worst:.2e}"
         )

@@ -154,6 +154,9 @@ class FisherMonitor(*_BASES):
     - ``{prefix}/probe/loss``, ``{prefix}/probe/batch_size``, ``{prefix}/probe/grad_norm``,
       ``{prefix}/probe/seconds``.
 
+    A value that is not a number (a ratio with a zero denominator, e.g. the trace ratio of
+    a layer whose Fisher vanishes) is not logged.
+
     With a ``TensorBoardLogger`` also: a Custom Scalars layout, histograms
     ``{prefix}/histograms/log10_ef_over_f/{layer}``, the image
     ``{prefix}/images/direction_cosine``, and the settings as text ``{prefix}/settings``.

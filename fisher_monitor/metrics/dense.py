@@ -16,6 +16,18 @@ from torch import Tensor
 from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
 
 
+def _numerically_psd(eigenvalues: Tensor) -> Tensor:
+    """Zero the eigenvalues of a PSD matrix that are below its rounding level.
+
+    ``eigh`` returns the zero eigenvalues of a rank-deficient matrix as ``±D·ε·‖M‖`` noise;
+    against a small λ such noise would count as curvature (for instance in
+    ``Σ μ/(μ + λ)``, which must not exceed the rank). The threshold is the one
+    ``matrix_rank`` uses.
+    """
+    floor = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
+
+
 def dense_statistics(
     fisher: Tensor, empirical: Tensor, gradient: Tensor, dampings: Sequence[float]
 ) -> LayerStatistics:
@@ -39,8 +51,7 @@ def dense_statistics(
     g = gradient.reshape(-1)
     alpha, q = torch.linalg.eigh(f)
     mu, p = torch.linalg.eigh(e)
-    alpha = alpha.clamp_min(0.0)
-    mu = mu.clamp_min(0.0)
+    alpha, mu = _numerically_psd(alpha), _numerically_psd(mu)
     g_f = q.T @ g
     g_e = p.T @ g
     e_in_f = torch.einsum("ij,ik,kj->j", q, e, q)  # diag(Qᵀ EF Q)

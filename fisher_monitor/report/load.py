@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fisher_monitor.metrics import METRICS
+from fisher_monitor.metrics import DAMPED_METRICS, METRICS
 
 STRUCTURES = ("diag", "block", "kron")
 _EVENT_GLOB = "events.out.tfevents.*"
@@ -119,8 +119,6 @@ class Run:
     ) -> str:
         """The scalar key of a metric (damped metrics get the first damping's suffix)."""
         structure = structure or self.primary_structure
-        from fisher_monitor.metrics import DAMPED_METRICS
-
         suffix = (
             (self.dampings[0] if damping is None else damping) if metric in DAMPED_METRICS else ""
         )
