@@ -23,6 +23,7 @@ from fisher_monitor.curvature.losses import (
     UnsupportedLossError,
     resolve_loss,
 )
+from fisher_monitor.curvature.network import is_lazy
 from fisher_monitor.measure import Measurement, Measurer
 from fisher_monitor.schedules import Schedule, every
 from fisher_monitor.settings import MeasureSettings, Structure
@@ -169,10 +170,11 @@ class FisherMonitor(*_BASES):
 
     Raises:
         MisconfigurationException: At setup, with ``Trainer(logger=False)``.
-        ValueError: At setup, for invalid arguments or when no loss is found; at the first
-            batch, when the batch cannot be split into inputs and targets.
-        NotImplementedError: At setup, for a network the chosen backend cannot handle
-            (with ``backend="auto"`` only when ``torch.func`` cannot either).
+        ValueError: At construction, for invalid arguments; at the start of fitting (after
+            ``configure_model``), when no loss or network is found; at the first batch,
+            when the batch cannot be split into inputs and targets.
+        NotImplementedError: At the start of fitting, for a network the chosen backend
+            cannot handle (with ``backend="auto"`` only when ``torch.func`` cannot either).
 
     Example::
 
@@ -273,15 +275,24 @@ class FisherMonitor(*_BASES):
             raise MisconfigurationException(
                 "Cannot use `FisherMonitor` callback with `Trainer(logger=False)`."
             )
+        self._checked_batch = False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model() and the move to the device, before the first batch
+        self._prepare(pl_module)
+
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
         network = self._resolve_network(pl_module)
         loss = self._resolve_loss(pl_module)
         self._measurer = Measurer(
             network, loss, self.settings, backend=self.backend, memory_budget=self.memory_budget
         )
-        self._measurer.prepared  # noqa: B018 - checks the network now, not at the first step
+        if not any(is_lazy(p) for p in network.parameters()):
+            self._measurer.prepared  # noqa: B018 - checks the network now, not at the first step
+        # else: lazy modules get their shapes in the first forward; measure from then on
         if self.probe_data is not None:
             self._probe = self._fixed_probe(self.probe_data)
-        self._checked_batch = False
 
     def _resolve_network(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.network is None:
@@ -396,8 +407,8 @@ class FisherMonitor(*_BASES):
     def _measure_and_log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int
     ) -> None:
-        if self._measurer is None:  # fit() without setup, e.g. a bare Trainer loop
-            self.setup(trainer, pl_module, "fit")
+        if self._measurer is None:  # a loop that skipped on_fit_start
+            self._prepare(pl_module)
         assert self._measurer is not None
         start = time.perf_counter()
         try:

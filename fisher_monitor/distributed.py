@@ -68,6 +68,21 @@ def gather_batch(tensor: Tensor) -> Tensor:
     # without an active exception"); probe batches are small, so the extra traffic is too
     device = _collective_device(tensor.device)
     world, me = dist.get_world_size(), dist.get_rank()
+    # every process must bring the same trailing shape (e.g. not per-batch padded sequences);
+    # all of them find out together, so none is left waiting in the gather below
+    shape = torch.full((9,), -1, dtype=torch.long, device=device)
+    shape[0] = tensor.dim()
+    shape[1 : tensor.dim()] = torch.tensor(tensor.shape[1:9], dtype=torch.long)
+    highest, lowest = shape.clone(), shape.clone()
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    if not torch.equal(highest, lowest):
+        raise ValueError(
+            "The processes' probe batches have different shapes beyond the batch dimension "
+            f"(this process: {tuple(tensor.shape)}), so they cannot be joined for the block or "
+            "Kronecker structures. Use a fixed `probe_data`, pad to a common length, or "
+            "measure structures=('diag',) only."
+        )
     sizes = torch.zeros(world, dtype=torch.long, device=device)
     sizes[me] = tensor.shape[0]
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM)

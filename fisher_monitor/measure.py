@@ -28,6 +28,7 @@ from fisher_monitor.curvature.network import (
     ShadowNetwork,
     forked_rng,
     full_precision,
+    is_lazy,
     seed_from,
 )
 from fisher_monitor.metrics import (
@@ -173,6 +174,12 @@ class Measurer:
         return self._prepared
 
     def _prepare(self) -> ShadowNetwork:
+        lazy = [name for name, p in self.model.named_parameters() if is_lazy(p)]
+        if lazy:
+            raise ValueError(
+                f"The network has uninitialised lazy parameters ({', '.join(lazy[:3])}): "
+                "their shapes are only known after a first forward pass. Measure after it."
+            )
         if self.backend == "functorch":
             return FunctorchNetwork(self.model, self.loss)
         if self.backend == "backpack":
@@ -408,10 +415,7 @@ class Measurer:
                 if kron is None:
                     kron_skipped.append(f"{info.name} ({info.module_type})")
                     return
-                trace = float(torch.trace(kron.input_factor) * torch.trace(kron.output_factor))
-                kron_dampings, kron_fell_back = relative_dampings(settings, trace, info.dimension)
-                if kron_fell_back:
-                    fallback.add(info.name)
+                kron_dampings = dampings  # λ_b from tr F_b, as for the other structures
                 statistics[Structure.KRON][info.name] = kronecker_statistics(
                     kron.input_factor,
                     kron.output_factor,
@@ -434,7 +438,11 @@ class Measurer:
         layers = [info for info, _ in prepared.layers if info.name in result.measured]
         loss, batch_size = result.loss, float(result.batch_size)
         if all_reduce is not None:
-            local, loss, batch_size = _reduce_diagonals(local, layers, loss, batch_size, all_reduce)
+            all_layers = [info for info, _ in prepared.layers]
+            local, loss, batch_size = _reduce_diagonals(
+                local, all_layers, loss, batch_size, all_reduce, self.loss.reduction == "sum"
+            )
+            layers = [info for info in all_layers if info.name in local]
         if Structure.DIAG in settings.structures:
             statistics[Structure.DIAG] = {}
             for info in layers:
@@ -553,26 +561,49 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _reduce_diagonals(local, layers, loss, batch_size, all_reduce):
-    """Average diagonals, gradients and loss over all processes, weighted by batch size."""
-    device = local[layers[0].name][0].device if layers else torch.device("cpu")
-    parts = [torch.tensor([batch_size, loss * batch_size], dtype=torch.float64, device=device)]
-    for info in layers:
-        for tensor in local[info.name]:
-            parts.append(tensor.detach().to(torch.float64).reshape(-1) * batch_size)
-    flat = torch.cat(parts)
-    total = all_reduce(flat)
+def _reduce_diagonals(local, all_layers, loss, batch_size, all_reduce, summed_loss: bool):
+    """Average diagonals and gradients over all processes, weighted by batch size.
+
+    Every process contributes every layer of the network (zeros for a layer no gradient
+    reached there), so all of them pass tensors of the same size to ``all_reduce``. The
+    loss is averaged the same way for a ``"mean"`` loss and added up for a ``"sum"`` loss,
+    as the loss of the joined batch would be.
+
+    Returns:
+        The reduced ``(diag F, diag EF, g)`` of the layers measured somewhere, the loss of
+        the joined batch, and the joined batch size.
+    """
+    device = next(iter(local.values()))[0].device if local else torch.device("cpu")
+    dtype = torch.float64
+    head = torch.tensor(
+        [batch_size, loss if summed_loss else loss * batch_size, 1.0 if local else 0.0],
+        dtype=dtype,
+        device=device,
+    )
+    parts = [head]
+    for info in all_layers:
+        measured = info.name in local
+        parts.append(torch.tensor([1.0 if measured else 0.0], dtype=dtype, device=device))
+        for index in range(3):
+            if measured:
+                parts.append(local[info.name][index].detach().to(dtype).reshape(-1) * batch_size)
+            else:
+                parts.append(torch.zeros(info.dimension, dtype=dtype, device=device))
+    total = all_reduce(torch.cat(parts))
     total_size = float(total[0])
-    offset = 2
+    joined_loss = float(total[1]) if summed_loss else float(total[1]) / total_size
+    offset = 3
     reduced = {}
-    for info in layers:
+    for info in all_layers:
+        measured_somewhere = float(total[offset]) > 0
+        offset += 1
         tensors = []
-        for tensor in local[info.name]:
-            size = tensor.numel()
-            tensors.append((total[offset : offset + size] / total_size).to(tensor.dtype))
-            offset += size
-        reduced[info.name] = tuple(tensors)
-    return reduced, float(total[1]) / total_size, total_size
+        for _ in range(3):
+            tensors.append(total[offset : offset + info.dimension] / total_size)
+            offset += info.dimension
+        if measured_somewhere:
+            reduced[info.name] = tuple(tensors)
+    return reduced, joined_loss, total_size
 
 
 def _batch_on_device(inputs, targets, device: torch.device, dtype: torch.dtype):

@@ -66,7 +66,6 @@ def per_sample_gradients(
     model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor
 ) -> Tensor:
     """``(N, D)`` matrix of g_n = ∇ℓ_n with ℓ_n = loss_fn(f(x_n), y_n) on a batch of one."""
-    model = copy.deepcopy(model)
     params = trainable(model)
 
     def sample_loss(p, x, y):
@@ -79,7 +78,6 @@ def per_sample_gradients(
 
 def output_jacobians(model: nn.Module, inputs: Tensor) -> Tensor:
     """``(N, K, D)``: Jacobians of the flattened output of each sample w.r.t. the parameters."""
-    model = copy.deepcopy(model)
     params = trainable(model)
 
     def sample_output(p, x):
@@ -213,17 +211,18 @@ DAMPED = (
 
 
 def structured_metrics(
-    F_S, EF_S, per_sample, slices, structure, dampings, mode
+    F_S, EF_S, per_sample, slices, structure, dampings, mode, F=None
 ) -> dict[str, float]:
     """Keys ``{structure}/{metric}/{layer}`` and ``.../all`` from structured dense F_S and EF_S.
 
     ``all`` is the whole block-diagonal (or diagonal) matrix with each layer's λ on its
-    coordinates, computed as one dense matrix.
+    coordinates, computed as one dense matrix. Relative damping uses the layer's Fisher
+    block F_b (``F``; by default ``F_S``, which has the same block traces for diag and block).
     """
     several = len(dampings) > 1
     out: dict[str, float] = {}
     for damping in dampings:
-        lam = damping_vector(F_S, slices, damping, mode)
+        lam = damping_vector(F_S if F is None else F, slices, damping, mode)
         suffix = f"@{float(damping)!r}" if several else ""
         scopes = dict(slices)
         scopes["all"] = slice(0, F_S.shape[0])
@@ -378,4 +377,7 @@ def kronecker_reference_metrics(
         F_S[s, s] = K
         aug_slices[name] = s
     EF_S = restrict(empirical_fisher(permuted), "block", aug_slices)
-    return structured_metrics(F_S, EF_S, permuted, aug_slices, "kron", dampings, mode)
+    # λ_b = damping · tr(F_b)/D_b with the layer's exact Fisher block (traces do not care
+    # about the order of coordinates)
+    F_exact = fisher(model, loss_fn, inputs, targets)
+    return structured_metrics(F_S, EF_S, permuted, aug_slices, "kron", dampings, mode, F=F_exact)

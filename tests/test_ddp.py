@@ -19,8 +19,23 @@ SCRIPT = Path(__file__).parent / "ddp_script.py"
 pytestmark = pytest.mark.slow
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_ddp(tmp_path: Path, structures: str) -> None:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    # an explicit free port: two DDP runs on one machine must not meet on Lightning's default
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), structures],
@@ -69,21 +84,22 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
         joined = distributed.gather_batch(mine)
         summed = distributed.all_reduce_sum(torch.tensor([rank + 1.0]))
         agreed = distributed.all_agree(rank == 0)
-        torch.save((joined, summed, agreed), f"{out}/gather_{rank}.pt")
+        try:  # sequences padded to different lengths cannot be joined: every process says so
+            distributed.gather_batch(torch.zeros(2, 3 + rank))
+            mismatch = None
+        except ValueError as error:
+            mismatch = str(error)
+        torch.save((joined, summed, agreed, mismatch), f"{out}/gather_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_collectives_with_uneven_batches(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     expected = torch.cat([torch.arange(3.0), torch.arange(5.0) + 100]).reshape(-1, 1).double()
     for rank in range(2):
-        joined, summed, agreed = torch.load(tmp_path / f"gather_{rank}.pt")
+        joined, summed, agreed, mismatch = torch.load(tmp_path / f"gather_{rank}.pt")
         assert torch.equal(joined, expected)
         assert summed.item() == 3.0
         assert agreed is False  # one process said no
+        assert "different shapes beyond the batch dimension" in mismatch

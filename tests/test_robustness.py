@@ -305,3 +305,165 @@ def test_coverage_is_logged_as_text_once(tmp_path):
     text = texts[0].tensor_proto.string_val[0].decode()
     assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | functorch | measured |" in text
     assert "measured with torch.func" in text
+
+
+# ---------------------------------------------------------------- unusual networks
+
+
+def test_pruned_weights_are_measured_through_the_parameters_the_optimizer_trains():
+    """Pruning recomputes `weight` from `weight_orig` in a forward pre-hook: the BackPACK
+    backend refuses, torch.func measures the trainable `weight_orig`, the caller's .grad stays."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(NotImplementedError, match=r"reparametrised weights .* in '0' \(Linear\)"):
+        measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert m.layers[0].parameter_names == ("0.bias", "0.weight_orig")
+    assert model[0].weight_orig.grad is None
+    # masked entries get exactly zero per-sample gradients, hence zero EF and F diagonals
+    fisher_diag, ef_diag = m.diagonals["0"]
+    mask = model[0].weight_mask.flatten().bool()
+    assert torch.all(ef_diag[5:][~mask] == 0) and torch.all(fisher_diag[5:][~mask] == 0)
+    assert_matches(m.scalars, block_reference(model, nn.CrossEntropyLoss(), inputs, targets))
+
+
+def test_shared_buffer_zero_size_parameter_and_syncbatchnorm():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.device_tracker = nn.Parameter(torch.empty(0))  # a common idiom
+            self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+            scale = torch.ones(1)
+            self.first.register_buffer("scale", scale)
+            self.second.register_buffer("scale", scale)  # one buffer, two modules
+            self.norm = nn.SyncBatchNorm(4)
+
+        def forward(self, x):
+            return (
+                self.second(torch.tanh(self.norm(self.first(x) * self.first.scale)))
+                * self.second.scale
+            )
+
+    torch.manual_seed(0)
+    model = Odd().train()  # SyncBatchNorm in train mode
+    m = measure(model, nn.CrossEntropyLoss(), torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    assert [layer.name for layer in m.layers] == ["first", "second", "norm"]
+    assert any("norm: BatchNorm in train mode measured in eval mode" in n for n in m.notes)
+
+
+def test_layer_named_all_and_tuple_outputs_get_clear_messages():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.all = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.all(x)
+
+    with pytest.raises(ValueError, match="named 'all'.*Rename"):
+        measure(Bad(), nn.CrossEntropyLoss(), torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(TypeError, match=r"must return one tensor.*got a tuple.*network="):
+        measure(Pair(), nn.CrossEntropyLoss(), torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+def test_lazy_modules_and_configure_model_in_the_callback():
+    class Lazy(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 3))
+
+    with pytest.raises(ValueError, match="uninitialised lazy parameters"):
+        measure(Lazy().net, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    with pytest.warns(UserWarning, match="skipped the measurement at step 0 .*lazy"):
+        _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), model=Lazy(), steps=3)
+    assert logger.steps_with("fisher/diag/kl/all") == [1, 2]
+
+    class Configured(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            del self.net
+
+        def configure_model(self):
+            if not hasattr(self, "net"):
+                self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    _, logger = fit(
+        FisherMonitor(every_n_steps=1, structures=("diag",), network="net"),
+        model=Configured(),
+        steps=2,
+    )
+    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
+
+
+def test_distributed_diagonal_reduction_joins_batches_exactly():
+    """Two processes simulated by adding their flat tensors: equal to one joined batch,
+    for the diagonals, the gradient and the loss ("mean" averages, "sum" adds)."""
+    from types import SimpleNamespace
+
+    from fisher_monitor.measure import _reduce_diagonals
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    layers = [SimpleNamespace(name="0", dimension=16), SimpleNamespace(name="2", dimension=10)]
+    for reduction in ("mean", "sum"):
+        loss = nn.CrossEntropyLoss(reduction=reduction)
+        kwargs = dict(structures=("diag",), keep_blocks=True)
+        joined = measure(model, loss, x, y, **kwargs)
+        flats = []
+
+        def record(flat):
+            flats.append(flat)
+            return flat
+
+        for part in (slice(0, 4), slice(4, 10)):
+            m = measure(model, loss, x[part], y[part], **kwargs)
+            local = {n: (*m.diagonals[n], m.blocks[n][2]) for n in ("0", "2")}
+            _reduce_diagonals(
+                local, layers, m["probe/loss"], m["probe/batch_size"], record, reduction == "sum"
+            )
+        # a process where no gradient reached layer "2" still sends a tensor of the same size
+        m = measure(model, loss, x[4:], y[4:], **kwargs)
+        partial = {"0": (*m.diagonals["0"], m.blocks["0"][2])}
+        _reduce_diagonals(
+            partial, layers, m["probe/loss"], m["probe/batch_size"], record, reduction == "sum"
+        )
+        assert flats[2].shape == flats[1].shape
+        # the all-reduce: the sum of both processes' tensors
+        total = flats[0] + flats[1]
+        reduced, joined_loss, size = _reduce_diagonals(
+            {}, layers, 0.0, 0.0, lambda flat: total, reduction == "sum"
+        )
+        assert size == 10
+        assert set(reduced) == {"0", "2"}  # measured on at least one process
+        for name in ("0",):
+            torch.testing.assert_close(
+                reduced[name][0], joined.diagonals[name][0], rtol=1e-10, atol=1e-14
+            )
+            torch.testing.assert_close(
+                reduced[name][1], joined.diagonals[name][1], rtol=1e-10, atol=1e-14
+            )
+            torch.testing.assert_close(
+                reduced[name][2], joined.blocks[name][2], rtol=1e-10, atol=1e-14
+            )
+        assert joined_loss == pytest.approx(
+            sum(
+                float(loss(model(x[p]), y[p]).detach())
+                * (1 if reduction == "sum" else len(y[p]) / 10)
+                for p in (slice(0, 4), slice(4, 10))
+            ),
+            rel=1e-10,
+        )

@@ -30,6 +30,7 @@ from fisher_monitor.curvature.network import (
     LayerInfo,
     PassResult,
     ShadowNetwork,
+    check_outputs,
     forked_rng,
     full_precision,
     lazy,
@@ -78,11 +79,7 @@ class FunctorchNetwork(ShadowNetwork):
             warnings.simplefilter("ignore")  # vmap's notes on in-place and randomness
             with torch.no_grad():
                 outputs = network(*args)
-                if not isinstance(outputs, Tensor):
-                    raise TypeError(
-                        "The network must return a single tensor of outputs for the loss, "
-                        f"got {type(outputs).__name__}."
-                    )
+                check_outputs(outputs)
                 spec.check_batch(outputs, targets)
                 loss = self.loss_module(outputs, targets)
             if not torch.isfinite(loss):
@@ -123,6 +120,10 @@ class FunctorchNetwork(ShadowNetwork):
                             trainable, chunk_args, chunk_targets, chunk_noise
                         )
                     except RuntimeError as error:  # data-dependent control flow and the like
+                        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(
+                            error
+                        ):
+                            raise  # the caller retries on fewer samples
                         self._loop_over_samples = True
                         self.notes.append(
                             "torch.func could not vectorise the forward pass over samples "

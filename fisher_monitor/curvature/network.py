@@ -46,7 +46,8 @@ from fisher_monitor.curvature.losses import LossSpec
 #: BackPACK relies on exactly that case, so the warning is silenced around our passes only.
 _BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed"
 
-_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# every batch normalisation, SyncBatchNorm included (it derives from _BatchNorm only)
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,19 @@ def find_layers(model: nn.Module) -> list[tuple[LayerInfo, nn.Module]]:
     layers = []
     owner: dict[int, str] = {}
     for name, module in model.named_modules():
-        params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        params = [
+            (n, p)
+            for n, p in module.named_parameters(recurse=False)
+            if p.requires_grad and not is_lazy(p) and p.numel() > 0
+        ]
         if not params:
             continue
         layer_name = name or "(root)"
+        if layer_name == "all":
+            raise ValueError(
+                "A module of the network is named 'all', the key fisher-monitor uses for the "
+                "whole network. Rename that attribute (e.g. 'all_layers')."
+            )
         for local, p in params:
             if id(p) in owner:
                 raise ValueError(
@@ -111,8 +121,33 @@ def find_layers(model: nn.Module) -> list[tuple[LayerInfo, nn.Module]]:
     return layers
 
 
+def is_lazy(parameter: Tensor) -> bool:
+    """Whether a parameter of a lazy module has not been initialised yet."""
+    return isinstance(parameter, nn.parameter.UninitializedParameter)
+
+
+def _weight_recomputing_hooks(module: nn.Module) -> list:
+    """Forward pre-hooks that recompute a weight from other parameters (reparametrisations).
+
+    Pruning (``torch.nn.utils.prune``) and the classic ``weight_norm`` / ``spectral_norm``
+    write ``module.weight`` from ``weight_orig`` (and a mask) or ``weight_g``/``weight_v`` before
+    every forward; the copy needs them to compute the same function.
+    """
+    from torch.nn.utils import prune
+
+    kinds: tuple[type, ...] = (prune.BasePruningMethod,)
+    try:
+        from torch.nn.utils.spectral_norm import SpectralNorm
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        kinds += (WeightNorm, SpectralNorm)
+    except ImportError:  # pragma: no cover - removed in some future release
+        pass
+    return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, kinds)]
+
+
 def _shadow(module: nn.Module, memo: dict[int, object]) -> nn.Module:
-    """Copy module objects, share parameter storage, clone buffers, drop hooks."""
+    """Copy module objects, share parameter storage, clone buffers, drop most hooks."""
     if id(module) in memo:
         return memo[id(module)]  # type: ignore[return-value]
     new = copy.copy(module)
@@ -120,18 +155,33 @@ def _shadow(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     new._parameters = OrderedDict(
         (k, None if p is None else memo[id(p)]) for k, p in module._parameters.items()
     )
-    new._buffers = OrderedDict(
-        (k, None if b is None else b.detach().clone()) for k, b in module._buffers.items()
-    )
+    buffers = OrderedDict()
+    for key, buffer in module._buffers.items():
+        if buffer is not None and id(buffer) not in memo:
+            memo[id(buffer)] = buffer.detach().clone()  # a buffer shared by modules stays shared
+        buffers[key] = None if buffer is None else memo[id(buffer)]
+    new._buffers = buffers
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new._modules = OrderedDict(
         (k, None if m is None else _shadow(m, memo)) for k, m in module._modules.items()
     )
-    # the copy carries none of the caller's hooks: they could have side effects, and
-    # BackPACK needs to own the backward hooks of the copy
+    # the copy carries none of the caller's hooks (they could have side effects, and BackPACK
+    # needs to own the copy's backward hooks), except those that recompute a weight
+    recompute = _weight_recomputing_hooks(module)
     for key, value in list(new.__dict__.items()):
         if "hooks" in key and isinstance(value, dict):
             new.__dict__[key] = type(value)()
+    for hook in recompute:
+        new.register_forward_pre_hook(hook)
+    # tensors kept as plain attributes (e.g. a weight computed by such a hook) must not
+    # lead a backward pass into the caller's graph
+    for key, value in list(new.__dict__.items()):
+        if (
+            isinstance(value, Tensor)
+            and not isinstance(value, nn.Parameter)
+            and value.requires_grad
+        ):
+            new.__dict__[key] = value.detach()
     return new
 
 
@@ -209,6 +259,13 @@ class ShadowNetwork:
         self.notes: list[str] = []
         self.layers = find_layers(model)
         self._source_params = [p for p in model.parameters()]
+        devices = sorted({str(p.device) for p in self._source_params})
+        if len(devices) > 1:
+            raise NotImplementedError(
+                f"The network's parameters are on several devices ({', '.join(devices)}). "
+                "Model-parallel networks are not supported: measure a sub-network that lives "
+                "on one device (FisherMonitor(network=...))."
+            )
         copy_root = shadow_copy(model)
         self._copy_root = copy_root
         self._copy_modules = dict(
@@ -311,6 +368,19 @@ class PreparedNetwork(ShadowNetwork):
         super().__init__(model, loss)
         copy_root = self._copy_root
         names_of_copy = {id(m): (n or "(root)") for n, m in copy_root.named_modules()}
+        reparametrised = [
+            f"{names_of_copy[id(m)]!r} ({type(m).__name__})"
+            for m in copy_root.modules()
+            if _weight_recomputing_hooks(m)
+            or (hasattr(m, "parametrizations") and len(m.parametrizations) > 0)
+        ]
+        if reparametrised:
+            raise NotImplementedError(
+                "fisher-monitor's BackPACK backend cannot handle reparametrised weights "
+                f"(pruning, weight or spectral normalisation, parametrizations) in "
+                f"{', '.join(reparametrised)}: BackPACK sees the computed weight, not the "
+                "parameters the optimizer trains. The torch.func backend measures them."
+            )
         self.extension_probe = FactorCapture(exact=True)
         convert = not _is_plain_tree(model) if use_converter == "auto" else bool(use_converter)
         handles_before = len(CTX.hook_handles)
@@ -449,11 +519,7 @@ class PreparedNetwork(ShadowNetwork):
                 warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
                 with torch.enable_grad():
                     outputs = self.network(*args)
-                    if not isinstance(outputs, Tensor):
-                        raise TypeError(
-                            "The network must return a single tensor of outputs for the loss, "
-                            f"got {type(outputs).__name__}."
-                        )
+                    _check_outputs(outputs)
                     self.loss.check_batch(outputs, targets)
                     loss = self.loss_module(outputs, targets)
                     if not torch.isfinite(loss):
@@ -524,6 +590,15 @@ class PreparedNetwork(ShadowNetwork):
         self._handles = []
 
 
+def _check_outputs(outputs) -> None:
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            "The measured network must return one tensor, the input of the loss, got a "
+            f"{type(outputs).__name__}. Measure the sub-network that produces the logits "
+            "(FisherMonitor(network='...') or measure(model.net, ...))."
+        )
+
+
 def _lazy(function: Callable, *args) -> Callable[[], object]:
     """A zero-argument function that calls ``function(*args)`` once, when first needed."""
     cache: list = []
@@ -575,6 +650,8 @@ def seed_from(generator: torch.Generator | None) -> int:
 
 __all__ = [
     "LayerInfo",
+    "check_outputs",
+    "is_lazy",
     "lazy",
     "PassResult",
     "PreparedNetwork",
@@ -588,3 +665,4 @@ __all__ = [
 
 forked_rng = _forked_rng
 lazy = _lazy
+check_outputs = _check_outputs

@@ -124,7 +124,7 @@ def run_summary(run: Run) -> dict:
             "worst_step": worst,
             "verdicts": [v.as_dict() for v in verdicts(run)],
             "layers": layers,
-            "final": {key: values[-1][1] for key, values in sorted(run.scalars.items())},
+            "final": {key: run.value(key, last) for key in sorted(run.scalars)},
             "notes": run.notes,
         }
     )
