@@ -28,8 +28,10 @@ from fisher_monitor.measure import Measurement, Measurer
 from fisher_monitor.schedules import Schedule, every
 from fisher_monitor.settings import MeasureSettings, Structure
 
+#: The heat-map image is redrawn at every this many measurements, and at the end of training.
+IMAGE_EVERY = 10
 #: Default cadence; see the class docstring for how it was chosen.
-DEFAULT_EVERY_N_STEPS = 4000
+DEFAULT_EVERY_N_STEPS = 5000
 
 _INPUT_KEYS = ("inputs", "input", "x", "features", "images", "image", "data")
 _TARGET_KEYS = ("targets", "target", "y", "labels", "label")
@@ -100,13 +102,14 @@ class FisherMonitor(*_BASES):
 
     Args:
         every_n_steps: Measure every this many optimizer steps (``trainer.global_step``).
-            Default 4000: with the default settings (diag + block, exact Fisher) one
+            Default 5000: with the default settings (diag + block, exact Fisher) one
             measurement of a 784-512-256-10 MLP on a 128-sample batch, with its
-            TensorBoard logging, costs about as much as 70 of its Lightning training steps
-            on two CPU cores (``make bench``), so every 4000 steps keeps the amortised
-            overhead under 2%. Measure more often for richer curves (every 100 steps
-            costs about 70% there), or use ``schedules.log_spaced`` to be dense early and
-            sparse later. Ignored when ``schedule`` is given.
+            TensorBoard logging, costs about as much as 60-120 of its Lightning training
+            steps on two CPU cores (``make bench``; the spread is the machine's), so every
+            5000 steps keeps the amortised overhead under 2%. Measure more often for
+            richer curves (every 100 steps costs about 75% there), or use
+            ``schedules.log_spaced`` to be dense early and sparse later. Ignored when
+            ``schedule`` is given.
         schedule: A callable ``step -> bool`` choosing the steps to measure at, e.g.
             ``schedules.every(50)`` or ``schedules.log_spaced(per_decade=10)``.
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
@@ -160,7 +163,9 @@ class FisherMonitor(*_BASES):
 
     With a ``TensorBoardLogger`` also: a Custom Scalars layout, histograms
     ``{prefix}/histograms/log10_ef_over_f/{layer}``, the image
-    ``{prefix}/images/direction_cosine``, and the settings as text ``{prefix}/settings``.
+    ``{prefix}/images/direction_cosine`` (the heat map of every measurement so far, drawn
+    at the 1st, 11th, 21st, … measurement and at the end of training), and the settings
+    and coverage as text ``{prefix}/settings``.
 
     Distributed data parallel: with ``structures=("diag",)`` every process measures its
     own probe batch and the diagonals are summed over processes before any ratio, so the
@@ -529,13 +534,24 @@ class FisherMonitor(*_BASES):
                 )
             if self.log_histograms:
                 tensorboard.log_histograms(writer, prefix, measurement.diagonals, step)
-            if self.log_images and len(self._history) >= 1:
-                steps, layers, values, title = self._heatmap()
-                image = tensorboard.heatmap_image(steps, layers, values, title)
-                writer.add_image(
-                    f"{prefix}/images/direction_cosine", image, step, dataformats="HWC"
-                )
+            if self.log_images and len(self._history) % IMAGE_EVERY == 1:
+                self._log_image(writer, step)
         self._layout_written = self._layout_written or bool(writers)
+
+    def _log_image(self, writer, step: int) -> None:
+        steps, layers, values, title = self._heatmap()
+        image = tensorboard.heatmap_image(steps, layers, values, title)
+        writer.add_image(
+            f"{self.log_prefix}/images/direction_cosine", image, step, dataformats="HWC"
+        )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the heat map with every measurement, unless the last one already drew it
+        if self.log_images and self._history and len(self._history) % IMAGE_EVERY != 1:
+            if trainer.is_global_zero:
+                for writer in tensorboard.tensorboard_writers(trainer.loggers):
+                    self._log_image(writer, self._history[-1][0])
 
     def _heatmap_structure(self) -> Structure:
         for structure in (Structure.BLOCK, Structure.KRON, Structure.DIAG):

@@ -102,9 +102,9 @@ def custom_scalar_layout(
 
 
 def log_ratio(fisher: Tensor, empirical: Tensor) -> Tensor:
-    """``log10(EF_ii / F_ii)`` over the entries where both are positive and finite."""
-    keep = (fisher > 0) & (empirical > 0) & torch.isfinite(fisher) & torch.isfinite(empirical)
-    return torch.log10(empirical[keep] / fisher[keep])
+    """``log10(EF_ii / F_ii)`` (float32) over the entries where both are positive and finite."""
+    ratio = torch.log10(empirical.float()) - torch.log10(fisher.float())
+    return ratio[torch.isfinite(ratio)]  # drops zeros (±inf), NaN and infinities alike
 
 
 def log_histograms(
@@ -161,7 +161,9 @@ def heatmap_image(
     axes.set_xlabel("training step")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="cosine")
-    figure.tight_layout()
+    figure.subplots_adjust(
+        left=0.22, right=0.98, bottom=0.55 / height + 0.05, top=1 - 0.45 / height
+    )
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

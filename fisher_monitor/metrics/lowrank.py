@@ -214,7 +214,7 @@ def lowrank_statistics(
         gradient_coefficients = coefficients @ a  # g = V B a
         w = gram_v @ gradient_coefficients  # Vᵀg
         grad_sq = gradient_coefficients @ w
-        k_coefficients = gram_v @ coefficients  # VᵀU
+        k_coefficients = gram_uv.T  # VᵀU = K_V B
     else:
         grad_sq = a @ (gram_u @ a)
         w = gram_uv.T @ a  # Vᵀg
