@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -98,3 +100,36 @@ def trainer_kwargs(**overrides) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class MappedDataset(torch.utils.data.Dataset):
+    """The tiny data set with ``transform(index, inputs, target)`` applied to each item."""
+
+    def __init__(self, transform: Callable[[int, torch.Tensor, torch.Tensor], Any]):
+        self.base = dataset()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        inputs, target = self.base[index]
+        return self.transform(index, inputs, target)
+
+
+def fit(monitor=None, steps=5, logger=None, model=None, data=None, **kwargs):
+    """Train a tiny run; ``model`` may be a module or a zero-argument factory (built after
+    seeding). Returns ``(trainer, model, logger)``."""
+    torch.manual_seed(0)
+    model = model() if callable(model) and not isinstance(model, nn.Module) else model
+    model = model if model is not None else TinyClassifier()
+    logger = logger if logger is not None else SpyLogger()
+    callbacks = [monitor] if monitor is not None else []
+    trainer = pl.Trainer(
+        max_steps=steps, logger=logger, callbacks=callbacks, **trainer_kwargs(**kwargs)
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        trainer.fit(model, data if data is not None else loader())
+    return trainer, model, logger

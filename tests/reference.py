@@ -247,6 +247,17 @@ def reference_metrics(F, per_sample, slices, structure, dampings, mode) -> dict[
     )
 
 
+def diag_and_block_metrics(model, loss_fn, inputs, targets, dampings=(1e-3,), mode="relative"):
+    """``diag/...`` and ``block/...`` keys for a model, straight from the definitions."""
+    per_sample = per_sample_gradients(model, loss_fn, inputs, targets)
+    F = fisher(model, loss_fn, inputs, targets)
+    slices = layer_slices(model)
+    out: dict[str, float] = {}
+    for structure in ("diag", "block"):
+        out.update(reference_metrics(F, per_sample, slices, structure, list(dampings), mode))
+    return out
+
+
 # ---------------------------------------------------------------- Kronecker reference
 
 

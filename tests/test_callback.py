@@ -9,7 +9,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from lightning_helpers import SpyLogger, TinyClassifier, loader, trainer_kwargs
+from lightning_helpers import MappedDataset, SpyLogger, TinyClassifier, fit, loader, trainer_kwargs
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,23 +19,6 @@ from fisher_monitor import FisherMonitor, measure, schedules
 from fisher_monitor.metrics import METRICS
 
 PROBE_KEYS = ("probe/loss", "probe/batch_size", "probe/grad_norm", "probe/seconds")
-
-
-def fit(monitor=None, steps=5, logger=None, model=None, data=None, **kwargs):
-    """Train; ``model`` may be a module or a zero-argument factory (built after seeding)."""
-    torch.manual_seed(0)
-    model = model() if callable(model) and not isinstance(model, nn.Module) else model
-    model = model if model is not None else TinyClassifier()
-    logger = logger if logger is not None else SpyLogger()
-    callbacks = [monitor] if monitor is not None else []
-    trainer = pl.Trainer(
-        max_steps=steps, logger=logger, callbacks=callbacks, **trainer_kwargs(**kwargs)
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-        trainer.fit(model, data if data is not None else loader())
-    return trainer, model, logger
 
 
 def test_documented_keys_arrive_at_scheduled_steps():
@@ -238,22 +221,13 @@ def test_probe_size_probe_data_network_and_loss_options():
 
 
 def test_dict_batches_and_custom_splitter():
-    class DictData(torch.utils.data.Dataset):
-        def __init__(self):
-            self.base = loader().dataset
-
-        def __len__(self):
-            return len(self.base)
-
-        def __getitem__(self, i):
-            x, y = self.base[i]
-            return {"image": x, "label": y, "id": i}
+    dict_data = MappedDataset(lambda i, x, y: {"image": x, "label": y, "id": i})
 
     class DictClassifier(TinyClassifier):
         def training_step(self, batch, batch_idx):
             return self.loss_fn(self(batch["image"]), batch["label"])
 
-    data = torch.utils.data.DataLoader(DictData(), batch_size=16)
+    data = torch.utils.data.DataLoader(dict_data, batch_size=16)
     _, _, logger = fit(
         FisherMonitor(every_n_steps=1, structures=("diag",)),
         steps=2,
@@ -392,23 +366,16 @@ def test_batch_that_cannot_be_split_is_an_error_at_the_first_batch():
 
 
 def test_a_failing_measurement_warns_once_and_training_continues():
-    class NaNData(torch.utils.data.Dataset):
-        def __init__(self):
-            self.base = loader().dataset
-
-        def __len__(self):
-            return len(self.base)
-
-        def __getitem__(self, i):
-            x, y = self.base[i]
-            return (torch.full_like(x, float("nan")) if 16 <= i < 48 else x), y
+    nan_data = MappedDataset(
+        lambda i, x, y: ((torch.full_like(x, float("nan")) if 16 <= i < 48 else x), y)
+    )
 
     class Robust(TinyClassifier):
         def training_step(self, batch, batch_idx):
             x, y = batch
             return self.loss_fn(self(torch.nan_to_num(x)), y)
 
-    data = torch.utils.data.DataLoader(NaNData(), batch_size=16)
+    data = torch.utils.data.DataLoader(nan_data, batch_size=16)
     with pytest.warns(
         UserWarning,
         match=r"skipped the measurement at step 1 \(FloatingPointError: The probe loss is nan",

@@ -12,18 +12,6 @@ from torch import nn
 from fisher_monitor import measure
 
 
-def reference_without_kron(model, loss, inputs, targets, dampings=(1e-3,), mode="relative"):
-    per_sample = reference.per_sample_gradients(model, loss, inputs, targets)
-    F = reference.fisher(model, loss, inputs, targets)
-    slices = reference.layer_slices(model)
-    expected = {}
-    for structure in ("diag", "block"):
-        expected.update(
-            reference.reference_metrics(F, per_sample, slices, structure, list(dampings), mode)
-        )
-    return expected
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss_name", list(LOSS_CASES))
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -31,7 +19,7 @@ def test_functorch_backend_matches_reference(model_name, loss_name, reduction):
     model, inputs, targets, case = make_problem(model_name, loss_name)
     loss = case.module(reduction)
     m = measure(model, loss, inputs, targets, structures=("diag", "block"), backend="functorch")
-    assert_matches(m.scalars, reference_without_kron(model, loss, inputs, targets))
+    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, inputs, targets))
     assert {entry["backend"] for entry in m.coverage} == {"functorch"}
 
 
@@ -152,7 +140,7 @@ def test_transformer_block_falls_back_to_functorch_and_matches_reference():
         "head",
     ]
     assert all(entry["measured"] and entry["backend"] == "functorch" for entry in m.coverage)
-    assert_matches(m.scalars, reference_without_kron(model, loss, tokens, targets))
+    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, tokens, targets))
 
 
 @pytest.mark.parametrize("backend", ["backpack", "functorch"])
@@ -177,5 +165,5 @@ def _residual_block_case(backend):
     targets = torch.randint(0, 3, (6,))
     loss = nn.CrossEntropyLoss()
     m = measure(model, loss, inputs, targets, structures=("diag", "block"), backend=backend)
-    assert_matches(m.scalars, reference_without_kron(model, loss, inputs, targets))
+    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, inputs, targets))
     assert model.relu.inplace is True  # the caller's module is untouched

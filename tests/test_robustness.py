@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import lightning_helpers as helpers
 import pytest
 import pytorch_lightning as pl
 import reference
 import torch
-from lightning_helpers import SpyLogger, TinyClassifier, loader, trainer_kwargs
+from lightning_helpers import MappedDataset, TinyClassifier, loader, trainer_kwargs
 from test_measure import assert_matches
 from torch import nn
 
@@ -16,27 +17,8 @@ from fisher_monitor import FisherMonitor, Measurer, measure
 from fisher_monitor.settings import MeasureSettings
 
 
-def block_reference(model, loss, inputs, targets):
-    per_sample = reference.per_sample_gradients(model, loss, inputs, targets)
-    F = reference.fisher(model, loss, inputs, targets)
-    slices = reference.layer_slices(model)
-    out = {}
-    for structure in ("diag", "block"):
-        out.update(
-            reference.reference_metrics(F, per_sample, slices, structure, [1e-3], "relative")
-        )
-    return out
-
-
 def fit(monitor, model=None, data=None, steps=4, **kwargs):
-    torch.manual_seed(0)
-    logger = SpyLogger()
-    trainer = pl.Trainer(
-        max_steps=steps, logger=logger, callbacks=[monitor], **trainer_kwargs(**kwargs)
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(model or TinyClassifier(), data or loader())
+    trainer, _, logger = helpers.fit(monitor, steps=steps, model=model, data=data, **kwargs)
     return trainer, logger
 
 
@@ -54,7 +36,9 @@ def test_inplace_activations_are_measured_out_of_place():
     ).double()
     inputs, targets = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 2, (7,))
     m = measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
-    assert_matches(m.scalars, block_reference(model, nn.CrossEntropyLoss(), inputs, targets))
+    assert_matches(
+        m.scalars, reference.diag_and_block_metrics(model, nn.CrossEntropyLoss(), inputs, targets)
+    )
     assert model[1].inplace and model[3].inplace
 
 
@@ -67,7 +51,10 @@ def test_integer_inputs_through_an_embedding_with_backpack():
         tokens, targets = torch.randint(0, 10, (6, 4)), torch.randint(0, 2, (6,))
         m = measure(model, nn.CrossEntropyLoss(), tokens, targets)
         assert {entry["backend"] for entry in m.coverage} == {"backpack"}
-        assert_matches(m.scalars, block_reference(model, nn.CrossEntropyLoss(), tokens, targets))
+        assert_matches(
+            m.scalars,
+            reference.diag_and_block_metrics(model, nn.CrossEntropyLoss(), tokens, targets),
+        )
     finally:
         torch.set_default_dtype(previous)
 
@@ -168,23 +155,14 @@ def test_non_finite_gradients_with_a_finite_loss_name_the_layer():
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_nan_or_inf_in_a_batch_is_skipped_with_one_warning(poison):
-    class Poisoned(torch.utils.data.Dataset):
-        def __init__(self):
-            self.base = loader().dataset
-
-        def __len__(self):
-            return len(self.base)
-
-        def __getitem__(self, i):
-            x, y = self.base[i]
-            return (x.clone().fill_(poison) if i in (20, 40) else x), y
+    poisoned = MappedDataset(lambda i, x, y: ((x.clone().fill_(poison) if i in (20, 40) else x), y))
 
     class Robust(TinyClassifier):
         def training_step(self, batch, batch_idx):
             x, y = batch
             return self.loss_fn(self(torch.nan_to_num(x, posinf=0.0)), y)
 
-    data = torch.utils.data.DataLoader(Poisoned(), batch_size=16)
+    data = torch.utils.data.DataLoader(poisoned, batch_size=16)
     with pytest.warns(
         UserWarning, match=r"skipped the measurement at step 1 \(FloatingPointError"
     ) as caught:
@@ -328,7 +306,9 @@ def test_pruned_weights_are_measured_through_the_parameters_the_optimizer_trains
     fisher_diag, ef_diag = m.diagonals["0"]
     mask = model[0].weight_mask.flatten().bool()
     assert torch.all(ef_diag[5:][~mask] == 0) and torch.all(fisher_diag[5:][~mask] == 0)
-    assert_matches(m.scalars, block_reference(model, nn.CrossEntropyLoss(), inputs, targets))
+    assert_matches(
+        m.scalars, reference.diag_and_block_metrics(model, nn.CrossEntropyLoss(), inputs, targets)
+    )
 
 
 def test_shared_buffer_zero_size_parameter_and_syncbatchnorm():
