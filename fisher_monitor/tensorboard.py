@@ -143,24 +143,12 @@ def heatmap_image(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from fisher_monitor.report.figures import draw_cosine_heatmap
+
     height = 1.6 + 0.32 * len(layers)
     figure = Figure(figsize=(8, height), dpi=100)
     canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(
-        np.ma.masked_invalid(values),
-        aspect="auto",
-        cmap="RdYlGn",
-        vmin=-1.0,
-        vmax=1.0,
-        interpolation="nearest",
-    )
-    axes.set_yticks(range(len(layers)), labels=list(layers))
-    ticks = np.unique(np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int))
-    axes.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
-    axes.set_xlabel("training step")
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="cosine")
+    draw_cosine_heatmap(figure, steps, layers, values, title)
     figure.subplots_adjust(
         left=0.22, right=0.98, bottom=0.55 / height + 0.05, top=1 - 0.45 / height
     )

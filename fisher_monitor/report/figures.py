@@ -123,6 +123,23 @@ def heatmap(run: Run) -> Figure:
             if step in position:
                 grid[i, position[step]] = value
     figure = Figure(figsize=(WIDTH, 1.2 + 0.35 * len(layers)), dpi=100, layout="constrained")
+    draw_cosine_heatmap(
+        figure,
+        steps,
+        layers,
+        grid,
+        f"{run.name}: direction cosine per layer ({run.primary_structure})",
+    )
+    return figure
+
+
+def draw_cosine_heatmap(
+    figure: Figure, steps: Sequence[int], layers: Sequence[str], grid: np.ndarray, title: str
+) -> None:
+    """Draw a layers × steps heat map of a cosine (NaN: not measured) on ``figure``.
+
+    Shared by the report and the callback's TensorBoard image.
+    """
     ax = figure.subplots()
     image = ax.imshow(
         np.ma.masked_invalid(grid),
@@ -132,13 +149,12 @@ def heatmap(run: Run) -> Figure:
         vmax=1,
         interpolation="nearest",
     )
-    ax.set_yticks(range(len(layers)), labels=layers)
+    ax.set_yticks(range(len(layers)), labels=list(layers))
     ticks = np.unique(np.linspace(0, max(len(steps) - 1, 0), num=min(len(steps), 10)).astype(int))
     ax.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
     ax.set_xlabel("training step")
-    ax.set_title(f"{run.name}: direction cosine per layer ({run.primary_structure})")
+    ax.set_title(title)
     figure.colorbar(image, ax=ax, label="cosine")
-    return figure
 
 
 def chosen_steps(steps: Sequence[int]) -> list[int]:
