@@ -530,8 +530,14 @@ def _lowrank_block(factors: LayerFactors, gram_u: Tensor, dimension: int, dampin
     gram_v = factors.gram_v()
     coefficients = factors.coefficient_matrix()
     if coefficients is not None:
-        gram_uv = coefficients.T @ gram_v
-        rebuilt = gram_uv @ coefficients
+        # B is block-sparse (column n holds sample n's β at rows r·N + n): BᵀK_V and
+        # BᵀK_VB as gathers, not dense products
+        beta = coefficients.view(-1, factors.num_samples, factors.num_samples).diagonal(
+            dim1=1, dim2=2
+        )  # (R_n, N)
+        n, columns = factors.num_samples, beta.shape[0]
+        gram_uv = torch.einsum("rn,rnk->nk", beta, gram_v.view(columns, n, -1))
+        rebuilt = torch.einsum("nrm,rm->nm", gram_uv.view(n, columns, n), beta)
         scale = torch.diagonal(gram_u).abs().max()
         if bool((rebuilt - gram_u).abs().max() <= 1e-5 * scale):
             return lowrank_statistics(
