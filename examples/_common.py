@@ -42,6 +42,18 @@ def standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
+def linear_model(theta, bias: bool = True) -> nn.Linear:
+    """A one-output float64 ``nn.Linear`` whose weights (then bias, if any) are ``theta``."""
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    features = theta.numel() - int(bias)
+    model = nn.Linear(features, 1, bias=bias).double()
+    with torch.no_grad():
+        model.weight.copy_(theta[:features].reshape(1, features))
+        if bias:
+            model.bias.copy_(theta[features:])
+    return model
+
+
 def digits(seed: int = 0, image: bool = False) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's 8×8 digits, standardised, split 1500 / 297 (train / validation)."""
     from sklearn.datasets import load_digits

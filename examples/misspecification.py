@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fast_mode, output_dir, quiet  # noqa: E402
+from _common import fast_mode, linear_model, output_dir, quiet  # noqa: E402
 
 from fisher_monitor import measure  # noqa: E402
 
@@ -67,17 +67,9 @@ def sample(dataset: str, n: int, generator: torch.Generator) -> tuple[torch.Tens
     return x, labels.to(torch.float64).unsqueeze(1)
 
 
-def model_at(theta: torch.Tensor) -> nn.Linear:
-    model = nn.Linear(2, 1).double()
-    with torch.no_grad():
-        model.weight.copy_(theta[:2].reshape(1, 2))
-        model.bias.copy_(theta[2:])
-    return model
-
-
 def block(theta, inputs, labels):
     m = measure(
-        model_at(theta),
+        linear_model(theta),
         nn.BCEWithLogitsLoss(),
         inputs,
         labels,

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fast_mode, output_dir, quiet, standardize  # noqa: E402
+from _common import fast_mode, linear_model, output_dir, quiet, standardize  # noqa: E402
 
 from fisher_monitor import measure  # noqa: E402
 
@@ -50,20 +50,12 @@ def load() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def model_at(theta: torch.Tensor) -> nn.Linear:
-    model = nn.Linear(30, 1).double()
-    with torch.no_grad():
-        model.weight.copy_(theta[:30].reshape(1, 30))
-        model.bias.copy_(theta[30:])
-    return model
-
-
 def run(method: str, step: float, damping: float, iterations: int, x, y) -> dict:
     theta = torch.zeros(31, dtype=torch.float64)
     losses, cosines = [], []
     for _ in range(iterations):
         m = measure(
-            model_at(theta),
+            linear_model(theta),
             nn.BCEWithLogitsLoss(),
             x,
             y,
@@ -86,7 +78,7 @@ def run(method: str, step: float, damping: float, iterations: int, x, y) -> dict
         if not torch.isfinite(theta).all():
             losses.append(float("inf"))
             break
-    final = float(nn.functional.binary_cross_entropy_with_logits(model_at(theta)(x), y))
+    final = float(nn.functional.binary_cross_entropy_with_logits(linear_model(theta)(x), y))
     losses.append(final if np.isfinite(final) else float("inf"))
     return {
         "method": method,

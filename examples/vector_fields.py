@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fast_mode, output_dir, quiet  # noqa: E402
+from _common import fast_mode, linear_model, output_dir, quiet  # noqa: E402
 
 from fisher_monitor import measure  # noqa: E402
 
@@ -50,11 +50,8 @@ def make_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def curvature(theta: np.ndarray, features, targets):
     """g, F, EF and the logged direction cosine at θ, from fisher-monitor."""
-    model = nn.Linear(2, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(torch.as_tensor(theta).reshape(1, 2))
     m = measure(
-        model,
+        linear_model(theta, bias=False),
         nn.MSELoss(),
         features,
         targets,
