@@ -16,7 +16,13 @@ import markupsafe
 
 from fisher_monitor.report import figures
 from fisher_monitor.report.load import Run
-from fisher_monitor.report.verdict import THRESHOLDS, layer_table, verdicts, worst_step
+from fisher_monitor.report.verdict import (
+    LAYER_COLUMNS,
+    THRESHOLDS,
+    layer_table,
+    verdicts,
+    worst_step,
+)
 
 FORMATS = ("html", "md", "json")
 SETTING_KEYS = (
@@ -154,6 +160,11 @@ def _format_int(value) -> str:
     return f"{int(value):,}"
 
 
+def _format_cell(metric: str, value) -> str:
+    """A layer-table cell: the dimension as a whole number, metrics as :func:`_format`."""
+    return _format_int(value) if metric == "dimension" else _format(value)
+
+
 def _context(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> dict:
     from fisher_monitor import __version__
 
@@ -186,6 +197,7 @@ def _context(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) ->
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "runs": entries,
         "thresholds": THRESHOLDS,
+        "layer_columns": LAYER_COLUMNS,
         "setting_keys": [k for k in SETTING_KEYS if any(k in run.settings for run in runs)],
         "figures": [
             {"name": f.name, "caption": f.caption, "data": base64.b64encode(f.data).decode()}
@@ -207,8 +219,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.filters["fmt"] = _format
-    environment.filters["fmt_int"] = _format_int
+    environment.globals["cell"] = _format_cell
     environment.filters["code_spans"] = _code_spans
     return environment
 
@@ -234,30 +245,16 @@ def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigu
         lines += [f"| {k} | {_md_escape(v)} |" for k, v in run["settings"].items()]
         lines += [""]
         for table in run["tables"]:
+            headings = " | ".join(heading for _, heading in LAYER_COLUMNS)
             lines += [
                 f"### {_md_escape(table['title'])}",
                 "",
-                "| layer | D | direction cosine | tr EF / tr F | rel. error | KL "
-                "| gᵀF̃⁻¹g | gᵀẼF⁻¹g |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                f"| layer | {headings} |",
+                "| --- |" + " ---: |" * len(LAYER_COLUMNS),
             ]
             for row in table["rows"]:
-                cells = [
-                    _format(row[k])
-                    for k in (
-                        "direction_cosine",
-                        "trace_ratio",
-                        "rel_error",
-                        "kl",
-                        "nat_projection",
-                        "ef_projection",
-                    )
-                ]
-                lines.append(
-                    f"| {_md_escape(row['layer'])} | {_format_int(row['dimension'])} | "
-                    + " | ".join(cells)
-                    + " |"
-                )
+                cells = [_format_cell(metric, row[metric]) for metric, _ in LAYER_COLUMNS]
+                lines.append(f"| {_md_escape(row['layer'])} | " + " | ".join(cells) + " |")
             lines.append("")
         if run["notes"]:
             lines += ["Notes:", "", *[f"- {_md_escape(n)}" for n in run["notes"]], ""]

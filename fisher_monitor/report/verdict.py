@@ -225,20 +225,24 @@ def headline(run: Run) -> Verdict | None:
     return found[0] if found else None
 
 
+#: The per-layer tables' columns after the layer name: metric and column heading.
+LAYER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dimension", "D"),
+    ("direction_cosine", "direction cosine"),
+    ("trace_ratio", "tr EF / tr F"),
+    ("rel_error", "rel. error"),
+    ("kl", "KL"),
+    ("nat_projection", "gᵀF̃⁻¹g"),
+    ("ef_projection", "gᵀẼF⁻¹g"),
+)
+
+
 def layer_table(run: Run, step: int) -> list[dict[str, float | str]]:
-    """Per-layer values of the key metrics at ``step`` (plus the ``all`` row)."""
+    """Per-layer values of the :data:`LAYER_COLUMNS` metrics at ``step`` (plus ``all``)."""
     rows = []
     for layer in [*run.layers, "all"]:
         row: dict[str, float | str] = {"layer": layer}
-        for metric in (
-            "dimension",
-            "direction_cosine",
-            "trace_ratio",
-            "rel_error",
-            "kl",
-            "nat_projection",
-            "ef_projection",
-        ):
+        for metric, _ in LAYER_COLUMNS:
             row[metric] = run.value(run.key(metric, layer), step)
         rows.append(row)
     return rows
