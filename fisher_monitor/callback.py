@@ -24,9 +24,15 @@ from fisher_monitor.curvature.losses import (
     resolve_loss,
 )
 from fisher_monitor.curvature.network import is_lazy
-from fisher_monitor.measure import Measurement, Measurer
+from fisher_monitor.measure import BACKENDS, Measurement, Measurer, map_tensors, take_samples
+from fisher_monitor.metrics import damping_suffix
 from fisher_monitor.schedules import Schedule, every
-from fisher_monitor.settings import MeasureSettings, Structure
+from fisher_monitor.settings import (
+    MeasureSettings,
+    Structure,
+    is_whole_number,
+    primary_structure,
+)
 
 #: The heat-map image is redrawn at every this many measurements, and at the end of training.
 IMAGE_EVERY = 10
@@ -77,12 +83,6 @@ def default_batch_to_inputs_targets(batch: Any) -> tuple[Any, Tensor]:
         f"`FisherMonitor` cannot split a batch of type {type(batch).__name__} into "
         "(inputs, targets). Pass `batch_to_inputs_targets=lambda batch: (inputs, targets)`."
     )
-
-
-def _take(value: Any, count: int) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, count) for v in value)
-    return value[:count]
 
 
 def _batch_size(targets: Tensor) -> int:
@@ -214,6 +214,8 @@ class FisherMonitor(*_BASES):
         self.settings = MeasureSettings.create(
             structures, fisher, mc_samples, damping, damping_mode
         )
+        #: The structure whose direction cosines the heat map shows.
+        self._heatmap_structure = primary_structure(self.settings.structures).value
         if every_n_steps is not None and schedule is not None:
             raise ValueError(
                 "Pass either `every_n_steps` or `schedule` to `FisherMonitor`, not both."
@@ -229,9 +231,7 @@ class FisherMonitor(*_BASES):
             )
         if loss_fn is not None:
             resolve_loss(loss_fn)  # fail early on unsupported losses
-        if probe_size is not None and (
-            isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1
-        ):
+        if probe_size is not None and not is_whole_number(probe_size):
             raise ValueError(f"Invalid probe_size: {probe_size!r}. Use a positive integer or None.")
         if not isinstance(log_prefix, str):
             raise ValueError(f"Invalid log_prefix: {log_prefix!r}. Use a string.")
@@ -242,8 +242,6 @@ class FisherMonitor(*_BASES):
         self.batch_to_inputs_targets = batch_to_inputs_targets or default_batch_to_inputs_targets
         self.probe_size = probe_size
         self.probe_data = probe_data
-        from fisher_monitor.measure import BACKENDS
-
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
@@ -377,7 +375,7 @@ class FisherMonitor(*_BASES):
             )
         if distributed.is_distributed():  # each process takes its share of the probe set
             world, rank = torch.distributed.get_world_size(), distributed.rank()
-            inputs = _slice(inputs, slice(rank, None, world))
+            inputs = map_tensors(inputs, lambda t: t[rank::world])
             targets = targets[rank::world]
         return inputs, targets
 
@@ -406,7 +404,8 @@ class FisherMonitor(*_BASES):
                 f"`FisherMonitor` needs the targets as a tensor, got {type(targets).__name__}."
             )
         if self.probe_size is not None and _batch_size(targets) > self.probe_size:
-            inputs, targets = _take(inputs, self.probe_size), targets[: self.probe_size]
+            inputs = take_samples(inputs, self.probe_size)
+            targets = targets[: self.probe_size]
         return inputs, targets
 
     def _measure_and_log(
@@ -416,17 +415,15 @@ class FisherMonitor(*_BASES):
             self._prepare(pl_module)
         assert self._measurer is not None
         start = time.perf_counter()
+        problem = None
         try:
-            probe = self._probe_batch(batch)
-            ok = True
+            inputs, targets = self._probe_batch(batch)
         except Exception as error:  # noqa: BLE001 - reported below, training goes on
-            probe, ok = None, False
             problem = error
-        if not distributed.all_agree(ok):
-            if not ok:
+        if not distributed.all_agree(problem is None):
+            if problem is not None:
                 self._fail(step, problem)
             return
-        inputs, targets = probe
         try:
             measurement = self._measure(inputs, targets)
         except Exception as error:  # noqa: BLE001
@@ -442,7 +439,7 @@ class FisherMonitor(*_BASES):
             return self._measurer(inputs, targets, generator=self._generator)
         if self.settings.structures == (Structure.DIAG,):
             return self._measure_diagonal_distributed(inputs, targets)
-        joined_inputs = _map_tensors(inputs, distributed.gather_batch)
+        joined_inputs = map_tensors(inputs, distributed.gather_batch)
         joined_targets = distributed.gather_batch(targets)
         return self._measurer(joined_inputs, joined_targets, generator=self._generator)
 
@@ -553,15 +550,9 @@ class FisherMonitor(*_BASES):
                 for writer in tensorboard.tensorboard_writers(trainer.loggers):
                     self._log_image(writer, self._history[-1][0])
 
-    def _heatmap_structure(self) -> Structure:
-        for structure in (Structure.BLOCK, Structure.KRON, Structure.DIAG):
-            if structure in self.settings.structures:
-                return structure
-        raise AssertionError("no structure")  # pragma: no cover
-
     def _heatmap_values(self, measurement: Measurement) -> dict[str, float]:
-        structure = self._heatmap_structure().value
-        suffix = f"@{self.settings.dampings[0]!r}" if self.settings.several_dampings else ""
+        structure = self._heatmap_structure
+        suffix = damping_suffix(self.settings.dampings[0], self.settings.several_dampings)
         values = {}
         for name in [*measurement.layer_names, "all"]:
             key = f"{structure}/direction_cosine{suffix}/{name}"
@@ -578,7 +569,7 @@ class FisherMonitor(*_BASES):
         for j, (_, values) in enumerate(self._history):
             for i, name in enumerate(layers):
                 grid[i, j] = values.get(name, np.nan)
-        title = f"{self._heatmap_structure().value}: cos(natural gradient, EF direction)"
+        title = f"{self._heatmap_structure}: cos(natural gradient, EF direction)"
         return steps, layers, grid, title
 
     # ------------------------------------------------------------------ lifecycle
@@ -614,15 +605,3 @@ def _overrides_forward(module: nn.Module) -> bool:
             continue
         base_forwards.add(base.forward)
     return type(module).forward not in base_forwards
-
-
-def _slice(value: Any, index: slice) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_slice(v, index) for v in value)
-    return value[index]
-
-
-def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return fn(value)

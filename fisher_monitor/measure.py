@@ -227,7 +227,11 @@ class Measurer:
         while True:
             try:
                 measurement = self._measure_once(
-                    _take_batch(inputs, size), targets[:size], generator, all_reduce, keep_blocks
+                    take_samples(inputs, size),
+                    targets[:size],
+                    generator,
+                    all_reduce,
+                    keep_blocks,
                 )
                 break
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
@@ -282,7 +286,7 @@ class Measurer:
         settings, prepared = self.settings, self.prepared
         if settings.fisher is FisherType.MC:
             return settings.mc_samples
-        first = _take_batch(inputs, 1)
+        first = take_samples(inputs, 1)
         args = first if isinstance(first, (tuple, list)) else (first,)
         network = prepared.network
         with torch.no_grad(), forked_rng(prepared.device, 0), full_precision(prepared):
@@ -354,7 +358,6 @@ class Measurer:
         Returns:
             The measurement.
         """
-        start = time.perf_counter()
         settings = self.settings
         if all_reduce is not None and settings.structures != (Structure.DIAG,):
             raise ValueError("all_reduce is only supported for structures=('diag',).")
@@ -485,7 +488,6 @@ class Measurer:
         scalars["probe/loss"] = loss
         scalars["probe/batch_size"] = batch_size
         scalars["probe/grad_norm"] = float(torch.stack(grad_sq).sum().sqrt()) if grad_sq else 0.0
-        scalars["probe/seconds"] = time.perf_counter() - start
         return Measurement(
             scalars=scalars,
             layers=layers,
@@ -546,10 +548,16 @@ def _lowrank_block(factors: LayerFactors, gram_u: Tensor, dimension: int, dampin
     return lowrank_statistics(gram_u, gram_v, factors.gram_uv(), dimension, dampings)
 
 
-def _take_batch(inputs, count: int):
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(t[:count] for t in inputs)
-    return inputs[:count]
+def map_tensors(value, fn: Callable[[Tensor], Tensor]):
+    """Apply ``fn`` to a tensor, or to each tensor of a (nested) tuple or list of them."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return fn(value)
+
+
+def take_samples(value, count: int):
+    """The first ``count`` samples of an input tensor or of each of a tuple of them."""
+    return map_tensors(value, lambda t: t[:count])
 
 
 def _available_memory(device: torch.device) -> int | None:

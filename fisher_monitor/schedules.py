@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from fisher_monitor.settings import is_whole_number
+
 Schedule = Callable[[int], bool]
 
 
@@ -27,9 +29,9 @@ class every:  # noqa: N801 - reads as a function: schedules.every(50)
     """
 
     def __init__(self, n: int, offset: int = 0):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_whole_number(n):
             raise ValueError(f"Invalid interval n: {n!r}. Use a positive integer.")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        if not is_whole_number(offset, minimum=0):
             raise ValueError(f"Invalid offset: {offset!r}. Use a non-negative integer.")
         self.n = n
         self.offset = offset
@@ -60,11 +62,9 @@ class log_spaced:  # noqa: N801
     """
 
     def __init__(self, per_decade: int = 10, max_interval: int | None = None):
-        if isinstance(per_decade, bool) or not isinstance(per_decade, int) or per_decade < 1:
+        if not is_whole_number(per_decade):
             raise ValueError(f"Invalid per_decade: {per_decade!r}. Use a positive integer.")
-        if max_interval is not None and (
-            isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1
-        ):
+        if max_interval is not None and not is_whole_number(max_interval):
             raise ValueError(f"Invalid max_interval: {max_interval!r}. Use a positive integer.")
         self.per_decade = per_decade
         self.max_interval = max_interval

@@ -31,6 +31,21 @@ class DampingMode(str, Enum):
     ABSOLUTE = "absolute"
 
 
+#: When several structures are measured, the one verdicts and the heat map use.
+PRIMARY_ORDER: tuple[Structure, ...] = (Structure.BLOCK, Structure.KRON, Structure.DIAG)
+
+
+def primary_structure(structures: Iterable[str]) -> Structure | None:
+    """The first of :data:`PRIMARY_ORDER` among ``structures`` (``None`` when none is)."""
+    present = {Structure(s) for s in structures}
+    return next((s for s in PRIMARY_ORDER if s in present), None)
+
+
+def is_whole_number(value, minimum: int = 1) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _choice(enum: type[Enum], value, argument: str) -> Enum:
     try:
         return enum(value)
@@ -94,7 +109,7 @@ class MeasureSettings:
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"Invalid structures: {structures!r} lists a structure twice.")
         fisher_type = _choice(FisherType, fisher, "fisher")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        if not is_whole_number(mc_samples):
             raise ValueError(f"Invalid mc_samples: {mc_samples!r}. Use a positive integer.")
         several = not isinstance(damping, numbers.Real)
         values = tuple(damping) if several else (damping,)  # type: ignore[arg-type]

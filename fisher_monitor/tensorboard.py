@@ -14,21 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fisher_monitor.metrics import damping_suffix
+from fisher_monitor.metrics import METRICS, damping_suffix
 
-#: Metrics shown one chart each, layers side by side (all of DESIGN.md §3 but dimension).
+#: Metrics shown one chart each, layers side by side: all of DESIGN.md §3 but the
+#: dimension, the direction cosine first.
 LAYER_CHARTS = (
     "direction_cosine",
-    "trace_ratio",
-    "rel_error",
-    "matrix_cosine",
-    "kl",
-    "nat_grad_cosine",
-    "ef_grad_cosine",
-    "nat_projection",
-    "ef_projection",
-    "ef_projection_per_sample",
-    "damping",
+    *(metric for metric in METRICS if metric not in ("direction_cosine", "dimension")),
 )
 
 
@@ -120,7 +112,7 @@ def log_histograms(
             # 64 equal bins: TensorBoard's default exponential buckets cost 6× as much
             writer.add_histogram(
                 f"{prefix}/histograms/log10_ef_over_f/{layer}",
-                values.float().numpy(),
+                values.numpy(),
                 step,
                 bins=64,
             )

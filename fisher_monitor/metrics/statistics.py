@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-#: Metric names that do not depend on the damping λ.
-UNDAMPED_METRICS: tuple[str, ...] = ("trace_ratio", "rel_error", "matrix_cosine", "dimension")
 #: Metric names that depend on the damping λ (suffixed ``@λ`` with several dampings).
 DAMPED_METRICS: tuple[str, ...] = (
     "kl",
@@ -45,6 +43,8 @@ METRICS: tuple[str, ...] = (
     "dimension",
     "damping",
 )
+#: Metric names that do not depend on the damping λ.
+UNDAMPED_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in DAMPED_METRICS)
 
 
 @dataclass
