@@ -55,15 +55,14 @@ def trace_ratio_and_kl(runs: Sequence[Run]) -> Figure:
     """Whole-network trace ratio (log scale) and KL divergence over steps, runs overlaid."""
     figure = Figure(figsize=(WIDTH, 3.4), dpi=100, layout="constrained")
     left, right = figure.subplots(1, 2)
+    finite = []
     for run in runs:
         steps, ratios = run.series(run.key("trace_ratio"))
         left.plot(steps, ratios, marker=".", label=run.name)
+        finite += [v for v in ratios if np.isfinite(v) and v > 0]
         steps, kls = run.series(run.key("kl"))
         right.plot(steps, kls, marker=".", label=run.name)
     left.axhline(1.0, color="gray", linestyle=":")
-    finite = [
-        v for run in runs for v in run.series(run.key("trace_ratio"))[1] if np.isfinite(v) and v > 0
-    ]
     if finite and max(finite) / min(finite) > 3:  # log scale only where it helps
         left.set_yscale("log")
     left.set_title("tr EF / tr F (all layers)")

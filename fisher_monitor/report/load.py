@@ -10,21 +10,28 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from fisher_monitor.metrics import DAMPED_METRICS, METRICS
+from fisher_monitor.settings import Structure, primary_structure
 
-STRUCTURES = ("diag", "block", "kron")
+STRUCTURES = tuple(s.value for s in Structure)
 _EVENT_GLOB = "events.out.tfevents.*"
 _METRIC_TAG = re.compile(
-    r"^(?P<prefix>.+)/(?P<structure>diag|block|kron)/(?P<metric>[a-z_]+)(?P<damping>@[^/]+)?/(?P<layer>.+)$"
+    rf"^(?P<prefix>.+)/(?P<structure>{'|'.join(STRUCTURES)})/(?P<metric>[a-z_]+)"
+    r"(?P<damping>@[^/]+)?/(?P<layer>.+)$"
 )
 
 
 class ReportError(Exception):
     """Bad input for a report: the message is one line meant for the user."""
+
+
+class NoFisherDataError(ReportError):
+    """Event files without fisher-monitor scalars (a parent directory may skip them)."""
 
 
 @dataclass
@@ -67,21 +74,21 @@ class Run:
     notes: list[str] = field(default_factory=list)
     histograms: dict[str, list[Histogram]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def structures(self) -> list[str]:
         """Structures present, in the order diag, block, kron."""
         present = {key.split("/")[0] for key in self.scalars}
         return [s for s in STRUCTURES if s in present]
 
-    @property
+    @cached_property
     def primary_structure(self) -> str:
         """The structure verdicts are based on: block, else kron, else diag."""
-        for structure in ("block", "kron", "diag"):
-            if structure in self.structures:
-                return structure
-        raise ReportError(f"{self.name}: no structure found")  # pragma: no cover
+        structure = primary_structure(self.structures)
+        if structure is None:  # pragma: no cover - load_run only builds runs with data
+            raise ReportError(f"{self.name}: no structure found")
+        return structure.value
 
-    @property
+    @cached_property
     def dampings(self) -> list[str]:
         """Damping suffixes present (``[""]`` with one damping, else ``["@0.001", ...]``)."""
         suffixes = []
@@ -230,7 +237,7 @@ def load_run(name: str, directory: Path) -> Run:
         if (match := _METRIC_TAG.match(tag)) and match["metric"] in METRICS
     }
     if not prefixes:
-        raise ReportError(f"{directory}: no fisher-monitor data in these event files")
+        raise NoFisherDataError(f"{directory}: no fisher-monitor data in these event files")
     prefix = sorted(prefixes, key=len)[0]
     scalars: dict[str, list[tuple[int, float]]] = {}
     for tag in tags["scalars"]:
@@ -320,11 +327,10 @@ def load_runs(
             progress(name)
         try:
             runs.append(load_run(name, directory))
-        except ReportError as error:
-            if "no fisher-monitor data" in str(error) and len(found) > 1:
-                errors.append(str(error))
-                continue
-            raise
+        except NoFisherDataError as error:
+            if len(found) == 1:
+                raise
+            errors.append(str(error))
     if not runs:
         raise ReportError(errors[0] if errors else "no fisher-monitor data found")
     return runs
