@@ -396,8 +396,9 @@ class Measurer:
                     "measurement."
                 )
             local[info.name] = (fisher_diag, empirical_diag, gradient)
-            if keep_blocks:
-                blocks[info.name] = tuple(t.detach().cpu() for t in factors.dense_blocks())
+            dense = factors.dense_blocks() if keep_blocks else None
+            if dense is not None:
+                blocks[info.name] = tuple(t.detach().cpu() for t in dense)
             if not statistics:
                 return
             dampings, fell_back = relative_dampings(
@@ -408,7 +409,9 @@ class Measurer:
             gram_u = None
             if Structure.BLOCK in statistics:
                 if factors.prefers_dense():
-                    block = dense_statistics(*factors.dense_blocks(), dampings)
+                    block = dense_statistics(
+                        *(dense if dense is not None else factors.dense_blocks()), dampings
+                    )
                 else:
                     gram_u = factors.gram_u()
                     block = _lowrank_block(factors, gram_u, info.dimension, dampings)
@@ -418,13 +421,12 @@ class Measurer:
                 if kron is None:
                     kron_skipped.append(f"{info.name} ({info.module_type})")
                     return
-                kron_dampings = dampings  # λ_b from tr F_b, as for the other structures
                 statistics[Structure.KRON][info.name] = kronecker_statistics(
                     kron.input_factor,
                     kron.output_factor,
                     kron.samples,
                     factors.gram_u() if gram_u is None else gram_u,
-                    kron_dampings,
+                    dampings,  # λ_b from tr F_b, as for the other structures
                     input_root=kron.input_root,
                     output_root=kron.output_root,
                 )

@@ -174,6 +174,7 @@ class MaterializedFactors(LayerFactors):
         self.dtype = dtype
         self.num_samples, self.dimension = per_sample.shape
         self.num_columns = sqrt.shape[0]
+        self._casted_factors: tuple[Tensor, Tensor] | None = None
 
     def mean_gradient(self) -> Tensor:  # noqa: D102
         return self.per_sample.mean(dim=0).to(self.dtype)
@@ -184,25 +185,25 @@ class MaterializedFactors(LayerFactors):
             self.per_sample.square().mean(dim=0).to(self.dtype),
         )
 
-    def _cast(self) -> tuple[Tensor, Tensor]:
-        if getattr(self, "_casted_factors", None) is None:
+    def _casted(self) -> tuple[Tensor, Tensor]:
+        if self._casted_factors is None:
             self._casted_factors = (self.per_sample.to(self.dtype), self.sqrt.to(self.dtype))
         return self._casted_factors
 
     def gram_u(self) -> Tensor:  # noqa: D102
-        u, _ = self._cast()
+        u, _ = self._casted()
         return u @ u.T / self.num_samples
 
     def gram_v(self) -> Tensor:  # noqa: D102
-        _, v = self._cast()
+        _, v = self._casted()
         return v @ v.T
 
     def gram_uv(self) -> Tensor:  # noqa: D102
-        u, v = self._cast()
+        u, v = self._casted()
         return u @ v.T / self.num_samples**0.5
 
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
-        u, v = self._cast()
+        u, v = self._casted()
         return v.T @ v, u.T @ u / self.num_samples, u.mean(dim=0)
 
 
@@ -236,7 +237,7 @@ class OuterProductFactors(LayerFactors):
         self.out_features = output_grads.shape[1]
         self.num_columns = sqrt.shape[0] * sqrt.shape[1]
         self.dimension = self.in_features * self.out_features
-        self._cast: tuple[Tensor, Tensor, Tensor] | None = None
+        self._casted_factors: tuple[Tensor, Tensor, Tensor] | None = None
         self._input_gram: Tensor | None = None
 
     @property
@@ -255,9 +256,9 @@ class OuterProductFactors(LayerFactors):
         return self._casted()[2]
 
     def _casted(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self._cast is None:
-            self._cast = tuple(t.to(self.dtype) for t in self.raw)  # type: ignore[assignment]
-        return self._cast  # type: ignore[return-value]
+        if self._casted_factors is None:
+            self._casted_factors = tuple(t.to(self.dtype) for t in self.raw)  # type: ignore[assignment]
+        return self._casted_factors  # type: ignore[return-value]
 
     def _order(self, matrix: Tensor) -> Tensor:
         return to_parameter_order(matrix, self.weight_columns, self.has_bias)
@@ -352,7 +353,6 @@ class WeightSharingFactors(MaterializedFactors):
         # every Gram matrix is then formed in `dtype` from these same tensors, so the Grams
         # stay mutually consistent
         self.inputs = inputs
-        self.output_grads = output_grads
         self.sqrt_at_output = sqrt
         self.sample_matrices = torch.einsum("nto,nti->noi", output_grads, inputs)
         per_sample = to_parameter_order(self.sample_matrices, weight_columns, has_bias)

@@ -381,7 +381,6 @@ class PreparedNetwork(ShadowNetwork):
                 f"{', '.join(reparametrised)}: BackPACK sees the computed weight, not the "
                 "parameters the optimizer trains. The torch.func backend measures them."
             )
-        self.extension_probe = FactorCapture(exact=True)
         convert = not _is_plain_tree(model) if use_converter == "auto" else bool(use_converter)
         handles_before = len(CTX.hook_handles)
         if convert:
@@ -417,10 +416,9 @@ class PreparedNetwork(ShadowNetwork):
         self.loss_module = extend(loss.make_module())
         self._handles = CTX.hook_handles[handles_before:]
         self._layer_modules = self._map_layer_modules(network)
-        self._coefficients: Callable[[], Tensor | None] | None = None
 
     def _check_supported(self, network: nn.Module, names_of_copy: dict[int, str]) -> None:
-        supported = self.extension_probe.supported_modules
+        supported = FactorCapture(exact=True).supported_modules
         offending = []
         for name, module in network.named_modules():
             if list(module.children()) or isinstance(module, nn.Sequential):
@@ -504,33 +502,32 @@ class PreparedNetwork(ShadowNetwork):
         extension = FactorCapture(exact=exact, mc_samples=mc_samples)
         measured: list[str] = []
         batch_size = targets.shape[0]
+        coefficients = None  # β of U = VB, computed lazily (exact Fisher only)
 
         def hook(module: nn.Module) -> None:
             info = self._layer_modules.get(id(module))
             if info is None:
                 return
-            factors = self._factors(module, batch_size, dtype)
+            factors = self._capture_factors(module, batch_size, dtype)
+            factors.sqrt_coefficients = coefficients
             measured.append(info.name)
             on_layer(info, factors)
 
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         try:
-            with _forked_rng(self.device, seed), warnings.catch_warnings(), full_precision(self):
+            with forked_rng(self.device, seed), warnings.catch_warnings(), full_precision(self):
                 warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
                 with torch.enable_grad():
                     outputs = self.network(*args)
-                    _check_outputs(outputs)
+                    check_outputs(outputs)
                     self.loss.check_batch(outputs, targets)
                     loss = self.loss_module(outputs, targets)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"The probe loss is {loss.item()!r}; skipping the measurement."
                         )
-                    self._coefficients = (
-                        _lazy(self.loss.sqrt_coefficients, outputs.detach(), targets)
-                        if exact
-                        else None
-                    )
+                    if exact:
+                        coefficients = lazy(self.loss.sqrt_coefficients, outputs.detach(), targets)
                     with backpack(extension, extension_hook=hook):
                         loss.backward()
         finally:
@@ -540,11 +537,6 @@ class PreparedNetwork(ShadowNetwork):
             for p in self._copy_params:
                 p.grad = None
         return PassResult(loss=float(loss.detach()), batch_size=batch_size, measured=measured)
-
-    def _factors(self, module: nn.Module, batch_size: int, dtype: torch.dtype) -> LayerFactors:
-        factors = self._capture_factors(module, batch_size, dtype)
-        factors.sqrt_coefficients = self._coefficients
-        return factors
 
     def _capture_factors(
         self, module: nn.Module, batch_size: int, dtype: torch.dtype
@@ -590,7 +582,8 @@ class PreparedNetwork(ShadowNetwork):
         self._handles = []
 
 
-def _check_outputs(outputs) -> None:
+def check_outputs(outputs) -> None:
+    """Raise a clear error unless the network returned one tensor (the loss input)."""
     if not isinstance(outputs, Tensor):
         raise TypeError(
             "The measured network must return one tensor, the input of the loss, got a "
@@ -599,7 +592,7 @@ def _check_outputs(outputs) -> None:
         )
 
 
-def _lazy(function: Callable, *args) -> Callable[[], object]:
+def lazy(function: Callable, *args) -> Callable[[], object]:
     """A zero-argument function that calls ``function(*args)`` once, when first needed."""
     cache: list = []
 
@@ -624,7 +617,7 @@ def full_precision(network: ShadowNetwork) -> Iterator[None]:
 
 
 @contextmanager
-def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+def forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Run with the global RNG (CPU and the network's CUDA device) seeded, then restore it."""
     cuda = device.type == "cuda"
     index = (
@@ -662,7 +655,3 @@ __all__ = [
     "seed_from",
     "shadow_copy",
 ]
-
-forked_rng = _forked_rng
-lazy = _lazy
-check_outputs = _check_outputs

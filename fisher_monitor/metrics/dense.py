@@ -29,7 +29,11 @@ def _numerically_psd(eigenvalues: Tensor) -> Tensor:
 
 
 def dense_statistics(
-    fisher: Tensor, empirical: Tensor, gradient: Tensor, dampings: Sequence[float]
+    fisher: Tensor,
+    empirical: Tensor,
+    gradient: Tensor,
+    dampings: Sequence[float],
+    dimension: int | None = None,
 ) -> LayerStatistics:
     r"""Additive statistics of dense ``F_S`` against dense ``EF_S``.
 
@@ -42,6 +46,9 @@ def dense_statistics(
         empirical: ``D × D`` empirical Fisher block.
         gradient: Mean gradient, ``D`` entries.
         dampings: Damping values λ (> 0).
+        dimension: Number of parameters the block stands for (default: ``gradient``'s
+            size). Larger when the blocks are coordinates in a basis of a subspace outside
+            which F, EF and g vanish: there A and B are ``λI`` and add only to the dimension.
 
     Returns:
         The layer's additive statistics.
@@ -49,6 +56,7 @@ def dense_statistics(
     f = 0.5 * (fisher + fisher.T)
     e = 0.5 * (empirical + empirical.T)
     g = gradient.reshape(-1)
+    dimension = g.numel() if dimension is None else dimension
     alpha, q = torch.linalg.eigh(f)
     mu, p = torch.linalg.eigh(e)
     alpha, mu = _numerically_psd(alpha), _numerically_psd(mu)
@@ -65,7 +73,7 @@ def dense_statistics(
         logdet_term = torch.log1p(alpha / damping).sum() - torch.log1p(mu / damping).sum()
         damped.append(
             DampedStatistics(
-                damping_mass=torch.as_tensor(damping * g.numel(), dtype=g.dtype, device=g.device),
+                damping_mass=torch.as_tensor(damping * dimension, dtype=g.dtype, device=g.device),
                 kl=0.5 * (trace_term + logdet_term),
                 grad_sq=g.square().sum(),
                 nat_sq=nat.square().sum(),
@@ -77,7 +85,7 @@ def dense_statistics(
             )
         )
     return LayerStatistics(
-        dimension=g.numel(),
+        dimension=dimension,
         trace_f=torch.diagonal(f).sum(),
         trace_ef=torch.diagonal(e).sum(),
         frob_f_sq=f.square().sum(),

@@ -186,7 +186,6 @@ def kronecker_statistics(
     dimension = output_factor.shape[0] * input_factor.shape[0]
     rotated = _rotate(samples, out_basis, in_basis)
     residual_sq = _residual_square_norms(samples, rotated, out_basis, in_basis)
-    mean = _sample_sum(samples) / n  # g as an O × I matrix
     grad = _sample_sum(rotated) / n  # ĝ = Q_Gᵀ g Q_A
     grad_inside_sq = grad.square().sum()
     if residual_sq is None:
@@ -194,6 +193,7 @@ def kronecker_statistics(
         grad_residual_sq = torch.zeros_like(grad_inside_sq)
         grad_sq = grad_inside_sq
     else:
+        mean = _sample_sum(samples) / n  # g as an O × I matrix
         grad_residual = mean - out_basis.vectors @ grad @ in_basis.vectors.T
         grad_residual_sq = grad_residual.square().sum()
         grad_sq = grad_inside_sq + grad_residual_sq

@@ -178,7 +178,7 @@ def lowrank_statistics(
     - with ``coefficients`` ``B`` (``R × N``, ``U = VB``: each per-sample gradient written
       in the Fisher's own square-root columns, known exactly for the exact Fisher), the
       push-through identity ``A⁻¹V = V(λI + K_V)⁻¹`` gives ``A⁻¹g = V(λI + K_V)⁻¹Ba`` and
-      ``tr(UᵀA⁻¹U) = ‖B‖² − λ tr(Bᵀ(λI + K_V)⁻¹B)``, with no division by λ;
+      ``tr(UᵀA⁻¹U) = tr(Bᵀ(λI + K_V)⁻¹K_V B)``, with no division by λ;
     - otherwise the Woodbury formulas are used, and where they would lose more than half
       the digits the statistics are recomputed densely in an orthonormal basis of the
       joint range of ``U`` and ``V`` (:func:`joint_basis_statistics`).
@@ -214,7 +214,6 @@ def lowrank_statistics(
         gradient_coefficients = coefficients @ a  # g = V B a
         w = gram_v @ gradient_coefficients  # Vᵀg
         grad_sq = gradient_coefficients @ w
-        k_coefficients = gram_uv.T  # VᵀU = K_V B
     else:
         grad_sq = a @ (gram_u @ a)
         w = gram_uv.T @ a  # Vᵀg
@@ -223,18 +222,18 @@ def lowrank_statistics(
         fisher_factor = factor_damped_gram(gram_v, damping)
         ef = empirical_solve(gram_u, damping)
         trace_v = r - damping * fisher_factor.trace_inverse
+        c = fisher_factor.solve(w)  # (λI + K_V)⁻¹Vᵀg
         if coefficients is not None:
             # A⁻¹g = V(λI + K_V)⁻¹b; every product is arranged to act on K_V b first, so
-            # components of b in the null space of K_V (which V ignores) are never divided by λ
-            c = fisher_factor.solve(w)  # (λI + K_V)⁻¹K_V b = K_V (λI + K_V)⁻¹ b
+            # components of b in the null space of K_V (which V ignores) are never divided by λ;
+            # here c = (λI + K_V)⁻¹K_V b = K_V (λI + K_V)⁻¹ b
             nat_projection = gradient_coefficients @ c
             nat_sq = gradient_coefficients @ fisher_factor.solve(c)
             nat_ef = c @ (coefficients @ ef.coefficients)
             trace_u = (
-                fisher_factor.half_solve(coefficients) * fisher_factor.half_solve(k_coefficients)
-            ).sum()  # tr(Bᵀ(λI + K_V)⁻¹K_V B)
+                fisher_factor.half_solve(coefficients) * fisher_factor.half_solve(gram_uv.T)
+            ).sum()  # tr(Bᵀ(λI + K_V)⁻¹K_V B), with VᵀU = K_V B
         else:
-            c = fisher_factor.solve(w)
             w_c = w @ c
             residual_sq = grad_sq - 2.0 * w_c + c @ (gram_v @ c)  # ‖g − Vc‖² = λ²‖A⁻¹g‖²
             if residual_sq <= 1e-8 * grad_sq or grad_sq - w_c <= 1e-8 * grad_sq:
@@ -289,10 +288,6 @@ def joint_basis_statistics(
     coordinates = to_basis @ joint  # columns: V's, then U's, in the basis
     v_basis, u_basis = coordinates[:, :r], coordinates[:, r:]
     a = torch.full((n,), n**-0.5, dtype=gram_u.dtype, device=gram_u.device)
-    stats = dense_statistics(v_basis @ v_basis.T, u_basis @ u_basis.T, u_basis @ a, dampings)
-    stats.dimension = dimension
-    for damped, damping in zip(stats.damped, dampings, strict=True):
-        damped.damping_mass = torch.as_tensor(
-            damping * dimension, dtype=gram_u.dtype, device=gram_u.device
-        )
-    return stats
+    return dense_statistics(
+        v_basis @ v_basis.T, u_basis @ u_basis.T, u_basis @ a, dampings, dimension=dimension
+    )
