@@ -110,7 +110,7 @@ def sync(device: torch.device) -> None:
 
 
 class Case:
-    """A named callable to time, with an optional one-off setup excluded from timing."""
+    """A named callable to time; ``group`` says how the table treats it."""
 
     def __init__(self, label: str, run: Callable[[], None], group: str):
         self.label = label

@@ -165,7 +165,7 @@ def _format_cell(metric: str, value) -> str:
     return _format_int(value) if metric == "dimension" else _format(value)
 
 
-def _context(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> dict:
+def _context(runs: Sequence[Run], title: str) -> dict:
     from fisher_monitor import __version__
 
     entries = []
@@ -199,10 +199,6 @@ def _context(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) ->
         "thresholds": THRESHOLDS,
         "layer_columns": LAYER_COLUMNS,
         "setting_keys": [k for k in SETTING_KEYS if any(k in run.settings for run in runs)],
-        "figures": [
-            {"name": f.name, "caption": f.caption, "data": base64.b64encode(f.data).decode()}
-            for f in rendered
-        ],
     }
 
 
@@ -226,7 +222,12 @@ def _environment() -> jinja2.Environment:
 
 def render_html(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
     """The self-contained HTML report (figures embedded as data URIs)."""
-    return _environment().get_template("report.html.j2").render(**_context(runs, title, rendered))
+    figures_base64 = [
+        {"name": f.name, "caption": f.caption, "data": base64.b64encode(f.data).decode()}
+        for f in rendered
+    ]
+    context = _context(runs, title)
+    return _environment().get_template("report.html.j2").render(**context, figures=figures_base64)
 
 
 def _md_escape(text: str) -> str:
@@ -235,7 +236,7 @@ def _md_escape(text: str) -> str:
 
 def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
     """``report.md``: the same verdicts and tables, figures as PNG files next to it."""
-    context = _context(runs, title, rendered)
+    context = _context(runs, title)
     lines = [f"# {_md_escape(title)}", ""]
     for run in context["runs"]:
         lines += [f"## {_md_escape(run['name'])}", ""]
