@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from fisher_monitor import distributed, tensorboard
+from fisher_monitor.batching import map_tensors, take_samples
 from fisher_monitor.curvature.losses import (
     SUPPORTED_LOSSES,
     LossSpec,
@@ -24,7 +25,8 @@ from fisher_monitor.curvature.losses import (
     resolve_loss,
 )
 from fisher_monitor.curvature.network import is_lazy
-from fisher_monitor.measure import BACKENDS, Measurement, Measurer, map_tensors, take_samples
+from fisher_monitor.engine import BACKENDS, Measurer
+from fisher_monitor.measurement import Measurement
 from fisher_monitor.metrics import damping_suffix
 from fisher_monitor.schedules import Schedule, every
 from fisher_monitor.settings import (

@@ -393,7 +393,7 @@ def test_distributed_diagonal_reduction_joins_batches_exactly():
     for the diagonals, the gradient and the loss ("mean" averages, "sum" adds)."""
     from types import SimpleNamespace
 
-    from fisher_monitor.measure import _reduce_diagonals
+    from fisher_monitor.engine.measurer import _reduce_diagonals
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()

@@ -6,17 +6,14 @@ Nothing here knows about BackPACK, models or losses: every function takes tensor
 :func:`~fisher_monitor.metrics.statistics.finalize` turns into the metrics of DESIGN.md §3.
 """
 
+from fisher_monitor.keys import DAMPED_METRICS, METRICS, UNDAMPED_METRICS, damping_suffix
 from fisher_monitor.metrics.dense import dense_statistics
 from fisher_monitor.metrics.diagonal import diagonal_statistics
 from fisher_monitor.metrics.kronecker import OuterSamples, kronecker_statistics
 from fisher_monitor.metrics.lowrank import lowrank_statistics
 from fisher_monitor.metrics.statistics import (
-    DAMPED_METRICS,
-    METRICS,
-    UNDAMPED_METRICS,
     DampedStatistics,
     LayerStatistics,
-    damping_suffix,
     finalize,
     sum_statistics,
 )

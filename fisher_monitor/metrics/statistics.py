@@ -17,34 +17,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-#: Metric names that depend on the damping λ (suffixed ``@λ`` with several dampings).
-DAMPED_METRICS: tuple[str, ...] = (
-    "kl",
-    "direction_cosine",
-    "nat_grad_cosine",
-    "ef_grad_cosine",
-    "nat_projection",
-    "ef_projection",
-    "ef_projection_per_sample",
-    "damping",
-)
-#: Every metric key, in the order the reports list them.
-METRICS: tuple[str, ...] = (
-    "trace_ratio",
-    "rel_error",
-    "matrix_cosine",
-    "kl",
-    "direction_cosine",
-    "nat_grad_cosine",
-    "ef_grad_cosine",
-    "nat_projection",
-    "ef_projection",
-    "ef_projection_per_sample",
-    "dimension",
-    "damping",
-)
-#: Metric names that do not depend on the damping λ.
-UNDAMPED_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in DAMPED_METRICS)
+from fisher_monitor.keys import damping_suffix
 
 
 @dataclass
@@ -138,19 +111,6 @@ def sum_statistics(statistics: Sequence[LayerStatistics]) -> LayerStatistics:
     for stat in statistics[1:]:
         total = total + stat
     return total
-
-
-def damping_suffix(damping: float, several: bool) -> str:
-    """Return the key suffix for a damping value: ``""`` or ``"@{value}"``.
-
-    Args:
-        damping: The damping value.
-        several: Whether several damping values are reported.
-
-    Returns:
-        ``"@" + repr(float(damping))`` when ``several``, else the empty string.
-    """
-    return f"@{float(damping)!r}" if several else ""
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fisher_monitor.metrics import DAMPED_METRICS, METRICS
+from fisher_monitor.keys import DAMPED_METRICS, METRICS
 from fisher_monitor.settings import Structure, primary_structure
 
 STRUCTURES = tuple(s.value for s in Structure)

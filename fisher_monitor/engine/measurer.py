@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from fisher_monitor.batching import batch_on_device, take_samples
 from fisher_monitor.curvature.factors import LayerFactors
 from fisher_monitor.curvature.functorch_backend import FunctorchNetwork
 from fisher_monitor.curvature.losses import LossKind, LossSpec, resolve_loss
@@ -31,6 +31,7 @@ from fisher_monitor.curvature.network import (
     is_lazy,
     seed_from,
 )
+from fisher_monitor.measurement import Measurement
 from fisher_monitor.metrics import (
     LayerStatistics,
     dense_statistics,
@@ -48,57 +49,6 @@ ALL = "all"
 BACKENDS = ("auto", "backpack", "functorch")
 #: Largest layer whose dense blocks ``keep_blocks=True`` will form.
 MAX_KEPT_BLOCK = 8192
-
-
-@dataclass
-class Measurement:
-    """The result of one measurement.
-
-    Attributes:
-        scalars: Metric values under ``"{structure}/{metric}/{layer}"`` (DESIGN.md §3),
-            including ``"{structure}/{metric}/all"``, plus ``"probe/loss"``,
-            ``"probe/batch_size"``, ``"probe/grad_norm"`` and ``"probe/seconds"``.
-        layers: The measured layers in forward (``named_modules``) order.
-        diagonals: Per layer name, ``(diag F, diag EF)`` as float64 CPU tensors in
-            ``named_parameters`` order.
-        settings: The settings used (plain data).
-        notes: Things the user should know about this measurement (e.g. a BatchNorm
-            layer measured in eval mode, a layer without Kronecker factors).
-        coverage: Per layer: ``{"layer", "type", "parameters", "dimension", "backend",
-            "measured", "reason"}`` — which parameters were measured, by which backend
-            (``"backpack"`` or ``"functorch"``), and why a layer was not.
-        blocks: With ``keep_blocks=True``: per layer name, the dense ``(F_b, EF_b, g_b)``
-            (``D_b × D_b``, ``D_b × D_b``, ``D_b``) as float64 CPU tensors; else empty.
-    """
-
-    scalars: dict[str, float]
-    layers: list[LayerInfo]
-    diagonals: dict[str, tuple[Tensor, Tensor]]
-    settings: dict
-    notes: list[str] = field(default_factory=list)
-    blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
-    coverage: list[dict] = field(default_factory=list)
-
-    def __getitem__(self, key: str) -> float:
-        """Return the scalar stored under ``key``.
-
-        Raises:
-            KeyError: With a hint listing similar keys.
-        """
-        try:
-            return self.scalars[key]
-        except KeyError:
-            parts = key.split("/")
-            similar = [k for k in self.scalars if parts and k.startswith(parts[0] + "/")][:8]
-            raise KeyError(f"No scalar {key!r}. Similar keys: {similar}") from None
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.scalars
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Names of the measured layers, forward order."""
-        return [layer.name for layer in self.layers]
 
 
 def relative_dampings(
@@ -211,7 +161,7 @@ class Measurer:
         start = time.perf_counter()
         prepared = self.prepared
         prepared.sync()
-        inputs, targets = _batch_on_device(
+        inputs, targets = batch_on_device(
             inputs, targets, prepared.device, prepared.parameter_dtype
         )
         notes: list[str] = []
@@ -550,18 +500,6 @@ def _lowrank_block(factors: LayerFactors, gram_u: Tensor, dimension: int, dampin
     return lowrank_statistics(gram_u, gram_v, factors.gram_uv(), dimension, dampings)
 
 
-def map_tensors(value, fn: Callable[[Tensor], Tensor]):
-    """Apply ``fn`` to a tensor, or to each tensor of a (nested) tuple or list of them."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return fn(value)
-
-
-def take_samples(value, count: int):
-    """The first ``count`` samples of an input tensor or of each of a tuple of them."""
-    return map_tensors(value, lambda t: t[:count])
-
-
 def _available_memory(device: torch.device) -> int | None:
     """Half of the memory available now (CUDA: free device memory; Linux: MemAvailable)."""
     if device.type == "cuda":
@@ -620,36 +558,6 @@ def _reduce_diagonals(local, all_layers, loss, batch_size, all_reduce, summed_lo
         if measured_somewhere:
             reduced[info.name] = tuple(tensors)
     return reduced, joined_loss, total_size
-
-
-def _batch_on_device(inputs, targets, device: torch.device, dtype: torch.dtype):
-    """Validate the probe batch, move it to the network's device, match its float type.
-
-    Floating-point inputs are cast to the type the network computes in (e.g. float64
-    inputs for a float32 network, or a half-precision network measured in float32);
-    integer inputs (token ids for an embedding) are left as they are.
-    """
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}.")
-    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    for tensor in tensors:
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"inputs must be tensors, got {type(tensor).__name__}.")
-    batch = targets.shape[0] if targets.dim() else None
-    if batch is None:
-        raise ValueError("targets must have a batch dimension, got a scalar.")
-    if batch == 0:
-        raise ValueError("The probe batch is empty (0 samples): nothing to measure.")
-    for tensor in tensors:
-        if tensor.dim() == 0 or tensor.shape[0] != batch:
-            raise ValueError(
-                f"inputs of shape {tuple(tensor.shape)} and targets of shape "
-                f"{tuple(targets.shape)} disagree on the batch size."
-            )
-    moved = tuple(
-        t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in tensors
-    )
-    return (moved if isinstance(inputs, (tuple, list)) else moved[0]), targets.to(device)
 
 
 def measure(
