@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint format bench demo clean
+.PHONY: help venv test lint format bench demo docs clean
 
 help:
 	@echo "make demo   - create .venv, train on digits with FisherMonitor, write TensorBoard logs and a report"
@@ -42,5 +42,8 @@ bench: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py --demo
 
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs reports benchmarks/results examples/output
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs reports benchmarks/results examples/output site
