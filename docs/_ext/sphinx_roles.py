@@ -9,7 +9,7 @@ loaded by ``mkdocs.yml``, rewrites them before rendering:
 - a ``.. math::`` block → a fenced code block holding the formula as written;
 - a doctest (lines from ``>>>`` to the next blank line) → a fenced ``pycon`` block, so
   that its output (``[0, 3, 6]``) is not read as Markdown (a link, a quote);
-- ``Example::`` (reStructuredText's literal-block marker) → ``Example:``.
+- a line ending in ``::`` (reStructuredText's literal-block marker) ends in ``:``.
 
 Roles become plain inline code rather than links so that a renamed or private target never
 breaks the ``--strict`` build.
@@ -83,6 +83,8 @@ class SphinxMarkup(griffe.Extension):
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:  # noqa: D102
         if obj.docstring is None:
             return
-        value = _ROLE.sub(_role, obj.docstring.value)
-        value = re.sub(r"^(\s*\w[\w ]*)::\s*$", r"\1:", value, flags=re.MULTILINE)
-        obj.docstring.value = _doctests(_math_blocks(value))
+        value = _math_blocks(_ROLE.sub(_role, obj.docstring.value))
+        # reStructuredText's literal-block marker: "…order)::" reads "…order):"; the
+        # indented block after it is a Markdown code block already
+        value = re.sub(r"::[ \t]*$", ":", value, flags=re.MULTILINE)
+        obj.docstring.value = _doctests(value)
