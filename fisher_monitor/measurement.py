@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from fisher_monitor.curvature.network import LayerInfo
+from fisher_monitor.curvature.layers import LayerInfo
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The identities of DESIGN.md §4, each as its own test."""
+"""The identities of the theory page (docs/theory.md), each as its own test."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from fisher_monitor import measure
-from fisher_monitor.curvature import PreparedNetwork, resolve_loss
-from fisher_monitor.curvature.network import seed_from
+from fisher_monitor.curvature.backpack_backend import BackpackNetwork
+from fisher_monitor.likelihoods import resolve_loss
+from fisher_monitor.curvature.passes import seed_from
 
 
 def collect_factors(model, loss_fn, inputs, targets, exact=True):
     """Run one pass and keep every layer's factors (test helper)."""
-    prepared = PreparedNetwork(model, resolve_loss(loss_fn))
+    prepared = BackpackNetwork(model, resolve_loss(loss_fn))
     prepared.sync()
     factors = {}
     try:

@@ -195,14 +195,16 @@ def test_out_of_memory_is_retried_on_half_the_samples(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3))
     inputs, targets = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    original = Measurer._measure_once
+    from fisher_monitor.engine import measurer as measurer_module
 
-    def pretend(self, inputs, targets, *args, **kwargs):
+    original = measurer_module.measure_once
+
+    def pretend(prepared, settings, inputs, targets, *args, **kwargs):
         if targets.shape[0] > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, inputs, targets, *args, **kwargs)
+        return original(prepared, settings, inputs, targets, *args, **kwargs)
 
-    monkeypatch.setattr(Measurer, "_measure_once", pretend)
+    monkeypatch.setattr(measurer_module, "measure_once", pretend)
     m = measure(model, nn.CrossEntropyLoss(), inputs, targets)
     assert m["probe/batch_size"] == 4
     assert [n for n in m.notes if "ran out of memory" in n] == [
@@ -393,7 +395,7 @@ def test_distributed_diagonal_reduction_joins_batches_exactly():
     for the diagonals, the gradient and the loss ("mean" averages, "sum" adds)."""
     from types import SimpleNamespace
 
-    from fisher_monitor.engine.measurer import _reduce_diagonals
+    from fisher_monitor.engine.packing import reduce_diagonals
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
@@ -412,19 +414,19 @@ def test_distributed_diagonal_reduction_joins_batches_exactly():
         for part in (slice(0, 4), slice(4, 10)):
             m = measure(model, loss, x[part], y[part], **kwargs)
             local = {n: (*m.diagonals[n], m.blocks[n][2]) for n in ("0", "2")}
-            _reduce_diagonals(
+            reduce_diagonals(
                 local, layers, m["probe/loss"], m["probe/batch_size"], record, reduction == "sum"
             )
         # a process where no gradient reached layer "2" still sends a tensor of the same size
         m = measure(model, loss, x[4:], y[4:], **kwargs)
         partial = {"0": (*m.diagonals["0"], m.blocks["0"][2])}
-        _reduce_diagonals(
+        reduce_diagonals(
             partial, layers, m["probe/loss"], m["probe/batch_size"], record, reduction == "sum"
         )
         assert flats[2].shape == flats[1].shape
         # the all-reduce: the sum of both processes' tensors
         total = flats[0] + flats[1]
-        reduced, joined_loss, size = _reduce_diagonals(
+        reduced, joined_loss, size = reduce_diagonals(
             {}, layers, 0.0, 0.0, lambda flat: total, reduction == "sum"
         )
         assert size == 10

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fisher_monitor import measure
-from fisher_monitor.curvature import UnsupportedLossError
+from fisher_monitor.likelihoods import UnsupportedLossError
 
 
 @pytest.fixture

@@ -1,37 +1,10 @@
-"""Per-layer factors of F and EF for one probe batch (BackPACK, or torch.func as a fallback).
+"""Per-layer factors of F and EF for one probe batch: the only code that imports BackPACK
+or uses ``torch.func`` transforms on the model.
 
-The only code that imports BackPACK or uses ``torch.func`` transforms on the model.
+- :mod:`~fisher_monitor.curvature.layers`: which modules are layers, and their names;
+- :mod:`~fisher_monitor.curvature.shadow`: the hook-free shadow copy of the network;
+- :mod:`~fisher_monitor.curvature.backends`: the backend contract and registry;
+- :mod:`~fisher_monitor.curvature.backpack_backend`, :mod:`~fisher_monitor.curvature.
+  functorch_backend`: the two backends;
+- :mod:`~fisher_monitor.curvature.factors`: the per-layer factor representations.
 """
-
-from fisher_monitor.curvature.factors import (
-    KroneckerFactors,
-    LayerFactors,
-    MaterializedFactors,
-    OuterProductFactors,
-    WeightSharingFactors,
-)
-from fisher_monitor.curvature.functorch_backend import FunctorchNetwork
-from fisher_monitor.curvature.losses import LossKind, LossSpec, UnsupportedLossError, resolve_loss
-from fisher_monitor.curvature.network import (
-    LayerInfo,
-    PreparedNetwork,
-    ShadowNetwork,
-    find_layers,
-)
-
-__all__ = [
-    "FunctorchNetwork",
-    "KroneckerFactors",
-    "LayerFactors",
-    "LayerInfo",
-    "LossKind",
-    "LossSpec",
-    "MaterializedFactors",
-    "OuterProductFactors",
-    "PreparedNetwork",
-    "ShadowNetwork",
-    "UnsupportedLossError",
-    "WeightSharingFactors",
-    "find_layers",
-    "resolve_loss",
-]

@@ -21,7 +21,14 @@ Three representations, chosen by layer type:
 
 A bias is handled as an extra input column of ones, the usual augmentation; the
 conversion to ``named_parameters`` order happens only where a per-parameter layout
-is returned (diagonals, mean gradient, dense blocks).
+is returned (diagonals, mean gradient, dense blocks, directions).
+
+The per-sample gradients never come from the network's own backward pass: the backends
+push the loss side (see :mod:`fisher_monitor.likelihoods`) through the network, and
+:class:`ColumnSplit` turns the backpropagated columns into ``V`` and ``U``. For the exact
+Fisher ``U = VB`` with the closed-form coefficients ``B``, in float64, so the per-sample
+gradients lie in the range of the Fisher's square root by construction; for the
+Monte-Carlo Fisher the observed residual travels as one extra column.
 """
 
 from __future__ import annotations
@@ -37,6 +44,41 @@ from fisher_monitor.metrics.kronecker import OuterSamples
 
 
 @dataclass
+class ColumnSplit:
+    """How backpropagated loss-side columns split into ``V`` and the per-sample gradients.
+
+    Attributes:
+        fisher_columns: ``R_n``: the first columns per sample are ``V``'s.
+        coefficients: ``β`` (``N × R_n``, float64) with ``g_n/√N = Σ_r β_{n,r} v_{r,n}``
+            (exact Fisher); ``None`` when the last column is the observed residual.
+        dtype: Floating-point type of the per-sample gradients (float64).
+    """
+
+    fisher_columns: int
+    coefficients: Tensor | None
+    dtype: torch.dtype = torch.float64
+
+    def fisher(self, columns: Tensor) -> Tensor:
+        """The ``R_n`` columns of ``V`` (``(R_n, N, ...)``) from all columns ``(R, N, ...)``."""
+        return columns[: self.fisher_columns]
+
+    def per_sample(self, columns: Tensor) -> Tensor:
+        """Per-sample gradients at this point of the network, ``(N, ...)``, in :attr:`dtype`.
+
+        ``√N Σ_r β_{n,r} c_{r,n}`` for the exact Fisher, ``√N c_{last,n}`` otherwise (the
+        columns carry the ``1/√N`` of ``F = VVᵀ``).
+        """
+        n = columns.shape[1]
+        if self.coefficients is None:
+            return columns[-1].to(self.dtype) * n**0.5
+        fisher = columns[: self.fisher_columns].to(self.dtype)
+        beta = self.coefficients.to(device=fisher.device, dtype=self.dtype)
+        flat = fisher.reshape(self.fisher_columns, n, -1)
+        combined = torch.einsum("rnk,nr->nk", flat, beta) * n**0.5
+        return combined.reshape(fisher.shape[1:])
+
+
+@dataclass
 class KroneckerFactors:
     """Kronecker-factored Fisher ``G ⊗ A`` and the EF's per-sample gradients, same layout.
 
@@ -46,6 +88,7 @@ class KroneckerFactors:
         samples: Per-sample gradients as ``N × O × I`` or :class:`OuterSamples`.
         input_root: ``X`` with ``XᵀX = A`` (lets a wide factor be diagonalised via ``XXᵀ``).
         output_root: ``S`` with ``SᵀS = G``.
+        order: Maps an ``O × I`` matrix in this layout to ``named_parameters`` order.
     """
 
     input_factor: Tensor
@@ -53,6 +96,7 @@ class KroneckerFactors:
     samples: Tensor | OuterSamples
     input_root: Tensor | None = None
     output_root: Tensor | None = None
+    order: Callable[[Tensor], Tensor] | None = None
 
 
 class LayerFactors(ABC):
@@ -68,15 +112,15 @@ class LayerFactors(ABC):
     num_columns: int
     dimension: int
     dtype: torch.dtype
-    #: Returns ``β`` (``N × R_n``) with ``g_n = Σ_r v_{r,n} β_{n,r}`` (exact Fisher), or None
-    sqrt_coefficients: Callable[[], Tensor | None] | None = None
+    #: ``β`` (``N × R_n``) with ``g_n/√N = Σ_r β_{n,r} v_{r,n}`` (exact Fisher), else ``None``
+    coefficients: Tensor | None = None
 
     def coefficient_matrix(self) -> Tensor | None:
-        """``B`` (``R × N``) with ``U = VB``, from :attr:`sqrt_coefficients`; ``None`` if unknown.
+        """``B`` (``R × N``) with ``U = VB``, from :attr:`coefficients`; ``None`` if unknown.
 
         Column ``(r, n)`` of ``V`` sits at row ``r·N + n``, so ``B[r·N + n, n] = β_{n,r}``.
         """
-        beta = self.sqrt_coefficients() if self.sqrt_coefficients is not None else None
+        beta = self.coefficients
         if beta is None or beta.shape[0] != self.num_samples:
             return None
         n, columns = beta.shape
@@ -86,6 +130,14 @@ class LayerFactors(ABC):
         index = torch.arange(n, device=beta.device)
         matrix[:, index, index] = beta.T.to(self.dtype)
         return matrix.reshape(columns * n, n)
+
+    @abstractmethod
+    def v_combination(self, weights: Tensor) -> Tensor:
+        """``V w`` for ``R`` weights: a ``D`` vector in ``named_parameters`` order."""
+
+    @abstractmethod
+    def u_combination(self, weights: Tensor) -> Tensor:
+        """``U w`` for ``N`` weights: a ``D`` vector in ``named_parameters`` order."""
 
     @abstractmethod
     def mean_gradient(self) -> Tensor:
@@ -206,6 +258,12 @@ class MaterializedFactors(LayerFactors):
         u, v = self._casted()
         return v.T @ v, u.T @ u / self.num_samples, u.mean(dim=0)
 
+    def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
+        return weights.to(self.dtype) @ self._casted()[1]
+
+    def u_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
+        return weights.to(self.dtype) @ self._casted()[0] / self.num_samples**0.5
+
 
 class OuterProductFactors(LayerFactors):
     """Factors of a ``Linear`` layer on ``(N, I)`` inputs, kept as outer products.
@@ -273,15 +331,13 @@ class OuterProductFactors(LayerFactors):
         return self.sqrt.reshape(-1, self.out_features)  # column (r, n) at r * N + n
 
     def mean_gradient(self) -> Tensor:  # noqa: D102
-        inputs, output_grads, _ = self.raw
-        return self._order(output_grads.T @ inputs / self.num_samples).to(self.dtype)
+        return self._order(self.output_grads.T @ self.inputs / self.num_samples)
 
     def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
-        inputs, output_grads, sqrt = self.raw
-        left = torch.cat([sqrt.square().sum(dim=0), output_grads.square() / self.num_samples], 1)
-        both = left.T @ inputs.square()  # (2·O) × I: one product for F and EF
-        fisher, empirical = both[: self.out_features], both[self.out_features :]
-        return self._order(fisher).to(self.dtype), self._order(empirical).to(self.dtype)
+        inputs, _, sqrt = self.raw
+        fisher = sqrt.square().sum(dim=0).T @ inputs.square()  # in the network's type
+        empirical = (self.output_grads.square().T @ self.inputs.square()) / self.num_samples
+        return self._order(fisher).to(self.dtype), self._order(empirical)
 
     def gram_u(self) -> Tensor:  # noqa: D102
         return (self.output_grads @ self.output_grads.T) * self.input_gram() / self.num_samples
@@ -310,6 +366,15 @@ class OuterProductFactors(LayerFactors):
             per_sample.mean(dim=0),
         )
 
+    def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
+        w = weights.to(self.dtype).view(self.sqrt.shape[0], self.num_samples)
+        matrix = torch.einsum("rno,rn,ni->oi", self.sqrt, w, self.inputs)
+        return self._order(matrix)
+
+    def u_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
+        w = weights.to(self.dtype) / self.num_samples**0.5
+        return self._order((self.output_grads * w.unsqueeze(1)).T @ self.inputs)
+
     def kronecker(self) -> KroneckerFactors:  # noqa: D102
         s = self._flat_sqrt()
         root = self.inputs / self.num_samples**0.5
@@ -319,6 +384,7 @@ class OuterProductFactors(LayerFactors):
             samples=OuterSamples(self.output_grads, self.inputs),
             input_root=root,
             output_root=s,
+            order=self._order,
         )
 
 
@@ -330,7 +396,9 @@ class WeightSharingFactors(MaterializedFactors):
     KFAC-expand: ``A = (1/N) Σ_{n,t} x̃_{n,t} x̃_{n,t}ᵀ`` and
     ``G = (1/T) Σ_{r,n,t} s_{r,n,t} s_{r,n,t}ᵀ`` (``s`` already carries the ``1/√N``), so
     that ``G ⊗ A`` is exact for ``N = T = 1``. BackPACK's own ``KFLR``/``KFAC`` for
-    convolutions differ by the factor ``T`` (documented there as a known inconsistency).
+    convolutions sum the backpropagated square root over the positions *before* forming
+    the output factor, so the two conventions are not proportional in general (on LeNet-5
+    they differ by 60–81% after the best rescaling); ours is the KFC of the literature.
 
     Args:
         inputs: ``(N, T, I)`` augmented inputs.
@@ -354,7 +422,11 @@ class WeightSharingFactors(MaterializedFactors):
         # stay mutually consistent
         self.inputs = inputs
         self.sqrt_at_output = sqrt
-        self.sample_matrices = torch.einsum("nto,nti->noi", output_grads, inputs)
+        self.weight_columns = weight_columns
+        self.has_bias = has_bias
+        self.sample_matrices = torch.einsum(
+            "nto,nti->noi", output_grads, inputs.to(output_grads.dtype)
+        )
         per_sample = to_parameter_order(self.sample_matrices, weight_columns, has_bias)
         sqrt_matrices = torch.einsum("rnto,nti->rnoi", sqrt, inputs)
         flat_sqrt = to_parameter_order(sqrt_matrices, weight_columns, has_bias)
@@ -370,4 +442,5 @@ class WeightSharingFactors(MaterializedFactors):
             samples=self.sample_matrices.to(self.dtype),
             input_root=x,
             output_root=s,
+            order=lambda matrix: to_parameter_order(matrix, self.weight_columns, self.has_bias),
         )

@@ -1,159 +1,188 @@
 """The ``torch.func`` backend: the same per-layer factors for networks BackPACK cannot handle.
 
 Per sample n, with ``J_n`` the Jacobian of the network output ``f_n`` with respect to the
-trainable parameters (never formed), one vector-Jacobian product per column gives
-
-- the per-sample gradient ``g_n = J_nᵀ ∇_f ℓ(f_n, y_n)`` at the observed label, and
-- the Fisher's square-root columns ``J_nᵀ S_n`` with ``S_n S_nᵀ = ∇²_f ℓ_n`` (exact, see
-  :meth:`LossSpec.sqrt_hessian`), or ``J_nᵀ ∇_f ℓ(f_n, ŷ_m)/√M`` for labels ``ŷ_m`` drawn
-  from the model (Monte-Carlo).
+trainable parameters (never formed), one vector-Jacobian product per loss-side column
+(:mod:`fisher_monitor.likelihoods`, float64 closed forms cast to the network's type) gives
+the Fisher's square-root columns ``J_nᵀ S_n`` (exact) or ``J_nᵀ ∇_f ℓ(f_n, ŷ_m)/√M``
+(Monte-Carlo, with the observed residual as one more column); the per-sample gradients
+follow as for the BackPACK backend (:class:`~fisher_monitor.curvature.factors.ColumnSplit`).
+The loss side is computed inside the transform from the very output it differentiates, so
+dropout masks and the loss side always agree.
 
 ``vmap`` runs this over samples, in chunks so that memory stays bounded, and over columns.
 Any module ``torch.func`` can differentiate works: LayerNorm, attention, GELU, residual
-connections, functional calls. Each layer then gets :class:`MaterializedFactors`, so all
-metrics except the Kronecker structure (which needs layer inputs) are computed exactly as
-for the BackPACK backend.
+connections, functional calls, parametrizations, scalar parameters. Each layer then gets
+:class:`~fisher_monitor.curvature.factors.MaterializedFactors`, so all metrics except the
+Kronecker structure (which needs layer inputs) are computed exactly as for BackPACK.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from fisher_monitor.curvature.factors import LayerFactors, MaterializedFactors
-from fisher_monitor.curvature.losses import LossSpec
-from fisher_monitor.curvature.network import (
-    LayerInfo,
+from fisher_monitor.curvature.backends import Backend, LayerCallback
+from fisher_monitor.curvature.factors import ColumnSplit, MaterializedFactors
+from fisher_monitor.curvature.passes import (
     PassResult,
-    ShadowNetwork,
+    check_loss,
     check_outputs,
     forked_rng,
     full_precision,
-    lazy,
 )
+from fisher_monitor.likelihoods import LOSS_SIDE_DTYPE, Likelihood, loss_side
 
 #: Samples per vmap chunk by default; the memory guard may choose fewer.
 DEFAULT_CHUNK = 16
 
 
-class FunctorchNetwork(ShadowNetwork):
+class FunctorchNetwork(Backend):
     """A shadow copy measured with ``torch.func`` (no hooks, no BackPACK).
 
     Args:
         model: The caller's network (left untouched).
-        loss: Validated loss specification.
-        chunk_size: Samples per ``vmap`` chunk (bounds the memory of one chunk).
+        likelihood: The likelihood of the loss.
+        chunk_size: Samples per ``vmap`` chunk (bounds the memory of one chunk);
+            ``None`` for :data:`DEFAULT_CHUNK`.
     """
 
     backend = "functorch"
 
-    def __init__(self, model: nn.Module, loss: LossSpec, chunk_size: int = DEFAULT_CHUNK):
-        super().__init__(model, loss)
-        self.network = self._copy_root
-        self.loss_module = loss.make_module()
-        self.chunk_size = chunk_size
-        self._loop_over_samples = False
+    def __init__(self, model: nn.Module, likelihood: Likelihood, chunk_size: int | None = None):
+        super().__init__(model, likelihood)
+        self.network = self.copy_root
+        self.loss_module = likelihood.make_module()
+        self.chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
+        self._loop_reason: str | None = None
 
-    def run(
+    def run(  # noqa: D102 - see Backend.run
         self,
         inputs,
         targets: Tensor,
         exact: bool,
         mc_samples: int,
         seed: int,
-        on_layer: Callable[[LayerInfo, LayerFactors], None],
+        on_layer: LayerCallback,
         dtype: torch.dtype = torch.float64,
     ) -> PassResult:
-        """Compute every layer's factors and hand them to ``on_layer`` (see PreparedNetwork.run)."""
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         batch_size = targets.shape[0]
-        network, spec = self.network, self.loss
-        trainable = {n: p.detach() for n, p in network.named_parameters() if p.requires_grad}
-        frozen = {n: p.detach() for n, p in network.named_parameters() if not p.requires_grad}
-        buffers = {n: b for n, b in network.named_buffers()}
-        with forked_rng(self.device, seed), full_precision(self), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # vmap's notes on in-place and randomness
-            with torch.no_grad():
-                outputs = network(*args)
-                check_outputs(outputs)
-                spec.check_batch(outputs, targets)
-                loss = self.loss_module(outputs, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"The probe loss is {loss.item()!r}; skipping the measurement."
+        notes: list[str] = []
+        with forked_rng(self.device, seed), full_precision(self.device, notes):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # vmap's notes on in-place and randomness
+                with torch.no_grad():
+                    outputs = self.network(*args)
+                    check_outputs(outputs)
+                    self.likelihood.check_batch(outputs, targets)
+                    loss = self.loss_module(outputs, targets)
+                check_loss(loss)
+                noise = None if exact else self.likelihood.draw_noise(outputs, mc_samples)
+                per_parameter, coefficients, fisher_columns = self._pullbacks(
+                    args, targets, exact, noise
                 )
-            noise = None if exact else spec.draw_noise(outputs, mc_samples)
-            coefficients = lazy(spec.sqrt_coefficients, outputs, targets) if exact else None
-
-            def one_sample(params, sample_args, target, sample_noise):
-                def output_of(p):
-                    batched = tuple(a.unsqueeze(0) for a in sample_args)
-                    out = functional_call(network, ({**p, **frozen}, buffers), batched)
-                    return out.squeeze(0)
-
-                output, pullback = vjp(output_of, params)
-                columns = [spec.observed_gradient(output, target).reshape(-1, 1)]
-                if exact:
-                    columns.append(spec.sqrt_hessian(output))
-                else:
-                    columns.append(spec.sampled_gradients(output, sample_noise))
-                cotangents = torch.cat(columns, dim=1).T.reshape(-1, *output.shape)
-                return vmap(lambda c: pullback(c)[0])(cotangents)
-
-            chunks = []
-            for start in range(0, batch_size, self.chunk_size):
-                stop = min(start + self.chunk_size, batch_size)
-                chunk_args = tuple(a[start:stop] for a in args)
-                chunk_targets = targets[start:stop]
-                chunk_noise = (
-                    noise[start:stop]
-                    if noise is not None
-                    else torch.zeros(stop - start, device=targets.device)
-                )
-                if not self._loop_over_samples:
-                    try:
-                        result = vmap(one_sample, in_dims=(None, 0, 0, 0), randomness="different")(
-                            trainable, chunk_args, chunk_targets, chunk_noise
-                        )
-                    except RuntimeError as error:  # data-dependent control flow and the like
-                        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(
-                            error
-                        ):
-                            raise  # the caller retries on fewer samples
-                        self._loop_over_samples = True
-                        self.notes.append(
-                            "torch.func could not vectorise the forward pass over samples "
-                            f"({str(error).splitlines()[0][:120]}); samples are processed one "
-                            "at a time"
-                        )
-                if self._loop_over_samples:
-                    per_sample = [
-                        one_sample(
-                            trainable,
-                            tuple(a[i] for a in chunk_args),
-                            chunk_targets[i],
-                            chunk_noise[i],
-                        )
-                        for i in range(stop - start)
-                    ]
-                    result = {n: torch.stack([r[n] for r in per_sample]) for n in per_sample[0]}
-                chunks.append({n: t.detach() for n, t in result.items()})
+        if self._loop_reason is not None:
+            notes.append(self._loop_reason)
+        split = ColumnSplit(fisher_columns, coefficients)
         measured = []
-        scale_v = batch_size**-0.5  # F = (1/N) Σ_n V_n V_nᵀ
         for info, _ in reversed(self.layers):  # output layer first, as BackPACK delivers
-            per_layer = [torch.cat([c[name] for c in chunks]) for name in info.parameter_names]
-            flat = torch.cat([t.flatten(start_dim=2) for t in per_layer], dim=2)  # (N, 1 + R, D)
-            per_sample = flat[:, 0]
-            sqrt = flat[:, 1:].transpose(0, 1).reshape(-1, flat.shape[2]) * scale_v
-            if not per_sample.any() and not sqrt.any():
+            # (N, R, D_b): every parameter flattened, 0-d ones included
+            flat = torch.cat(
+                [
+                    per_parameter[name].reshape(batch_size, per_parameter[name].shape[1], -1)
+                    for name in info.parameter_names
+                ],
+                dim=2,
+            ).transpose(0, 1)  # (R, N, D_b), the columns carry 1/√N
+            if not flat.any():
                 continue  # no gradient reaches this layer
             measured.append(info.name)
-            factors = MaterializedFactors(per_sample, sqrt, dtype)
-            factors.sqrt_coefficients = coefficients
+            sqrt = split.fisher(flat).reshape(-1, flat.shape[2])
+            factors = MaterializedFactors(split.per_sample(flat), sqrt, dtype)
+            factors.coefficients = coefficients
             on_layer(info, factors)
-            del per_layer, flat, per_sample, sqrt
-        return PassResult(loss=float(loss), batch_size=batch_size, measured=measured)
+            del flat, sqrt
+        return PassResult(float(loss), batch_size, measured, notes)
+
+    def _pullbacks(self, args, targets: Tensor, exact: bool, noise: Tensor | None):
+        """Vector-Jacobian products of every loss-side column, per trainable parameter.
+
+        Returns:
+            Per parameter name ``(N, R, *shape)`` (columns divided by ``√N``), the
+            coefficients ``β`` (exact Fisher) and the number of Fisher columns.
+        """
+        network, likelihood = self.network, self.likelihood
+        batch_size = targets.shape[0]
+        trainable = {n: p.detach() for n, p in network.named_parameters() if p.requires_grad}
+        frozen = {n: p.detach() for n, p in network.named_parameters() if not p.requires_grad}
+        buffers = dict(network.named_buffers())
+
+        def one_sample(params, sample_args, target, sample_noise):
+            def output_of(p):
+                batched = tuple(a.unsqueeze(0) for a in sample_args)
+                return functional_call(network, ({**p, **frozen}, buffers), batched)
+
+            output, pullback = vjp(output_of, params)
+            side = loss_side(
+                likelihood,
+                output,
+                target.unsqueeze(0),
+                exact,
+                None if noise is None else sample_noise.unsqueeze(0),
+            )
+            columns = side.columns[0].T.reshape(-1, *output.shape) / batch_size**0.5
+            pulled = vmap(lambda c: pullback(c)[0])(columns.to(output.dtype))
+            beta = side.coefficients[0] if side.coefficients is not None else columns.new_zeros(0)
+            return pulled, beta
+
+        chunks, betas = [], []
+        for start in range(0, batch_size, self.chunk_size):
+            stop = min(start + self.chunk_size, batch_size)
+            chunk_args = tuple(a[start:stop] for a in args)
+            chunk_noise = (
+                noise[start:stop]
+                if noise is not None
+                else torch.zeros(stop - start, device=targets.device)
+            )
+            pulled, beta = self._chunk(
+                one_sample, trainable, chunk_args, targets[start:stop], chunk_noise
+            )
+            chunks.append({n: t.detach() for n, t in pulled.items()})
+            betas.append(beta.to(LOSS_SIDE_DTYPE))
+        per_parameter = {n: torch.cat([c[n] for c in chunks]) for n in trainable}
+        first = next(iter(per_parameter.values()))
+        columns = first.shape[1]
+        if exact:
+            return per_parameter, torch.cat(betas), columns
+        return per_parameter, None, columns - 1
+
+    def _chunk(self, one_sample, trainable, chunk_args, chunk_targets, chunk_noise):
+        if self._loop_reason is None:
+            try:
+                return vmap(one_sample, in_dims=(None, 0, 0, 0), randomness="different")(
+                    trainable, chunk_args, chunk_targets, chunk_noise
+                )
+            except RuntimeError as error:  # data-dependent control flow and the like
+                if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+                    raise  # the caller retries on fewer samples
+                self._loop_reason = (
+                    "torch.func could not vectorise the forward pass over samples "
+                    f"({str(error).splitlines()[0][:120]}); samples are processed one at a time"
+                )
+        results = [
+            one_sample(
+                trainable,
+                tuple(a[i] for a in chunk_args),
+                chunk_targets[i],
+                chunk_noise[i],
+            )
+            for i in range(chunk_targets.shape[0])
+        ]
+        pulled = {n: torch.stack([r[0][n] for r in results]) for n in results[0][0]}
+        return pulled, torch.stack([r[1] for r in results])
+
+
+__all__ = ["DEFAULT_CHUNK", "FunctorchNetwork"]

@@ -14,6 +14,7 @@ from fisher_monitor.metrics.lowrank import lowrank_statistics
 from fisher_monitor.metrics.statistics import (
     DampedStatistics,
     LayerStatistics,
+    NumericalError,
     finalize,
     sum_statistics,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "UNDAMPED_METRICS",
     "DampedStatistics",
     "LayerStatistics",
+    "NumericalError",
     "OuterSamples",
     "damping_suffix",
     "dense_statistics",

@@ -5,12 +5,13 @@ numbers: traces, Frobenius inner products, a Kullback-Leibler divergence, and in
 products of the damped solves ``A⁻¹g`` and ``B⁻¹g`` with ``A = F_S + λI`` and
 ``B = EF_S + λI``. These numbers *add up* over the layers of a block-diagonal matrix, so
 the whole-network value (``all``) is their sum, never an average of per-layer metrics.
-The metric definitions (DESIGN.md §3) are functions of the sums only; they live in
-:func:`finalize`.
+The metrics (defined on the theory page, ``docs/theory.md``) are functions of the sums
+only; they live in :func:`finalize`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -113,22 +114,56 @@ def sum_statistics(statistics: Sequence[LayerStatistics]) -> LayerStatistics:
     return total
 
 
+#: How far a cosine may leave [−1, 1] through rounding before it counts as a failure.
+COSINE_TOLERANCE = 1e-6
+
+
+class NumericalError(FloatingPointError):
+    """A metric left its mathematical range by more than rounding: the numbers are unreliable."""
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     if denominator == 0.0:
         return float("nan")
     return numerator / denominator
 
 
-def _cosine(inner: float, sq_a: float, sq_b: float) -> float:
-    if sq_a <= 0.0 or sq_b <= 0.0:
-        return float("nan")
-    value = inner / (sq_a**0.5 * sq_b**0.5)
-    # rounding can push a cosine of two parallel vectors a hair outside [-1, 1]
-    return min(1.0, max(-1.0, value))
+class _RangeCheck:
+    """Clamp values that leave their range by rounding; fail on anything more."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, name: str, value: float, allowed: str) -> NumericalError:
+        where = f" in {self.where}" if self.where else ""
+        return NumericalError(
+            f"Numerical failure{where}: {name} = {value!r} is outside its mathematical range "
+            f"{allowed} by more than rounding, so this measurement is unreliable and is "
+            "skipped. Increase the damping, measure in float64 (dtype=torch.float64), or "
+            "report the case."
+        )
+
+    def cosine(self, name: str, inner: float, sq_a: float, sq_b: float, low: float = -1.0):
+        if sq_a <= 0.0 or sq_b <= 0.0:
+            return float("nan")
+        value = inner / (sq_a**0.5 * sq_b**0.5)
+        if math.isnan(value):
+            return value
+        if value > 1.0 + COSINE_TOLERANCE or value < low - COSINE_TOLERANCE:
+            raise self.fail(name, value, f"[{low:g}, 1]")
+        return min(1.0, max(low, value))
+
+    def non_negative(self, name: str, value: float, scale: float) -> float:
+        """``value ≥ 0`` up to rounding relative to ``scale`` (the size of its terms)."""
+        if value < -(1e-8 * abs(scale) + 1e-12):
+            raise self.fail(name, value, "[0, ∞)")
+        return max(value, 0.0)
 
 
-def finalize(statistics: LayerStatistics, dampings: Sequence[float]) -> dict[str, float]:
-    r"""Turn additive statistics into the metrics of DESIGN.md §3.
+def finalize(
+    statistics: LayerStatistics, dampings: Sequence[float], where: str = ""
+) -> dict[str, float]:
+    r"""Turn additive statistics into the metrics (the theory page, ``docs/theory.md``).
 
     With ``A = F_S + λI`` and ``B = EF_S + λI``:
 
@@ -145,39 +180,57 @@ def finalize(statistics: LayerStatistics, dampings: Sequence[float]) -> dict[str
     ``ef_projection_per_sample = (1/N) Σ_n g_nᵀB⁻¹g_n``, ``dimension = D`` and
     ``damping`` the mean λ over the parameters (``Σ_b D_b λ_b / D``; for one layer, λ_b).
 
-    A ratio whose denominator is zero (e.g. a layer with zero Fisher) is ``nan``.
+    A ratio whose denominator is zero (e.g. a layer with zero Fisher) is ``nan``. Values
+    that leave their mathematical range (cosines outside [−1, 1], negative KL divergences,
+    squared norms or projections) by rounding only are clamped; by more, the measurement
+    fails with :class:`NumericalError`, never reading as "EF equals F".
 
     Args:
         statistics: Summed statistics of a layer or of the whole network.
         dampings: The damping values the damped statistics were computed for (same
             order). With more than one, damped metric names get the suffix ``@{value}``.
+        where: What the statistics describe (e.g. ``"block/fc1"``), for error messages.
 
     Returns:
         Mapping from metric name (with suffix where needed) to value.
+
+    Raises:
+        NumericalError: If a value is out of its range by more than rounding.
     """
     several = len(dampings) > 1
     values = _as_floats(statistics)
+    check = _RangeCheck(where)
+    frob_diff_sq = check.non_negative(
+        "‖EF − F‖²_F", values["frob_diff_sq"], values["frob_f_sq"] + values["frob_ef_sq"]
+    )
     out: dict[str, float] = {
         "trace_ratio": _ratio(values["trace_ef"], values["trace_f"]),
-        "rel_error": _ratio(max(values["frob_diff_sq"], 0.0) ** 0.5, values["frob_f_sq"] ** 0.5),
-        "matrix_cosine": _cosine(values["inner"], values["frob_ef_sq"], values["frob_f_sq"]),
+        "rel_error": _ratio(frob_diff_sq**0.5, values["frob_f_sq"] ** 0.5),
+        "matrix_cosine": check.cosine(
+            "matrix_cosine", values["inner"], values["frob_ef_sq"], values["frob_f_sq"], low=0.0
+        ),
         "dimension": float(statistics.dimension),
     }
+    # the KL is a difference of terms of size up to ~D; allow their rounding, not more
+    kl_scale = 100.0 * max(1.0, float(statistics.dimension))
     for damping, damped in zip(dampings, values["damped"], strict=True):
         suffix = damping_suffix(damping, several)
-        out[f"kl{suffix}"] = max(damped["kl"], 0.0)
-        out[f"direction_cosine{suffix}"] = _cosine(
-            damped["nat_ef"], damped["nat_sq"], damped["ef_sq"]
+        out[f"kl{suffix}"] = check.non_negative("kl", damped["kl"], kl_scale)
+        out[f"direction_cosine{suffix}"] = check.cosine(
+            "direction_cosine", damped["nat_ef"], damped["nat_sq"], damped["ef_sq"]
         )
-        out[f"nat_grad_cosine{suffix}"] = _cosine(
-            damped["nat_projection"], damped["grad_sq"], damped["nat_sq"]
+        out[f"nat_grad_cosine{suffix}"] = check.cosine(
+            "nat_grad_cosine", damped["nat_projection"], damped["grad_sq"], damped["nat_sq"]
         )
-        out[f"ef_grad_cosine{suffix}"] = _cosine(
-            damped["ef_projection"], damped["grad_sq"], damped["ef_sq"]
+        out[f"ef_grad_cosine{suffix}"] = check.cosine(
+            "ef_grad_cosine", damped["ef_projection"], damped["grad_sq"], damped["ef_sq"]
         )
-        out[f"nat_projection{suffix}"] = damped["nat_projection"]
-        out[f"ef_projection{suffix}"] = damped["ef_projection"]
-        out[f"ef_projection_per_sample{suffix}"] = damped["ef_projection_per_sample"]
+        for name, squares in (("nat_projection", "nat_sq"), ("ef_projection", "ef_sq")):
+            scale = (damped["grad_sq"] * damped[squares]) ** 0.5  # Cauchy-Schwarz bound
+            out[f"{name}{suffix}"] = check.non_negative(name, damped[name], scale)
+        out[f"ef_projection_per_sample{suffix}"] = check.non_negative(
+            "ef_projection_per_sample", damped["ef_projection_per_sample"], 1.0
+        )
         out[f"damping{suffix}"] = _ratio(damped["damping_mass"], float(statistics.dimension))
     return out
 

@@ -1,0 +1,296 @@
+"""The BackPACK backend: one backward pass with :class:`FactorCapture` per measurement."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from backpack import backpack, extend, memory_cleanup
+from backpack.context import CTX
+from backpack.custom_module.graph_utils import convert_module_to_backpack
+from torch import Tensor, nn
+
+from fisher_monitor.curvature.backends import Backend, LayerCallback, UnsupportedNetworkError
+from fisher_monitor.curvature.capture import (
+    FactorCapture,
+    MaterializedCapture,
+    StructuredCapture,
+    clear_captures,
+    detach_capture,
+    pop_materialized,
+    pop_structured,
+)
+from fisher_monitor.curvature.factors import (
+    ColumnSplit,
+    LayerFactors,
+    MaterializedFactors,
+    OuterProductFactors,
+    WeightSharingFactors,
+    augment,
+)
+from fisher_monitor.curvature.layers import LayerInfo, is_parametrized, layer_parameters
+from fisher_monitor.curvature.passes import (
+    PassResult,
+    check_loss,
+    check_outputs,
+    forked_rng,
+    full_precision,
+)
+from fisher_monitor.curvature.shadow import weight_recomputing_hooks
+from fisher_monitor.likelihoods import Likelihood, loss_side
+
+#: PyTorch ≥ 2.13 warns about full backward hooks on modules whose inputs need no grad;
+#: BackPACK relies on exactly that case, so the warning is silenced around our passes only.
+_BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed"
+_FIX_SUBNETWORK = (
+    "Measure a sub-network BackPACK supports (FisherMonitor(network='...')), or use "
+    "backend='functorch' (backend='auto' does so by itself)."
+)
+
+
+def _is_plain_tree(model: nn.Module) -> bool:
+    """Whether every module with children is an ``nn.Sequential`` (no custom forward)."""
+    return all(isinstance(m, nn.Sequential) or not list(m.children()) for m in model.modules())
+
+
+class BackpackNetwork(Backend):
+    """A BackPACK-extended shadow copy of the caller's network, ready for repeated passes.
+
+    Args:
+        model: The caller's network (left untouched).
+        likelihood: The likelihood of the loss.
+        use_converter: ``"auto"`` converts with BackPACK's graph converter when the network
+            is not a plain tree of ``nn.Sequential`` containers; ``True``/``False`` force it.
+
+    Raises:
+        UnsupportedNetworkError: If the network holds a module BackPACK cannot handle; the
+            error lists the modules and what is supported.
+    """
+
+    backend = "backpack"
+
+    def __init__(
+        self, model: nn.Module, likelihood: Likelihood, use_converter: bool | str = "auto"
+    ):
+        super().__init__(model, likelihood)
+        copy_root = self.copy_root
+        names_of_copy = {id(m): (n or "(root)") for n, m in copy_root.named_modules()}
+        self._check_reparametrised(names_of_copy)
+        convert = not _is_plain_tree(copy_root) if use_converter == "auto" else bool(use_converter)
+        handles_before = len(CTX.hook_handles)
+        network = self._convert(copy_root, type(model).__name__) if convert else copy_root
+        self._check_supported(network, names_of_copy)
+        self.network = extend(network)
+        self.loss_module = extend(likelihood.make_module())
+        self._handles = CTX.hook_handles[handles_before:]
+        self._layer_modules = self._map_layer_modules(network)
+
+    def _check_reparametrised(self, names_of_copy: dict[int, str]) -> None:
+        reparametrised = [
+            f"{names_of_copy[id(m)]!r} ({type(m).__name__})"
+            for m in self.copy_root.modules()
+            if weight_recomputing_hooks(m) or is_parametrized(m)
+        ]
+        if reparametrised:
+            raise UnsupportedNetworkError(
+                "backpack",
+                "cannot handle reparametrised weights (pruning, weight or spectral "
+                f"normalisation, parametrizations) in {', '.join(reparametrised)}",
+                reparametrised,
+                "BackPACK sees the computed weight, not the parameters the optimizer trains; "
+                "the torch.func backend measures them.",
+            )
+
+    def _convert(self, copy_root: nn.Module, name: str) -> nn.Module:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                network = convert_module_to_backpack(copy_root, False)
+            except Exception as error:  # noqa: BLE001 - torch.fx raises many kinds
+                first_line = str(error).strip().splitlines()[0] if str(error) else ""
+                raise UnsupportedNetworkError(
+                    "backpack",
+                    f"cannot trace the forward pass of {name} with torch.fx "
+                    f"({type(error).__name__}: {first_line[:200]})",
+                    [],
+                    "Measure a sub-network whose forward is traceable (e.g. "
+                    "FisherMonitor(network='net')), or write data-dependent control flow as "
+                    "modules.",
+                ) from error
+        for warning in caught:
+            message = str(warning.message)
+            if "may break second-order extensions" in message:
+                operation = message.split("op=")[-1].split(". If you")[0]
+                raise UnsupportedNetworkError(
+                    "backpack",
+                    f"cannot follow the forward pass of {name}: it contains an operation that "
+                    f"is not a module ({operation})",
+                    [],
+                    "BackPACK needs every operation between parametrised layers to be a "
+                    "supported module: replace the call by its module (e.g. `F.relu` by "
+                    "`nn.ReLU`), or measure a sub-network.",
+                )
+        self.preparation_notes.append("network converted with BackPACK's graph converter")
+        return network
+
+    def _check_supported(self, network: nn.Module, names_of_copy: dict[int, str]) -> None:
+        supported = FactorCapture().supported_modules
+        offending = []
+        for name, module in network.named_modules():
+            if list(module.children()) or isinstance(module, nn.Sequential):
+                continue
+            if isinstance(module, supported) and type(module) in supported:
+                continue
+            if type(module).__name__ in ("Identity",):
+                continue
+            offending.append(f"{names_of_copy.get(id(module), name)!r} ({type(module).__name__})")
+        if offending:
+            allowed = sorted(
+                {
+                    cls.__name__
+                    for cls in supported
+                    if cls.__module__.startswith("torch.nn.modules")
+                    and not cls.__module__.endswith(".loss")
+                }
+            )
+            raise UnsupportedNetworkError(
+                "backpack",
+                f"cannot handle module(s) {', '.join(offending)}",
+                offending,
+                f"Supported module types: {', '.join(allowed)}.",
+            )
+
+    def _map_layer_modules(self, network: nn.Module) -> dict[int, LayerInfo]:
+        """Map modules of the (possibly converted) network to the caller's layers."""
+        mapping: dict[int, LayerInfo] = {}
+        seen: dict[str, int] = {}
+        for module in network.modules():
+            infos = {
+                self.layer_of_copy_param[id(p)].name: self.layer_of_copy_param[id(p)]
+                for p in module.parameters(recurse=False)
+                if id(p) in self.layer_of_copy_param
+            }
+            if not infos:
+                continue
+            if len(infos) > 1:
+                raise UnsupportedNetworkError(
+                    "backpack",
+                    f"found the parameters of layers {sorted(infos)} in one module after "
+                    "conversion",
+                    [],
+                    "Measure them with backend='functorch'.",
+                )
+            (info,) = infos.values()
+            if info.name in seen:
+                raise UnsupportedNetworkError(
+                    "backpack",
+                    f"cannot measure layer {info.name!r}, which is applied more than once in "
+                    "the forward pass (weight sharing across calls)",
+                    [],
+                    "Its per-sample gradients sum over the calls; backend='functorch' measures "
+                    "them.",
+                )
+            seen[info.name] = id(module)
+            mapping[id(module)] = info
+        return mapping
+
+    def run(  # noqa: D102 - see Backend.run
+        self,
+        inputs,
+        targets: Tensor,
+        exact: bool,
+        mc_samples: int,
+        seed: int,
+        on_layer: LayerCallback,
+        dtype: torch.dtype = torch.float64,
+    ) -> PassResult:
+        extension = FactorCapture()
+        measured: list[str] = []
+        notes: list[str] = []
+        split: list[ColumnSplit] = []
+
+        def hook(module: nn.Module) -> None:
+            info = self._layer_modules.get(id(module))
+            if info is None:
+                return
+            factors = self._factors(module, split[0], dtype)
+            measured.append(info.name)
+            on_layer(info, factors)
+
+        args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        try:
+            with (
+                forked_rng(self.device, seed),
+                warnings.catch_warnings(),
+                full_precision(self.device, notes),
+            ):
+                warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
+                with torch.enable_grad():
+                    outputs = self.network(*args)
+                    check_outputs(outputs)
+                    self.likelihood.check_batch(outputs, targets)
+                    loss = self.loss_module(outputs, targets)
+                    check_loss(loss)
+                    noise = None if exact else self.likelihood.draw_noise(outputs, mc_samples)
+                    side = loss_side(self.likelihood, outputs, targets, exact, noise)
+                    split.append(ColumnSplit(side.fisher_columns, side.coefficients))
+                    extension.loss_columns = side.for_backpack(outputs.dtype)
+                    with backpack(extension, extension_hook=hook):
+                        loss.backward()
+        finally:
+            for module in self.network.modules():
+                memory_cleanup(module)
+            clear_captures(self.network)
+            for p in self._copy_params:
+                p.grad = None
+        batch_size = targets.shape[0]
+        return PassResult(float(loss.detach()), batch_size, measured, notes)
+
+    def _factors(self, module: nn.Module, split: ColumnSplit, dtype: torch.dtype) -> LayerFactors:
+        structured: StructuredCapture | None = pop_structured(module)
+        params = [p for p in layer_parameters(module)]
+        if structured is not None:
+            for p in params:
+                pop_materialized(p)
+            captured = detach_capture(structured)
+            has_weight = any(p is getattr(module, "weight", None) for p in params)
+            has_bias = any(p is getattr(module, "bias", None) for p in params)
+            inputs = augment(captured.inputs, has_weight, has_bias)
+            weight_columns = captured.inputs.shape[-1] if has_weight else 0
+            sqrt = split.fisher(captured.columns)
+            output_grads = split.per_sample(captured.columns)
+            if captured.positions:
+                factors: LayerFactors = WeightSharingFactors(
+                    inputs, output_grads, sqrt, weight_columns, has_bias, dtype
+                )
+            else:
+                factors = OuterProductFactors(
+                    inputs[:, 0], output_grads[:, 0], sqrt[:, :, 0], weight_columns, has_bias, dtype
+                )
+        else:
+            per_sample, sqrt = [], []
+            for p in params:
+                capture: MaterializedCapture | None = pop_materialized(p)
+                if capture is None:
+                    raise RuntimeError(
+                        f"BackPACK delivered no factors for a {type(module).__name__}."
+                    )
+                columns = capture.columns.flatten(start_dim=2)
+                per_sample.append(split.per_sample(columns))
+                sqrt.append(split.fisher(columns))
+            factors = MaterializedFactors(
+                torch.cat(per_sample, dim=1), torch.cat(sqrt, dim=2).flatten(end_dim=1), dtype
+            )
+        factors.coefficients = split.coefficients
+        return factors
+
+    def close(self) -> None:
+        """Remove BackPACK's hooks from the shadow copy."""
+        for handle in self._handles:
+            handle.remove()
+        remaining = set(map(id, self._handles))
+        CTX.hook_handles = [h for h in CTX.hook_handles if id(h) not in remaining]
+        self._handles = []
+
+
+__all__ = ["BackpackNetwork"]

@@ -1,0 +1,176 @@
+"""A BackPACK extension that backpropagates our loss side and captures per-layer factors.
+
+BackPACK's ``SqrtGGN`` extension backpropagates a matrix of columns from the loss through
+the network, module by module. :class:`FactorCapture` reuses that backpropagation with two
+changes: the loss module starts it with *our* loss side (float64 closed forms from
+:mod:`fisher_monitor.likelihoods`, cast to the network's type: the Fisher's square-root
+columns, plus the observed residual for the Monte-Carlo Fisher), and the per-parameter
+step keeps compact factors instead of materialising ``R·N × D`` per parameter: for
+``Linear`` and ``ConvNd`` layers the layer's input and the backpropagated columns at its
+output (from which every Gram matrix, diagonal and Kronecker factor follows cheaply); for
+any other parametrised layer BackPACK supports, BackPACK's own parameter Jacobian applied
+to the columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backpack.extensions.secondorder.hbp import LossHessianStrategy
+from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
+from backpack.utils.conv import unfold_input
+from torch import Tensor, nn
+
+SAVEFIELD = "fisher_monitor_factors"
+_CAPTURE_ATTRIBUTE = "_fisher_monitor_capture"
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class StructuredCapture:
+    """What a ``Linear``/``ConvNd`` layer leaves behind in the backward pass.
+
+    Attributes:
+        inputs: ``(N, T, I)`` layer inputs (unfolded for convolutions), no bias column.
+        columns: ``(R, N, T, O)`` backpropagated loss-side columns at the output.
+        positions: Whether the layer has positions (``T > 1`` or a weight-sharing layer).
+    """
+
+    inputs: Tensor
+    columns: Tensor
+    positions: bool
+
+
+@dataclass
+class MaterializedCapture:
+    """BackPACK's per-parameter factors for a layer type without structured handling.
+
+    Attributes:
+        columns: ``(R, N, *shape)`` the loss-side columns pulled back to the parameter.
+    """
+
+    columns: Tensor
+
+
+def supports_structured(module: nn.Module) -> bool:
+    """Whether ``module`` is captured as inputs × output gradients.
+
+    Args:
+        module: A parametrised module.
+
+    Returns:
+        ``True`` for ``Linear`` and ungrouped ``Conv1d/2d/3d`` with zero padding.
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, _CONV_TYPES):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return False
+
+
+def _structured_capture(module: nn.Module, backproped: Tensor) -> StructuredCapture:
+    inputs = module.input0
+    n, columns = inputs.shape[0], backproped.shape[0]
+    if isinstance(module, nn.Linear):
+        out_features = backproped.shape[-1]
+        return StructuredCapture(
+            inputs=inputs.reshape(n, -1, inputs.shape[-1]),
+            columns=backproped.reshape(columns, n, -1, out_features),
+            positions=inputs.dim() > 2,
+        )
+    # ConvNd: unfold to (N, C_in·k, T) and move the positions before the features
+    out_channels = backproped.shape[2]
+    unfolded = unfold_input(module, inputs).transpose(1, 2)
+    return StructuredCapture(
+        inputs=unfolded,
+        columns=backproped.reshape(columns, n, out_channels, -1).transpose(2, 3),
+        positions=True,
+    )
+
+
+class FactorCapture(SqrtGGN):
+    """Backpropagate our loss side with BackPACK and keep compact per-layer factors.
+
+    Set :attr:`loss_columns` (``(R, N, *output_shape)``, see
+    :meth:`fisher_monitor.likelihoods.LossSide.for_backpack`) before the backward pass.
+    For ``Linear``/``ConvNd`` layers the capture is stored on the module as a
+    :class:`StructuredCapture` (attribute ``_fisher_monitor_capture``); for other
+    parametrised layers each trainable parameter receives a :class:`MaterializedCapture`
+    under ``param.fisher_monitor_factors``. The caller reads and deletes both in
+    BackPACK's ``extension_hook``, which runs right after each module.
+    """
+
+    def __init__(self):
+        super().__init__(LossHessianStrategy.EXACT, SAVEFIELD, None)
+        registry = getattr(self, "_BackpropExtension__module_extensions", None)
+        if registry is None:  # pragma: no cover - guards against BackPACK internals moving
+            raise RuntimeError(
+                "fisher-monitor cannot read BackPACK's extension registry; this BackPACK "
+                "version is not supported. Install backpack-for-pytorch>=1.6,<2."
+            )
+        self.supported_modules: tuple[type[nn.Module], ...] = tuple(registry)
+        self.loss_columns: Tensor | None = None
+        for module_class, module_extension in registry.items():
+            if module_class.__module__.endswith(".loss"):
+                module_extension.backpropagate = self._start_backpropagation
+            for param in getattr(module_extension, "_ModuleExtension__params", []):
+                # an instance attribute shadows the stock per-parameter method
+                setattr(
+                    module_extension, param, _param_function(module_extension.derivatives, param)
+                )
+
+    def _start_backpropagation(self, ext, module, g_inp, g_out, backproped) -> Tensor:
+        if self.loss_columns is None:
+            raise RuntimeError("FactorCapture.loss_columns was not set before backward().")
+        return self.loss_columns
+
+
+def _param_function(derivatives, param_str: str):
+    """Per-parameter step of :class:`FactorCapture` for one module type and parameter."""
+
+    def capture(ext, module, g_inp, g_out, backproped):
+        if supports_structured(module):
+            if not hasattr(module, _CAPTURE_ATTRIBUTE):
+                setattr(module, _CAPTURE_ATTRIBUTE, _structured_capture(module, backproped))
+            return None
+        columns = derivatives.param_mjp(
+            param_str, module, g_inp, g_out, backproped, sum_batch=False
+        )
+        return MaterializedCapture(columns.detach())
+
+    return capture
+
+
+def pop_structured(module: nn.Module) -> StructuredCapture | None:
+    """Remove and return the structured capture stored on ``module``, if any."""
+    return module.__dict__.pop(_CAPTURE_ATTRIBUTE, None)
+
+
+def pop_materialized(param: Tensor) -> MaterializedCapture | None:
+    """Remove and return the materialised capture stored on ``param``, if any."""
+    return param.__dict__.pop(SAVEFIELD, None)
+
+
+def clear_captures(module: nn.Module) -> None:
+    """Drop every capture left on a module and its parameters (after a failed pass)."""
+    for sub in module.modules():
+        sub.__dict__.pop(_CAPTURE_ATTRIBUTE, None)
+        for param in sub.parameters(recurse=False):
+            param.__dict__.pop(SAVEFIELD, None)
+
+
+def detach_capture(capture: StructuredCapture) -> StructuredCapture:
+    """Detach the tensors of a capture from the autograd graph."""
+    return StructuredCapture(capture.inputs.detach(), capture.columns.detach(), capture.positions)
+
+
+__all__ = [
+    "FactorCapture",
+    "MaterializedCapture",
+    "StructuredCapture",
+    "clear_captures",
+    "detach_capture",
+    "pop_materialized",
+    "pop_structured",
+    "supports_structured",
+]

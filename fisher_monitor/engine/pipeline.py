@@ -1,0 +1,314 @@
+"""One measurement as a pipeline: backend pass → per-layer structures → sums → metrics.
+
+The backend delivers each layer's factors during its pass (output layer first); the
+:class:`LayerCollector` keeps the layer's diagonals and runs every structure that needs the
+factors right away, so that only one layer's factors are alive at a time. The diagonal
+structure runs afterwards on the collected (and, under data parallelism, reduced)
+diagonals. Per-layer statistics add up to the whole network (``all``), and
+:func:`~fisher_monitor.metrics.finalize` turns sums into metrics. Everything that belongs
+to this measurement (notes, coverage, skipped layers) lives in the collector and the
+returned :class:`~fisher_monitor.measurement.Measurement`, never on the prepared network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fisher_monitor import keys
+from fisher_monitor.curvature.backends import Backend
+from fisher_monitor.curvature.factors import LayerFactors
+from fisher_monitor.curvature.layers import LayerInfo
+from fisher_monitor.engine.packing import Diagonals, reduce_diagonals
+from fisher_monitor.measurement import Measurement
+from fisher_monitor.metrics import LayerStatistics, finalize, sum_statistics
+from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
+from fisher_monitor.structures import (
+    STRUCTURES,
+    LayerInput,
+    LayerResult,
+    Structure,
+    StructureUnavailable,
+)
+
+#: Largest layer whose dense blocks ``keep_blocks=True`` will form.
+MAX_KEPT_BLOCK = 8192
+
+
+@dataclass
+class MeasureOptions:
+    """What one measurement should return besides the metrics.
+
+    Attributes:
+        seed: Seed of the pass (label sampling, dropout masks).
+        all_reduce: For data-parallel diagonal measurements, a function that sums a
+            float64 tensor over all processes (``structures=("diag",)`` only).
+        keep_blocks: Also return each layer's dense ``(F_b, EF_b, g_b)``.
+        keep_directions: Also return ``(A⁻¹g, B⁻¹g)`` per structure, damping and layer.
+        dtype: Floating-point type of the curvature arithmetic.
+    """
+
+    seed: int
+    all_reduce: Callable[[Tensor], Tensor] | None = None
+    keep_blocks: bool = False
+    keep_directions: bool = False
+    dtype: torch.dtype = torch.float64
+
+
+def layer_dampings(
+    settings: MeasureSettings, trace: float, dimension: int
+) -> tuple[list[float], bool]:
+    """Per-layer damping values ``λ_b`` (the same for every structure of the layer).
+
+    ``damping · tr F_b / D_b`` in relative mode (``tr F_b`` of the exact block, i.e. of the
+    diagonal), ``damping`` in absolute mode.
+
+    Returns:
+        The dampings, and whether the relative rule fell back to the absolute values (a
+        layer whose Fisher trace is zero or not finite).
+    """
+    if settings.damping_mode is DampingMode.ABSOLUTE:
+        return list(settings.dampings), False
+    scale = trace / dimension
+    if not (scale > 0 and math.isfinite(scale)):
+        return list(settings.dampings), True
+    return [d * scale for d in settings.dampings], False
+
+
+@dataclass
+class LayerCollector:
+    """Receives each layer's factors during a pass and keeps this measurement's results."""
+
+    settings: MeasureSettings
+    options: MeasureOptions
+    structures: list[Structure]
+    diagonals: Diagonals = field(default_factory=dict)
+    results: dict[str, dict[str, LayerResult]] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    damping_fallback: set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        for structure in self.structures:
+            self.results[structure.name] = {}
+            self.skipped[structure.name] = []
+
+    def layer_input(
+        self, info: LayerInfo, diagonals: tuple[Tensor, Tensor, Tensor], factors=None
+    ) -> LayerInput:
+        """A :class:`LayerInput` with the layer's dampings."""
+        fisher, empirical, gradient = diagonals
+        dampings, fell_back = layer_dampings(self.settings, float(fisher.sum()), info.dimension)
+        if fell_back:
+            self.damping_fallback.add(info.name)
+        return LayerInput(info, fisher, empirical, gradient, factors, dampings)
+
+    def __call__(self, info: LayerInfo, factors: LayerFactors) -> None:
+        """The backend's per-layer callback."""
+        fisher, empirical = factors.diagonals()
+        gradient = factors.mean_gradient()
+        # one reduction instead of elementwise checks: NaN and ±inf survive a sum
+        if not bool(torch.isfinite(fisher.sum() + empirical.sum() + gradient.sum())):
+            raise FloatingPointError(
+                f"Non-finite gradients or curvature in layer {info.name!r}; skipping the "
+                "measurement."
+            )
+        self.diagonals[info.name] = (fisher, empirical, gradient)
+        layer = self.layer_input(info, (fisher, empirical, gradient), factors)
+        if self.options.keep_blocks:
+            self.blocks[info.name] = tuple(t.detach().cpu() for t in layer.dense_blocks())
+        for structure in self.structures:
+            if structure.needs_factors:
+                self.run(structure, layer)
+
+    def run(self, structure: Structure, layer: LayerInput) -> None:
+        """Run one structure on one layer, noting a layer it has no form for."""
+        try:
+            result = structure.layer(layer, directions=self.options.keep_directions)
+        except StructureUnavailable:
+            self.skipped[structure.name].append(f"{layer.info.name} ({layer.info.module_type})")
+            return
+        self.results[structure.name][layer.info.name] = result
+
+
+def measure_once(
+    prepared: Backend, settings: MeasureSettings, inputs, targets: Tensor, options: MeasureOptions
+) -> Measurement:
+    """One measurement on a probe batch already on the network's device.
+
+    Args:
+        prepared: The prepared backend.
+        settings: Validated settings.
+        inputs: Input tensor (or tuple of tensors passed as positional arguments).
+        targets: Targets for the loss; the first dimension is the batch.
+        options: What to return besides the metrics.
+
+    Returns:
+        The measurement (without ``probe/seconds``, which the caller adds).
+    """
+    if options.all_reduce is not None and settings.structures != (keys.STRUCTURES[0],):
+        raise ValueError("all_reduce is only supported for structures=('diag',).")
+    if options.keep_blocks:
+        _check_kept_blocks(prepared)
+    structures = [STRUCTURES[s.value]() for s in settings.structures]
+    collector = LayerCollector(settings, options, structures)
+    result = prepared.run(
+        inputs,
+        targets,
+        exact=settings.fisher is FisherType.EXACT,
+        mc_samples=settings.mc_samples,
+        seed=options.seed,
+        on_layer=collector,
+        dtype=options.dtype,
+    )
+    all_layers = [info for info, _ in prepared.layers]
+    diagonals, loss, batch_size = collector.diagonals, result.loss, float(result.batch_size)
+    if options.all_reduce is not None:
+        diagonals, loss, batch_size = reduce_diagonals(
+            diagonals,
+            all_layers,
+            loss,
+            batch_size,
+            options.all_reduce,
+            prepared.likelihood.reduction == "sum",
+        )
+    layers = [info for info in all_layers if info.name in diagonals]
+    for structure in structures:
+        if not structure.needs_factors:
+            for info in layers:
+                collector.run(structure, collector.layer_input(info, diagonals[info.name]))
+    scalars = _scalars(collector, layers, settings)
+    gradients = {info.name: diagonals[info.name][2] for info in layers}
+    grad_sq = sum(float(g.square().sum()) for g in gradients.values())
+    scalars[keys.probe_key("loss")] = loss
+    scalars[keys.probe_key("batch_size")] = batch_size
+    scalars[keys.probe_key("grad_norm")] = grad_sq**0.5
+    return Measurement(
+        scalars=scalars,
+        layers=layers,
+        diagonals={
+            name: (f.detach().cpu(), e.detach().cpu())
+            for name, (f, e, _) in diagonals.items()
+            if name in gradients
+        },
+        settings=settings.as_dict(),
+        notes=_notes(prepared, result.notes, result.measured, collector),
+        blocks={
+            info.name: collector.blocks[info.name]
+            for info in layers
+            if info.name in collector.blocks
+        },
+        coverage=_coverage(prepared, result.measured),
+        gradient=gradients,
+        directions=_directions(collector, layers) if options.keep_directions else {},
+    )
+
+
+def _check_kept_blocks(prepared: Backend) -> None:
+    too_large = [
+        f"{info.name} (D={info.dimension})"
+        for info, _ in prepared.layers
+        if info.dimension > MAX_KEPT_BLOCK
+    ]
+    if too_large:
+        raise ValueError(
+            f"keep_blocks=True forms dense D × D blocks, limited to D ≤ {MAX_KEPT_BLOCK}; "
+            f"too large: {', '.join(too_large)}."
+        )
+
+
+def _scalars(
+    collector: LayerCollector, layers: list[LayerInfo], settings: MeasureSettings
+) -> dict[str, float]:
+    """Every layer's metrics and the whole network's, per structure."""
+    scalars: dict[str, float] = {}
+    for structure, per_layer in collector.results.items():
+        ordered = [info.name for info in layers if info.name in per_layer]
+        for name in ordered:
+            statistics = per_layer[name].statistics
+            _add_metrics(scalars, structure, name, statistics, settings)
+        if ordered:
+            total = sum_statistics([per_layer[name].statistics for name in ordered])
+            _add_metrics(scalars, structure, keys.ALL, total, settings)
+    return scalars
+
+
+def _add_metrics(
+    scalars: dict[str, float],
+    structure: str,
+    layer: str,
+    statistics: LayerStatistics,
+    settings: MeasureSettings,
+) -> None:
+    metrics = finalize(statistics, settings.dampings, where=f"{structure}/{layer}")
+    for metric, value in metrics.items():
+        name, _, suffix = metric.partition("@")
+        scalars[keys.metric_key(structure, name, layer, f"@{suffix}" if suffix else "")] = value
+
+
+def _notes(
+    prepared: Backend, pass_notes: list[str], measured: list[str], collector: LayerCollector
+) -> list[str]:
+    notes = list(prepared.preparation_notes) + list(pass_notes)
+    unused = [info.name for info, _ in prepared.layers if info.name not in measured]
+    if unused:
+        notes.append(f"not measured (no gradient reached them): {', '.join(unused)}")
+    for structure, skipped in collector.skipped.items():
+        if not skipped:
+            continue
+        if prepared.backend == "functorch" and structure == "kron":
+            why = "the torch.func backend forms no Kronecker factors"
+        else:
+            why = "no Kronecker factorisation for " + ", ".join(skipped)
+        covered = collector.results.get(structure)
+        rest = (
+            f"{structure}/all covers the other layers"
+            if covered
+            else f"no {structure} metrics in this measurement"
+        )
+        notes.append(f"{structure}: {why}; {rest}")
+    if collector.damping_fallback:
+        notes.append(
+            "relative damping fell back to absolute damping for layers with zero Fisher "
+            f"trace: {', '.join(sorted(collector.damping_fallback))}"
+        )
+    return notes
+
+
+def _coverage(prepared: Backend, measured: list[str]) -> list[dict]:
+    return [
+        {
+            "layer": info.name,
+            "type": info.module_type,
+            "parameters": list(info.parameter_names),
+            "dimension": info.dimension,
+            "backend": prepared.backend,
+            "measured": info.name in measured,
+            "reason": None if info.name in measured else "no gradient reached it in this pass",
+        }
+        for info, _ in prepared.layers
+    ]
+
+
+def _directions(
+    collector: LayerCollector, layers: list[LayerInfo]
+) -> dict[str, list[dict[str, tuple[Tensor, Tensor]]]]:
+    found: dict[str, list[dict[str, tuple[Tensor, Tensor]]]] = {}
+    for structure, per_layer in collector.results.items():
+        count = len(collector.settings.dampings)
+        per_damping: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(count)]
+        for info in layers:
+            result = per_layer.get(info.name)
+            if result is None or result.directions is None:
+                continue
+            for index, pair in enumerate(result.directions):
+                per_damping[index][info.name] = pair
+        found[structure] = per_damping
+    return found
+
+
+__all__ = ["MAX_KEPT_BLOCK", "LayerCollector", "MeasureOptions", "layer_dampings", "measure_once"]
