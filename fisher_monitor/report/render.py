@@ -1,4 +1,9 @@
-"""Turn loaded runs into ``report.html`` (self-contained), ``report.md`` and ``summary.json``."""
+"""Turn loaded runs into ``report.html`` (self-contained), ``report.md`` and ``summary.json``.
+
+Every user-controlled string (run names and paths, layer names, settings, notes) is
+escaped for its output: by Jinja's autoescaping in HTML, by
+:func:`~fisher_monitor.report.text.markdown_text` in Markdown.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +11,42 @@ import base64
 import datetime
 import json
 import math
-import re
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import markupsafe
 
+from fisher_monitor import keys, tables
 from fisher_monitor.report import figures
-from fisher_monitor.report.load import Run
-from fisher_monitor.report.verdict import (
-    LAYER_COLUMNS,
-    THRESHOLDS,
-    layer_table,
-    verdicts,
-    worst_step,
-)
+from fisher_monitor.report.load import ReportError, Run
+from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.text import markdown_code, markdown_text
+from fisher_monitor.report.thresholds import THRESHOLDS
+from fisher_monitor.report.verdict import Code, Verdict, advice, verdicts, worst_step
 
 FORMATS = ("html", "md", "json")
-SETTING_KEYS = (
-    "structures",
-    "fisher",
-    "mc_samples",
-    "damping",
-    "damping_mode",
-    "schedule",
-    "probe_size",
-    "fixed probe",
+#: Metrics explained in the reports' "how to read" table, in that order.
+EXPLAINED = (
+    "direction_cosine",
+    "trace_ratio",
+    "rel_error",
+    "kl",
+    "nat_projection",
+    "ef_projection",
+    "ef_projection_per_sample",
+    *keys.UPDATE_METRICS,
+    *keys.OPTIMIZER_METRICS,
 )
+LEVEL_LABELS = {
+    "bad": "bad",
+    "mixed": "mixed",
+    "good": "good",
+    "insufficient": "insufficient evidence",
+}
 
 
 @dataclass
@@ -46,53 +58,80 @@ class RenderedFigure:
     data: bytes
 
 
-def _figures(runs: Sequence[Run]) -> list[RenderedFigure]:
-    rendered = [
-        RenderedFigure(
+def _figure_plan(runs: Sequence[Run]) -> list[tuple[str, str, Callable]]:
+    """``(name, caption, draw)`` of every figure; ``draw()`` returns a Figure or ``None``."""
+    plan: list[tuple[str, str, Callable]] = [
+        (
             "direction_cosine",
-            "Cosine between the natural gradient F̃⁻¹g and the EF-preconditioned gradient ẼF⁻¹g, "
-            "per layer and for all layers (bold); dotted lines: agreement and disagreement "
-            "thresholds.",
-            figures.png(figures.direction_cosine(runs)),
+            "Cosine between the natural gradient F̃⁻¹g and the EF-preconditioned gradient "
+            "ẼF⁻¹g per layer, and for the whole network (black); dotted: the agreement (0.9) "
+            "and disagreement (0.5) thresholds. With many layers, the layers with the lowest "
+            "and highest median cosine are coloured and named, the others grey.",
+            lambda: figures.direction_cosine(runs),
         ),
-        RenderedFigure(
+        (
             "trace_ratio_kl",
-            "Left: tr EF / tr F for the whole network (1 means equal scale). Right: KL divergence "
-            "between the Laplace approximations with precision F̃ and ẼF.",
-            figures.png(figures.trace_ratio_and_kl(runs)),
+            "Left: tr EF / tr F of the whole network (1 means equal scale). Right: KL "
+            "divergence between the Laplace approximations with precision F̃ and ẼF.",
+            lambda: figures.trace_ratio_and_kl(runs),
         ),
-        RenderedFigure(
+        (
             "relative_error",
-            "Relative Frobenius error of the EF, per layer and overall.",
-            figures.png(figures.relative_error(runs)),
+            "Relative Frobenius error of the EF per layer, and for the whole network (black).",
+            lambda: figures.relative_error(runs),
         ),
-        RenderedFigure(
+        (
             "projections",
-            "gᵀF̃⁻¹g against gᵀẼF⁻¹g, with the per-sample projection (1/N) Σ g_nᵀẼF⁻¹g_n and the "
-            "dimension D for reference: the per-sample projection tends to rank EF as λ → 0 "
-            "whatever the data.",
-            figures.png(figures.projections(runs)),
+            "Projections of the gradient for the whole network ('all'): each is a sum over "
+            "the layers. gᵀẼF⁻¹g is at most 1 per layer, so at most the number of layers for "
+            "'all'; the per-sample projection (1/N) Σ gₙᵀẼF⁻¹gₙ tends to rank EF (at most D) "
+            "as λ → 0, whatever the data.",
+            lambda: figures.projections(runs),
         ),
     ]
     for index, run in enumerate(runs):
         suffix = f"_{index}" if len(runs) > 1 else ""
-        rendered.append(
-            RenderedFigure(
+        plan.append(
+            (
                 f"heatmap{suffix}",
-                f"Direction cosine, layers × steps ({run.name}).",
-                figures.png(figures.heatmap(run)),
+                f"Direction cosine, layers × steps ({run.name}): red below 0.5 (the EF step "
+                "disagrees), yellow up to 0.9, green from 0.9 (agrees); grey: not measured.",
+                lambda run=run: figures.heatmap(run),
             )
         )
-        distribution = figures.log_ratio_distribution(run)
-        if distribution is not None:
-            rendered.append(
-                RenderedFigure(
+        if run.histograms:
+            plan.append(
+                (
                     f"log_ratio{suffix}",
-                    f"Distribution of log10(EF_ii / F_ii) per layer at the first, middle and last "
-                    f"measured step ({run.name}); 0 means equal diagonals.",
-                    figures.png(distribution),
+                    "Distribution of log10(EF_ii / F_ii) per layer at the first, middle and "
+                    f"last measured step ({run.name}); 0 means equal diagonals.",
+                    lambda run=run: figures.log_ratio_distribution(run),
                 )
             )
+        if run.has_update_audit:
+            plan.append(
+                (
+                    f"optimizer{suffix}",
+                    f"The optimizer's applied update against the natural-gradient step, the "
+                    f"EF-preconditioned step and −g (left), and its diagonal preconditioner "
+                    f"against √diag EF and √diag F (right), whole network ({run.name}).",
+                    lambda run=run: figures.optimizer_audit(run),
+                )
+            )
+    return plan
+
+
+def render_figures(runs: Sequence[Run], progress: Progress | None = None) -> list[RenderedFigure]:
+    """Draw every figure as PNG."""
+    progress = progress or Progress()
+    plan = _figure_plan(runs)
+    progress.stage("drawing figures", len(plan), "figures")
+    rendered = []
+    for name, caption, draw in plan:
+        figure = draw()
+        if figure is not None:
+            rendered.append(RenderedFigure(name, caption, figures.png(figure)))
+        progress.advance()
     return rendered
 
 
@@ -101,17 +140,29 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
 
 
-def run_summary(run: Run) -> dict:
+def layer_table(run: Run, step: int) -> list[dict[str, float | str | None]]:
+    """Per-layer values of the table's metrics at ``step`` (plus ``all``), with ``_se``."""
+    return tables.layer_rows(
+        run.values_at(step),
+        run.layers,
+        run.primary_structure,
+        run.dampings[0],
+        dimensions=run.dimensions,
+    )
+
+
+def run_summary(run: Run, found: list[Verdict] | None = None) -> dict:
     """The numbers behind the verdicts of one run, with stable keys."""
+    found = verdicts(run) if found is None else found
     last = run.steps[-1]
     worst = worst_step(run)
-    layers = {}
+    layers: dict = {}
     for when, step in (("last", last), ("worst", worst)):
         for row in layer_table(run, step):
             entry = layers.setdefault(row["layer"], {})
@@ -124,14 +175,18 @@ def run_summary(run: Run) -> dict:
             "structure": run.primary_structure,
             "structures": run.structures,
             "settings": run.settings,
+            "fit": run.fit,
             "measurements": len(run.steps),
             "steps": run.steps,
             "last_step": last,
             "worst_step": worst,
-            "verdicts": [v.as_dict() for v in verdicts(run)],
+            "verdicts": [v.as_dict() for v in found],
+            "advice": advice(run, found),
             "layers": layers,
-            "final": {key: run.value(key, last) for key in sorted(run.scalars)},
+            "dimensions": run.dimensions,
+            "final": run.values_at(last),
             "notes": run.notes,
+            "read_notes": run.read_notes,
         }
     )
 
@@ -139,84 +194,113 @@ def run_summary(run: Run) -> dict:
 def summary(runs: Sequence[Run]) -> dict:
     """The ``summary.json`` document."""
     return {
-        "fisher_monitor_report": 1,
+        "fisher_monitor_report": 2,
         "thresholds": THRESHOLDS,
         "runs": [run_summary(run) for run in runs],
     }
 
 
-def _format(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    magnitude = abs(value)
-    if magnitude != 0 and (magnitude >= 1e4 or magnitude < 1e-3):
-        return f"{value:.3e}"
-    return f"{value:.4g}"
+def setting_text(value) -> str:
+    """A setting's value as text (lists joined by commas)."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(setting_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
-def _format_int(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{int(value):,}"
+def _fit_rows(run: Run) -> dict[str, str]:
+    rows = {}
+    fit = run.fit
+    if isinstance(fit.get("overhead"), (int, float)):
+        rows["monitor's share of the fit time"] = f"{100 * fit['overhead']:.1f}%"
+    if isinstance(fit.get("monitor_seconds"), (int, float)):
+        rows["monitor time"] = f"{fit['monitor_seconds']:.1f} s"
+    if isinstance(fit.get("fit_seconds"), (int, float)):
+        rows["fit time"] = f"{fit['fit_seconds']:.1f} s"
+    return rows
 
 
-def _format_cell(metric: str, value) -> str:
-    """A layer-table cell: the dimension as a whole number, metrics as :func:`_format`."""
-    return _format_int(value) if metric == "dimension" else _format(value)
+def _verdict_html(verdict: Verdict) -> markupsafe.Markup:
+    return markupsafe.Markup("").join(
+        markupsafe.Markup("<code>{}</code>").format(part)
+        if isinstance(part, Code)
+        else markupsafe.escape(part)
+        for part in verdict.parts
+    )
+
+
+def _verdict_markdown(verdict: Verdict) -> str:
+    return "".join(
+        markdown_code(part) if isinstance(part, Code) else markdown_text(part)
+        for part in verdict.parts
+    )
 
 
 def _context(runs: Sequence[Run], title: str) -> dict:
     from fisher_monitor import __version__
 
     entries = []
+    setting_keys: list[str] = []
     for run in runs:
+        for key in run.settings:
+            if key not in setting_keys:
+                setting_keys.append(key)
+    for run in runs:
+        found = verdicts(run)
         last, worst = run.steps[-1], worst_step(run)
-        tables = [{"title": f"Last measurement (step {last})", "rows": layer_table(run, last)}]
+        tables_ = [{"title": f"Values at the last measurement (step {last})", "step": last}]
         if worst != last:
-            tables.append(
+            tables_.append(
                 {
-                    "title": f"Worst measurement (step {worst}, lowest direction cosine)",
-                    "rows": layer_table(run, worst),
+                    "title": f"Values at step {worst}, the whole network's worst measurement "
+                    "(lowest direction cosine of 'all')",
+                    "step": worst,
                 }
             )
+        for table in tables_:
+            table["rows"] = [tables.row_cells(row) for row in layer_table(run, table["step"])]
         entries.append(
             {
                 "name": run.name,
-                "settings": run.settings,
-                "verdicts": verdicts(run),
+                "settings": {key: setting_text(run.settings[key]) for key in run.settings},
+                "fit": _fit_rows(run),
+                "verdicts": found,
+                "advice": advice(run, found),
                 "measurements": len(run.steps),
                 "first_step": run.steps[0],
                 "last_step": last,
-                "tables": tables,
+                "tables": tables_,
                 "notes": run.notes,
+                "read_notes": run.read_notes,
+                "layers": len(run.layers),
             }
         )
+    fit_keys: list[str] = []
+    for entry in entries:
+        fit_keys += [key for key in entry["fit"] if key not in fit_keys]
     return {
         "title": title,
         "version": __version__,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "runs": entries,
         "thresholds": THRESHOLDS,
-        "layer_columns": LAYER_COLUMNS,
-        "setting_keys": [k for k in SETTING_KEYS if any(k in run.settings for run in runs)],
+        "headings": ["layer", *(column.heading for column in tables.LAYER_COLUMNS)],
+        "setting_keys": setting_keys,
+        "fit_keys": fit_keys,
+        "descriptions": [(metric, keys.DESCRIPTIONS[metric]) for metric in EXPLAINED],
+        "level_labels": LEVEL_LABELS,
     }
-
-
-def _code_spans(text: str) -> markupsafe.Markup:
-    """Escape ``text`` and render its `backticked` parts as ``<code>``."""
-    escaped = str(markupsafe.escape(text))
-    return markupsafe.Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", escaped))
 
 
 def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("fisher_monitor.report", "templates"),
-        autoescape=True,  # layer names come from user code
+        autoescape=True,  # names come from user code
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.globals["cell"] = _format_cell
-    environment.filters["code_spans"] = _code_spans
+    environment.filters["verdict_html"] = _verdict_html
     return environment
 
 
@@ -230,58 +314,96 @@ def render_html(runs: Sequence[Run], title: str, rendered: list[RenderedFigure])
     return _environment().get_template("report.html.j2").render(**context, figures=figures_base64)
 
 
-def _md_escape(text: str) -> str:
-    return re.sub(r"([\\`*_{}\[\]<>|#])", r"\\\1", str(text))
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
     """``report.md``: the same verdicts and tables, figures as PNG files next to it."""
     context = _context(runs, title)
-    lines = [f"# {_md_escape(title)}", ""]
+    lines = [f"# {markdown_text(title)}", ""]
     for run in context["runs"]:
-        lines += [f"## {_md_escape(run['name'])}", ""]
+        lines += [f"## {markdown_text(run['name'])}", ""]
         for verdict in run["verdicts"]:
-            lines += [f"- **{verdict.topic} ({verdict.level})**: {_md_escape(verdict.text)}"]
+            label = LEVEL_LABELS[verdict.level]
+            lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
+        if run["advice"]:
+            lines += ["", "What to change:", ""]
+            lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
         lines += ["", "| setting | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_md_escape(v)} |" for k, v in run["settings"].items()]
-        lines += [""]
+        for key, value in [*run["settings"].items(), *run["fit"].items()]:
+            lines.append(_md_row([markdown_text(key), markdown_text(value)]))
+        lines.append(
+            _md_row(
+                [
+                    "measurements",
+                    f"{run['measurements']} (steps {run['first_step']}–{run['last_step']})",
+                ]
+            )
+        )
+        lines.append("")
         for table in run["tables"]:
-            headings = " | ".join(heading for _, heading in LAYER_COLUMNS)
             lines += [
-                f"### {_md_escape(table['title'])}",
+                f"### {markdown_text(table['title'])}",
                 "",
-                f"| layer | {headings} |",
-                "| --- |" + " ---: |" * len(LAYER_COLUMNS),
+                _md_row([markdown_text(h) for h in context["headings"]]),
+                "| --- |" + " ---: |" * (len(context["headings"]) - 1),
             ]
-            for row in table["rows"]:
-                cells = [_format_cell(metric, row[metric]) for metric, _ in LAYER_COLUMNS]
-                lines.append(f"| {_md_escape(row['layer'])} | " + " | ".join(cells) + " |")
+            lines += [_md_row([markdown_text(cell) for cell in row]) for row in table["rows"]]
             lines.append("")
         if run["notes"]:
-            lines += ["Notes:", "", *[f"- {_md_escape(n)}" for n in run["notes"]], ""]
+            lines += ["Notes:", "", *[f"- {markdown_text(n, True)}" for n in run["notes"]], ""]
+        if run["read_notes"]:
+            lines += ["Reading the logs:", ""]
+            lines += [f"- {markdown_text(n, True)}" for n in run["read_notes"]] + [""]
     lines += ["## Figures", ""]
     for figure in rendered:
-        lines += [
-            f"![{_md_escape(figure.caption)}]({figure.name}.png)",
-            "",
-            f"*{figure.caption}*",
-            "",
-        ]
+        caption = markdown_text(figure.caption)
+        lines += [f"![{caption}]({figure.name}.png)", "", f"*{caption}*", ""]
     thresholds = context["thresholds"]
     lines += [
-        "## Thresholds",
+        "## How to read this",
         "",
-        f"Direction disagrees below cosine {thresholds['disagree_cosine']}, agrees from "
-        f"{thresholds['agree_cosine']}; matrices differ above relative error "
-        f"{thresholds['rel_error_limit']}; scale is off outside trace ratio "
-        f"{thresholds['trace_ratio_range']}.",
+        "| metric | meaning |",
+        "| --- | --- |",
+        *[_md_row([f"`{m}`", markdown_text(d)]) for m, d in context["descriptions"]],
+        "",
+        f"Thresholds: the EF direction disagrees below cosine {thresholds['disagree_cosine']} "
+        f"and agrees from {thresholds['agree_cosine']}; the matrices differ above relative "
+        f"error {thresholds['rel_error_limit']}; the scale is off outside trace ratio "
+        f"{thresholds['trace_ratio_range']}; fewer than {thresholds['min_measurements']} "
+        "measurements, or none after a training step, are insufficient evidence.",
         "",
     ]
     return "\n".join(lines)
 
 
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check that files can be written in it.
+
+    Raises:
+        ReportError: When it cannot be created or written, with the reason.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=out_dir, prefix=".fisher-monitor-", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except FileExistsError:
+        raise ReportError(
+            f"cannot create output directory {out_dir}: a file is in the way"
+        ) from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ReportError(f"cannot write to output directory {out_dir}: {reason}") from None
+
+
 def write_report(
-    runs: Sequence[Run], out_dir: Path, formats: Sequence[str] = FORMATS, title: str | None = None
+    runs: Sequence[Run],
+    out_dir: Path,
+    formats: Sequence[str] = FORMATS,
+    title: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Path]:
     """Write the requested formats into ``out_dir``.
 
@@ -290,26 +412,56 @@ def write_report(
         out_dir: Output directory (created).
         formats: Any of ``"html"``, ``"md"``, ``"json"``.
         title: Report title (default: "fisher-monitor report: <run names>").
+        progress: Progress display (stages: drawing figures, writing).
 
     Returns:
         Paths written, per format.
+
+    Raises:
+        ReportError: When the output directory cannot be created or written.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress()
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir)
     title = title or "fisher-monitor report: " + ", ".join(run.name for run in runs)
+    rendered = render_figures(runs, progress) if {"html", "md"} & set(formats) else []
+    progress.stage("writing " + ", ".join(formats), len(formats), "files")
     written: dict[str, Path] = {}
-    rendered = _figures(runs) if {"html", "md"} & set(formats) else []
-    if "html" in formats:
-        path = out_dir / "report.html"
-        path.write_text(render_html(runs, title, rendered), encoding="utf-8")
-        written["html"] = path
-    if "md" in formats:
-        for figure in rendered:
-            (out_dir / f"{figure.name}.png").write_bytes(figure.data)
-        path = out_dir / "report.md"
-        path.write_text(render_markdown(runs, title, rendered), encoding="utf-8")
-        written["md"] = path
-    if "json" in formats:
-        path = out_dir / "summary.json"
-        path.write_text(json.dumps(summary(runs), indent=2, allow_nan=False), encoding="utf-8")
-        written["json"] = path
+    try:
+        if "html" in formats:
+            path = out_dir / "report.html"
+            path.write_text(render_html(runs, title, rendered), encoding="utf-8")
+            written["html"] = path
+            progress.advance()
+        if "md" in formats:
+            for figure in rendered:
+                (out_dir / f"{figure.name}.png").write_bytes(figure.data)
+            path = out_dir / "report.md"
+            path.write_text(render_markdown(runs, title, rendered), encoding="utf-8")
+            written["md"] = path
+            progress.advance()
+        if "json" in formats:
+            path = out_dir / "summary.json"
+            path.write_text(json.dumps(summary(runs), indent=2, allow_nan=False), encoding="utf-8")
+            written["json"] = path
+            progress.advance()
+    except OSError as error:
+        raise ReportError(
+            f"cannot write the report into {out_dir}: {error.strerror or error}"
+        ) from None
     return written
+
+
+__all__ = [
+    "FORMATS",
+    "RenderedFigure",
+    "layer_table",
+    "prepare_output_dir",
+    "render_figures",
+    "render_html",
+    "render_markdown",
+    "run_summary",
+    "setting_text",
+    "summary",
+    "write_report",
+]

@@ -1,17 +1,21 @@
-"""Real short training runs with FisherMonitor, written once per test session."""
+"""Real short training runs with FisherMonitor, written once per test session.
+
+The training helpers are imported inside the fixture, so that the tests on synthetic
+runs need neither torch nor Lightning.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from lightning_helpers import TinyClassifier
-
-from runs import HostileNames, train
 
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory) -> Path:
+    from lightning_helpers import TinyClassifier
+    from runs import HostileNames, train
+
     root = tmp_path_factory.mktemp("runs")
     train(root, "plain", TinyClassifier())
     train(root, "mc", TinyClassifier(), fisher="mc", damping=[1e-3, 1e-1])

@@ -10,11 +10,10 @@ import pytorch_lightning as pl
 import torch
 from lightning_helpers import TinyClassifier, loader, trainer_kwargs
 from pytorch_lightning.loggers import TensorBoardLogger
+from synthetic import HOSTILE_LAYER
 from torch import nn
 
 from fisher_monitor import FisherMonitor
-
-HOSTILE_LAYER = "<script>alert(1)</script>"
 
 
 class HostileNames(TinyClassifier):
