@@ -49,6 +49,54 @@ def all_agree(ok: bool) -> bool:
     return bool(flag.item() > 0.5)
 
 
+def decision_of_rank_zero(decision: bool) -> bool:
+    """Rank zero's ``decision``, on every process (a collective: all processes must call it).
+
+    Used for decisions that depend on a process's own clock (the budget schedule), so that
+    every process measures at the same steps.
+    """
+    if not is_distributed():
+        return decision
+    device = _collective_device(torch.device("cpu"))
+    flag = torch.tensor([1.0 if decision else 0.0], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item() > 0.5)
+
+
+def gather_texts(text: str | None) -> list[str | None]:
+    """Every process's ``text`` (or ``None``), in rank order, on every process.
+
+    A collective: all processes must call it. Used to bring the cause of a failure on one
+    process to rank zero, which is the only one that warns. Texts are UTF-8 encoded into
+    rank-indexed slots and summed (no ``all_gather``; see :func:`gather_batch`).
+
+    Args:
+        text: This process's message, or ``None`` when it has nothing to say.
+
+    Returns:
+        One entry per process.
+    """
+    if not is_distributed():
+        return [text]
+    device = _collective_device(torch.device("cpu"))
+    world, me = dist.get_world_size(), dist.get_rank()
+    data = b"" if text is None else text.encode("utf-8")[:4096]
+    lengths = torch.zeros(world, dtype=torch.long, device=device)
+    lengths[me] = len(data) + (0 if text is None else 1)  # 0: None, 1 + n: n bytes
+    dist.all_reduce(lengths, op=dist.ReduceOp.SUM)
+    longest = max(int(lengths.max().item()) - 1, 1)
+    slots = torch.zeros((world, longest), dtype=torch.int32, device=device)
+    if data:
+        slots[me, : len(data)] = torch.tensor(list(data), dtype=torch.int32)
+    dist.all_reduce(slots, op=dist.ReduceOp.SUM)
+    texts: list[str | None] = []
+    for r in range(world):
+        size = int(lengths[r].item())
+        raw = bytes(slots[r, : max(size - 1, 0)].cpu().tolist())
+        texts.append(None if size == 0 else raw.decode("utf-8", errors="replace"))
+    return texts
+
+
 def gather_batch(tensor: Tensor) -> Tensor:
     """Concatenate every process's ``tensor`` along dimension 0, in rank order.
 

@@ -3,16 +3,55 @@
 Any callable works as ``FisherMonitor(schedule=...)``; the classes here are picklable
 (for ``ddp_spawn`` and checkpoints), print readably in the logged settings, and can be
 named in a LightningCLI config.
+
+:class:`budget`, the default, decides from time rather than from the step alone. It
+follows a small protocol the callback knows (see :class:`TimedSchedule`): ``start()``
+when fitting starts, ``charge(seconds, measurement=...)`` with the monitor's own time,
+``state_dict()``/``load_state_dict()`` for checkpoints, and ``decided_on_rank_zero``
+so that under data parallelism rank zero decides and broadcasts the decision.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import time
 from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from fisher_monitor.settings import is_whole_number
 
 Schedule = Callable[[int], bool]
+
+
+@runtime_checkable
+class TimedSchedule(Protocol):
+    """A schedule that decides from the monitor's timings (e.g. :class:`budget`).
+
+    Attributes:
+        decided_on_rank_zero: Its decisions depend on this process's clock, so under data
+            parallelism rank zero decides and the decision is broadcast.
+    """
+
+    decided_on_rank_zero: bool
+
+    def __call__(self, step: int) -> bool:
+        """Whether to measure at ``step``."""
+
+    def clock(self) -> float:
+        """The time source (seconds) the monitor also times itself with."""
+
+    def start(self) -> None:
+        """Fitting (re)starts: from now on, elapsed time counts."""
+
+    def charge(self, seconds: float, measurement: bool = True) -> None:
+        """Add ``seconds`` of the monitor's own time (a measurement, or other work)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to save in a checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state."""
 
 
 class every:  # noqa: N801 - reads as a function: schedules.every(50)
@@ -98,4 +137,149 @@ class log_spaced:  # noqa: N801
         return f"log_spaced(per_decade={self.per_decade}, max_interval={self.max_interval})"
 
 
-__all__ = ["Schedule", "every", "log_spaced"]
+class budget:  # noqa: N801
+    r"""Measure as often as a share of the training time allows: the default schedule.
+
+    The monitor times itself (every measurement with its logging, and its preparation)
+    and the schedule compares that time ``M`` with the training time elapsed ``T`` (the
+    fit's wall time minus ``M``). At step ``s``:
+
+    - the first step is always measured;
+    - at a step of the log-spaced grid (:class:`log_spaced` with ``per_decade``: steps
+      ``1, 2, 3, 4, 6, 7, 8, 10, 13, …``), it measures when the share so far is within
+      the budget, ``M ≤ fraction · T``;
+    - at any other step, when the next measurement fits in the budget as well,
+      ``M + c ≤ fraction · T``, with ``c`` the monitor's last measured cost.
+
+    So measurements come as densely as the budget allows, preferring the log-spaced steps
+    early on, and the monitor's share of the time stays below ``fraction`` plus the cost
+    of one measurement (``M ≤ fraction · T + c``): it tends to ``fraction`` as training
+    goes on. Nothing is assumed about the cost of a measurement; a slow network, a large
+    probe or a busy machine simply get fewer measurements. The state (time spent, time
+    elapsed, last cost) is saved in checkpoints, so a resumed run continues the same
+    budget; under data parallelism rank zero decides and the decision is broadcast.
+
+    Args:
+        fraction: Largest share of the training time the monitor may take,
+            ``0 < fraction < 1`` (``0.05``: 5%; ``0.01`` for a lighter touch, ``0.2`` for
+            richer curves).
+        per_decade: Density of the log-spaced grid preferred early on (≥ 1).
+        clock: Time source in seconds (``time.perf_counter`` when ``None``); tests pass
+            a fake one. The callback times itself with it too.
+
+    Example:
+        >>> now = [0.0]
+        >>> schedule = budget(0.1, clock=lambda: now[0])
+        >>> schedule.start()
+        >>> schedule(0)  # the first step
+        True
+        >>> schedule.charge(1.0)  # that measurement took 1 s
+        >>> now[0] = 5.0  # 4 s of training later: 1 s ≤ 10% of 4 s? no
+        >>> schedule(4)
+        False
+        >>> now[0] = 11.0  # 10 s of training: 1 s ≤ 10% of 10 s
+        >>> schedule(10)
+        True
+    """
+
+    decided_on_rank_zero = True
+
+    def __init__(
+        self,
+        fraction: float = 0.05,
+        per_decade: int = 10,
+        clock: Callable[[], float] | None = None,
+    ):
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, numbers.Real)
+            or not 0 < fraction < 1
+        ):
+            raise ValueError(
+                f"Invalid fraction: {fraction!r}. Use a share of the training time between 0 "
+                "and 1, e.g. 0.05 for 5%."
+            )
+        if not is_whole_number(per_decade):
+            raise ValueError(f"Invalid per_decade: {per_decade!r}. Use a positive integer.")
+        if clock is not None and not callable(clock):
+            raise ValueError(f"Invalid clock: {clock!r}. Pass a callable returning seconds.")
+        self.fraction = float(fraction)
+        self.per_decade = per_decade
+        self._clock = clock
+        self._grid = log_spaced(per_decade)
+        self._started: float | None = None
+        self._elapsed_before = 0.0  # wall time of earlier fits (restored from a checkpoint)
+        self.spent = 0.0
+        self.last_cost: float | None = None
+
+    def clock(self) -> float:
+        """Seconds from the time source."""
+        return (self._clock or time.perf_counter)()
+
+    def start(self) -> None:
+        """Fitting starts (or resumes): elapsed time counts from now, after earlier fits'."""
+        self._elapsed_before = self.elapsed
+        self._started = self.clock()
+
+    @property
+    def elapsed(self) -> float:
+        """Wall time of the fit so far (including earlier fits restored from a checkpoint)."""
+        if self._started is None:
+            return self._elapsed_before
+        return self._elapsed_before + self.clock() - self._started
+
+    @property
+    def share(self) -> float:
+        """The monitor's share of the fit's wall time so far (0 before any time passed)."""
+        elapsed = self.elapsed
+        return self.spent / elapsed if elapsed > 0 else 0.0
+
+    def charge(self, seconds: float, measurement: bool = True) -> None:
+        """Add the monitor's own time.
+
+        Args:
+            seconds: Time the monitor took.
+            measurement: Whether it was a measurement (attempt): its time then also
+                becomes the cost expected of the next one. Preparation is not.
+        """
+        self.spent += max(float(seconds), 0.0)
+        if measurement:
+            self.last_cost = max(float(seconds), 0.0)
+
+    def __call__(self, step: int) -> bool:
+        """Whether to measure at ``step``."""
+        if self._started is None:
+            self.start()
+        if self.last_cost is None:
+            return True
+        training = self.elapsed - self.spent
+        allowed = self.fraction * training
+        if self._grid(step):
+            return self.spent <= allowed
+        return self.spent + self.last_cost <= allowed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Time spent and elapsed, and the last cost (for checkpoints)."""
+        return {"spent": self.spent, "elapsed": self.elapsed, "last_cost": self.last_cost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the budget of a checkpointed fit."""
+        self.spent = float(state["spent"])
+        self._elapsed_before = float(state["elapsed"])
+        if self._started is not None:  # restored after the fit started: count from now
+            self._started = self.clock()
+        last = state.get("last_cost")
+        self.last_cost = None if last is None else float(last)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the clock of this process means nothing in another one (ddp_spawn, pickling)
+        state = dict(self.__dict__)
+        state["_elapsed_before"] = self.elapsed
+        state["_started"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"budget(fraction={self.fraction}, per_decade={self.per_decade})"
+
+
+__all__ = ["Schedule", "TimedSchedule", "budget", "every", "log_spaced"]

@@ -117,14 +117,83 @@ class MappedDataset(torch.utils.data.Dataset):
         return self.transform(index, inputs, target)
 
 
-def fit(monitor=None, steps=5, logger=None, model=None, data=None, **kwargs):
+class DigitsMLP(pl.LightningModule):
+    """A small MLP on scikit-learn's 8×8 digits (64 → 32 → 10), SGD."""
+
+    def __init__(self, lr: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss_fn(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def digits_loader(batch_size: int = 32, shuffle: bool = True) -> DataLoader:
+    """scikit-learn's bundled digits (1797 images, pixels scaled to [0, 1])."""
+    from sklearn.datasets import load_digits
+
+    inputs, targets = load_digits(return_X_y=True)
+    data = TensorDataset(
+        torch.tensor(inputs / 16.0, dtype=torch.float32), torch.tensor(targets, dtype=torch.long)
+    )
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+
+
+class FakeClock:
+    """A clock for time-based schedules that only moves when told (deterministic tests)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Ticker(pl.Callback):
+    """Advances a :class:`FakeClock` by ``step_seconds`` after every training batch."""
+
+    def __init__(self, clock: FakeClock, step_seconds: float):
+        self.clock = clock
+        self.step_seconds = step_seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clock.now += self.step_seconds
+
+
+class TickingLogger(SpyLogger):
+    """A spy logger that advances a :class:`FakeClock` by ``seconds`` for each measurement it
+    receives, as if the measurement had taken that long."""
+
+    def __init__(self, clock: FakeClock, seconds: float, prefix: str = "fisher/"):
+        super().__init__()
+        self.clock = clock
+        self.seconds = seconds
+        self.prefix = prefix
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        if any(key.startswith(self.prefix + "probe/loss") for key in metrics):
+            self.clock.now += self.seconds
+
+
+def fit(monitor=None, steps=5, logger=None, model=None, data=None, callbacks=(), **kwargs):
     """Train a tiny run; ``model`` may be a module or a zero-argument factory (built after
-    seeding). Returns ``(trainer, model, logger)``."""
+    seeding); ``callbacks`` run before the monitor. Returns ``(trainer, model, logger)``."""
     torch.manual_seed(0)
     model = model() if callable(model) and not isinstance(model, nn.Module) else model
     model = model if model is not None else TinyClassifier()
     logger = logger if logger is not None else SpyLogger()
-    callbacks = [monitor] if monitor is not None else []
+    callbacks = [*callbacks, *([monitor] if monitor is not None else [])]
     trainer = pl.Trainer(
         max_steps=steps, logger=logger, callbacks=callbacks, **trainer_kwargs(**kwargs)
     )

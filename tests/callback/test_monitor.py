@@ -1,4 +1,4 @@
-"""FisherMonitor in real Trainer.fit runs: keys, steps, TensorBoard, identical training, resume."""
+"""FisherMonitor in real Trainer.fit runs: keys, steps, values, identical training, resume."""
 
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from lightning_helpers import MappedDataset, SpyLogger, TinyClassifier, fit, loader, trainer_kwargs
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from fisher_monitor import FisherMonitor, measure, schedules
-from fisher_monitor.metrics import METRICS
+from fisher_monitor.keys import CONSTANT_METRICS, METRICS, parse_key
 
-PROBE_KEYS = ("probe/loss", "probe/batch_size", "probe/grad_norm", "probe/seconds")
+PROBE_KEYS = (
+    "probe/loss",
+    "probe/batch_size",
+    "probe/grad_norm",
+    "probe/seconds",
+    "probe/overhead",
+)
 
 
 def test_documented_keys_arrive_at_scheduled_steps():
@@ -29,10 +33,30 @@ def test_documented_keys_arrive_at_scheduled_steps():
     for structure in ("diag", "block", "kron"):
         for metric in METRICS:
             for layer in ("net.0", "net.3", "all"):
-                assert f"fisher/{structure}/{metric}/{layer}" in metrics
+                key = f"fisher/{structure}/{metric}/{layer}"
+                # constants are settings, not time series
+                assert (key in metrics) == (metric not in CONSTANT_METRICS), key
     for key in PROBE_KEYS:
         assert f"fisher/{key}" in metrics
     assert metrics["fisher/probe/batch_size"] == 16
+    assert 0 < metrics["fisher/probe/overhead"] < 1
+    # the dimensions went to the logger as hyperparameters: 4·8 + 8 and 8·3 + 3 parameters
+    assert logger.hparams["fisher/dimension/net.0"] == 40
+    assert logger.hparams["fisher/dimension/net.3"] == 27
+    assert logger.hparams["fisher/dimension/all"] == 67
+    assert logger.hparams["fisher/structures"] == "diag, block, kron"
+    assert logger.hparams["fisher/schedule"] == "every(2, offset=0)"
+
+
+def test_absolute_damping_is_a_setting_and_relative_damping_a_time_series():
+    absolute = FisherMonitor(every_n_steps=1, structures=("diag",), damping_mode="absolute")
+    _, _, logger = fit(absolute, steps=1)
+    assert not [key for key in logger.calls[-1][1] if "/damping/" in key]
+    assert logger.hparams["fisher/damping"] == 1e-3
+    assert logger.hparams["fisher/damping_mode"] == "absolute"
+    relative = FisherMonitor(every_n_steps=1, structures=("diag",))
+    _, _, logger = fit(relative, steps=1)
+    assert "fisher/diag/damping/all" in logger.calls[0][1]
 
 
 def test_logged_values_equal_measure_on_the_same_weights_and_batch():
@@ -44,46 +68,10 @@ def test_logged_values_equal_measure_on_the_same_weights_and_batch():
     inputs, targets = next(iter(loader()))
     expected = measure(reference_model.net, nn.CrossEntropyLoss(), inputs, targets)
     for key, value in expected.scalars.items():
-        if key != "probe/seconds":
-            assert logger.value(f"fisher/{key}", 0) == pytest.approx(value, rel=1e-9, abs=1e-12), (
-                key
-            )
-
-
-def test_tensorboard_event_file_holds_scalars_histograms_layout_image_and_settings(tmp_path):
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    monitor = FisherMonitor(every_n_steps=2, structures=("diag", "block"))
-    fit(monitor, steps=5, logger=TensorBoardLogger(tmp_path))
-    (event_file,) = glob.glob(str(tmp_path / "lightning_logs" / "version_0" / "events.*"))
-    events = EventAccumulator(
-        event_file, size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}
-    )
-    events.Reload()
-    tags = events.Tags()
-    assert [e.step for e in events.Scalars("fisher/block/direction_cosine/all")] == [0, 2, 4]
-    assert "fisher/diag/trace_ratio/net.0" in tags["scalars"]
-    assert set(tags["histograms"]) == {
-        "fisher/histograms/log10_ef_over_f/net.0",
-        "fisher/histograms/log10_ef_over_f/net.3",
-    }
-    assert [e.step for e in events.Histograms("fisher/histograms/log10_ef_over_f/net.0")] == [
-        0,
-        2,
-        4,
-    ]
-    images = events.Images("fisher/images/direction_cosine")
-    # drawn at the first measurement and, with all three, at the end of training
-    assert [e.step for e in images] == [0, 4] and images[-1].width > 100
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    titles = {category.title for category in layout.category}
-    assert {"fisher: diag", "fisher: block", "fisher: probe"} <= titles
-    block = next(c for c in layout.category if c.title == "fisher: block")
-    chart = next(c for c in block.chart if c.title == "direction_cosine (layers)")
-    assert list(chart.multiline.tag) == [r"fisher/block/direction_cosine(@[^/]*)?/.*"]
-    text = events.Tensors("fisher/settings/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "| fisher | exact |" in text and "| net.0 | Linear |" in text
+        parsed = parse_key(key)
+        if key == "probe/seconds" or (parsed and parsed.metric in CONSTANT_METRICS):
+            continue
+        assert logger.value(f"fisher/{key}", 0) == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_other_loggers_receive_the_scalars(tmp_path):
@@ -262,136 +250,103 @@ def test_prog_bar_and_log_spaced_schedule():
     assert "fisher/diag/direction_cosine/all" in trainer.progress_bar_metrics
 
 
-# ---------------------------------------------------------------- errors
+class AdamClassifier(TinyClassifier):
+    """TinyClassifier trained with Adam, two parameter groups and a learning-rate schedule."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(
+            [
+                {"params": self.net[0].parameters(), "lr": 0.05},
+                {"params": self.net[3].parameters(), "lr": 0.01, "weight_decay": 0.1},
+            ]
+        )
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
 
 
-def test_no_logger_is_an_error_at_setup():
-    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[FisherMonitor()], **trainer_kwargs())
-    with pytest.raises(
-        MisconfigurationException,
-        match=r"Cannot use `FisherMonitor` callback with `Trainer\(logger=False\)`",
+def test_training_is_bit_identical_with_the_optimizer_audit_adam_and_accumulation():
+    def model():
+        return AdamClassifier(dropout=0.3)
+
+    kwargs = dict(steps=5, model=model, data=loader(shuffle=True), accumulate_grad_batches=2)
+    plain_trainer, plain, _ = fit(None, **kwargs)
+    monitor = FisherMonitor(every_n_steps=1, structures=("diag", "block"))
+    monitored_trainer, monitored, logger = fit(monitor, **kwargs)
+    assert logger.steps_with("fisher/block/update_nat_cosine/all") == [0, 1, 2, 3, 4]
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), monitored.state_dict().items(), strict=True
     ):
-        trainer.fit(TinyClassifier(), loader())
+        assert torch.equal(a, b), name
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    monitored_state = monitored_trainer.optimizers[0].state_dict()["state"]
+    for index, state in plain_state.items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(monitored_state[index][key]))
+    assert not monitor._recorder.armed  # the one-shot hook is gone
 
 
-def test_missing_and_ambiguous_losses_are_errors_at_setup():
-    model = TinyClassifier()
-    del model.loss_fn
-    model.training_step = lambda batch, i: nn.functional.cross_entropy(model(batch[0]), batch[1])
-    with pytest.raises(
-        ValueError, match="found no loss module on TinyClassifier.*loss_fn=nn.CrossEntropyLoss"
-    ):
-        fit(FisherMonitor(), steps=1, model=model)
-    model = TinyClassifier()
-    model.other_loss = nn.MSELoss()
-    with pytest.raises(
-        ValueError, match=r"several losses on TinyClassifier \(\['loss_fn', 'other_loss'\]\)"
-    ):
-        fit(FisherMonitor(), steps=1, model=model)
-    model = TinyClassifier()
-    model.loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    with pytest.raises(ValueError, match="found the loss `loss_fn`.*label_smoothing"):
-        fit(FisherMonitor(), steps=1, model=model)
+def test_default_budget_spreads_measurements_over_a_300_step_digits_run():
+    """With every default, a 300-step MLP run on digits gets at least 8 measurements, some in
+    each third. A fake clock makes it deterministic: a training step takes 1 s and a
+    measurement 1.5 s, so the 5% budget allows one measurement per 30 steps of training."""
+    from lightning_helpers import DigitsMLP, FakeClock, Ticker, TickingLogger, digits_loader
+
+    clock = FakeClock()
+    logger = TickingLogger(clock, seconds=1.5)
+    monitor = FisherMonitor(schedule=schedules.budget(clock=clock))
+    fit(
+        monitor,
+        steps=300,
+        logger=logger,
+        model=DigitsMLP(),
+        data=digits_loader(),
+        callbacks=[Ticker(clock, 1.0)],
+    )
+    steps = logger.steps_with("fisher/probe/loss")
+    assert len(steps) >= 8, steps
+    assert steps[0] == 0
+    for third in range(3):
+        assert any(100 * third <= step < 100 * (third + 1) for step in steps), steps
+    # the monitor's share stays within the budget plus one measurement, and tends to 5%
+    shares = [m["fisher/probe/overhead"] for _, m in logger.calls if "fisher/probe/overhead" in m]
+    total = 300 * 1.0 + 1.5 * len(steps)
+    assert monitor._ledger.spent == pytest.approx(1.5 * len(steps))
+    assert monitor._ledger.spent / total <= 0.05 + 1.5 / total
+    assert shares[-1] < 0.06
 
 
-def test_unsupported_network_is_an_error_at_setup():
-    model = TinyClassifier()
-    model.net[1] = nn.GELU()
-    with pytest.raises(NotImplementedError, match=r"module\(s\) '1' \(GELU\)"):
-        fit(FisherMonitor(network="net", backend="backpack"), steps=1, model=model)
-    # by default the torch.func backend takes over, and says so
-    monitor = FisherMonitor(network="net", every_n_steps=1, structures=("diag", "block"))
-    _, _, logger = fit(monitor, steps=2, model=model)
-    assert logger.steps_with("fisher/block/direction_cosine/all") == [0, 1]
-    assert any("measured with torch.func" in note for note in monitor.last_measurement.notes)
-    with pytest.raises(ValueError, match="has no attribute 'backbone'"):
-        fit(FisherMonitor(network="backbone"), steps=1)
+def test_budget_state_survives_a_checkpoint(tmp_path):
+    from lightning_helpers import FakeClock, Ticker, TickingLogger
+
+    clock = FakeClock()
+    monitor = FisherMonitor(schedule=schedules.budget(0.2, clock=clock), structures=("diag",))
+    trainer, _, _ = fit(
+        monitor,
+        steps=6,
+        logger=TickingLogger(clock, seconds=1.0),
+        callbacks=[Ticker(clock, 1.0)],
+    )
+    checkpoint = tmp_path / "budget.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = monitor.state_dict()
+    assert saved["schedule"]["spent"] == monitor.schedule.spent > 0
+    assert saved["schedule"]["elapsed"] == pytest.approx(clock.now)
+    resumed = FisherMonitor(schedule=schedules.budget(0.2, clock=clock), structures=("diag",))
+    resumed.load_state_dict(
+        torch.load(checkpoint, weights_only=False)["callbacks"][resumed.state_key]
+    )
+    assert resumed.schedule.spent == saved["schedule"]["spent"]
+    assert resumed.schedule.elapsed == saved["schedule"]["elapsed"]
+    assert resumed._ledger.spent == saved["time"]["spent"]
 
 
-def test_module_without_forward_uses_the_submodule_holding_the_parameters():
-    class NoForward(TinyClassifier):
-        forward = pl.LightningModule.forward
-
-        def training_step(self, batch, batch_idx):
-            return self.loss_fn(self.net(batch[0]), batch[1])
+def test_keys_follow_the_loggers_group_separator():
+    class DotLogger(SpyLogger):
+        @property
+        def group_separator(self):
+            return "."
 
     _, _, logger = fit(
-        FisherMonitor(every_n_steps=1, structures=("diag",)), steps=2, model=NoForward()
+        FisherMonitor(every_n_steps=1, structures=("diag",)), steps=1, logger=DotLogger()
     )
-    assert "fisher/diag/kl/0" in logger.calls[0][1]  # layers named inside `net`
-
-    class TwoParts(NoForward):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(3, 3)
-
-    with pytest.raises(ValueError, match="defines no forward\\(\\) and no single submodule"):
-        fit(FisherMonitor(), steps=1, model=TwoParts())
-
-
-def test_untraceable_forward_is_named_at_setup():
-    class Branchy(TinyClassifier):
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-                return self.net(x)
-            return self.net(-x)
-
-    with pytest.raises(
-        NotImplementedError, match="cannot trace the forward pass of Branchy with torch.fx"
-    ):
-        fit(FisherMonitor(backend="backpack"), steps=1, model=Branchy())
-    # torch.func follows data-dependent control flow: "auto" measures it
-    monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
-    _, _, logger = fit(monitor, steps=2, model=Branchy())
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
-
-
-def test_batch_that_cannot_be_split_is_an_error_at_the_first_batch():
-    class OnlyInputs(torch.utils.data.Dataset):
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            return torch.randn(4)
-
-    class Unsupervised(TinyClassifier):
-        def training_step(self, batch, batch_idx):
-            return self(batch).square().mean()
-
-    data = torch.utils.data.DataLoader(OnlyInputs(), batch_size=8)
-    with pytest.raises(
-        ValueError, match="cannot split a batch of type Tensor.*batch_to_inputs_targets"
-    ):
-        fit(FisherMonitor(every_n_steps=100), steps=3, model=Unsupervised(), data=data)
-
-
-def test_a_failing_measurement_warns_once_and_training_continues():
-    nan_data = MappedDataset(
-        lambda i, x, y: ((torch.full_like(x, float("nan")) if 16 <= i < 48 else x), y)
-    )
-
-    class Robust(TinyClassifier):
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return self.loss_fn(self(torch.nan_to_num(x)), y)
-
-    data = torch.utils.data.DataLoader(nan_data, batch_size=16)
-    with pytest.warns(
-        UserWarning,
-        match=r"skipped the measurement at step 1 \(FloatingPointError: The probe loss is nan",
-    ):
-        _, _, logger = fit(
-            FisherMonitor(every_n_steps=1, structures=("diag",)), steps=4, model=Robust(), data=data
-        )
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 3]
-
-
-def test_invalid_arguments():
-    with pytest.raises(ValueError, match="either `every_n_steps` or `schedule`"):
-        FisherMonitor(every_n_steps=3, schedule=schedules.every(3))
-    with pytest.raises(ValueError, match="Invalid probe_size: 0"):
-        FisherMonitor(probe_size=0)
-    with pytest.raises(ValueError, match="Invalid structure: 'full'"):
-        FisherMonitor(structures=("full",))
-    with pytest.raises(ValueError, match="Unsupported loss 'L1Loss'"):
-        FisherMonitor(loss_fn=nn.L1Loss())
+    assert "fisher.diag.kl.all" in logger.calls[0][1]
+    assert "fisher.probe.loss" in logger.calls[0][1]

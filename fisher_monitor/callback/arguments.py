@@ -1,0 +1,171 @@
+"""Checks of ``FisherMonitor``'s arguments, at construction.
+
+Every message names the argument, shows the bad value with ``!r`` and says what is
+allowed, so that a misconfiguration fails before training starts rather than quietly
+producing an empty monitor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from fisher_monitor import keys
+from fisher_monitor.schedules import Schedule, budget, every
+from fisher_monitor.settings import MeasureSettings, is_whole_number
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
+
+
+def check_schedule(every_n_steps: Any, schedule: Any) -> Schedule:
+    """The schedule: ``schedule``, ``every(every_n_steps)`` or the default ``budget()``."""
+    if every_n_steps is not None and schedule is not None:
+        raise ValueError("Pass either `every_n_steps` or `schedule` to `FisherMonitor`, not both.")
+    if every_n_steps is not None:
+        if not is_whole_number(every_n_steps):
+            raise ValueError(
+                f"Invalid every_n_steps: {every_n_steps!r}. Use a positive integer (1 measures "
+                "at every optimizer step), or None for the default time budget."
+            )
+        return every(every_n_steps)
+    if schedule is None:
+        return budget()
+    if not callable(schedule):
+        raise ValueError(
+            f"Invalid schedule: {schedule!r}. Pass a callable step -> bool, e.g. "
+            "schedules.budget(0.05), schedules.every(100) or schedules.log_spaced()."
+        )
+    return schedule
+
+
+def check_memory_budget(value: Any) -> int | None:
+    """Bytes as an int: from ``None``, an int ≥ 1, or a size such as ``"1GB"`` or ``"512MiB"``.
+
+    Decimal units (``kB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units
+    (``KiB``, ``MiB``, ``GiB``, ``TiB``) powers of 1024; case does not matter.
+    """
+    if value is None:
+        return None
+    if is_whole_number(value):
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match and match["unit"].lower() in _UNITS:
+            size = int(float(match["number"]) * _UNITS[match["unit"].lower()])
+            if size >= 1:
+                return size
+    raise ValueError(
+        f"Invalid memory_budget: {value!r}. Use a number of bytes (an int ≥ 1), a size such "
+        "as '1GB' or '512MiB', or None for half the available memory."
+    )
+
+
+def check_prefix(value: Any) -> str:
+    """A non-empty logging prefix without trailing slashes."""
+    if not isinstance(value, str) or not value.strip("/ "):
+        raise ValueError(
+            f"Invalid log_prefix: {value!r}. Use a non-empty string such as 'fisher': every "
+            "key is logged under it, and the report finds the monitor's keys by it."
+        )
+    return value.rstrip("/")
+
+
+def check_probe_size(value: Any) -> int | None:
+    """``None`` or a positive int."""
+    if value is not None and not is_whole_number(value):
+        raise ValueError(
+            f"Invalid probe_size: {value!r}. Use a positive integer (samples per process) or "
+            "None for the whole batch."
+        )
+    return value
+
+
+def check_probe_data(value: Any) -> Any:
+    """``None``, a ``DataLoader`` or an ``(inputs, targets)`` pair."""
+    if value is None or isinstance(value, torch.utils.data.DataLoader):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value
+    raise ValueError(
+        f"Invalid probe_data: a {type(value).__name__}. Pass a DataLoader (its first batch is "
+        "taken once), an (inputs, targets) pair, or None to measure on the training batch."
+    )
+
+
+def check_callable(name: str, value: Any, example: str) -> Any:
+    """``None`` or a callable."""
+    if value is not None and not callable(value):
+        raise ValueError(f"Invalid {name}: {value!r}. Pass a callable, e.g. {example}.")
+    return value
+
+
+def check_network(value: Any) -> Any:
+    """``None``, an attribute name, or a callable."""
+    if value is None or callable(value) or (isinstance(value, str) and value):
+        return value
+    raise ValueError(
+        f"Invalid network: {value!r}. Pass None (the LightningModule), an attribute name "
+        "such as 'net' or 'model.encoder', or a callable module -> nn.Module."
+    )
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A ``bool``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r}. Use True or False.")
+    return value
+
+
+def check_whole(name: str, value: Any, minimum: int) -> int:
+    """An ``int`` of at least ``minimum``."""
+    if not is_whole_number(value, minimum=minimum):
+        raise ValueError(f"Invalid {name}: {value!r}. Use an integer ≥ {minimum}.")
+    return value
+
+
+def check_prog_bar(value: Any, settings: MeasureSettings, prefix: str) -> list[str]:
+    """Keys (without the prefix) the monitor logs, to show on the progress bar."""
+    given = [value] if isinstance(value, str) else list(value or [])
+    checked = []
+    for key in given:
+        if isinstance(key, str) and key.startswith(prefix + "/"):
+            key = key[len(prefix) + 1 :]
+        if not (isinstance(key, str) and _is_logged_key(key, settings)):
+            structures = ", ".join(s.value for s in settings.structures)
+            raise ValueError(
+                f"Invalid prog_bar key: {key!r}. Use keys the monitor logs, without the prefix: "
+                "'{structure}/{metric}/{layer}' with a measured structure "
+                f"({structures}), e.g. '{settings.structures[0].value}/direction_cosine/all', "
+                f"or 'probe/{{name}}' with a name in {tuple(keys.PROBE_DESCRIPTIONS)}."
+            )
+        checked.append(key)
+    return checked
+
+
+def _is_logged_key(key: str, settings: MeasureSettings) -> bool:
+    if key.startswith(keys.PROBE + "/"):
+        return key[len(keys.PROBE) + 1 :] in keys.PROBE_DESCRIPTIONS
+    parsed = keys.parse_key(key)
+    if parsed is None or parsed.metric in keys.CONSTANT_METRICS:
+        return False
+    if parsed.structure == keys.OPTIMIZER:
+        return True
+    if parsed.structure not in {s.value for s in settings.structures}:
+        return False
+    if parsed.metric not in keys.DAMPED_METRICS or not settings.several_dampings:
+        return parsed.damping is None
+    return parsed.damping in {repr(d) for d in settings.dampings}

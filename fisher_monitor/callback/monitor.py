@@ -1,0 +1,574 @@
+"""FisherMonitor: log, as training goes, how far the empirical Fisher is from the Fisher."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+from typing_extensions import override
+
+from fisher_monitor import distributed, keys
+from fisher_monitor.callback import arguments, summary
+from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
+from fisher_monitor.callback.collective import measure_everywhere, shared_causes
+from fisher_monitor.callback.discovery import find_loss, find_network, network_name
+from fisher_monitor.callback.failures import FailurePolicy
+from fisher_monitor.callback.history import History
+from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
+from fisher_monitor.callback.timing import Ledger
+from fisher_monitor.callback.update import UpdateRecorder, audit_module, measurer_keeps_directions
+from fisher_monitor.callback.writers import RunInfo, Writer, writers_for
+from fisher_monitor.engine import BACKENDS, Measurer
+from fisher_monitor.likelihoods import resolve_loss
+from fisher_monitor.measurement import Measurement
+from fisher_monitor.schedules import Schedule, TimedSchedule
+from fisher_monitor.settings import DampingMode, MeasureSettings
+
+#: The heat-map image is redrawn at every this many measurements, and at the end of fitting.
+IMAGE_EVERY = 10
+#: Default logging prefix.
+DEFAULT_LOG_PREFIX = "fisher"
+
+try:  # the same class also serves `lightning.pytorch.Trainer` when that package is installed
+    from lightning.pytorch.callbacks.callback import Callback as _LightningCallback
+
+    _BASES: tuple[type, ...] = (Callback, _LightningCallback)
+except ImportError:  # pragma: no cover - `lightning` is optional
+    _BASES = (Callback,)
+
+
+class FisherMonitor(*_BASES):
+    r"""Log how far the empirical Fisher (EF) is from the Fisher (F) as training goes.
+
+    At the steps its schedule chooses, at ``on_train_batch_start`` (the parameters and the
+    batch the optimizer is about to use), the callback measures F and EF of the network on
+    a probe batch (:class:`fisher_monitor.Measurer`) and logs the comparison; after that
+    step's ``optimizer.step()`` it compares the update the optimizer applied with the
+    natural-gradient step (the optimizer audit). It never changes training (a shadow copy
+    sharing the parameters' storage, its own random generator) and never stops it: a
+    failure becomes one warning naming the cause and the fix (see ``raise_on_error``). One
+    line says what is measured when fitting starts; a table sums up when it ends. The
+    definitions are in the documentation's theory page (``docs/theory.md``), the usage in
+    the callback guide (``docs/guide/callback.md``).
+
+    This class only holds Lightning's hooks and the state; the work is done by the modules
+    of :mod:`fisher_monitor.callback` (batches, discovery, collective, failures, update,
+    writers, tensorboard, summary), which is why it is longer than most.
+
+    Args:
+        every_n_steps: Shorthand for ``schedule=schedules.every(every_n_steps)``.
+        schedule: A callable ``step -> bool`` over ``trainer.global_step``; default
+            ``schedules.budget(fraction=0.05)``: as often as 5% of the training time allows,
+            densest early (see :class:`fisher_monitor.schedules.budget`).
+        structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
+        fisher: ``"exact"`` or ``"mc"`` (sampled labels).
+        mc_samples: Sampled labels per input for ``fisher="mc"``.
+        damping: λ, or a sequence of values (damped metrics are then logged per value, ``@λ``).
+        damping_mode: ``"relative"`` (λ_b = damping · tr F_b / D_b per layer) or ``"absolute"``.
+        network: What to measure: ``None`` for the LightningModule (or, when it defines no
+            ``forward``, the one submodule holding all trainable parameters), an attribute
+            name (dotted paths allowed) such as ``"net"``, or a callable ``module -> nn.Module``.
+        loss_fn: The negative log-likelihood: ``None`` finds the attribute of the module
+            holding a ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or such a
+            module; or ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``.
+        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)``; ``None`` handles
+            ``(inputs, targets, ...)`` tuples and dicts with the usual keys. A tuple of inputs
+            is passed to ``forward`` as positional arguments: for ``(x, mask, y)`` batches,
+            ``lambda batch: ((batch[0], batch[1]), batch[2])``.
+        probe_size: Measure on at most this many samples of the batch (per process).
+        probe_data: A fixed probe set instead of the training batch: a ``DataLoader`` (its
+            first batch, taken once) or an ``(inputs, targets)`` pair.
+        backend: ``"auto"`` (BackPACK where it can, ``torch.func`` otherwise), ``"backpack"``
+            or ``"functorch"``.
+        memory_budget: Peak bytes of one measurement: an int, a size such as ``"1GB"``
+            (powers of 1000) or ``"512MiB"`` (powers of 1024), or ``None`` for half the
+            available memory. A larger probe is sub-sampled, and the notes say so.
+        log_prefix: Prefix of every logged key.
+        log_histograms: Histograms per layer (TensorBoard).
+        log_images: The heat map of the direction cosine, layers × steps (TensorBoard).
+        prog_bar: Key(s) without the prefix, e.g. ``"block/direction_cosine/all"``, to show
+            on the progress bar.
+        seed: Seed of the monitor's own generator (label sampling, dropout masks).
+        raise_on_error: Raise instead of warning when preparing or measuring fails.
+        audit_optimizer: Audit the optimizer: its applied update against the natural
+            gradient and, for optimizers with a second moment, its preconditioner.
+        optimizer_index: Which of ``trainer.optimizers`` to audit (manual optimization with
+            several optimizers).
+
+    Logged keys (``{prefix}`` is ``log_prefix``), at ``trainer.global_step``, on rank zero:
+
+    - ``{prefix}/{structure}/{metric}/{layer}`` and ``…/all`` for ``trace_ratio``,
+      ``rel_error``, ``matrix_cosine``, ``kl``, ``direction_cosine``, ``nat_grad_cosine``,
+      ``ef_grad_cosine``, ``nat_projection``, ``ef_projection``,
+      ``ef_projection_per_sample`` and, with relative damping, ``damping`` (``{metric}@{λ}``
+      with several dampings); standard errors of estimated values as ``{metric}_se``;
+    - ``{prefix}/{structure}/update_nat_cosine/…``, ``update_ef_cosine``,
+      ``update_grad_cosine`` and ``{prefix}/optimizer/preconditioner_fisher_cosine/…``,
+      ``preconditioner_ef_cosine`` (the optimizer audit, after the step's optimizer step);
+    - ``{prefix}/probe/loss``, ``batch_size``, ``grad_norm``, ``seconds`` and ``overhead``
+      (the cumulative share of the fit's wall time spent in the monitor).
+
+    Constants are settings, not time series: the settings, each layer's
+    ``{prefix}/dimension/{layer}`` and (absolute damping) λ go to every logger through
+    ``log_hyperparams``. A value that is not a number is not logged. With a
+    ``TensorBoardLogger`` the scalars carry one-line descriptions, and the writer adds a
+    Custom Scalars layout, histograms ``{prefix}/histograms/log10_ef_over_f/{layer}`` and
+    ``…/log10_preconditioner_over_sqrt_f/{layer}``, the image
+    ``{prefix}/images/direction_cosine`` (every tenth measurement and at the end), the text
+    ``{prefix}/settings``, and the run file ``fisher_monitor-{prefix}.json``
+    (:mod:`fisher_monitor.runinfo`).
+
+    Raises:
+        MisconfigurationException: At setup, with ``Trainer(logger=False)``.
+        ValueError: At construction, for invalid arguments (the message names the argument,
+            the value and what is allowed).
+        Exception: With ``raise_on_error=True``, whatever preparing or measuring raised
+            (e.g. ``ValueError`` when no loss is found, ``NotImplementedError`` for a
+            network the backend cannot handle).
+
+    Example::
+
+        >>> from pytorch_lightning import Trainer
+        >>> from fisher_monitor import FisherMonitor
+        >>> trainer = Trainer(callbacks=[FisherMonitor()])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        schedule: Schedule | None = None,
+        structures: Sequence[str] | str = ("diag", "block"),
+        fisher: str = "exact",
+        mc_samples: int = 1,
+        damping: float | Sequence[float] = 1e-3,
+        damping_mode: str = "relative",
+        network: str | Callable[[Any], nn.Module] | None = None,
+        loss_fn: nn.Module | str | None = None,
+        batch_to_inputs_targets: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        probe_size: int | None = None,
+        probe_data: Any = None,
+        backend: str = "auto",
+        memory_budget: int | str | None = None,
+        log_prefix: str = DEFAULT_LOG_PREFIX,
+        log_histograms: bool = True,
+        log_images: bool = True,
+        prog_bar: str | Sequence[str] | None = None,
+        seed: int = 0,
+        raise_on_error: bool = False,
+        audit_optimizer: bool = True,
+        optimizer_index: int = 0,
+    ) -> None:
+        self.settings = MeasureSettings.create(
+            structures, fisher, mc_samples, damping, damping_mode
+        )
+        self.schedule: Schedule = arguments.check_schedule(every_n_steps, schedule)
+        self.network = arguments.check_network(network)
+        if loss_fn is not None:
+            resolve_loss(loss_fn)  # fail early on unsupported losses
+        self.loss_fn = loss_fn
+        splitter = arguments.check_callable(
+            "batch_to_inputs_targets", batch_to_inputs_targets, "lambda batch: (inputs, targets)"
+        )
+        self.batch_to_inputs_targets = splitter or default_batch_to_inputs_targets
+        self.probe_size = arguments.check_probe_size(probe_size)
+        self.probe_data = arguments.check_probe_data(probe_data)
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
+        self.backend = backend
+        self.memory_budget = arguments.check_memory_budget(memory_budget)
+        self.log_prefix = arguments.check_prefix(log_prefix)
+        self.log_histograms = arguments.check_flag("log_histograms", log_histograms)
+        self.log_images = arguments.check_flag("log_images", log_images)
+        self.prog_bar = arguments.check_prog_bar(prog_bar, self.settings, self.log_prefix)
+        self.seed = arguments.check_whole("seed", seed, minimum=0)
+        self.raise_on_error = arguments.check_flag("raise_on_error", raise_on_error)
+        self.audit_optimizer = arguments.check_flag("audit_optimizer", audit_optimizer)
+        self.optimizer_index = arguments.check_whole("optimizer_index", optimizer_index, 0)
+
+        clock = self.schedule.clock if isinstance(self.schedule, TimedSchedule) else None
+        self._ledger = Ledger(clock or time.perf_counter)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._history = History(*self._heatmap_key())
+        self._policy = FailurePolicy(self.raise_on_error)
+        self._probe = ProbeSource(self.batch_to_inputs_targets, self.probe_size, self.probe_data)
+        self._recorder = UpdateRecorder(self._audited, self._audit_failed, self._ledger.clock)
+        self._last_step = -1
+        self._measurer: Measurer | None = None
+        self._measured: nn.Module | None = None
+        self._shape: tuple[str, int] | None = None  # (backend used, number of layers)
+        self._writers: list[Writer] = []
+        self._info: RunInfo | None = None
+        self._trainer: pl.Trainer | None = None
+        self.last_measurement: Measurement | None = None
+
+    def _heatmap_key(self) -> tuple[str, str]:
+        structure = keys.primary_structure(self.settings.structures) or "diag"
+        return structure, keys.damping_suffix(
+            self.settings.dampings[0], self.settings.several_dampings
+        )
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(log_prefix=self.log_prefix)
+
+    # ------------------------------------------------------------------ start
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not trainer.loggers:
+            raise MisconfigurationException(
+                "Cannot use `FisherMonitor` callback with `Trainer(logger=False)`."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model() and the move to the device, before the first batch
+        self._trainer = trainer
+        self._ledger.start()
+        if isinstance(self.schedule, TimedSchedule):
+            self.schedule.start()
+        self._policy = FailurePolicy(self.raise_on_error)
+        self._writers = (
+            writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
+            if trainer.is_global_zero
+            else []
+        )
+        started = self._ledger.clock()
+        self._prepare_everywhere(pl_module, step=None)
+        self._charge(self._ledger.clock() - started, measurement=False)
+        self._info = RunInfo(self.log_prefix, self._settings(trainer, pl_module))
+        self._write_info()
+        rank_zero_info(self._start_line(pl_module))
+
+    def _prepare_everywhere(self, pl_module: pl.LightningModule, step: int | None) -> bool:
+        """Find the network and the loss and prepare the measurer, on every process."""
+        error = None
+        try:
+            self._prepare(pl_module)
+        except Exception as exception:  # noqa: BLE001 - the policy decides
+            error = exception
+        causes = shared_causes(error)
+        if any(causes) or error is not None:
+            self._measurer = None
+            self._policy.handle(causes, step, "prepare", error)
+            return False
+        return True
+
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
+        network = find_network(pl_module, self.network)
+        likelihood = find_loss(pl_module, self.loss_fn)
+        measurer = Measurer(
+            network,
+            likelihood,
+            self.settings,
+            backend=self.backend,
+            memory_budget=self.memory_budget,
+        )
+        self._probe.prepare()
+        self._shape = None
+        if not any(is_lazy(p) for p in network.parameters()):
+            prepared = measurer.prepared  # checks the network now, not at the first step
+            self._shape = (prepared.backend, len(prepared.layers))
+        # else: lazy modules get their shapes in the first forward; measure from then on
+        self._measurer, self._measured = measurer, network
+
+    def _settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        optimizer = self._audited_optimizer(trainer)
+        measurer = self._measurer
+        return {
+            **self.settings.as_dict(),
+            "schedule": repr(self.schedule),
+            "probe_size": self.probe_size,
+            "fixed_probe": self.probe_data is not None,
+            "backend": self.backend,
+            "backend_used": self._shape[0] if self._shape else None,
+            "network": network_name(pl_module, self._measured) if self._measured else None,
+            "loss": _loss_text(measurer.likelihood) if measurer is not None else None,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "audit": self._audit_on(trainer),
+            "preconditioner": self._audit_on(trainer) and _has_second_moment(optimizer),
+            "seed": self.seed,
+        }
+
+    def _start_line(self, pl_module: pl.LightningModule) -> str:
+        assert self._info is not None
+        settings = self._info.settings
+        if self._measurer is None:
+            return (
+                "FisherMonitor: not measuring yet (see the warning above); schedule "
+                f"{settings['schedule']}."
+            )
+        layers = self._shape[1] if self._shape else None
+        settings = {**settings, "backend": settings["backend_used"] or settings["backend"]}
+        return summary.start_line(
+            settings, settings["network"], settings["loss"], layers, self.log_prefix
+        )
+
+    # ------------------------------------------------------------------ training
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._policy.off or step == self._last_step or not self._due(step):
+            return
+        self._last_step = step
+        started = self._ledger.clock()
+        measurement = self._attempt(pl_module, batch, step, started)
+        if measurement is not None:
+            self._record(trainer, pl_module, measurement, step, started)
+        self._charge(self._ledger.clock() - started, measurement=True)
+
+    def _due(self, step: int) -> bool:
+        decision = bool(self.schedule(step))
+        if isinstance(self.schedule, TimedSchedule) and self.schedule.decided_on_rank_zero:
+            decision = distributed.decision_of_rank_zero(decision)  # the same steps everywhere
+        return decision
+
+    def _attempt(
+        self, pl_module: pl.LightningModule, batch: Any, step: int, started: float
+    ) -> Measurement | None:
+        if self._measurer is None and not self._prepare_everywhere(pl_module, step):
+            return None
+        assert self._measurer is not None
+        options = {}
+        if self._recorder_wanted() and measurer_keeps_directions(self._measurer):
+            options["keep_directions"] = True
+        outcome = measure_everywhere(
+            self._measurer, lambda: self._probe.take(batch), self._generator, **options
+        )
+        if outcome.measurement is None:
+            self._policy.handle(outcome.causes, step, outcome.stage, outcome.error)
+            return None
+        outcome.measurement.scalars[keys.probe_key("seconds")] = self._ledger.clock() - started
+        self.last_measurement = outcome.measurement
+        return outcome.measurement
+
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        measurement: Measurement,
+        step: int,
+        started: float,
+    ) -> None:
+        scalars = self._loggable(measurement.scalars)
+        scalars[keys.probe_key("overhead")] = self._ledger.share(self._ledger.clock() - started)
+        self._history.add(step, measurement.scalars)
+        for key in self.prog_bar:
+            if key in scalars:
+                pl_module.log(
+                    f"{self.log_prefix}/{key}",
+                    scalars[key],
+                    prog_bar=True,
+                    logger=False,
+                    on_step=True,
+                    on_epoch=False,
+                )
+        self._update_info(measurement)
+        if self._writers:
+            ratios = ef_over_f_log_ratios(measurement.diagonals) if self.log_histograms else {}
+            for writer in self._writers:
+                writer.log_scalars(scalars, step)
+                writer.log_histograms("log10_ef_over_f", ratios, step)
+                if len(self._history) % IMAGE_EVERY == 1:
+                    writer.log_heatmap(self._history, step)
+        optimizer = self._audited_optimizer(trainer)
+        if self._recorder_wanted() and optimizer is not None and trainer.is_global_zero:
+            assert self._measured is not None
+            self._recorder.arm(optimizer, self._measured, measurement, step)
+
+    def _loggable(self, scalars: Mapping[str, float]) -> dict[str, float]:
+        """Scalars as time series: no NaN, no constants (dimension; λ when absolute)."""
+        constant = set(keys.CONSTANT_METRICS)
+        if self.settings.damping_mode is DampingMode.ABSOLUTE:
+            constant.add("damping")
+        out = {}
+        for key, value in scalars.items():
+            parsed = keys.parse_key(key)
+            if parsed is not None and parsed.metric in constant:
+                continue
+            if not math.isnan(value):
+                out[key] = float(value)
+        return out
+
+    # ------------------------------------------------------------------ optimizer audit
+
+    def _audit_on(self, trainer: pl.Trainer) -> bool:
+        return self.audit_optimizer and audit_module() is not None and bool(trainer.optimizers)
+
+    def _recorder_wanted(self) -> bool:
+        return self._trainer is not None and self._audit_on(self._trainer)
+
+    def _audited_optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+        optimizers = trainer.optimizers
+        if not self.audit_optimizer or self.optimizer_index >= len(optimizers):
+            return None
+        return optimizers[self.optimizer_index]
+
+    def _audited(
+        self,
+        step: int,
+        scalars: dict[str, float],
+        histograms: dict[str, dict[str, Any]],
+        notes: list[str],
+        seconds: float,
+    ) -> None:
+        """The optimizer audit of the measurement at ``step`` (inside ``optimizer.step()``)."""
+        self._charge(seconds, measurement=False)
+        self._history.extend(step, scalars)
+        self._add_notes(notes)
+        loggable = self._loggable(scalars)
+        for writer in self._writers:
+            writer.log_scalars(loggable, step)
+            for group, values in histograms.items():
+                writer.log_histograms(group, values, step)
+
+    def _audit_failed(self, step: int, error: BaseException) -> None:
+        self._policy.handle([f"{type(error).__name__}: {error}"], step, "measure", error)
+
+    # ------------------------------------------------------------------ run information
+
+    def _update_info(self, measurement: Measurement) -> None:
+        info = self._info
+        if info is None:
+            return
+        changed = not info.layers
+        if changed:
+            info.layers = [dict(entry) for entry in measurement.coverage]
+            used = sorted({entry["backend"] for entry in measurement.coverage})
+            info.settings["backend_used"] = ", ".join(used) or None
+        if changed:
+            self._write_info()
+        self._add_notes(measurement.notes)
+
+    def _add_notes(self, notes: Sequence[str]) -> None:
+        info = self._info
+        new = [note for note in notes if info is not None and note not in info.notes]
+        if info is not None and new:
+            info.notes.extend(dict.fromkeys(new))
+            self._write_info()
+
+    def _write_info(self) -> None:
+        if self._info is not None:
+            for writer in self._writers:
+                writer.write_info(self._info)
+
+    def _charge(self, seconds: float, measurement: bool) -> None:
+        self._ledger.charge(seconds)
+        if isinstance(self.schedule, TimedSchedule):
+            self.schedule.charge(seconds, measurement=measurement)
+
+    # ------------------------------------------------------------------ end
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the heat map with every measurement, unless the last one already drew it
+        if len(self._history) % IMAGE_EVERY != 1:
+            last = self._history.last()
+            for writer in self._writers:
+                if last is not None:
+                    writer.log_heatmap(self._history, last[0])
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recorder.disarm()
+        if not trainer.is_global_zero or self._info is None:
+            return
+        log_dirs = [
+            str(writer.logger.log_dir)
+            for writer in self._writers
+            if hasattr(writer, "writer") and getattr(writer.logger, "log_dir", None)
+        ]
+        result = summary.FitSummary(
+            history=self._history,
+            monitor_seconds=self._ledger.spent,
+            fit_seconds=self._ledger.elapsed,
+            prefix=self.log_prefix,
+            log_dirs=log_dirs,
+            notes=list(self._info.notes),
+            warnings=list(self._policy.warnings),
+            off=self._policy.off,
+            optimizer=self._info.settings.get("optimizer"),
+            verdicts=_verdicts(self._history, self.log_prefix, log_dirs),
+        )
+        self._info.fit = result.as_dict()
+        self._write_info()
+        summary.show(result)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._recorder.disarm()
+        self._trainer = None
+        if self._measurer is not None:
+            self._measurer.close()
+            self._measurer = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "last_step": self._last_step,
+            "generator_state": self._generator.get_state(),
+            "history": self._history.state(),
+            "time": self._ledger.state_dict(),
+        }
+        if isinstance(self.schedule, TimedSchedule):
+            state["schedule"] = self.schedule.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+        self._generator.set_state(state_dict["generator_state"])
+        self._history.load(state_dict.get("history", []))
+        if "time" in state_dict:
+            self._ledger.load_state_dict(state_dict["time"])
+        if "schedule" in state_dict and isinstance(self.schedule, TimedSchedule):
+            self.schedule.load_state_dict(state_dict["schedule"])
+
+
+def _loss_text(likelihood: Any) -> str:
+    module = getattr(likelihood, "module_class", None)
+    name = module.__name__ if module is not None else type(likelihood).__name__
+    return f"{name}(reduction={getattr(likelihood, 'reduction', 'mean')!r})"
+
+
+def _has_second_moment(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the optimizer keeps a second moment the preconditioner audit can read."""
+    audit = audit_module()
+    check = getattr(audit, "has_second_moment", None)
+    if optimizer is None:
+        return False
+    if check is not None:
+        return bool(check(optimizer))
+    return type(optimizer).__name__ in (
+        "Adam",
+        "AdamW",
+        "NAdam",
+        "RAdam",
+        "Adamax",
+        "Adagrad",
+        "RMSprop",
+    )
+
+
+def _verdicts(history: History, prefix: str, log_dirs: list[str]) -> list[Any]:
+    """The report's verdicts on the fit (never an error: the summary goes without them)."""
+    try:
+        return history.verdicts(prefix, log_dirs[0] if log_dirs else None)
+    except Exception as error:  # noqa: BLE001 - a summary must not fail the fit
+        rank_zero_info(
+            f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
+        )
+        return []

@@ -1,0 +1,189 @@
+"""What the monitor tells the user: one line when fitting starts, a table when it ends.
+
+Both go out on rank zero only, through Lightning's rank-zero logging; the table is drawn
+with ``rich`` when the output is a terminal. The end-of-fit numbers also go into the run
+file (``"fit"``), where the report reads them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from fisher_monitor import keys
+from fisher_monitor.callback.history import History
+
+#: Headline metrics of the last measurement, in the order shown.
+HEADLINE = ("direction_cosine", "rel_error", "trace_ratio", "kl")
+#: Headline metrics of the optimizer audit.
+AUDIT_HEADLINE = ("update_nat_cosine", "update_ef_cosine", "update_grad_cosine")
+
+
+def start_line(
+    settings: dict[str, Any], network: str, loss: str, layers: int | None, prefix: str
+) -> str:
+    """The line printed when fitting starts.
+
+    Args:
+        settings: The run's settings (structures, fisher, damping, backend, schedule, …).
+        network: A readable name of the measured network.
+        loss: The loss, e.g. ``"CrossEntropyLoss(reduction='mean')"``.
+        layers: Number of layers with parameters (``None`` when not known yet).
+        prefix: The logging prefix.
+
+    Returns:
+        The line.
+    """
+    structures = " + ".join(settings["structures"])
+    fisher = (
+        "exact Fisher"
+        if settings["fisher"] == "exact"
+        else (f"Monte-Carlo Fisher ({settings['mc_samples']} label(s) per input)")
+    )
+    damping = settings["damping"]
+    damping_text = (
+        ", ".join(f"{d:g}" for d in damping) if isinstance(damping, list) else (f"{damping:g}")
+    )
+    counted = f", {layers} layers" if layers is not None else ""
+    probe = "a fixed probe set" if settings.get("fixed_probe") else "the training batch"
+    if settings.get("probe_size"):
+        probe += f" (at most {settings['probe_size']} samples)"
+    return (
+        f"FisherMonitor: comparing F and EF ({structures}; {fisher}, {damping_text} "
+        f"{settings['damping_mode']} damping) of {network}{counted} with {loss}, backend "
+        f"{settings['backend']}, on {probe}, schedule {settings['schedule']}; "
+        f"logged under '{prefix}/'."
+    )
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return ", ".join(map(str, steps[:5])) + ", …, " + ", ".join(map(str, steps[-2:]))
+
+
+@dataclass
+class FitSummary:
+    """The end-of-fit summary.
+
+    Attributes:
+        history: The measurements.
+        monitor_seconds: The monitor's own time (preparation, measurements, logging).
+        fit_seconds: Wall time of the fit.
+        prefix: The logging prefix.
+        log_dirs: TensorBoard run directories (for the report command).
+        notes: Notes of the measurements (e.g. sub-sampling), each once.
+        warnings: The warnings the monitor gave.
+        off: Why the monitor switched itself off, if it did.
+        optimizer: The audited optimizer's class name, if any.
+        verdicts: The report's verdicts on the measurements.
+    """
+
+    history: History
+    monitor_seconds: float
+    fit_seconds: float
+    prefix: str
+    log_dirs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    off: str | None = None
+    optimizer: str | None = None
+    verdicts: list[Any] = field(default_factory=list)
+
+    @property
+    def overhead(self) -> float:
+        """The monitor's share of the fit's wall time."""
+        return self.monitor_seconds / self.fit_seconds if self.fit_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The run file's ``"fit"`` block."""
+        return {
+            "measurements": len(self.history),
+            "steps": self.history.steps,
+            "monitor_seconds": self.monitor_seconds,
+            "fit_seconds": self.fit_seconds,
+            "overhead": self.overhead,
+            "off": self.off,
+            "warnings": list(self.warnings),
+            "verdicts": [getattr(v, "text", str(v)) for v in self.verdicts],
+        }
+
+    def _headline(self) -> list[tuple[str, str]]:
+        last = self.history.last()
+        if last is None:
+            return []
+        step, values = last
+        structure, suffix = self.history.structure, self.history.suffix
+
+        def value(structure_or_group: str, metric: str) -> float | None:
+            damped = suffix if metric in keys.DAMPED_METRICS else ""
+            key = keys.metric_key(structure_or_group, metric, keys.ALL, damped)
+            return values.get(key)
+
+        numbers = [(m, value(structure, m)) for m in HEADLINE]
+        text = ", ".join(f"{m} {v:.3g}" for m, v in numbers if v is not None)
+        rows = [(f"last measurement (step {step})", f"{structure}, whole network: {text}")]
+        audit = [(m, value(structure, m)) for m in AUDIT_HEADLINE]
+        audit += [(m, value(keys.OPTIMIZER, m)) for m in keys.OPTIMIZER_METRICS]
+        if any(v is not None for _, v in audit):
+            name = self.optimizer or "optimizer"
+            text = ", ".join(f"{m} {v:.3g}" for m, v in audit if v is not None)
+            rows.append((f"{name}'s step (last)", text))
+        return rows
+
+    def rows(self) -> list[tuple[str, str]]:
+        """``(label, text)`` rows of the table."""
+        count = len(self.history)
+        rows = [
+            (
+                "measurements",
+                f"{count}" + (f" at steps {_steps_text(self.history.steps)}" if count else ""),
+            ),
+            (
+                "monitor's share of the fit",
+                f"{100 * self.overhead:.1f}% ({self.monitor_seconds:.2f} s of "
+                f"{self.fit_seconds:.2f} s)",
+            ),
+            *self._headline(),
+        ]
+        rows += [("verdict", getattr(v, "text", str(v))) for v in self.verdicts]
+        rows += [("note", note) for note in self.notes]
+        if self.off:
+            rows.append(("monitor off", self.off))
+        elif self.warnings:
+            rows.append(("warnings", f"{len(self.warnings)} (see above)"))
+        for directory in self.log_dirs:
+            rows.append(("TensorBoard run", directory))
+            rows.append(("report", f"fisher-monitor report {directory}"))
+        if not self.log_dirs:
+            rows.append(("report", "add a TensorBoardLogger to get `fisher-monitor report`"))
+        return rows
+
+    def text(self) -> str:
+        """The table as plain text."""
+        rows = self.rows()
+        width = max(len(label) for label, _ in rows)
+        lines = ["FisherMonitor summary"]
+        lines += [f"  {label:<{width}}  {text}" for label, text in rows]
+        return "\n".join(lines)
+
+
+@rank_zero_only
+def show(summary: FitSummary) -> None:
+    """Print the summary on rank zero: a ``rich`` table on a terminal, plain text otherwise."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="FisherMonitor summary", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for label, text in summary.rows():
+            table.add_row(label, text)
+        Console().print(table)
+    else:
+        rank_zero_info(summary.text())

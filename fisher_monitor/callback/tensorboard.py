@@ -1,0 +1,227 @@
+"""The TensorBoard writer: described scalars, the Custom Scalars layout, histograms, images.
+
+Lightning's ``log_metrics`` cannot attach a description to a tag, so this writer writes
+the monitor's scalars itself, through the logger's ``SummaryWriter``, with the metric's
+one-line description (``keys.DESCRIPTIONS``) in the tag's summary metadata on its first
+event; TensorBoard shows it beside the chart. Nothing goes through the logger's
+``log_metrics`` as well, so no tag is written twice. The run-information file
+(:mod:`fisher_monitor.runinfo`) is written next to the event files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fisher_monitor import keys, runinfo
+from fisher_monitor.callback.history import History
+from fisher_monitor.callback.layout import custom_scalar_layout
+from fisher_monitor.callback.writers import LoggerWriter, RunInfo, logged_key
+
+#: Description of each histogram group.
+HISTOGRAM_DESCRIPTIONS = {
+    "log10_ef_over_f": "log10(EF_ii / F_ii) over the layer's parameters: centred at 0 and "
+    "narrow when the diagonals agree; shifted for a scale mismatch; wide when the EF "
+    "reweights parameters.",
+    "log10_preconditioner_over_sqrt_f": "log10 of the optimizer's diagonal preconditioner "
+    "over √diag F: a constant offset is harmless (the learning rate absorbs it), spread "
+    "means it scales coordinates unlike the Fisher.",
+}
+IMAGE_DESCRIPTION = (
+    "Direction cosine cos(F̃⁻¹g, ẼF⁻¹g), layers × measured steps: green from 0.9 (the EF "
+    "step agrees with the natural gradient), red below 0.5 (it points elsewhere)."
+)
+
+
+def description(key: str) -> str:
+    """The one-line description of a key (without the prefix); empty when unknown."""
+    if key.startswith(keys.PROBE + "/"):
+        return keys.PROBE_DESCRIPTIONS.get(key[len(keys.PROBE) + 1 :], "")
+    parsed = keys.parse_key(key)
+    if parsed is None:
+        return ""
+    text = keys.DESCRIPTIONS.get(parsed.metric, "")
+    where = "whole network" if parsed.layer == keys.ALL else f"layer {parsed.layer}"
+    context = (
+        f"Optimizer audit, {where}."
+        if parsed.structure == keys.OPTIMIZER
+        else f"Structure {parsed.structure}, {where}"
+        + (f", λ = {parsed.damping}" if parsed.damping else "")
+        + "."
+    )
+    if parsed.stderr:
+        return f"Standard error of {parsed.metric} (estimated). {context}"
+    return f"{text} {context}".strip()
+
+
+class TensorBoardWriter(LoggerWriter):
+    """Everything for a ``TensorBoardLogger`` (on rank zero).
+
+    Args:
+        logger: The ``TensorBoardLogger``.
+        prefix: The logging prefix.
+        histograms: Log histograms.
+        images: Log the heat-map image.
+    """
+
+    def __init__(self, logger: Any, prefix: str, histograms: bool, images: bool) -> None:
+        super().__init__(logger, prefix)
+        self.histograms = histograms
+        self.images = images
+        self._described: set[str] = set()
+        self._layout_written = False
+
+    @property
+    def writer(self) -> Any:
+        """The logger's ``SummaryWriter``."""
+        return self.logger.experiment
+
+    def _log_hyperparameters(self, params: dict[str, Any]) -> None:
+        # no second hparams session in the event file (it would hide the user's in the
+        # HParams tab): the settings go to the logger's hparams.yaml, the JSON run file
+        # and the Text tab
+        self.logger.log_hyperparams(params, metrics={})
+
+    def write_info(self, info: RunInfo) -> None:
+        """Hyperparameters, the JSON run file, and the text and layout once layers are known."""
+        super().write_info(info)
+        runinfo.write(self.logger.log_dir, info.as_dict())
+        if info.layers and not self._layout_written:
+            self._layout_written = True
+            self.writer.add_text(f"{self.prefix}/settings", settings_markdown(info), 0)
+            measured = [layer["layer"] for layer in info.layers if layer.get("measured")]
+            settings = info.settings
+            self.writer.add_custom_scalars(
+                custom_scalar_layout(
+                    self.prefix,
+                    settings["structures"],
+                    _as_list(settings["damping"]),
+                    measured,
+                    constant_damping=settings.get("damping_mode") == "absolute",
+                    audit=bool(settings.get("audit")),
+                    preconditioner=bool(settings.get("preconditioner")),
+                )
+            )
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Write the scalars, each tag's description with its first event."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(
+            value=[
+                Summary.Value(tag=logged_key(self.prefix, key), simple_value=float(value))
+                for key, value in scalars.items()
+            ]
+        )
+        self._add(summary, step, {logged_key(self.prefix, k): description(k) for k in scalars})
+
+    def log_histograms(self, group: str, values: Mapping[str, np.ndarray], step: int) -> None:
+        """One histogram per layer: ``{prefix}/histograms/{group}/{layer}``."""
+        from torch.utils.tensorboard.summary import histogram
+
+        if not self.histograms:
+            return
+        text = HISTOGRAM_DESCRIPTIONS.get(group, "")
+        for layer, data in values.items():
+            if len(data):
+                tag = f"{self.prefix}/histograms/{group}/{layer}"
+                # 64 equal bins: TensorBoard's default exponential buckets cost 6× as much
+                self._add(histogram(tag, data, bins=64), step, {tag: text})
+
+    def log_heatmap(self, history: History, step: int) -> None:
+        """The direction-cosine heat map of every measurement so far."""
+        from torch.utils.tensorboard.summary import image
+
+        if not self.images or not len(history):
+            return
+        tag = f"{self.prefix}/images/direction_cosine"
+        picture = heatmap_image(*history.heatmap())
+        self._add(image(tag, picture, dataformats="HWC"), step, {tag: IMAGE_DESCRIPTION})
+
+    def _add(self, summary: Any, step: int, descriptions: Mapping[str, str]) -> None:
+        """Write a summary; a tag's first event carries its description.
+
+        TensorBoard reads a tag's metadata from its first event.
+        """
+        for value in summary.value:
+            text = descriptions.get(value.tag, "")
+            if value.tag not in self._described and text:
+                value.metadata.summary_description = text
+            self._described.add(value.tag)
+        if summary.value:
+            self.writer._get_file_writer().add_summary(summary, step)
+
+
+def ef_over_f_log_ratios(diagonals: Mapping[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:
+    """Per layer, ``log10(EF_ii / F_ii)`` (float32) where both are positive and finite."""
+    import torch
+
+    ratios = {}
+    for layer, (fisher, empirical) in diagonals.items():
+        ratio = torch.log10(empirical.float()) - torch.log10(fisher.float())
+        ratios[layer] = ratio[torch.isfinite(ratio)].numpy()  # drops zeros, NaN, infinities
+    return ratios
+
+
+def _as_list(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
+def heatmap_image(
+    steps: Sequence[int], layers: Sequence[str], values: np.ndarray, title: str
+) -> np.ndarray:
+    """Render a layers × steps heat map of a cosine to an ``(H, W, 3)`` uint8 image.
+
+    Args:
+        steps: Training steps (columns).
+        layers: Layer names (rows).
+        values: ``len(layers) × len(steps)`` values in [−1, 1] (NaN: not measured).
+        title: Figure title.
+
+    Returns:
+        RGB image.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from fisher_monitor.plotting import draw_cosine_heatmap
+
+    height = 1.6 + 0.32 * len(layers)
+    figure = Figure(figsize=(8, height), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    draw_cosine_heatmap(figure, steps, layers, values, title)
+    figure.subplots_adjust(
+        left=0.22, right=0.98, bottom=0.55 / height + 0.05, top=1 - 0.45 / height
+    )
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def settings_markdown(info: RunInfo) -> str:
+    """Markdown for TensorBoard's Text tab: settings, measured layers, notes.
+
+    For people; programs read the JSON run file.
+    """
+    lines = ["| setting | value |", "| --- | --- |"]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in info.settings.items()]
+    lines += [
+        "",
+        "| layer | type | parameters | D | backend | status |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for entry in info.layers:
+        status = "measured" if entry["measured"] else f"skipped: {entry['reason']}"
+        parameters = _cell(", ".join(entry["parameters"]))
+        lines.append(
+            f"| {_cell(entry['layer'])} | {entry['type']} | {parameters} "
+            f"| {entry['dimension']} | {entry['backend']} | {_cell(status)} |"
+        )
+    if info.notes:
+        lines += ["", "Notes:", *[f"- {_cell(note)}" for note in info.notes]]
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Where the monitor's results go: one writer per logger of the trainer.
+
+The callback hands every result to its writers; a writer turns it into what its logger
+understands. :class:`LoggerWriter` serves any Lightning logger (scalars through
+``log_metrics`` with keys joined by the logger's ``group_separator``, settings through
+``log_hyperparams``); :class:`~fisher_monitor.callback.tensorboard.TensorBoardWriter`
+adds what only TensorBoard shows. A writer for another service (W&B tables, MLflow
+artifacts) is one more subclass of :class:`Writer`, chosen in :func:`writers_for`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fisher_monitor import keys
+from fisher_monitor.callback.history import History
+
+
+@dataclass
+class RunInfo:
+    """What the monitor measures and how: the settings, the layers and the notes.
+
+    Attributes:
+        prefix: The logging prefix.
+        settings: Setting name to plain value (structures, Fisher type, damping, schedule,
+            probe, backend, network, loss, optimizer).
+        layers: ``Measurement.coverage``: per layer its type, parameters, dimension,
+            backend, whether it was measured and why not (empty before a measurement).
+        notes: Notes of the measurements so far, each once.
+        fit: The end-of-fit summary (``None`` while fitting).
+    """
+
+    prefix: str
+    settings: dict[str, Any]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fit: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (the run-information file's content)."""
+        data: dict[str, Any] = {
+            "prefix": self.prefix,
+            "settings": dict(self.settings),
+            "layers": list(self.layers),
+            "notes": list(self.notes),
+        }
+        if self.fit is not None:
+            data["fit"] = dict(self.fit)
+        return data
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Settings and constants (each layer's dimension) as flat hyperparameters.
+
+        Keys are ``{prefix}/{setting}`` and ``{prefix}/dimension/{layer}`` (``…/all``: the
+        measured total); values are numbers, strings or booleans (lists become
+        comma-separated text), as every logger accepts.
+        """
+        flat: dict[str, Any] = {}
+        for name, value in self.settings.items():
+            flat[f"{self.prefix}/{name}"] = _plain(value)
+        measured = [layer for layer in self.layers if layer.get("measured")]
+        for layer in measured:
+            flat[f"{self.prefix}/dimension/{layer['layer']}"] = int(layer["dimension"])
+        if measured:
+            total = sum(int(layer["dimension"]) for layer in measured)
+            flat[f"{self.prefix}/dimension/{keys.ALL}"] = total
+        return flat
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return "None" if value is None else value
+    return str(value)
+
+
+def logged_key(prefix: str, key: str, separator: str = "/") -> str:
+    """The key as logged: ``{prefix}/{key}`` with ``/`` replaced by the logger's separator."""
+    full = f"{prefix}/{key}"
+    return full if separator == "/" else full.replace("/", separator)
+
+
+class Writer(ABC):
+    """Receives the monitor's results on rank zero and writes them to one destination.
+
+    Args:
+        logger: The Lightning logger written to.
+        prefix: The logging prefix.
+    """
+
+    def __init__(self, logger: Any, prefix: str) -> None:
+        self.logger = logger
+        self.prefix = prefix
+
+    def write_info(self, info: RunInfo) -> None:  # noqa: B027 - optional for writers
+        """The run's settings, layers, notes or end-of-fit summary changed."""
+
+    @abstractmethod
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Log scalar values (keys without the prefix, e.g. ``"block/kl/all"``)."""
+
+    def log_histograms(  # noqa: B027 - optional for writers
+        self, group: str, values: Mapping[str, np.ndarray], step: int
+    ) -> None:
+        """Log one histogram per layer (``{prefix}/histograms/{group}/{layer}``)."""
+
+    def log_heatmap(self, history: History, step: int) -> None:  # noqa: B027
+        """Log the heat map of the direction cosine over the measurements so far."""
+
+
+class LoggerWriter(Writer):
+    """Any Lightning logger: scalars through ``log_metrics``, settings as hyperparameters."""
+
+    def __init__(self, logger: Any, prefix: str) -> None:
+        super().__init__(logger, prefix)
+        self._hyperparameters: set[str] = set()
+
+    def write_info(self, info: RunInfo) -> None:
+        """Log the settings and dimensions not logged yet (some services refuse changes)."""
+        new = {k: v for k, v in info.hyperparameters().items() if k not in self._hyperparameters}
+        if new:
+            self._hyperparameters.update(new)
+            self._log_hyperparameters(new)
+
+    def _log_hyperparameters(self, params: dict[str, Any]) -> None:
+        self.logger.log_hyperparams(params)
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """``log_metrics`` with keys joined by the logger's ``group_separator``."""
+        separator = getattr(self.logger, "group_separator", "/")
+        metrics = {logged_key(self.prefix, k, separator): v for k, v in scalars.items()}
+        if metrics:
+            self.logger.log_metrics(metrics, step=step)
+
+
+def is_tensorboard(logger: Any) -> bool:
+    """Whether ``logger`` is Lightning's ``TensorBoardLogger`` (either namespace)."""
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+
+
+def writers_for(loggers: Iterable[Any], prefix: str, histograms: bool, images: bool) -> list:
+    """One writer per logger: TensorBoard loggers get the TensorBoard writer.
+
+    Args:
+        loggers: ``trainer.loggers``.
+        prefix: The logging prefix.
+        histograms: Whether TensorBoard writers log histograms.
+        images: Whether TensorBoard writers log the heat-map image.
+
+    Returns:
+        The writers.
+    """
+    from fisher_monitor.callback.tensorboard import TensorBoardWriter
+
+    return [
+        TensorBoardWriter(logger, prefix, histograms=histograms, images=images)
+        if is_tensorboard(logger)
+        else LoggerWriter(logger, prefix)
+        for logger in loggers
+    ]
