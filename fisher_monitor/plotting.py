@@ -92,9 +92,7 @@ def draw_cosine_heatmap(
     ax.set_xlabel("training step")
     ax.set_title(plain_text(title))
     bar = figure.colorbar(image, ax=ax, ticks=COSINE_BOUNDS, fraction=0.05, pad=0.02)
-    bar.set_label(
-        f"cosine: below {DISAGREE_COSINE} disagree (red), from {AGREE_COSINE} agree (green)"
-    )
+    bar.set_label(f"cosine (◀ thresholds {DISAGREE_COSINE}, {AGREE_COSINE})")
     for threshold in (DISAGREE_COSINE, AGREE_COSINE):
         bar.ax.axhline(threshold, color="black", linewidth=2.5)
     labels = {DISAGREE_COSINE: f"{DISAGREE_COSINE} ◀", AGREE_COSINE: f"{AGREE_COSINE} ◀"}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fisher_monitor import keys
 from fisher_monitor.plotting import draw_cosine_heatmap, plain_text
@@ -35,7 +35,10 @@ _BEST_COLORS = ("#2ca02c", "#17becf")
 
 
 def png(figure: Figure) -> bytes:
-    """Render a figure to PNG bytes."""
+    """Render a figure to PNG bytes (training steps on x axes as whole numbers)."""
+    for ax in figure.axes:
+        if ax.get_xlabel() == "training step" and not ax.get_images():
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()
@@ -91,7 +94,8 @@ def log_axis(ax, values: Sequence[float] | np.ndarray, axis: str = "y") -> bool:
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
     decades = np.log10(positive.max() / positive.min())
     if decades < 2.2:
-        target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        subs = (1.0, 2.0, 3.0, 5.0) if decades < 1 else (1.0, 2.0, 5.0)
+        target.set_major_locator(LogLocator(base=10, subs=subs))
         target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         target.set_minor_formatter(NullFormatter())
     else:
@@ -266,7 +270,8 @@ def heatmap(run: Run) -> Figure:
         )
         grid[i, index[valid]] = values[valid]
     row = 0.35 if len(layers) <= 30 else 0.2
-    figure = Figure(figsize=(WIDTH, 1.4 + row * len(layers)), dpi=100, layout="constrained")
+    height = max(3.2, 1.4 + row * len(layers))
+    figure = Figure(figsize=(WIDTH, height), dpi=100, layout="constrained")
     draw_cosine_heatmap(
         figure,
         steps,

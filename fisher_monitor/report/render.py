@@ -109,12 +109,21 @@ def _figure_plan(runs: Sequence[Run]) -> list[tuple[str, str, Callable]]:
                 )
             )
         if run.has_update_audit:
+            preconditioner = any(p.structure == keys.OPTIMIZER for p in run.parsed.values())
+            caption = (
+                "The optimizer's applied update against the natural-gradient step, the "
+                "EF-preconditioned step and −g"
+                + (
+                    " (left), and its diagonal preconditioner against √diag EF and √diag F (right)"
+                    if preconditioner
+                    else ""
+                )
+                + f", whole network ({run.name})."
+            )
             plan.append(
                 (
                     f"optimizer{suffix}",
-                    f"The optimizer's applied update against the natural-gradient step, the "
-                    f"EF-preconditioned step and −g (left), and its diagonal preconditioner "
-                    f"against √diag EF and √diag F (right), whole network ({run.name}).",
+                    caption,
                     lambda run=run: figures.optimizer_audit(run),
                 )
             )

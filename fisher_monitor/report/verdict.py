@@ -141,6 +141,12 @@ MEASURE_MORE = (
 )
 
 
+MEASURE_BRIEFLY = (
+    f"measure at least {MIN_MEASUREMENTS} times during training: use a larger budget "
+    "(schedules.budget(fraction=0.2)), a smaller every_n_steps, or a longer run"
+)
+
+
 def evidence(steps: np.ndarray) -> str | None:
     """Why measurements at ``steps`` are not enough evidence (``None`` when they are)."""
     if len(steps) == 0:
@@ -159,7 +165,7 @@ def evidence(steps: np.ndarray) -> str | None:
 def _insufficient(topic: str, what: str, why: str, known: list[str], numbers: dict) -> Verdict:
     parts = [f"Insufficient evidence on {what}: {why}"]
     parts += ["; so far ", *known] if known else []
-    parts += [f". To judge, {MEASURE_MORE}."]
+    parts += [f". To judge, {MEASURE_BRIEFLY}."]
     return Verdict(topic, "insufficient", parts, {**numbers, "insufficient": why})
 
 
@@ -295,8 +301,9 @@ def _matrix(run: Run) -> Verdict | None:
         )
     else:
         text += (
-            "the EF is a usable stand-in for the Fisher as a matrix; EF-based Laplace variances "
-            "are acceptable here."
+            "the EF is a usable stand-in for the Fisher as a matrix here; before using "
+            "EF-based Laplace variances, check that the KL is small for your purpose (0 means "
+            "identical)."
         )
     return Verdict("matrix", level, [text], numbers)
 
@@ -411,8 +418,8 @@ def _optimizer(run: Run) -> Verdict | None:
     why = evidence(steps)
     if why is not None:
         known = [
-            f"the cosine between {owner[0].lower() + owner[1:]} step and the natural-gradient "
-            f"step {range_phrase(cosines)}"
+            f"the cosine between {f'{name}' if name else 'the optimizer'}'s step and the "
+            f"natural-gradient step {range_phrase(cosines)}"
         ]
         return _insufficient("optimizer", "the optimizer's steps", why, known, numbers)
     text = (
@@ -443,8 +450,14 @@ def _optimizer(run: Run) -> Verdict | None:
     numbers["follows"] = follows
     share = within / count
     level = "good" if share >= AGREE_SHARE else "bad" if share < DISAGREE_SHARE else "mixed"
+    plain = len(grad_steps) and np.median(grad_steps) >= AGREE_COSINE
     if level == "good":
         advice = "no change needed: its steps are close to natural-gradient steps."
+    elif plain and follows is None:
+        advice = (
+            "its steps are close to plain gradient steps; for natural-gradient-like steps "
+            "precondition with the Fisher (K-FAC or a damped diagonal Fisher)."
+        )
     elif follows == "ef":
         advice = (
             "its diagonal scaling inherits the EF's errors; for natural-gradient-like steps "

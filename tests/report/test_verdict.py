@@ -91,7 +91,7 @@ def test_verdicts_end_with_what_to_do():
     ]
     actions = re.compile(
         r"\b(use|do not|no change needed|check|measure|precondition|consider|still judge|"
-        r"are acceptable|are safe)\b"
+        r"are safe)\b"
     )
     seen = set()
     for run in runs:
