@@ -142,22 +142,22 @@ class budget:  # noqa: N801
 
     The monitor times itself (every measurement with its logging, and its preparation)
     and the schedule compares that time ``M`` with the training time elapsed ``T`` (the
-    fit's wall time minus ``M``). At step ``s``:
+    fit's wall time minus ``M``). With ``c`` the monitor's last measured cost, at step ``s``:
 
     - the first step is always measured;
+    - at any step, it measures when the next measurement fits in the budget,
+      ``M + c ≤ fraction · T``;
     - at a step of the log-spaced grid (:class:`log_spaced` with ``per_decade``: steps
-      ``1, 2, 3, 4, 6, 7, 8, 10, 13, …``), it measures when the share so far is within
-      the budget, ``M ≤ fraction · T``;
-    - at any other step, when the next measurement fits in the budget as well,
-      ``M + c ≤ fraction · T``, with ``c`` the monitor's last measured cost.
+      ``1, 2, 3, 4, 6, 7, 8, 10, 13, …``) half of it suffices, ``M + c/2 ≤ fraction · T``,
+      so that measurements prefer those steps, densest early in training.
 
-    So measurements come as densely as the budget allows, preferring the log-spaced steps
-    early on, and the monitor's share of the time stays below ``fraction`` plus the cost
-    of one measurement (``M ≤ fraction · T + c``): it tends to ``fraction`` as training
-    goes on. Nothing is assumed about the cost of a measurement; a slow network, a large
-    probe or a busy machine simply get fewer measurements. The state (time spent, time
-    elapsed, last cost) is saved in checkpoints, so a resumed run continues the same
-    budget; under data parallelism rank zero decides and the decision is broadcast.
+    So measurements come as often as the budget allows, and the monitor's time stays
+    within the budget up to half a measurement (``M ≤ fraction · T + c/2``): its share
+    tends to ``fraction`` as training goes on. Nothing is assumed about the cost of a
+    measurement; a slow network, a large probe or a busy machine simply get fewer
+    measurements. The state (time spent, time elapsed, last cost) is saved in checkpoints,
+    so a resumed run continues the same budget; under data parallelism rank zero decides
+    and the decision is broadcast.
 
     Args:
         fraction: Largest share of the training time the monitor may take,
@@ -174,11 +174,13 @@ class budget:  # noqa: N801
         >>> schedule(0)  # the first step
         True
         >>> schedule.charge(1.0)  # that measurement took 1 s
-        >>> now[0] = 5.0  # 4 s of training later: 1 s ≤ 10% of 4 s? no
-        >>> schedule(4)
+        >>> now[0] = 11.0  # 10 s of training later: 1 + 1 ≤ 10% of 10? no
+        >>> schedule(11)
         False
-        >>> now[0] = 11.0  # 10 s of training: 1 s ≤ 10% of 10 s
-        >>> schedule(10)
+        >>> schedule(10)  # on the log-spaced grid: 1 + 0.5 ≤ 10% of 10? no
+        False
+        >>> now[0] = 16.0  # 15 s of training: 1 + 0.5 ≤ 1.5
+        >>> schedule(13)
         True
     """
 
@@ -254,9 +256,8 @@ class budget:  # noqa: N801
             return True
         training = self.elapsed - self.spent
         allowed = self.fraction * training
-        if self._grid(step):
-            return self.spent <= allowed
-        return self.spent + self.last_cost <= allowed
+        needed = self.last_cost / 2 if self._grid(step) else self.last_cost
+        return self.spent + needed <= allowed
 
     def state_dict(self) -> dict[str, Any]:
         """Time spent and elapsed, and the last cost (for checkpoints)."""

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
@@ -248,6 +248,12 @@ class FisherMonitor(*_BASES):
         self._charge(self._ledger.clock() - started, measurement=False)
         self._info = RunInfo(self.log_prefix, self._settings(trainer, pl_module))
         self._write_info()
+        if self.audit_optimizer and self.optimizer_index >= len(trainer.optimizers):
+            rank_zero_warn(
+                f"`FisherMonitor(optimizer_index={self.optimizer_index})`: the trainer has "
+                f"{len(trainer.optimizers)} optimizer(s), so the optimizer audit is off. Pass "
+                "an index below that, or audit_optimizer=False."
+            )
         rank_zero_info(self._start_line(pl_module))
 
     def _prepare_everywhere(self, pl_module: pl.LightningModule, step: int | None) -> bool:

@@ -7,6 +7,7 @@ file (``"fit"``), where the report reads them.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -135,6 +136,19 @@ class FitSummary:
             rows.append((f"{name}'s step (last)", text))
         return rows
 
+    def _verdict_rows(self) -> list[tuple[str, str]]:
+        """Each verdict's first sentence, and the advice of the most pressing one."""
+        rows = []
+        for verdict in self.verdicts:
+            sentences = _sentences(getattr(verdict, "text", str(verdict)))
+            rows.append((f"verdict: {getattr(verdict, 'topic', '')}".rstrip(": "), sentences[0]))
+        pressing = [v for v in self.verdicts if getattr(v, "level", "good") != "good"]
+        if pressing:
+            advice = _sentences(getattr(pressing[0], "text", ""))
+            if len(advice) > 1:
+                rows.append(("what to do", advice[-1]))
+        return rows
+
     def rows(self) -> list[tuple[str, str]]:
         """``(label, text)`` rows of the table."""
         count = len(self.history)
@@ -150,7 +164,7 @@ class FitSummary:
             ),
             *self._headline(),
         ]
-        rows += [("verdict", getattr(v, "text", str(v))) for v in self.verdicts]
+        rows += self._verdict_rows()
         rows += [("note", note) for note in self.notes]
         if self.off:
             rows.append(("monitor off", self.off))
@@ -170,6 +184,12 @@ class FitSummary:
         lines = ["FisherMonitor summary"]
         lines += [f"  {label:<{width}}  {text}" for label, text in rows]
         return "\n".join(lines)
+
+
+def _sentences(text: str) -> list[str]:
+    """Split a verdict into sentences (at a full stop followed by a capital letter)."""
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z`])", text.strip())
+    return [part for part in parts if part] or [text]
 
 
 @rank_zero_only

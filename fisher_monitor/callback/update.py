@@ -1,8 +1,9 @@
 """The update the optimizer really applies after a measurement, for the optimizer audit.
 
-At a measured step the monitor copies the measured layers' parameters (those the audited
-optimizer holds) and registers a one-shot ``register_step_post_hook`` on that optimizer.
-When the optimizer next steps — after every micro-batch of gradient accumulation, with
+At a measured step the monitor copies the measured layers' parameters and registers a
+one-shot ``register_step_post_hook`` on the audited optimizer (the first, or the one named
+by ``optimizer_index``). When it next steps — after every micro-batch of gradient
+accumulation, with
 whatever learning-rate schedule, weight decay, momentum, clipping or parameter groups, in
 automatic or manual optimization — the hook takes ``Δθ = θ_after − θ_before``, frees the
 copy, removes itself, and hands ``Δθ`` to :mod:`fisher_monitor.audit`. The hook only
@@ -47,7 +48,7 @@ class _Pending:
     measurement: Measurement
     optimizer: torch.optim.Optimizer
     parameters: dict[str, nn.Parameter]  # every measured parameter, by qualified name
-    before: dict[str, Tensor]  # copies of those the optimizer holds
+    before: dict[str, Tensor]  # their values at the measurement
     handle: Any
 
 
@@ -84,13 +85,14 @@ class UpdateRecorder:
         measurement: Measurement,
         step: int,
     ) -> None:
-        """Copy the measured parameters the optimizer holds and wait for its next step.
+        """Copy the measured parameters and wait for the optimizer's next step.
 
-        A previous update still awaited (an optimizer step skipped, e.g. by a mixed-precision
+        The update is what changed between now and the end of that step: with several
+        optimizers (manual optimization), audit the one that steps last to see the whole
+        step. A previous update still awaited (a step skipped, e.g. by a mixed-precision
         scaler) is dropped.
         """
         self.disarm()
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         named = dict(network.named_parameters())
         parameters = {
             name: named[name]
@@ -98,10 +100,10 @@ class UpdateRecorder:
             for name in layer.parameter_names
             if name in named
         }
-        with torch.no_grad():
-            before = {name: p.detach().clone() for name, p in parameters.items() if id(p) in held}
-        if not before:
+        if not parameters:
             return
+        with torch.no_grad():
+            before = {name: p.detach().clone() for name, p in parameters.items()}
         handle = optimizer.register_step_post_hook(self._hook)
         self._pending = _Pending(step, measurement, optimizer, parameters, before, handle)
 

@@ -1,0 +1,157 @@
+"""The TensorBoard writer: described scalars written once, layout, histograms, image, text,
+hyperparameters and the JSON run file, from a real ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+
+import pytest
+from lightning_helpers import fit
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from fisher_monitor import FisherMonitor, keys, runinfo
+from fisher_monitor.callback.layout import custom_scalar_layout
+from fisher_monitor.callback.tensorboard import description
+
+
+@pytest.fixture(scope="module")
+def tensorboard_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tensorboard")
+    monitor = FisherMonitor(every_n_steps=2, structures=("diag", "block"))
+    logger = TensorBoardLogger(root)
+    fit(monitor, steps=5, logger=logger)
+    (event_file,) = glob.glob(str(root / "lightning_logs" / "version_0" / "events.*"))
+    events = EventAccumulator(
+        event_file, size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}
+    )
+    events.Reload()
+    return events, logger, monitor
+
+
+def test_scalars_are_written_once_with_their_description(tensorboard_run):
+    events, _, _ = tensorboard_run
+    tags = events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("fisher/block/direction_cosine/all")] == [0, 2, 4]
+    assert [e.step for e in events.Scalars("fisher/probe/overhead")] == [0, 2, 4]
+    assert "fisher/diag/trace_ratio/net.0" in tags
+    assert not [tag for tag in tags if "/dimension/" in tag]  # constants are settings
+    for tag in tags:
+        if tag.startswith("fisher/"):
+            assert len(events.Scalars(tag)) <= 3, tag  # no tag written twice per step
+    metadata = events.SummaryMetadata("fisher/block/direction_cosine/net.3")
+    assert metadata.summary_description.startswith("cos(F̃⁻¹g, ẼF⁻¹g): natural gradient")
+    assert "Structure block, layer net.3." in metadata.summary_description
+    overhead = events.SummaryMetadata("fisher/probe/overhead").summary_description
+    assert overhead == keys.PROBE_DESCRIPTIONS["overhead"]
+    # the optimizer audit (SGD: its step, no preconditioner)
+    assert [e.step for e in events.Scalars("fisher/block/update_nat_cosine/all")] == [0, 2, 4]
+    audit = events.SummaryMetadata("fisher/block/update_grad_cosine/net.0")
+    assert "the optimizer's step against plain gradient descent" in audit.summary_description
+
+
+def test_histograms_image_and_text(tensorboard_run):
+    events, _, _ = tensorboard_run
+    tags = events.Tags()
+    assert set(tags["histograms"]) == {
+        "fisher/histograms/log10_ef_over_f/net.0",
+        "fisher/histograms/log10_ef_over_f/net.3",
+    }
+    steps = [e.step for e in events.Histograms("fisher/histograms/log10_ef_over_f/net.0")]
+    assert steps == [0, 2, 4]
+    histogram = events.SummaryMetadata("fisher/histograms/log10_ef_over_f/net.0")
+    assert histogram.summary_description.startswith("log10(EF_ii / F_ii)")
+    images = events.Images("fisher/images/direction_cosine")
+    # drawn at the first measurement and, with all three, at the end of training
+    assert [e.step for e in images] == [0, 4] and images[-1].width > 100
+    assert (
+        "green from 0.9"
+        in events.SummaryMetadata("fisher/images/direction_cosine").summary_description
+    )
+    (text,) = events.Tensors("fisher/settings/text_summary")
+    content = text.tensor_proto.string_val[0].decode()
+    assert "| fisher | exact |" in content and "| net.0 | Linear |" in content
+
+
+def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
+    events, _, _ = tensorboard_run
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    titles = [category.title for category in layout.category]
+    assert titles[:4] == [
+        "fisher: diag",
+        "fisher: diag by layer",
+        "fisher: block",
+        "fisher: block by layer",
+    ]
+    assert "fisher: probe" in titles
+    by_layer = next(c for c in layout.category if c.title == "fisher: block by layer")
+    chart = next(c for c in by_layer.chart if c.title == "direction_cosine · net.0")
+    assert list(chart.multiline.tag) == [re.escape("fisher/block/direction_cosine/net.0") + "$"]
+    scalar_tags = events.Tags()["scalars"]
+    for category in layout.category:
+        for chart in category.chart:
+            for pattern in chart.multiline.tag:  # every chart shows logged tags
+                assert any(re.match(pattern, tag) for tag in scalar_tags), (chart.title, pattern)
+
+
+def test_hyperparameters_and_the_run_file(tensorboard_run):
+    _, logger, _ = tensorboard_run
+    assert logger.hparams["fisher/dimension/all"] == 67
+    assert logger.hparams["fisher/fisher"] == "exact"
+    info = runinfo.read(logger.log_dir)["fisher"]
+    assert info["settings"]["structures"] == ["diag", "block"]
+    assert info["settings"]["schedule"] == "every(2, offset=0)"
+    assert info["settings"]["optimizer"] == "SGD"
+    assert info["settings"]["loss"] == "CrossEntropyLoss(reduction='mean')"
+    assert info["settings"]["network"] == "TinyClassifier"
+    assert info["settings"]["fixed_probe"] is False
+    assert [layer["layer"] for layer in info["layers"]] == ["net.0", "net.3"]
+    assert info["layers"][0]["dimension"] == 40
+    fit_block = info["fit"]
+    assert fit_block["measurements"] == 3 and fit_block["steps"] == [0, 2, 4]
+    assert 0 < fit_block["monitor_seconds"] < fit_block["fit_seconds"]
+    assert fit_block["overhead"] == pytest.approx(
+        fit_block["monitor_seconds"] / fit_block["fit_seconds"]
+    )
+    assert json.loads(json.dumps(info)) == info  # plain JSON
+
+
+def test_every_chart_has_one_layer_and_one_scale():
+    layout = custom_scalar_layout(
+        "fisher",
+        ["diag", "block"],
+        [1e-3, 1e-1],
+        ["enc.0", "enc.2"],
+        audit=True,
+        preconditioner=True,
+    )
+    projections = {"nat_projection", "ef_projection", "ef_projection_per_sample", "dimension"}
+    for category, charts in layout.items():
+        for title, (kind, tags) in charts.items():
+            assert kind == "Multiline"
+            layers = {re.sub(r"\\", "", tag).rstrip("$").rsplit("/", 1)[1] for tag in tags}
+            assert len(layers) == 1, (category, title)  # layers are never mixed in a chart
+            metrics = {
+                keys.parse_key(re.sub(r"\\", "", t).rstrip("$")[len("fisher/") :]) for t in tags
+            }
+            named = {m.metric for m in metrics if m is not None}
+            assert len(named & projections) <= 1, title  # no projection beside another scale
+            assert "dimension" not in named
+    assert "damping (all)" not in layout["fisher: block"]
+    assert "kl λ=0.1 (all)" in layout["fisher: block"]
+    absolute = custom_scalar_layout("fisher", ["diag"], [1e-3], ["a"], constant_damping=True)
+    assert not [title for title in absolute["fisher: diag"] if title.startswith("damping")]
+
+
+def test_descriptions_of_keys():
+    assert description("diag/kl@0.001/all").endswith("Structure diag, whole network, λ = 0.001.")
+    assert description("block/trace_ratio_se/fc").startswith("Standard error of trace_ratio")
+    assert description("optimizer/preconditioner_ef_cosine/all").endswith(
+        "Optimizer audit, whole network."
+    )
+    assert description("probe/loss") == keys.PROBE_DESCRIPTIONS["loss"]
+    assert description("something/else") == ""

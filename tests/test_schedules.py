@@ -1,0 +1,149 @@
+"""Schedules: every, log_spaced and the time budget (driven by a fake clock)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from fisher_monitor.schedules import TimedSchedule, budget, every, log_spaced
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(schedule: budget, clock: Clock, steps: int, step_seconds, cost_seconds) -> list[int]:
+    """Training steps of ``step_seconds(step)``; a measurement costs ``cost_seconds(step)``."""
+    schedule.start()
+    measured = []
+    for step in range(steps):
+        if schedule(step):
+            measured.append(step)
+            cost = cost_seconds(step)
+            clock.now += cost
+            schedule.charge(cost)
+        clock.now += step_seconds(step)
+    return measured
+
+
+def test_every_and_log_spaced():
+    assert [s for s in range(10) if every(3)(s)] == [0, 3, 6, 9]
+    assert [s for s in range(10) if every(4, offset=1)(s)] == [1, 5, 9]
+    assert [s for s in range(60) if log_spaced(per_decade=4)(s)] == [0, 1, 2, 4, 6, 10, 18, 32, 57]
+    spaced = log_spaced(per_decade=2, max_interval=50)
+    assert all(spaced(s) for s in (100, 150, 200))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(n=0), "Invalid interval n: 0"),
+        (dict(n=2.5), "Invalid interval n: 2.5"),
+        (dict(n=2, offset=-1), "Invalid offset: -1"),
+    ],
+)
+def test_every_rejects_bad_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        every(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(fraction=0), r"Invalid fraction: 0\. Use a share .* between 0 and 1"),
+        (dict(fraction=1.0), "Invalid fraction: 1.0"),
+        (dict(fraction=5), "Invalid fraction: 5"),
+        (dict(fraction="5%"), "Invalid fraction: '5%'"),
+        (dict(fraction=True), "Invalid fraction: True"),
+        (dict(per_decade=0), "Invalid per_decade: 0"),
+        (dict(clock=3.0), "Invalid clock: 3.0"),
+    ],
+)
+def test_budget_rejects_bad_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        budget(**arguments)
+
+
+def test_budget_measures_the_first_step_then_within_the_budget():
+    clock = Clock()
+    schedule = budget(0.1, clock=clock)
+    schedule.start()
+    assert schedule(7)  # the first step seen, whatever its number
+    schedule.charge(1.0)
+    clock.now = 1.0 + 14.0  # 14 s of training
+    assert not schedule(13)  # a log-spaced step: 1 + 0.5 > 0.1 · 14
+    clock.now = 1.0 + 15.0
+    assert schedule(13)  # 1 + 0.5 ≤ 0.1 · 15: half a measurement suffices on the grid ...
+    assert not schedule(14)  # ... off the grid the whole next one must fit: 1 + 1 > 1.5
+    clock.now = 1.0 + 20.0
+    assert schedule(14)  # 1 + 1 ≤ 0.1 · 20
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2])
+@pytest.mark.parametrize("cost", [0.5, 3.0, 40.0])
+def test_budget_share_stays_within_fraction_plus_half_a_measurement(fraction, cost):
+    clock = Clock()
+    schedule = budget(fraction, clock=clock)
+    steps = simulate(schedule, clock, 20_000, lambda s: 1.0, lambda s: cost)
+    training = 20_000.0
+    spent = cost * len(steps)
+    assert schedule.spent == pytest.approx(spent)
+    assert spent <= fraction * training + cost / 2  # at every measurement, hence at the end
+    # and it uses the budget: within one measurement of the fraction at the end
+    assert spent >= fraction * training - 2 * cost
+    # two measurements are at least half the budget's spacing apart (no bursts)
+    assert all(b - a >= cost / fraction / 2 - 1 for a, b in zip(steps[1:], steps[2:], strict=False))
+
+
+def test_budget_is_densest_early_and_adapts_to_the_measured_cost():
+    clock = Clock()
+    schedule = budget(0.05, clock=clock)
+    # a measurement costs 1.5 training steps: ~9 measurements in 300 steps, some in each third
+    steps = simulate(schedule, clock, 300, lambda s: 1.0, lambda s: 1.5)
+    assert steps[0] == 0 and len(steps) >= 8
+    assert all(any(100 * t <= s < 100 * (t + 1) for s in steps) for t in range(3))
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert gaps[0] > 0 and max(gaps[: len(gaps) // 2]) <= max(gaps) + 1
+    # measurements that suddenly cost 10× more are made 10× less often
+    clock = Clock()
+    schedule = budget(0.05, clock=clock)
+    steps = simulate(schedule, clock, 4000, lambda s: 1.0, lambda s: 1.0 if s < 2000 else 10.0)
+    early = [s for s in steps if 1000 <= s < 2000]
+    late = [s for s in steps if 3000 <= s < 4000]
+    assert len(early) >= 5 * len(late) >= 5
+
+
+def test_budget_counts_preparation_but_does_not_take_it_as_the_cost():
+    clock = Clock()
+    schedule = budget(0.1, clock=clock)
+    schedule.start()
+    clock.now += 5.0
+    schedule.charge(5.0, measurement=False)  # preparing the monitor
+    assert schedule.last_cost is None and schedule(0)  # the first step is still measured
+    schedule.charge(1.0)
+    assert schedule.last_cost == 1.0 and schedule.spent == 6.0
+
+
+def test_budget_state_resumes_and_pickles():
+    clock = Clock()
+    schedule = budget(0.1, clock=clock)
+    simulate(schedule, clock, 50, lambda s: 1.0, lambda s: 2.0)
+    state = schedule.state_dict()
+    assert state["elapsed"] == pytest.approx(clock.now)
+    clock.now += 1000.0  # a restart much later: the gap is not training time
+    resumed = budget(0.1, clock=clock)
+    resumed.load_state_dict(state)
+    resumed.start()
+    assert resumed.spent == schedule.spent and resumed.last_cost == schedule.last_cost
+    assert resumed.elapsed == pytest.approx(state["elapsed"])
+    # a schedule sent to another process (ddp_spawn) keeps its time, not this clock's origin
+    copied = pickle.loads(pickle.dumps(budget(0.1)))
+    assert copied.spent == 0.0 and copied.elapsed == 0.0
+    assert isinstance(schedule, TimedSchedule) and schedule.decided_on_rank_zero
+    assert not isinstance(every(3), TimedSchedule)
+    assert repr(schedule) == "budget(fraction=0.1, per_decade=10)"
