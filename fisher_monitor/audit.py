@@ -109,6 +109,7 @@ from fisher_monitor.measurement import Measurement
 
 __all__ = [
     "PreconditionerAudit",
+    "has_second_moment",
     "minibatch_second_moment",
     "preconditioner_audit",
     "update_cosines",
@@ -453,6 +454,15 @@ def _rule_of(optimizer: torch.optim.Optimizer) -> _Rule | None:
     ):
         return None
     return rule
+
+
+def has_second_moment(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`preconditioner_audit` recognises the optimizer's second moment.
+
+    Known ``torch.optim`` classes are recognised before their first step; other
+    optimizers only once their state holds one of the recognised keys.
+    """
+    return _rule_of(_unwrap(optimizer)) is not None
 
 
 def _unwrap(optimizer):

@@ -25,7 +25,7 @@ from fisher_monitor.audit import (
     preconditioner_audit,
     update_cosines,
 )
-from fisher_monitor.curvature.network import LayerInfo
+from fisher_monitor.curvature.layers import LayerInfo
 from fisher_monitor.measurement import Measurement
 
 LOSS = nn.CrossEntropyLoss()
@@ -666,3 +666,49 @@ def test_lightning_optimizer_is_unwrapped_and_missing_parameters_are_named():
     del parameters["0.bias"]
     with pytest.raises(ValueError, match=r"no entry for the measured parameters \['0.bias'\]"):
         preconditioner_audit(optimizer, parameters, measurement)
+
+
+# --- with the engine's measurement ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dampings", [(1e-3,), (1e-3, 1e-1)], ids=["one damping", "two"])
+def test_measure_keep_directions_gives_the_dense_update_cosines(dampings):
+    from fisher_monitor import measure
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(two_groups(model, lr=3e-3), lr=1e-2, weight_decay=0.1)
+    batches = [make_batch(8, seed) for seed in range(3)]
+    before, update = last_update(model, optimizer, batches)
+    probe_model, (x, y) = at(model, before), batches[-1]
+    damping = list(dampings) if len(dampings) > 1 else dampings[0]
+    measurement = measure(
+        probe_model, LOSS, x, y, structures=("diag", "block"), damping=damping, keep_directions=True
+    )
+    d = dense(probe_model, x, y)
+    expected = expected_update_cosines(d, flat(update), ("diag", "block"), dampings)
+    result = update_cosines(measurement, update)
+    assert set(result) == set(expected)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=TOLERANCE), key
+    # measure(update=...) logs the same cosines with the other metrics
+    with_update = measure(
+        probe_model, LOSS, x, y, structures=("diag", "block"), damping=damping, update=update
+    )
+    for key, value in expected.items():
+        assert with_update[key] == pytest.approx(value, abs=TOLERANCE), key
+
+    audit = preconditioner_audit(optimizer, dict(model.named_parameters()), measurement)
+    denominator = torch.cat(list(audit.denominators.values()))
+    for which, matrix in (("fisher", d.F), ("ef", d.EF)):
+        assert audit.scalars[f"optimizer/preconditioner_{which}_cosine/all"] == pytest.approx(
+            cosine(denominator, torch.diagonal(matrix).sqrt()), abs=TOLERANCE
+        )
+
+
+def test_has_second_moment():
+    from fisher_monitor.audit import has_second_moment
+
+    model = tiny_model()
+    assert has_second_moment(torch.optim.AdamW(model.parameters()))
+    assert has_second_moment(torch.optim.Adagrad(model.parameters()))
+    assert not has_second_moment(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
