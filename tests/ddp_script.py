@@ -49,7 +49,7 @@ class FileLogger(SpyLogger):
 
     def log_metrics(self, metrics, step=None):
         super().log_metrics(metrics, step)
-        if any(key.startswith("fisher/probe/") for key in metrics):
+        if any(key.startswith("~fisher/probe/") for key in metrics):
             torch.save(metrics, self.out / f"metrics_{step}.pt")
 
 

@@ -174,7 +174,7 @@ class TickingLogger(SpyLogger):
     """A spy logger that advances a :class:`FakeClock` by ``seconds`` for each measurement it
     receives, as if the measurement had taken that long."""
 
-    def __init__(self, clock: FakeClock, seconds: float, prefix: str = "fisher/"):
+    def __init__(self, clock: FakeClock, seconds: float, prefix: str = "~fisher/"):
         super().__init__()
         self.clock = clock
         self.seconds = seconds

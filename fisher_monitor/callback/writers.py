@@ -10,6 +10,7 @@ artifacts) is one more subclass of :class:`Writer`, chosen in :func:`writers_for
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -139,13 +140,29 @@ class LoggerWriter(Writer):
             self.logger.log_metrics(metrics, step=step)
 
 
+class MLflowWriter(LoggerWriter):
+    """MLflow: metric and parameter names without the characters MLflow refuses.
+
+    MLflow accepts letters, digits, ``_``, ``-``, ``.``, ``/`` and spaces; anything else
+    (the default prefix's ``~``) is left out, silently, rather than warned about per key.
+    """
+
+    _REFUSED = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+    def __init__(self, logger: Any, prefix: str) -> None:
+        super().__init__(logger, self._REFUSED.sub("", prefix).strip("/") or "fisher")
+
+    def _log_hyperparameters(self, params: dict[str, Any]) -> None:
+        self.logger.log_hyperparams({self._REFUSED.sub("", k): v for k, v in params.items()})
+
+
 def is_tensorboard(logger: Any) -> bool:
     """Whether ``logger`` is Lightning's ``TensorBoardLogger`` (either namespace)."""
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
 def writers_for(loggers: Iterable[Any], prefix: str, histograms: bool, images: bool) -> list:
-    """One writer per logger: TensorBoard loggers get the TensorBoard writer.
+    """One writer per logger: TensorBoard and MLflow loggers get their own.
 
     Args:
         loggers: ``trainer.loggers``.
@@ -158,9 +175,13 @@ def writers_for(loggers: Iterable[Any], prefix: str, histograms: bool, images: b
     """
     from fisher_monitor.callback.tensorboard import TensorBoardWriter
 
-    return [
-        TensorBoardWriter(logger, prefix, histograms=histograms, images=images)
-        if is_tensorboard(logger)
-        else LoggerWriter(logger, prefix)
-        for logger in loggers
-    ]
+    writers: list[Writer] = []
+    for logger in loggers:
+        names = {cls.__name__ for cls in type(logger).__mro__}
+        if "TensorBoardLogger" in names:
+            writers.append(TensorBoardWriter(logger, prefix, histograms=histograms, images=images))
+        elif "MLFlowLogger" in names:
+            writers.append(MLflowWriter(logger, prefix))
+        else:
+            writers.append(LoggerWriter(logger, prefix))
+    return writers

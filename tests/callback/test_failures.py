@@ -75,7 +75,7 @@ def test_missing_and_ambiguous_losses_warn_once_and_training_goes_on(model, mess
     assert caught[0].startswith("`FisherMonitor` could not prepare its measurements")
     assert re.search(message, caught[0])
     assert "The monitor is off for the rest of this fit; training continues." in caught[0]
-    assert not logger.steps_with("fisher/probe/loss")
+    assert not logger.steps_with("~fisher/probe/loss")
 
 
 @pytest.mark.parametrize(("model", "message"), LOSS_CASES)
@@ -104,7 +104,7 @@ def test_unsupported_network():
     # by default the torch.func backend takes over, and says so
     monitor = FisherMonitor(network="net", every_n_steps=1, structures=("diag", "block"))
     _, _, logger = fit(monitor, steps=2, model=gelu_model)
-    assert logger.steps_with("fisher/block/direction_cosine/all") == [0, 1]
+    assert logger.steps_with("~fisher/block/direction_cosine/all") == [0, 1]
     assert any("torch.func" in note for note in monitor.last_measurement.notes)
     with pytest.raises(ValueError, match="has no attribute 'backbone'"):
         fit(FisherMonitor(network="backbone", raise_on_error=True), steps=1)
@@ -127,7 +127,7 @@ def test_module_without_forward_uses_the_submodule_holding_the_parameters():
     _, _, logger = fit(
         FisherMonitor(every_n_steps=1, structures=("diag",)), steps=2, model=NoForward()
     )
-    assert "fisher/diag/kl/0" in logger.calls[0][1]  # layers named inside `net`
+    assert "~fisher/diag/kl/0" in logger.calls[0][1]  # layers named inside `net`
     with pytest.raises(ValueError, match="defines no forward\\(\\) and no single submodule"):
         fit(FisherMonitor(raise_on_error=True), steps=1, model=TwoParts())
     _, caught = fit_warning(FisherMonitor(), steps=2, model=TwoParts())
@@ -149,7 +149,7 @@ def test_untraceable_forward_is_named():
     # torch.func follows data-dependent control flow: "auto" measures it
     monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
     _, _, logger = fit(monitor, steps=2, model=Branchy())
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1]
 
 
 class OnlyInputs(torch.utils.data.Dataset):
@@ -181,7 +181,7 @@ def test_batch_that_cannot_be_split():
     )
     assert len(caught) == 1
     assert "skipped the measurement at step 0" in caught[0] and "monitor is off" in caught[0]
-    assert not logger.steps_with("fisher/probe/loss")
+    assert not logger.steps_with("~fisher/probe/loss")
 
 
 class MaskedClassifier(TinyClassifier):
@@ -208,7 +208,7 @@ def test_forward_missing_an_argument_suggests_batch_to_inputs_targets():
     assert len(caught) == 1, caught
     assert "forward() missing 1 required positional argument: 'mask'" in caught[0]
     assert "batch_to_inputs_targets=lambda batch: ((batch[0], batch[1]), batch[2])" in caught[0]
-    assert not logger.steps_with("fisher/probe/loss")
+    assert not logger.steps_with("~fisher/probe/loss")
     # the suggested splitter works as written
     fixed = FisherMonitor(
         every_n_steps=1,
@@ -216,7 +216,7 @@ def test_forward_missing_an_argument_suggests_batch_to_inputs_targets():
         batch_to_inputs_targets=lambda batch: ((batch[0], batch[1]), batch[2]),
     )
     _, _, logger = fit(fixed, steps=2, model=MaskedClassifier(), data=data)
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1]
 
 
 def test_a_failing_measurement_warns_once_and_training_continues():
@@ -237,7 +237,7 @@ def test_a_failing_measurement_warns_once_and_training_continues():
         _, _, logger = fit(
             FisherMonitor(every_n_steps=1, structures=("diag",)), steps=4, model=Robust(), data=data
         )
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 3]  # retried, and measured again
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 3]  # retried, and measured again
     (message,) = monitor_warnings(caught)
     assert "check the data and the learning rate" in message
     assert "tries again at the next scheduled step" in message
@@ -255,7 +255,7 @@ def test_lazy_modules_are_retried_until_their_shapes_are_known():
     )
     assert len(caught) == 1 and "skipped the measurement at step 0" in caught[0]
     assert "lazy" in caught[0] and "Nothing to do" in caught[0]
-    assert logger.steps_with("fisher/diag/kl/all") == [1, 2]
+    assert logger.steps_with("~fisher/diag/kl/all") == [1, 2]
 
 
 def test_a_failing_optimizer_audit_warns_and_training_goes_on(monkeypatch):
@@ -269,6 +269,6 @@ def test_a_failing_optimizer_audit_warns_and_training_goes_on(monkeypatch):
         FisherMonitor(every_n_steps=1, structures=("diag",)), steps=3, model=TinyClassifier()
     )
     assert len(caught) == 1 and "RuntimeError: simulated audit failure" in caught[0]
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1, 2]  # measurements go on
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2]  # measurements go on
     with pytest.raises(RuntimeError, match="simulated audit failure"):
         fit(FisherMonitor(every_n_steps=1, structures=("diag",), raise_on_error=True), steps=2)

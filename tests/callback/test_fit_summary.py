@@ -34,7 +34,7 @@ def test_start_line_and_end_table_of_a_fit(tmp_path, said):
         "FisherMonitor: comparing F and EF (diag + block; exact Fisher, 0.001 relative damping) "
         "of TinyClassifier, 2 layers with CrossEntropyLoss(reduction='mean'), backend backpack, "
         "on the training batch (at most 8 samples), schedule every(2, offset=0); logged under "
-        "'fisher/'."
+        "'~fisher/'."
     )
     lines = table.splitlines()
     assert lines[0] == "FisherMonitor summary"

@@ -28,35 +28,35 @@ PROBE_KEYS = (
 def test_documented_keys_arrive_at_scheduled_steps():
     monitor = FisherMonitor(every_n_steps=2, structures=("diag", "block", "kron"))
     _, _, logger = fit(monitor, steps=5)
-    assert logger.steps_with("fisher/block/direction_cosine/all") == [0, 2, 4]
-    _, metrics = next(c for c in logger.calls if "fisher/diag/kl/all" in c[1])
+    assert logger.steps_with("~fisher/block/direction_cosine/all") == [0, 2, 4]
+    _, metrics = next(c for c in logger.calls if "~fisher/diag/kl/all" in c[1])
     for structure in ("diag", "block", "kron"):
         for metric in METRICS:
             for layer in ("net.0", "net.3", "all"):
-                key = f"fisher/{structure}/{metric}/{layer}"
+                key = f"~fisher/{structure}/{metric}/{layer}"
                 # constants are settings, not time series
                 assert (key in metrics) == (metric not in CONSTANT_METRICS), key
     for key in PROBE_KEYS:
-        assert f"fisher/{key}" in metrics
-    assert metrics["fisher/probe/batch_size"] == 16
-    assert 0 < metrics["fisher/probe/overhead"] < 1
+        assert f"~fisher/{key}" in metrics
+    assert metrics["~fisher/probe/batch_size"] == 16
+    assert 0 < metrics["~fisher/probe/overhead"] < 1
     # the dimensions went to the logger as hyperparameters: 4·8 + 8 and 8·3 + 3 parameters
-    assert logger.hparams["fisher/dimension/net.0"] == 40
-    assert logger.hparams["fisher/dimension/net.3"] == 27
-    assert logger.hparams["fisher/dimension/all"] == 67
-    assert logger.hparams["fisher/structures"] == "diag, block, kron"
-    assert logger.hparams["fisher/schedule"] == "every(2, offset=0)"
+    assert logger.hparams["~fisher/dimension/net.0"] == 40
+    assert logger.hparams["~fisher/dimension/net.3"] == 27
+    assert logger.hparams["~fisher/dimension/all"] == 67
+    assert logger.hparams["~fisher/structures"] == "diag, block, kron"
+    assert logger.hparams["~fisher/schedule"] == "every(2, offset=0)"
 
 
 def test_absolute_damping_is_a_setting_and_relative_damping_a_time_series():
     absolute = FisherMonitor(every_n_steps=1, structures=("diag",), damping_mode="absolute")
     _, _, logger = fit(absolute, steps=1)
     assert not [key for key in logger.calls[-1][1] if "/damping/" in key]
-    assert logger.hparams["fisher/damping"] == 1e-3
-    assert logger.hparams["fisher/damping_mode"] == "absolute"
+    assert logger.hparams["~fisher/damping"] == 1e-3
+    assert logger.hparams["~fisher/damping_mode"] == "absolute"
     relative = FisherMonitor(every_n_steps=1, structures=("diag",))
     _, _, logger = fit(relative, steps=1)
-    assert "fisher/diag/damping/all" in logger.calls[0][1]
+    assert "~fisher/diag/damping/all" in logger.calls[0][1]
 
 
 def test_logged_values_equal_measure_on_the_same_weights_and_batch():
@@ -71,7 +71,7 @@ def test_logged_values_equal_measure_on_the_same_weights_and_batch():
         parsed = parse_key(key)
         if key == "probe/seconds" or (parsed and parsed.metric in CONSTANT_METRICS):
             continue
-        assert logger.value(f"fisher/{key}", 0) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        assert logger.value(f"~fisher/{key}", 0) == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_other_loggers_receive_the_scalars(tmp_path):
@@ -79,7 +79,7 @@ def test_other_loggers_receive_the_scalars(tmp_path):
     fit(monitor, steps=3, logger=CSVLogger(tmp_path))
     (metrics_file,) = glob.glob(str(tmp_path / "lightning_logs" / "version_0" / "metrics.csv"))
     header = open(metrics_file).readline()
-    assert "fisher/diag/direction_cosine/all" in header
+    assert "~fisher/diag/direction_cosine/all" in header
 
 
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
@@ -115,7 +115,7 @@ def test_resume_continues_the_schedule_and_the_generator(tmp_path):
         return TinyClassifier(lr=0.0)
 
     _, _, full = fit(monitor(), steps=8, model=model)
-    assert full.steps_with("fisher/block/kl/all") == [0, 3, 6]
+    assert full.steps_with("~fisher/block/kl/all") == [0, 3, 6]
     first, _, part1 = fit(monitor(), steps=4, model=model)
     checkpoint = tmp_path / "step4.ckpt"
     first.save_checkpoint(checkpoint)
@@ -125,9 +125,9 @@ def test_resume_continues_the_schedule_and_the_generator(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model(), loader(), ckpt_path=checkpoint)
-    assert part1.steps_with("fisher/block/kl/all") == [0, 3]
-    assert part2.steps_with("fisher/block/kl/all") == [6]
-    assert part2.value("fisher/block/kl/all", 6) == full.value("fisher/block/kl/all", 6)
+    assert part1.steps_with("~fisher/block/kl/all") == [0, 3]
+    assert part2.steps_with("~fisher/block/kl/all") == [6]
+    assert part2.value("~fisher/block/kl/all", 6) == full.value("~fisher/block/kl/all", 6)
     assert [step for step, _ in resumed_monitor.state_dict()["history"]] == [0, 3, 6]
     fresh = monitor()  # without the restored state the labels differ
     fresh_logger = SpyLogger()
@@ -136,7 +136,7 @@ def test_resume_continues_the_schedule_and_the_generator(tmp_path):
         warnings.simplefilter("ignore")
         fresh.load_state_dict = lambda state: None
         trainer.fit(model(), loader(), ckpt_path=checkpoint)
-    assert fresh_logger.value("fisher/block/kl/all", 6) != full.value("fisher/block/kl/all", 6)
+    assert fresh_logger.value("~fisher/block/kl/all", 6) != full.value("~fisher/block/kl/all", 6)
 
 
 def test_works_with_the_lightning_namespace():
@@ -166,7 +166,7 @@ def test_works_with_the_lightning_namespace():
         version = 0
 
         def log_metrics(self, metrics, step=None):
-            if "fisher/block/direction_cosine/all" in metrics:
+            if "~fisher/block/direction_cosine/all" in metrics:
                 self.steps.append(step)
 
         def log_hyperparams(self, *args, **kwargs):
@@ -193,9 +193,9 @@ def test_probe_size_probe_data_network_and_loss_options():
         probe_size=10,
     )
     _, _, logger = fit(monitor, steps=3, model=TinyClassifier(lr=0.0))
-    assert logger.value("fisher/probe/batch_size", 0) == 10
+    assert logger.value("~fisher/probe/batch_size", 0) == 10
     # a fixed probe and unchanged weights: the same numbers at every step
-    values = [logger.value("fisher/diag/kl/all", s) for s in range(3)]
+    values = [logger.value("~fisher/diag/kl/all", s) for s in range(3)]
     assert values[0] == values[1] == values[2]
 
     dataloader_probe = FisherMonitor(
@@ -205,7 +205,7 @@ def test_probe_size_probe_data_network_and_loss_options():
         probe_data=loader(batch_size=8, shuffle=True),
     )
     _, _, logger = fit(dataloader_probe, steps=2, model=TinyClassifier(lr=0.0))
-    assert logger.value("fisher/probe/batch_size", 1) == 8
+    assert logger.value("~fisher/probe/batch_size", 1) == 8
 
 
 def test_dict_batches_and_custom_splitter():
@@ -222,21 +222,21 @@ def test_dict_batches_and_custom_splitter():
         model=DictClassifier(),
         data=data,
     )
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1]
     splitter = FisherMonitor(
         every_n_steps=1,
         structures=("diag",),
         batch_to_inputs_targets=lambda b: (b["image"], b["label"]),
     )
     _, _, logger = fit(splitter, steps=1, model=DictClassifier(), data=data)
-    assert logger.steps_with("fisher/diag/kl/all") == [0]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0]
 
 
 def test_gradient_accumulation_measures_once_per_optimizer_step():
     _, _, logger = fit(
         FisherMonitor(every_n_steps=1, structures=("diag",)), steps=3, accumulate_grad_batches=2
     )
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1, 2]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2]
 
 
 def test_prog_bar_and_log_spaced_schedule():
@@ -246,8 +246,8 @@ def test_prog_bar_and_log_spaced_schedule():
         prog_bar="diag/direction_cosine/all",
     )
     trainer, _, logger = fit(monitor, steps=12)
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1, 2, 4, 6, 10]
-    assert "fisher/diag/direction_cosine/all" in trainer.progress_bar_metrics
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2, 4, 6, 10]
+    assert "~fisher/diag/direction_cosine/all" in trainer.progress_bar_metrics
 
 
 class AdamClassifier(TinyClassifier):
@@ -271,7 +271,7 @@ def test_training_is_bit_identical_with_the_optimizer_audit_adam_and_accumulatio
     plain_trainer, plain, _ = fit(None, **kwargs)
     monitor = FisherMonitor(every_n_steps=1, structures=("diag", "block"))
     monitored_trainer, monitored, logger = fit(monitor, **kwargs)
-    assert logger.steps_with("fisher/block/update_nat_cosine/all") == [0, 1, 2, 3, 4]
+    assert logger.steps_with("~fisher/block/update_nat_cosine/all") == [0, 1, 2, 3, 4]
     for (name, a), (_, b) in zip(
         plain.state_dict().items(), monitored.state_dict().items(), strict=True
     ):
@@ -301,13 +301,13 @@ def test_default_budget_spreads_measurements_over_a_300_step_digits_run():
         data=digits_loader(),
         callbacks=[Ticker(clock, 1.0)],
     )
-    steps = logger.steps_with("fisher/probe/loss")
+    steps = logger.steps_with("~fisher/probe/loss")
     assert len(steps) >= 8, steps
     assert steps[0] == 0
     for third in range(3):
         assert any(100 * third <= step < 100 * (third + 1) for step in steps), steps
     # the monitor's share stays within the budget plus one measurement, and tends to 5%
-    shares = [m["fisher/probe/overhead"] for _, m in logger.calls if "fisher/probe/overhead" in m]
+    shares = [m["~fisher/probe/overhead"] for _, m in logger.calls if "~fisher/probe/overhead" in m]
     total = 300 * 1.0 + 1.5 * len(steps)
     assert monitor._ledger.spent == pytest.approx(1.5 * len(steps))
     assert monitor._ledger.spent / total <= 0.05 + 1.5 / total
@@ -348,5 +348,5 @@ def test_keys_follow_the_loggers_group_separator():
     _, _, logger = fit(
         FisherMonitor(every_n_steps=1, structures=("diag",)), steps=1, logger=DotLogger()
     )
-    assert "fisher.diag.kl.all" in logger.calls[0][1]
-    assert "fisher.probe.loss" in logger.calls[0][1]
+    assert "~fisher.diag.kl.all" in logger.calls[0][1]
+    assert "~fisher.probe.loss" in logger.calls[0][1]

@@ -35,21 +35,21 @@ def tensorboard_run(tmp_path_factory):
 def test_scalars_are_written_once_with_their_description(tensorboard_run):
     events, _, _ = tensorboard_run
     tags = events.Tags()["scalars"]
-    assert [e.step for e in events.Scalars("fisher/block/direction_cosine/all")] == [0, 2, 4]
-    assert [e.step for e in events.Scalars("fisher/probe/overhead")] == [0, 2, 4]
-    assert "fisher/diag/trace_ratio/net.0" in tags
+    assert [e.step for e in events.Scalars("~fisher/block/direction_cosine/all")] == [0, 2, 4]
+    assert [e.step for e in events.Scalars("~fisher/probe/overhead")] == [0, 2, 4]
+    assert "~fisher/diag/trace_ratio/net.0" in tags
     assert not [tag for tag in tags if "/dimension/" in tag]  # constants are settings
     for tag in tags:
-        if tag.startswith("fisher/"):
+        if tag.startswith("~fisher/"):
             assert len(events.Scalars(tag)) <= 3, tag  # no tag written twice per step
-    metadata = events.SummaryMetadata("fisher/block/direction_cosine/net.3")
+    metadata = events.SummaryMetadata("~fisher/block/direction_cosine/net.3")
     assert metadata.summary_description.startswith("cos(F̃⁻¹g, ẼF⁻¹g): natural gradient")
     assert "Structure block, layer net.3." in metadata.summary_description
-    overhead = events.SummaryMetadata("fisher/probe/overhead").summary_description
+    overhead = events.SummaryMetadata("~fisher/probe/overhead").summary_description
     assert overhead == keys.PROBE_DESCRIPTIONS["overhead"]
     # the optimizer audit (SGD: its step, no preconditioner)
-    assert [e.step for e in events.Scalars("fisher/block/update_nat_cosine/all")] == [0, 2, 4]
-    audit = events.SummaryMetadata("fisher/block/update_grad_cosine/net.0")
+    assert [e.step for e in events.Scalars("~fisher/block/update_nat_cosine/all")] == [0, 2, 4]
+    audit = events.SummaryMetadata("~fisher/block/update_grad_cosine/net.0")
     assert "the optimizer's step against plain gradient descent" in audit.summary_description
 
 
@@ -57,21 +57,21 @@ def test_histograms_image_and_text(tensorboard_run):
     events, _, _ = tensorboard_run
     tags = events.Tags()
     assert set(tags["histograms"]) == {
-        "fisher/histograms/log10_ef_over_f/net.0",
-        "fisher/histograms/log10_ef_over_f/net.3",
+        "~fisher/histograms/log10_ef_over_f/net.0",
+        "~fisher/histograms/log10_ef_over_f/net.3",
     }
-    steps = [e.step for e in events.Histograms("fisher/histograms/log10_ef_over_f/net.0")]
+    steps = [e.step for e in events.Histograms("~fisher/histograms/log10_ef_over_f/net.0")]
     assert steps == [0, 2, 4]
-    histogram = events.SummaryMetadata("fisher/histograms/log10_ef_over_f/net.0")
+    histogram = events.SummaryMetadata("~fisher/histograms/log10_ef_over_f/net.0")
     assert histogram.summary_description.startswith("log10(EF_ii / F_ii)")
-    images = events.Images("fisher/images/direction_cosine")
+    images = events.Images("~fisher/images/direction_cosine")
     # drawn at the first measurement and, with all three, at the end of training
     assert [e.step for e in images] == [0, 4] and images[-1].width > 100
     assert (
         "green from 0.9"
-        in events.SummaryMetadata("fisher/images/direction_cosine").summary_description
+        in events.SummaryMetadata("~fisher/images/direction_cosine").summary_description
     )
-    (text,) = events.Tensors("fisher/settings/text_summary")
+    (text,) = events.Tensors("~fisher/settings/text_summary")
     content = text.tensor_proto.string_val[0].decode()
     assert "| fisher | exact |" in content and "| net.0 | Linear |" in content
 
@@ -82,15 +82,15 @@ def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     titles = [category.title for category in layout.category]
     assert titles[:4] == [
-        "fisher: diag",
-        "fisher: diag by layer",
-        "fisher: block",
-        "fisher: block by layer",
+        "~fisher: diag",
+        "~fisher: diag by layer",
+        "~fisher: block",
+        "~fisher: block by layer",
     ]
-    assert "fisher: probe" in titles
-    by_layer = next(c for c in layout.category if c.title == "fisher: block by layer")
+    assert "~fisher: probe" in titles
+    by_layer = next(c for c in layout.category if c.title == "~fisher: block by layer")
     chart = next(c for c in by_layer.chart if c.title == "direction_cosine · net.0")
-    assert list(chart.multiline.tag) == [re.escape("fisher/block/direction_cosine/net.0") + "$"]
+    assert list(chart.multiline.tag) == [re.escape("~fisher/block/direction_cosine/net.0") + "$"]
     scalar_tags = events.Tags()["scalars"]
     for category in layout.category:
         for chart in category.chart:
@@ -100,9 +100,9 @@ def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
 
 def test_hyperparameters_and_the_run_file(tensorboard_run):
     _, logger, _ = tensorboard_run
-    assert logger.hparams["fisher/dimension/all"] == 67
-    assert logger.hparams["fisher/fisher"] == "exact"
-    info = runinfo.read(logger.log_dir)["fisher"]
+    assert logger.hparams["~fisher/dimension/all"] == 67
+    assert logger.hparams["~fisher/fisher"] == "exact"
+    info = runinfo.read(logger.log_dir)["~fisher"]
     assert info["settings"]["structures"] == ["diag", "block"]
     assert info["settings"]["schedule"] == "every(2, offset=0)"
     assert info["settings"]["optimizer"] == "SGD"
