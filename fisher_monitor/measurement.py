@@ -14,7 +14,7 @@ class Measurement:
     """The result of one measurement.
 
     Attributes:
-        scalars: Metric values under ``"{structure}/{metric}/{layer}"`` (DESIGN.md §3),
+        scalars: Metric values under ``"{structure}/{metric}/{layer}"`` (docs/theory.md#keys),
             including ``"{structure}/{metric}/all"``, plus ``"probe/loss"``,
             ``"probe/batch_size"``, ``"probe/grad_norm"`` and ``"probe/seconds"``.
         layers: The measured layers in forward (``named_modules``) order.

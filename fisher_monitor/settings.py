@@ -10,7 +10,7 @@ from enum import Enum
 
 
 class Structure(str, Enum):
-    """Restrictions of F and EF that are compared (DESIGN.md §2)."""
+    """Restrictions of F and EF that are compared (docs/theory.md#structures)."""
 
     DIAG = "diag"
     BLOCK = "block"

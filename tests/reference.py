@@ -1,6 +1,7 @@
 """Brute-force dense definitions (torch.func, float64): the tests' ground truth.
 
-Everything here is computed in the most obvious way from DESIGN.md §2-3, with dense
+Everything here is computed in the most obvious way from the definitions of the theory
+page (docs/theory.md#fisher-and-ef, docs/theory.md#metrics), with dense
 ``D × D`` matrices, explicit inverses and per-sample loops where they make the definition
 plain. It never imports fisher_monitor's curvature or metric code, and runs on an
 un-extended copy of the model (BackPACK's hooks break torch.func transforms).
@@ -62,15 +63,29 @@ def _flatten(tree: dict[str, Tensor]) -> Tensor:
     )
 
 
+def sample_nll(loss_fn: nn.Module) -> nn.Module:
+    """The per-sample negative log-likelihood ℓ_n, applied to a batch of one sample.
+
+    A cross-entropy or binary cross-entropy sample's NLL is the sum over all its output
+    positions whatever the reduction (``"mean"`` would divide by their number T, a constant
+    that F and EF must not see). ``MSELoss("mean")`` on one sample is ‖f − y‖²/K, the NLL
+    of a Gaussian with variance K/2; ``"sum"``, ‖f − y‖² (variance ½).
+    """
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)):
+        return type(loss_fn)(reduction="sum")
+    return loss_fn
+
+
 def per_sample_gradients(
     model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor
 ) -> Tensor:
-    """``(N, D)`` matrix of g_n = ∇ℓ_n with ℓ_n = loss_fn(f(x_n), y_n) on a batch of one."""
+    """``(N, D)`` matrix of g_n = ∇ℓ_n with ℓ_n the NLL of sample n (:func:`sample_nll`)."""
     params = trainable(model)
+    nll = sample_nll(loss_fn)
 
     def sample_loss(p, x, y):
         out = functional_call(model, p, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0))
+        return nll(out, y.unsqueeze(0))
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
     return torch.cat([grads[n].reshape(inputs.shape[0], -1) for n in params], dim=1)
@@ -100,9 +115,10 @@ def output_hessians(
     with torch.no_grad():
         outputs = model(inputs)
     shape = outputs.shape[1:]
+    nll = sample_nll(loss_fn)
 
     def sample_loss(f, y):
-        return loss_fn(f.reshape(1, *shape), y.unsqueeze(0))
+        return nll(f.reshape(1, *shape), y.unsqueeze(0))
 
     return vmap(hessian(sample_loss))(outputs.reshape(outputs.shape[0], -1), targets)
 
@@ -149,7 +165,7 @@ def empirical_fisher(per_sample: Tensor) -> Tensor:
 
 
 def dense_metrics(F: Tensor, EF: Tensor, per_sample: Tensor, damping: Tensor) -> dict[str, float]:
-    """All metrics of DESIGN.md §3 for dense F_S, EF_S; ``damping``: λ per coordinate."""
+    """All metrics (docs/theory.md#metrics) for dense F_S, EF_S; ``damping``: λ per coordinate."""
     D = F.shape[0]
     g = per_sample.mean(dim=0)
     A = F + torch.diag(damping)

@@ -18,7 +18,7 @@ from fisher_monitor.metrics import (
 
 
 def dense_reference(F, per_sample, damping):
-    """Metrics from dense F and per-sample gradients (rows), DESIGN.md §3 by definition."""
+    """Metrics from dense F and per-sample gradients (rows), by definition (docs/theory.md#metrics)."""
     EF = per_sample.T @ per_sample / per_sample.shape[0]
     lam = torch.full((F.shape[0],), damping, dtype=F.dtype)
     return reference.dense_metrics(F, EF, per_sample, lam)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fisher_monitor.likelihoods.base import Likelihood, UnsupportedLossError
+from fisher_monitor.likelihoods.base import LOSS_SIDE_DTYPE, Likelihood, UnsupportedLossError
 
 
 class Bernoulli(Likelihood):
@@ -65,7 +65,7 @@ class Bernoulli(Likelihood):
 
     def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
         shape = (outputs.shape[0], samples, *outputs.shape[1:])
-        return torch.rand(shape, dtype=outputs.dtype, device=outputs.device)
+        return torch.rand(shape, dtype=LOSS_SIDE_DTYPE, device=outputs.device)
 
     def sampled_residuals(self, outputs: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
         n, samples = noise.shape[:2]

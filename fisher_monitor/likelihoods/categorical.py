@@ -19,7 +19,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fisher_monitor.likelihoods.base import Likelihood, UnsupportedLossError, one_hot
+from fisher_monitor.likelihoods.base import (
+    LOSS_SIDE_DTYPE,
+    Likelihood,
+    UnsupportedLossError,
+    one_hot,
+)
 
 
 class Categorical(Likelihood):
@@ -110,7 +115,7 @@ class Categorical(Likelihood):
 
     def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
         shape = (outputs.shape[0], samples, *outputs.shape[1:])
-        return torch.rand(shape, dtype=outputs.dtype, device=outputs.device)
+        return torch.rand(shape, dtype=LOSS_SIDE_DTYPE, device=outputs.device)
 
     def sampled_residuals(self, outputs: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
         n, samples = noise.shape[:2]

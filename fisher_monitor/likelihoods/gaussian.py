@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fisher_monitor.likelihoods.base import Likelihood
+from fisher_monitor.likelihoods.base import LOSS_SIDE_DTYPE, Likelihood
 
 
 class Gaussian(Likelihood):
@@ -55,7 +55,7 @@ class Gaussian(Likelihood):
 
     def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
         shape = (outputs.shape[0], samples, *outputs.shape[1:])
-        return torch.randn(shape, dtype=outputs.dtype, device=outputs.device)
+        return torch.randn(shape, dtype=LOSS_SIDE_DTYPE, device=outputs.device)
 
     def sampled_residuals(self, outputs: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
         n, samples = noise.shape[:2]

@@ -3,7 +3,7 @@
 Nothing here knows about BackPACK, models or losses: every function takes tensors
 (diagonals, dense blocks, Gram matrices, Kronecker factors) and returns additive
 :class:`~fisher_monitor.metrics.statistics.LayerStatistics`, which
-:func:`~fisher_monitor.metrics.statistics.finalize` turns into the metrics of DESIGN.md §3.
+:func:`~fisher_monitor.metrics.statistics.finalize` turns into the metrics (docs/theory.md#metrics).
 """
 
 from fisher_monitor.keys import DAMPED_METRICS, METRICS, UNDAMPED_METRICS, damping_suffix
