@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from fisher_monitor import keys, tables
 from fisher_monitor.curvature.layers import LayerInfo
 
 
@@ -50,19 +53,118 @@ class Measurement:
         """Return the scalar stored under ``key``.
 
         Raises:
-            KeyError: With a hint listing similar keys.
+            KeyError: Naming the closest keys and the structures, metrics and layers this
+                measurement has.
         """
         try:
             return self.scalars[key]
         except KeyError:
-            parts = key.split("/")
-            similar = [k for k in self.scalars if parts and k.startswith(parts[0] + "/")][:8]
-            raise KeyError(f"No scalar {key!r}. Similar keys: {similar}") from None
+            raise KeyError(self._missing(key)) from None
+
+    def _missing(self, key: object) -> str:
+        text = str(key)
+        close = difflib.get_close_matches(text, list(self.scalars), n=3, cutoff=0.6)
+        parsed = [keys.parse_key(k) for k in self.scalars]
+        found = [p for p in parsed if p is not None]
+        structures = sorted({p.structure for p in found})
+        metrics = sorted({p.metric for p in found})
+        layers = [*self.layer_names, keys.ALL]
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        return (
+            f"No scalar {text!r}.{hint} Keys are '{{structure}}/{{metric}}/{{layer}}' with "
+            f"structure in {structures}, metric in {metrics}, layer in {layers}, or "
+            "'probe/{loss,batch_size,grad_norm,seconds}'."
+        )
 
     def __contains__(self, key: object) -> bool:
         return key in self.scalars
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the scalar keys (as a mapping does)."""
+        return iter(self.scalars)
+
+    def __len__(self) -> int:
+        return len(self.scalars)
+
+    def keys(self) -> list[str]:
+        """The scalar keys, in the order they were computed."""
+        return list(self.scalars)
+
+    def get(self, key: str, default: float | None = None) -> float | None:
+        """The scalar under ``key``, or ``default``."""
+        return self.scalars.get(key, default)
+
+    def items(self) -> list[tuple[str, float]]:
+        """``(key, value)`` pairs of the scalars."""
+        return list(self.scalars.items())
 
     @property
     def layer_names(self) -> list[str]:
         """Names of the measured layers, forward order."""
         return [layer.name for layer in self.layers]
+
+    @property
+    def structures(self) -> list[str]:
+        """The structures measured, in the order asked for."""
+        return list(self.settings.get("structures", []))
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-serialisable): scalars as floats, layers, settings, notes, coverage.
+
+        Tensors (diagonals, blocks, gradients, directions) are left out.
+        """
+        return {
+            "scalars": {key: float(value) for key, value in self.scalars.items()},
+            "layers": [
+                {
+                    "name": layer.name,
+                    "type": layer.module_type,
+                    "parameters": list(layer.parameter_names),
+                    "dimension": layer.dimension,
+                }
+                for layer in self.layers
+            ],
+            "settings": dict(self.settings),
+            "notes": list(self.notes),
+            "coverage": [dict(entry) for entry in self.coverage],
+        }
+
+    def _suffix(self) -> str:
+        damping = self.settings.get("damping", 0.0)
+        several = isinstance(damping, (list, tuple)) and len(damping) > 1
+        first = damping[0] if isinstance(damping, (list, tuple)) else damping
+        return keys.damping_suffix(first, several)
+
+    def table(self, structure: str | None = None) -> str:
+        """The per-layer table (the same as the report's): one row per layer and ``all``.
+
+        Args:
+            structure: Which structure to show; by default block, else kron, else diag.
+
+        Returns:
+            The table as text.
+        """
+        structure = structure or keys.primary_structure(self.structures)
+        if structure not in self.structures:
+            raise ValueError(
+                f"Invalid structure: {structure!r}. This measurement has {self.structures}."
+            )
+        return tables.layer_table(self.scalars, self.layer_names, structure, self._suffix())
+
+    def __repr__(self) -> str:
+        structure = keys.primary_structure(self.structures)
+        suffix = self._suffix()
+        headline = []
+        for metric in ("direction_cosine", "trace_ratio", "rel_error", "kl"):
+            damped = suffix if metric in keys.DAMPED_METRICS else ""
+            value = self.scalars.get(keys.metric_key(str(structure), metric, keys.ALL, damped))
+            if value is not None:
+                headline.append(f"{metric}={tables.format_number(value, metric)}")
+        layers = self.layer_names
+        shown = ", ".join(map(repr, layers[:4]))
+        shown += f", … ({len(layers)} layers)" if len(layers) > 4 else ""
+        return (
+            f"Measurement(structures={self.structures}, layers=[{shown}], "
+            f"{structure}/all: {', '.join(headline)}, N={self.scalars.get('probe/batch_size', 0):g}"
+            f"{', notes=' + str(len(self.notes)) if self.notes else ''})"
+        )
