@@ -37,7 +37,12 @@ def trainable(model: nn.Module) -> dict[str, Tensor]:
 
 
 def layer_slices(model: nn.Module) -> dict[str, slice]:
-    """Coordinates of each layer (module owning trainable parameters) in the flat vector."""
+    """Coordinates of each layer (module owning trainable parameters) in the flat vector.
+
+    A module with ``torch.nn.utils.parametrize`` parametrizations owns the parameters the
+    parametrizations hold (``parametrizations.weight.original…``): its weight and bias
+    form one block, as for a plain module.
+    """
     params = trainable(model)
     names = list(params)
     offsets, start = {}, 0
@@ -46,13 +51,17 @@ def layer_slices(model: nn.Module) -> dict[str, slice]:
         start += params[name].numel()
     slices = {}
     for mod_name, module in model.named_modules():
-        own = [
-            f"{mod_name}.{n}" if mod_name else n
-            for n, p in module.named_parameters(recurse=False)
-            if p.requires_grad
-        ]
+        if ".parametrizations." in f".{mod_name}.":
+            continue
+        owned = list(module.named_parameters(recurse=False))
+        if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
+            owned += list(module.parametrizations.named_parameters(prefix="parametrizations"))
+        own = [f"{mod_name}.{n}" if mod_name else n for n, p in owned if p.requires_grad]
         if own:
-            slices[mod_name or "(root)"] = slice(offsets[own[0]][0], offsets[own[-1]][1])
+            first = min(offsets[n][0] for n in own)
+            last = max(offsets[n][1] for n in own)
+            assert last - first == sum(params[n].numel() for n in own), "layer not contiguous"
+            slices[mod_name or "(root)"] = slice(first, last)
     return slices
 
 
