@@ -134,10 +134,16 @@ class Measurer:
         try:
             measurement = self._measure(inputs, targets, options)
         except Exception as error:
-            if not (self.backend == "auto" and self._prepared is not None):
+            on_backpack = self._prepared is not None and self._prepared.backend == "backpack"
+            if not (on_backpack and is_backpack_failure(error)):
                 raise
-            if self._prepared.backend != "backpack" or not is_backpack_failure(error):
-                raise
+            if self.backend == "backpack":
+                raise RuntimeError(
+                    f"BackPACK failed on this network ({error}). BackPACK computes some "
+                    "Jacobians (average pooling, embeddings) in the default dtype, which fails "
+                    "for a float64 network under a float32 default. Use backend='auto' or "
+                    "'functorch', or torch.set_default_dtype(torch.float64)."
+                ) from error
             # BackPACK's own limitation on this network: measure it with torch.func from now on
             self.close()
             first_line = str(error).strip().splitlines()[0][:160]
