@@ -1,0 +1,113 @@
+"""Finalisation with a tolerance: rounding is clamped, a numerical failure is an error.
+
+A cosine of 5 must never be logged as 1.0 ("EF equals F"), a KL of −3 never as 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lightning_helpers import fit
+from torch import nn
+
+import fisher_monitor.structures.block as block_module
+from fisher_monitor import FisherMonitor, measure
+from fisher_monitor.metrics import DampedStatistics, LayerStatistics, NumericalError, finalize
+
+
+def statistics(**damped_overrides) -> LayerStatistics:
+    """Consistent statistics of a 2-parameter layer (every metric in range)."""
+    t = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731
+    damped = dict(
+        damping_mass=t(0.2),
+        kl=t(0.5),
+        grad_sq=t(1.0),
+        nat_sq=t(4.0),
+        ef_sq=t(9.0),
+        nat_ef=t(3.0),
+        nat_projection=t(1.5),
+        ef_projection=t(0.8),
+        ef_projection_per_sample=t(1.2),
+    )
+    damped.update({k: t(v) for k, v in damped_overrides.items()})
+    return LayerStatistics(
+        dimension=2,
+        trace_f=t(2.0),
+        trace_ef=t(1.0),
+        frob_f_sq=t(2.0),
+        frob_ef_sq=t(1.0),
+        inner=t(1.0),
+        frob_diff_sq=t(1.0),
+        damped=[DampedStatistics(**damped)],
+    )
+
+
+def test_values_in_range_are_finalised():
+    metrics = finalize(statistics(), [0.1])
+    assert metrics["direction_cosine"] == pytest.approx(3.0 / (2.0 * 3.0))
+    assert metrics["kl"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("override", "metric"),
+    [
+        (dict(nat_ef=30.0), "direction_cosine = 5.0"),  # ‖A⁻¹g‖‖B⁻¹g‖ = 6
+        (dict(nat_projection=-4.0), "nat_grad_cosine"),
+        (dict(kl=-3.0), "kl = -3.0"),
+        (dict(ef_projection=-0.5), "ef_projection = -0.5"),
+    ],
+)
+def test_out_of_range_values_fail_with_the_layer_named(override, metric):
+    with pytest.raises(NumericalError, match=f"in block/fc1: {metric}"):
+        finalize(statistics(**override), [0.1], where="block/fc1")
+
+
+def test_matrix_cosine_of_seven_fails():
+    corrupted = statistics()
+    corrupted.inner = torch.tensor(7.0 * 2.0**0.5, dtype=torch.float64)  # ‖EF‖‖F‖ = √2
+    with pytest.raises(NumericalError, match="matrix_cosine = 6.99"):
+        finalize(corrupted, [0.1], where="diag/all")
+
+
+def test_rounding_is_clamped_not_failed():
+    hair = statistics(nat_ef=6.0 * (1 + 1e-12), kl=-1e-12)
+    metrics = finalize(hair, [0.1])
+    assert metrics["direction_cosine"] == 1.0
+    assert metrics["kl"] == 0.0
+    assert isinstance(NumericalError("x"), FloatingPointError)  # callers skip it like NaN
+
+
+def corrupt_block(monkeypatch):
+    """Make the block structure report an impossible direction cosine (inner product ×5)."""
+    original = block_module.lowrank_statistics
+
+    def corrupted(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for damped in result.damped:
+            damped.nat_ef = 5.0 * (damped.nat_sq * damped.ef_sq).sqrt()
+        return result
+
+    monkeypatch.setattr(block_module, "lowrank_statistics", corrupted)
+
+
+def test_a_corrupted_statistic_fails_the_measurement(monkeypatch):
+    corrupt_block(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(4, 20), torch.randint(0, 3, (4,))
+    with pytest.raises(NumericalError, match=r"in block/0: direction_cosine = 5\.0"):
+        measure(model, nn.CrossEntropyLoss(), inputs, targets)
+
+
+def test_the_callback_warns_and_skips_a_numerical_failure(monkeypatch):
+    corrupt_block(monkeypatch)
+    monitor = FisherMonitor(every_n_steps=1, structures=("diag", "block"), network="net")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, logger = fit(monitor, steps=3)
+    messages = [str(w.message) for w in caught if "FisherMonitor" in str(w.message)]
+    assert len(messages) == 1 and "direction_cosine = 5.0" in messages[0]
+    logged = [key for _, metrics in logger.calls for key in metrics]
+    assert not any("/block/" in key or "/diag/" in key for key in logged)
