@@ -6,9 +6,10 @@ several tags on one chart only where they share a scale and a meaning (the natur
 gradient against the EF step, both cosines). Quantities of very different scale (the
 projections ``gᵀF̃⁻¹g``, ``gᵀẼF⁻¹g`` and the per-sample projection) get a chart each.
 
-Per structure, a category for the whole network (``all``: one chart per metric), and one
-"by layer" category with one chart per layer for each headline metric. Then the optimizer
-audit (when logged) and the probe.
+Per structure (the one the verdicts use first), a category for the whole network (``all``:
+one chart per metric, the direction cosine first), and one "by layer" category with one
+chart per layer for each headline metric. Then the optimizer's preconditioner (when
+audited) and the probe.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ from fisher_monitor import keys
 
 #: Metrics shown per layer, one chart per layer each.
 LAYER_METRICS = ("direction_cosine", "rel_error", "trace_ratio", "kl")
+#: Order of the whole-network charts: the headline first.
+LEAD_ORDER = (
+    "direction_cosine",
+    "rel_error",
+    "trace_ratio",
+    "matrix_cosine",
+    "kl",
+    "nat_grad_cosine",
+    "ef_grad_cosine",
+    "nat_projection",
+    "ef_projection",
+    "ef_projection_per_sample",
+    "damping",
+    "dimension",
+)
 #: Metric pairs on one chart (same scale, one meaning).
 PAIRS = {
     "F vs EF: gradient cosines": ("nat_grad_cosine", "ef_grad_cosine"),
@@ -47,33 +63,28 @@ def _whole_network(
 ) -> dict[str, Chart]:
     several = len(dampings) > 1
     charts: dict[str, Chart] = {}
+    metrics = [m for m in LEAD_ORDER if m not in keys.CONSTANT_METRICS]
+    if constant_damping:
+        metrics.remove("damping")
     for damping in dampings:
         suffix = keys.damping_suffix(damping, several)
         label = f" λ={damping:g}" if several else ""
-        metrics = [m for m in keys.METRICS if m not in keys.CONSTANT_METRICS]
-        if constant_damping:
-            metrics.remove("damping")
+
+        def key(metric: str, suffix: str = suffix) -> str:
+            damped = suffix if metric in keys.DAMPED_METRICS else ""
+            return keys.metric_key(structure, metric, keys.ALL, damped)
+
         for metric in metrics:
             if metric in keys.UNDAMPED_METRICS and damping != dampings[0]:
                 continue
-            name = suffix if metric in keys.DAMPED_METRICS else ""
-            charts[f"{_TITLES.get(metric, metric)}{label if name else ''} (all)"] = _chart(
-                prefix, keys.metric_key(structure, metric, keys.ALL, name)
-            )
-        for title, pair in PAIRS.items():
-            charts[f"{title}{label} (all)"] = _chart(
-                prefix, *(keys.metric_key(structure, m, keys.ALL, suffix) for m in pair)
-            )
-        if audit:
-            charts[f"optimizer step: cosines with −F̃⁻¹g, −ẼF⁻¹g, −g{label} (all)"] = _chart(
-                prefix,
-                *(
-                    keys.metric_key(
-                        structure, m, keys.ALL, suffix if m in keys.DAMPED_METRICS else ""
-                    )
-                    for m in keys.UPDATE_METRICS
-                ),
-            )
+            damped = label if metric in keys.DAMPED_METRICS else ""
+            charts[f"{_TITLES.get(metric, metric)}{damped} (all)"] = _chart(prefix, key(metric))
+            if metric == "direction_cosine":  # then the direction comparisons
+                for title, pair in PAIRS.items():
+                    charts[f"{title}{label} (all)"] = _chart(prefix, *map(key, pair))
+                if audit:
+                    title = f"optimizer step: cosines with −F̃⁻¹g, −ẼF⁻¹g, −g{label} (all)"
+                    charts[title] = _chart(prefix, *map(key, keys.UPDATE_METRICS))
     return charts
 
 
@@ -117,7 +128,8 @@ def custom_scalar_layout(
     """
     layout: dict[str, dict[str, Chart]] = {}
     first = keys.damping_suffix(dampings[0], len(dampings) > 1)
-    for structure in structures:
+    primary = keys.primary_structure(structures)
+    for structure in sorted(structures, key=lambda s: s != primary):  # the verdicts' first
         layout[f"{prefix}: {structure}"] = _whole_network(
             prefix, structure, dampings, constant_damping, audit
         )

@@ -115,7 +115,8 @@ class TensorBoardWriter(LoggerWriter):
                 for key, value in scalars.items()
             ]
         )
-        self._add(summary, step, {logged_key(self.prefix, k): description(k) for k in scalars})
+        described = {logged_key(self.prefix, k): description(k) for k in scalars}
+        self._add(summary, step, described, "scalars")
 
     def log_histograms(self, group: str, values: Mapping[str, np.ndarray], step: int) -> None:
         """One histogram per layer: ``{prefix}/histograms/{group}/{layer}``."""
@@ -128,7 +129,7 @@ class TensorBoardWriter(LoggerWriter):
             if len(data):
                 tag = f"{self.prefix}/histograms/{group}/{layer}"
                 # 64 equal bins: TensorBoard's default exponential buckets cost 6× as much
-                self._add(histogram(tag, data, bins=64), step, {tag: text})
+                self._add(histogram(tag, data, bins=64), step, {tag: text}, "histograms")
 
     def log_heatmap(self, history: History, step: int) -> None:
         """The direction-cosine heat map of every measurement so far."""
@@ -138,9 +139,10 @@ class TensorBoardWriter(LoggerWriter):
             return
         tag = f"{self.prefix}/images/direction_cosine"
         picture = heatmap_image(*history.heatmap())
-        self._add(image(tag, picture, dataformats="HWC"), step, {tag: IMAGE_DESCRIPTION})
+        summary = image(tag, picture, dataformats="HWC")
+        self._add(summary, step, {tag: IMAGE_DESCRIPTION}, "images")
 
-    def _add(self, summary: Any, step: int, descriptions: Mapping[str, str]) -> None:
+    def _add(self, summary: Any, step: int, descriptions: Mapping[str, str], plugin: str) -> None:
         """Write a summary; a tag's first event carries its description.
 
         TensorBoard reads a tag's metadata from its first event.
@@ -149,6 +151,7 @@ class TensorBoardWriter(LoggerWriter):
             text = descriptions.get(value.tag, "")
             if value.tag not in self._described and text:
                 value.metadata.summary_description = text
+                value.metadata.plugin_data.plugin_name = plugin
             self._described.add(value.tag)
         if summary.value:
             self.writer._get_file_writer().add_summary(summary, step)
@@ -209,7 +212,9 @@ def settings_markdown(info: RunInfo) -> str:
     For people; programs read the JSON run file.
     """
     lines = ["| setting | value |", "| --- | --- |"]
-    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in info.settings.items()]
+    for key, value in info.settings.items():
+        text = ", ".join(map(str, value)) if isinstance(value, list) else value
+        lines.append(f"| {_cell(key)} | {_cell(text)} |")
     lines += [
         "",
         "| layer | type | parameters | D | backend | status |",

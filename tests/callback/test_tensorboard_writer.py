@@ -74,6 +74,7 @@ def test_histograms_image_and_text(tensorboard_run):
     (text,) = events.Tensors("~fisher/settings/text_summary")
     content = text.tensor_proto.string_val[0].decode()
     assert "| fisher | exact |" in content and "| net.0 | Linear |" in content
+    assert "| structures | diag, block |" in content
 
 
 def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
@@ -81,14 +82,19 @@ def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     titles = [category.title for category in layout.category]
-    assert titles[:4] == [
-        "~fisher: diag",
-        "~fisher: diag by layer",
+    assert titles[:4] == [  # the structure the verdicts use first
         "~fisher: block",
         "~fisher: block by layer",
+        "~fisher: diag",
+        "~fisher: diag by layer",
     ]
     assert "~fisher: probe" in titles
     by_layer = next(c for c in layout.category if c.title == "~fisher: block by layer")
+    block = next(c for c in layout.category if c.title == "~fisher: block")
+    assert [c.title for c in block.chart][:2] == [
+        "direction_cosine (all)",
+        "F vs EF: gradient cosines (all)",
+    ]
     chart = next(c for c in by_layer.chart if c.title == "direction_cosine · net.0")
     assert list(chart.multiline.tag) == [re.escape("~fisher/block/direction_cosine/net.0") + "$"]
     scalar_tags = events.Tags()["scalars"]
@@ -155,3 +161,13 @@ def test_descriptions_of_keys():
     )
     assert description("probe/loss") == keys.PROBE_DESCRIPTIONS["loss"]
     assert description("something/else") == ""
+
+
+def test_tensorboard_reads_every_tag_without_complaint(tensorboard_run, caplog):
+    _, logger, _ = tensorboard_run
+    with caplog.at_level("WARNING", logger="tensorboard"):
+        events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+        events.Reload()
+    assert not [r for r in caplog.records if "not associated with a plugin" in r.getMessage()]
+    metadata = events.SummaryMetadata("~fisher/probe/loss")
+    assert metadata.plugin_data.plugin_name == "scalars"
