@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fisher_monitor.metrics.lowrank import symmetric_eigh
 from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
 
 
@@ -57,8 +58,8 @@ def dense_statistics(
     e = 0.5 * (empirical + empirical.T)
     g = gradient.reshape(-1)
     dimension = g.numel() if dimension is None else dimension
-    alpha, q = torch.linalg.eigh(f)
-    mu, p = torch.linalg.eigh(e)
+    alpha, q = symmetric_eigh(f)
+    mu, p = symmetric_eigh(e)
     alpha, mu = _numerically_psd(alpha), _numerically_psd(mu)
     g_f = q.T @ g
     g_e = p.T @ g

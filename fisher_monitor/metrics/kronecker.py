@@ -18,8 +18,9 @@ rest, where ``A_S = F_S + λI`` acts as ``λ``. Writing ``M̂ = Q_Gᵀ M Q_A`` a
 Residuals ``R(·)`` are formed explicitly, never as ``‖M‖² − ‖M̂‖²``, which would cancel.
 A factor is diagonalised through its smaller side: ``A = XᵀX`` with ``X`` of ``k < I``
 rows is diagonalised through the ``k × k`` Gram ``XXᵀ`` (a probe of ``N`` samples makes
-the input factor of a wide layer rank ``≤ N``). The EF side (``B⁻¹g``, the per-sample
-projection) uses the Gram matrix as in :mod:`fisher_monitor.metrics.lowrank`. When the
+the input factor of a wide layer rank ``≤ N``), and then ``A`` itself is never formed. The
+EF side (``B⁻¹g``, the per-sample projection) uses the Gram matrix as in
+:mod:`fisher_monitor.metrics.lowrank`, and can be shared with the block structure. When the
 per-sample gradients are outer products ``M_n = δ_n x_nᵀ`` (a linear layer without weight
 sharing), nothing of size ``N × O × I`` is formed.
 """
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fisher_monitor.metrics.lowrank import empirical_solve
+from fisher_monitor.metrics.lowrank import EmpiricalSolve, empirical_solves, symmetric_eigh
 from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
 
 
@@ -74,29 +75,39 @@ class FactorBasis:
         return matrix - (matrix @ q) @ q.T
 
 
-def factor_basis(factor: Tensor, root: Tensor | None = None) -> FactorBasis:
+def factor_basis(factor: Tensor | None, root: Tensor | None = None) -> FactorBasis:
     """Diagonalise a PSD Kronecker factor ``factor = rootᵀ root``, through the smaller side.
 
+    With a wide root (``k < dim`` rows), the ``k × k`` Gram ``root rootᵀ = W diag(μ) Wᵀ`` is
+    diagonalised instead; ``rootᵀ w/√μ`` span the factor's range (directions with ``μ``
+    below the Gram's rounding level are dropped). One QR pass re-orthonormalises them,
+    and the eigenvalues in the new basis are ``‖root q_i‖²``: the ``dim × dim`` factor is
+    never formed.
+
     Args:
-        factor: ``dim × dim`` factor.
-        root: Optional ``k × dim`` matrix with ``rootᵀ root = factor``. When ``k < dim`` the
-            ``k × k`` Gram ``root rootᵀ`` is diagonalised instead, which yields the
-            factor's range (eigenvectors ``rootᵀ w/√μ``).
+        factor: ``dim × dim`` factor, or ``None`` when ``root`` is given.
+        root: Optional ``k × dim`` matrix with ``rootᵀ root = factor``.
 
     Returns:
         The basis (complete when the factor itself was diagonalised).
+
+    Raises:
+        ValueError: If neither ``factor`` nor ``root`` is given.
     """
-    dim = factor.shape[0]
-    if root is None or root.shape[0] >= dim:
-        eigenvalues, vectors = torch.linalg.eigh(0.5 * (factor + factor.T))
+    if root is None or root.shape[0] >= root.shape[1]:
+        if factor is None:
+            if root is None:
+                raise ValueError("factor_basis needs the factor or its root.")
+            factor = root.mT @ root
+        eigenvalues, vectors = symmetric_eigh(factor)
         return FactorBasis(eigenvalues.clamp_min(0.0), vectors, complete=True)
-    mu, w = torch.linalg.eigh(root @ root.T)
+    mu, w = symmetric_eigh(root @ root.mT)
     keep = mu > mu.max().clamp_min(0.0) * root.shape[0] * torch.finfo(mu.dtype).eps
     mu, w = mu[keep], w[:, keep]
-    vectors = root.T @ (w / mu.sqrt())
+    vectors = root.mT @ (w / mu.sqrt())
     # one re-orthonormalisation pass guards against rounding in tiny eigenvalues
     vectors, _ = torch.linalg.qr(vectors)
-    eigenvalues = torch.einsum("dr,de,er->r", vectors, factor, vectors).clamp_min(0.0)
+    eigenvalues = (root @ vectors).square().sum(dim=0)
     return FactorBasis(eigenvalues, vectors, complete=False)
 
 
@@ -156,34 +167,54 @@ def _sample_sum(samples: Samples) -> Tensor:
 
 
 def kronecker_statistics(
-    input_factor: Tensor,
-    output_factor: Tensor,
+    input_factor: Tensor | None,
+    output_factor: Tensor | None,
     samples: Samples,
     gram_u: Tensor,
     dampings: Sequence[float],
     input_root: Tensor | None = None,
     output_root: Tensor | None = None,
+    *,
+    empirical: Sequence[EmpiricalSolve] | None = None,
 ) -> LayerStatistics:
     """Additive statistics of ``F_S = G ⊗ A`` against ``EF = UUᵀ``.
 
     Args:
-        input_factor: ``A`` (``I × I``), symmetric positive semi-definite.
-        output_factor: ``G`` (``O × O``), symmetric positive semi-definite.
+        input_factor: ``A`` (``I × I``), symmetric positive semi-definite; may be ``None``
+            when ``input_root`` is given (then it is formed only if the root is not wide).
+        output_factor: ``G`` (``O × O``); may be ``None`` when ``output_root`` is given.
         samples: The columns of ``U`` times ``√N``: per-sample gradients ``M_n``
             (``N × O × I``) or :class:`OuterSamples`; the EF is ``(1/N) Σ_n vec M_n vec M_nᵀ``.
         gram_u: ``K_U = UᵀU`` (``N × N``), consistent with ``samples``.
         dampings: Damping values λ (> 0).
         input_root: Optional ``k × I`` matrix with ``rootᵀ root = A`` (see :func:`factor_basis`).
         output_root: Optional ``k × O`` matrix with ``rootᵀ root = G``.
+        empirical: Optional EF-side solves shared with the block structure
+            (:func:`~fisher_monitor.metrics.lowrank.empirical_solves` or
+            :attr:`~fisher_monitor.metrics.lowrank.BlockStatistics.empirical`), one per damping.
 
     Returns:
         The layer's additive statistics.
+
+    Raises:
+        ValueError: If a factor and its root are both missing, or ``empirical`` does not
+            have one entry per damping.
     """
     n = gram_u.shape[0]
+    if empirical is None:
+        dimension_hint = _dimension(input_factor, input_root) * _dimension(
+            output_factor, output_root
+        )
+        empirical = empirical_solves(gram_u, dampings, dimension_hint)
+    elif len(empirical) != len(dampings):
+        raise ValueError(
+            f"Got {len(empirical)} precomputed EF solves for {len(dampings)} dampings; "
+            "pass one per damping, in the same order."
+        )
     in_basis = factor_basis(input_factor, input_root)
     out_basis = factor_basis(output_factor, output_root)
     spectrum = out_basis.eigenvalues.unsqueeze(1) * in_basis.eigenvalues.unsqueeze(0)
-    dimension = output_factor.shape[0] * input_factor.shape[0]
+    dimension = out_basis.vectors.shape[0] * in_basis.vectors.shape[0]
     rotated = _rotate(samples, out_basis, in_basis)
     residual_sq = _residual_square_norms(samples, rotated, out_basis, in_basis)
     grad = _sample_sum(rotated) / n  # ĝ = Q_Gᵀ g Q_A
@@ -194,27 +225,25 @@ def kronecker_statistics(
         grad_sq = grad_inside_sq
     else:
         mean = _sample_sum(samples) / n  # g as an O × I matrix
-        grad_residual = mean - out_basis.vectors @ grad @ in_basis.vectors.T
+        grad_residual = mean - out_basis.vectors @ grad @ in_basis.vectors.mT
         grad_residual_sq = grad_residual.square().sum()
         grad_sq = grad_inside_sq + grad_residual_sq
     trace_ef = torch.diagonal(gram_u).sum()
     frob_ef_sq = gram_u.square().sum()
-    input_sq = input_factor.square().sum()
-    output_sq = output_factor.square().sum()
     inner = _weighted_square_sum(rotated, spectrum) / n
+    residual_sum = residual_sq.sum() / n if residual_sq is not None else None
     damped = []
-    for damping in dampings:
+    for damping, ef in zip(dampings, empirical, strict=True):
         shifted = spectrum + damping
         nat = grad / shifted
-        ef = empirical_solve(gram_u, damping)
         # B⁻¹g = U b = Σ_n b_n M_n/√N; A_S⁻¹g = Q_G (ĝ/Λ) Q_Aᵀ + R(g)/λ
         inner_nat = _sample_inner(rotated, nat)
         if grad_residual is not None:
             inner_nat = inner_nat + _sample_inner(samples, grad_residual) / damping
         nat_ef = (ef.coefficients * inner_nat).sum() / n**0.5
         trace_term = _weighted_square_sum(rotated, 1.0 / shifted) / n - (spectrum / shifted).sum()
-        if residual_sq is not None:
-            trace_term = trace_term + residual_sq.sum() / (n * damping)
+        if residual_sum is not None:
+            trace_term = trace_term + residual_sum / damping
         logdet_term = torch.log1p(spectrum / damping).sum() - ef.logdet_ratio
         damped.append(
             DampedStatistics(
@@ -231,10 +260,12 @@ def kronecker_statistics(
                 ef_projection_per_sample=ef.per_sample,
             )
         )
-    frob_f_sq = input_sq * output_sq
+    # tr(G ⊗ A) = tr G tr A and ‖G ⊗ A‖² = ‖G‖²‖A‖², from the eigenvalues (the bases span
+    # the factors' ranges, so nothing is missed)
+    frob_f_sq = out_basis.eigenvalues.square().sum() * in_basis.eigenvalues.square().sum()
     return LayerStatistics(
         dimension=dimension,
-        trace_f=torch.trace(input_factor) * torch.trace(output_factor),
+        trace_f=out_basis.eigenvalues.sum() * in_basis.eigenvalues.sum(),
         trace_ef=trace_ef,
         frob_f_sq=frob_f_sq,
         frob_ef_sq=frob_ef_sq,
@@ -242,3 +273,11 @@ def kronecker_statistics(
         frob_diff_sq=(frob_ef_sq + frob_f_sq - 2.0 * inner).clamp_min(0.0),
         damped=damped,
     )
+
+
+def _dimension(factor: Tensor | None, root: Tensor | None) -> int:
+    if factor is not None:
+        return factor.shape[0]
+    if root is None:
+        raise ValueError("kronecker_statistics needs each factor or its root.")
+    return root.shape[1]
