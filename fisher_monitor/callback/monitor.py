@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,8 +24,13 @@ from fisher_monitor.callback.failures import FailurePolicy
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
 from fisher_monitor.callback.timing import Ledger
-from fisher_monitor.callback.update import UpdateRecorder, audit_module, measurer_keeps_directions
-from fisher_monitor.callback.writers import RunInfo, Writer, writers_for
+from fisher_monitor.callback.update import (
+    UpdateRecorder,
+    audited_optimizer,
+    has_second_moment,
+    measurer_keeps_directions,
+)
+from fisher_monitor.callback.writers import RunInfo, Writer, time_series, writers_for
 from fisher_monitor.engine import BACKENDS, Measurer
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
@@ -207,7 +211,8 @@ class FisherMonitor(*_BASES):
         self._last_step = -1
         self._measurer: Measurer | None = None
         self._measured: nn.Module | None = None
-        self._shape: tuple[str, int] | None = None  # (backend used, number of layers)
+        self._layers: int | None = None  # layers with parameters, once prepared
+        self._backend_used: str | None = None
         self._writers: list[Writer] = []
         self._info: RunInfo | None = None
         self._trainer: pl.Trainer | None = None
@@ -257,7 +262,7 @@ class FisherMonitor(*_BASES):
                 f"{len(trainer.optimizers)} optimizer(s), so the optimizer audit is off. Pass "
                 "an index below that, or audit_optimizer=False."
             )
-        rank_zero_info(self._start_line(pl_module))
+        rank_zero_info(summary.start_line(self._info.settings, self._layers, self.log_prefix))
 
     def _prepare_everywhere(self, pl_module: pl.LightningModule, step: int | None) -> bool:
         """Find the network and the loss and prepare the measurer, on every process."""
@@ -284,15 +289,15 @@ class FisherMonitor(*_BASES):
             memory_budget=self.memory_budget,
         )
         self._probe.prepare()
-        self._shape = None
+        self._layers, self._backend_used = None, None
         if not any(is_lazy(p) for p in network.parameters()):
             prepared = measurer.prepared  # checks the network now, not at the first step
-            self._shape = (prepared.backend, len(prepared.layers))
+            self._layers, self._backend_used = len(prepared.layers), prepared.backend
         # else: lazy modules get their shapes in the first forward; measure from then on
         self._measurer, self._measured = measurer, network
 
     def _settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        optimizer = self._audited_optimizer(trainer)
+        optimizer = self._optimizer(trainer)
         measurer = self._measurer
         return {
             **self.settings.as_dict(),
@@ -300,28 +305,14 @@ class FisherMonitor(*_BASES):
             "probe_size": self.probe_size,
             "fixed_probe": self.probe_data is not None,
             "backend": self.backend,
-            "backend_used": self._shape[0] if self._shape else None,
+            "backend_used": self._backend_used,
             "network": network_name(pl_module, self._measured) if self._measured else None,
             "loss": _loss_text(measurer.likelihood) if measurer is not None else None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-            "audit": self._audit_on(trainer),
-            "preconditioner": self._audit_on(trainer) and _has_second_moment(optimizer),
+            "audit": optimizer is not None,
+            "preconditioner": has_second_moment(optimizer),
             "seed": self.seed,
         }
-
-    def _start_line(self, pl_module: pl.LightningModule) -> str:
-        assert self._info is not None
-        settings = self._info.settings
-        if self._measurer is None:
-            return (
-                "FisherMonitor: not measuring yet (see the warning above); schedule "
-                f"{settings['schedule']}."
-            )
-        layers = self._shape[1] if self._shape else None
-        settings = {**settings, "backend": settings["backend_used"] or settings["backend"]}
-        return summary.start_line(
-            settings, settings["network"], settings["loss"], layers, self.log_prefix
-        )
 
     # ------------------------------------------------------------------ training
 
@@ -352,7 +343,8 @@ class FisherMonitor(*_BASES):
             return None
         assert self._measurer is not None
         options = {}
-        if self._recorder_wanted() and measurer_keeps_directions(self._measurer):
+        optimizer = self._optimizer(self._trainer)
+        if optimizer is not None and measurer_keeps_directions(self._measurer):
             options["keep_directions"] = True
         outcome = measure_everywhere(
             self._measurer, lambda: self._probe.take(batch), self._generator, **options
@@ -372,7 +364,7 @@ class FisherMonitor(*_BASES):
         step: int,
         started: float,
     ) -> None:
-        scalars = self._loggable(measurement.scalars)
+        scalars = time_series(measurement.scalars, self._constants)
         scalars[keys.probe_key("overhead")] = self._ledger.share(self._ledger.clock() - started)
         self._history.add(step, measurement.scalars)
         for key in self.prog_bar:
@@ -385,7 +377,10 @@ class FisherMonitor(*_BASES):
                     on_step=True,
                     on_epoch=False,
                 )
-        self._update_info(measurement)
+        if self._info is not None and (
+            self._info.add_coverage(measurement.coverage) | self._info.add_notes(measurement.notes)
+        ):
+            self._write_info()
         if self._writers:
             ratios = ef_over_f_log_ratios(measurement.diagonals) if self.log_histograms else {}
             for writer in self._writers:
@@ -393,38 +388,22 @@ class FisherMonitor(*_BASES):
                 writer.log_histograms("log10_ef_over_f", ratios, step)
                 if len(self._history) % IMAGE_EVERY == 1:
                     writer.log_heatmap(self._history, step)
-        optimizer = self._audited_optimizer(trainer)
-        if self._recorder_wanted() and optimizer is not None and trainer.is_global_zero:
-            assert self._measured is not None
+        optimizer = self._optimizer(trainer)
+        if optimizer is not None and trainer.is_global_zero and self._measured is not None:
             self._recorder.arm(optimizer, self._measured, measurement, step)
 
-    def _loggable(self, scalars: Mapping[str, float]) -> dict[str, float]:
-        """Scalars as time series: no NaN, no constants (dimension; λ when absolute)."""
-        constant = set(keys.CONSTANT_METRICS)
-        if self.settings.damping_mode is DampingMode.ABSOLUTE:
-            constant.add("damping")
-        out = {}
-        for key, value in scalars.items():
-            parsed = keys.parse_key(key)
-            if parsed is not None and parsed.metric in constant:
-                continue
-            if not math.isnan(value):
-                out[key] = float(value)
-        return out
+    @property
+    def _constants(self) -> tuple[str, ...]:
+        """Metrics that are settings, not time series (λ too when it is absolute)."""
+        absolute = self.settings.damping_mode is DampingMode.ABSOLUTE
+        return (*keys.CONSTANT_METRICS, *(("damping",) if absolute else ()))
 
     # ------------------------------------------------------------------ optimizer audit
 
-    def _audit_on(self, trainer: pl.Trainer) -> bool:
-        return self.audit_optimizer and audit_module() is not None and bool(trainer.optimizers)
-
-    def _recorder_wanted(self) -> bool:
-        return self._trainer is not None and self._audit_on(self._trainer)
-
-    def _audited_optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer | None:
-        optimizers = trainer.optimizers
-        if not self.audit_optimizer or self.optimizer_index >= len(optimizers):
-            return None
-        return optimizers[self.optimizer_index]
+    def _optimizer(self, trainer: pl.Trainer | None) -> torch.optim.Optimizer | None:
+        """The audited optimizer (``None``: no audit)."""
+        optimizers = trainer.optimizers if trainer is not None else []
+        return audited_optimizer(optimizers, self.optimizer_index, self.audit_optimizer)
 
     def _audited(
         self,
@@ -437,8 +416,9 @@ class FisherMonitor(*_BASES):
         """The optimizer audit of the measurement at ``step`` (inside ``optimizer.step()``)."""
         self._charge(seconds, measurement=False)
         self._history.extend(step, scalars)
-        self._add_notes(notes)
-        loggable = self._loggable(scalars)
+        if self._info is not None and self._info.add_notes(notes):
+            self._write_info()
+        loggable = time_series(scalars, self._constants)
         for writer in self._writers:
             writer.log_scalars(loggable, step)
             for group, values in histograms.items():
@@ -448,26 +428,6 @@ class FisherMonitor(*_BASES):
         self._policy.handle([f"{type(error).__name__}: {error}"], step, "measure", error)
 
     # ------------------------------------------------------------------ run information
-
-    def _update_info(self, measurement: Measurement) -> None:
-        info = self._info
-        if info is None:
-            return
-        changed = not info.layers
-        if changed:
-            info.layers = [dict(entry) for entry in measurement.coverage]
-            used = sorted({entry["backend"] for entry in measurement.coverage})
-            info.settings["backend_used"] = ", ".join(used) or None
-        if changed:
-            self._write_info()
-        self._add_notes(measurement.notes)
-
-    def _add_notes(self, notes: Sequence[str]) -> None:
-        info = self._info
-        new = [note for note in notes if info is not None and note not in info.notes]
-        if info is not None and new:
-            info.notes.extend(dict.fromkeys(new))
-            self._write_info()
 
     def _write_info(self) -> None:
         if self._info is not None:
@@ -495,11 +455,7 @@ class FisherMonitor(*_BASES):
         self._recorder.disarm()
         if not trainer.is_global_zero or self._info is None:
             return
-        log_dirs = [
-            str(writer.logger.log_dir)
-            for writer in self._writers
-            if hasattr(writer, "writer") and getattr(writer.logger, "log_dir", None)
-        ]
+        log_dirs = [w.run_directory for w in self._writers if w.run_directory is not None]
         result = summary.FitSummary(
             history=self._history,
             monitor_seconds=self._ledger.spent,
@@ -510,7 +466,9 @@ class FisherMonitor(*_BASES):
             warnings=list(self._policy.warnings),
             off=self._policy.off,
             optimizer=self._info.settings.get("optimizer"),
-            verdicts=_verdicts(self._history, self.log_prefix, log_dirs),
+            verdicts=summary.verdicts_of(
+                self._history, self.log_prefix, next(iter(log_dirs), None)
+            ),
         )
         self._info.fit = result.as_dict()
         self._write_info()
@@ -551,33 +509,3 @@ def _loss_text(likelihood: Any) -> str:
     module = getattr(likelihood, "module_class", None)
     name = module.__name__ if module is not None else type(likelihood).__name__
     return f"{name}(reduction={getattr(likelihood, 'reduction', 'mean')!r})"
-
-
-def _has_second_moment(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether the optimizer keeps a second moment the preconditioner audit can read."""
-    audit = audit_module()
-    check = getattr(audit, "has_second_moment", None)
-    if optimizer is None:
-        return False
-    if check is not None:
-        return bool(check(optimizer))
-    return type(optimizer).__name__ in (
-        "Adam",
-        "AdamW",
-        "NAdam",
-        "RAdam",
-        "Adamax",
-        "Adagrad",
-        "RMSprop",
-    )
-
-
-def _verdicts(history: History, prefix: str, log_dirs: list[str]) -> list[Any]:
-    """The report's verdicts on the fit (never an error: the summary goes without them)."""
-    try:
-        return history.verdicts(prefix, log_dirs[0] if log_dirs else None)
-    except Exception as error:  # noqa: BLE001 - a summary must not fail the fit
-        rank_zero_info(
-            f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
-        )
-        return []

@@ -24,39 +24,40 @@ HEADLINE = ("direction_cosine", "rel_error", "trace_ratio", "kl")
 AUDIT_HEADLINE = ("update_nat_cosine", "update_ef_cosine", "update_grad_cosine")
 
 
-def start_line(
-    settings: dict[str, Any], network: str, loss: str, layers: int | None, prefix: str
-) -> str:
+def start_line(settings: dict[str, Any], layers: int | None, prefix: str) -> str:
     """The line printed when fitting starts.
 
     Args:
-        settings: The run's settings (structures, fisher, damping, backend, schedule, …).
-        network: A readable name of the measured network.
-        loss: The loss, e.g. ``"CrossEntropyLoss(reduction='mean')"``.
+        settings: The run's settings (structures, fisher, damping, backend, schedule,
+            network, loss, …); ``network`` is ``None`` when preparing failed.
         layers: Number of layers with parameters (``None`` when not known yet).
         prefix: The logging prefix.
 
     Returns:
         The line.
     """
+    if settings.get("network") is None:
+        return (
+            "FisherMonitor: not measuring yet (see the warning above); schedule "
+            f"{settings['schedule']}."
+        )
     structures = " + ".join(settings["structures"])
     fisher = (
         "exact Fisher"
         if settings["fisher"] == "exact"
-        else (f"Monte-Carlo Fisher ({settings['mc_samples']} label(s) per input)")
+        else f"Monte-Carlo Fisher ({settings['mc_samples']} label(s) per input)"
     )
     damping = settings["damping"]
-    damping_text = (
-        ", ".join(f"{d:g}" for d in damping) if isinstance(damping, list) else (f"{damping:g}")
-    )
+    dampings = ", ".join(f"{d:g}" for d in damping) if isinstance(damping, list) else f"{damping:g}"
     counted = f", {layers} layers" if layers is not None else ""
     probe = "a fixed probe set" if settings.get("fixed_probe") else "the training batch"
     if settings.get("probe_size"):
         probe += f" (at most {settings['probe_size']} samples)"
+    backend = settings.get("backend_used") or settings["backend"]
     return (
-        f"FisherMonitor: comparing F and EF ({structures}; {fisher}, {damping_text} "
-        f"{settings['damping_mode']} damping) of {network}{counted} with {loss}, backend "
-        f"{settings['backend']}, on {probe}, schedule {settings['schedule']}; "
+        f"FisherMonitor: comparing F and EF ({structures}; {fisher}, {dampings} "
+        f"{settings['damping_mode']} damping) of {settings['network']}{counted} with "
+        f"{settings['loss']}, backend {backend}, on {probe}, schedule {settings['schedule']}; "
         f"logged under '{prefix}/'."
     )
 
@@ -184,6 +185,17 @@ class FitSummary:
         lines = ["FisherMonitor summary"]
         lines += [f"  {label:<{width}}  {text}" for label, text in rows]
         return "\n".join(lines)
+
+
+def verdicts_of(history: History, prefix: str, directory: str | None) -> list[Any]:
+    """The report's verdicts on the fit (never an error: the summary goes without them)."""
+    try:
+        return history.verdicts(prefix, directory)
+    except Exception as error:  # noqa: BLE001 - a summary must not fail the fit
+        rank_zero_info(
+            f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
+        )
+        return []
 
 
 def _sentences(text: str) -> list[str]:

@@ -78,6 +78,11 @@ class TensorBoardWriter(LoggerWriter):
         """The logger's ``SummaryWriter``."""
         return self.logger.experiment
 
+    @property
+    def run_directory(self) -> str | None:
+        """The logger's run directory (event files and the run file)."""
+        return str(self.logger.log_dir)
+
     def _log_hyperparameters(self, params: dict[str, Any]) -> None:
         # no second hparams session in the event file (it would hide the user's in the
         # HParams tab): the settings go to the logger's hparams.yaml, the JSON run file

@@ -42,6 +42,29 @@ def measurer_keeps_directions(measurer: Any) -> bool:
     return "keep_directions" in inspect.signature(measurer.__call__).parameters
 
 
+def audited_optimizer(
+    optimizers: list[torch.optim.Optimizer], index: int, enabled: bool
+) -> torch.optim.Optimizer | None:
+    """The optimizer to audit: ``optimizers[index]``, or ``None`` (off, absent, no module)."""
+    if not enabled or index >= len(optimizers) or audit_module() is None:
+        return None
+    return optimizers[index]
+
+
+def has_second_moment(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the preconditioner audit applies (an optimizer with a second moment).
+
+    Decided from the class before the first step, when the optimizer has no state yet.
+    """
+    if optimizer is None:
+        return False
+    check = getattr(audit_module(), "has_second_moment", None)
+    if check is not None:
+        return bool(check(optimizer))
+    adaptive = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "Adafactor")
+    return any(cls.__name__ in adaptive for cls in type(optimizer).__mro__)
+
+
 @dataclass
 class _Pending:
     step: int

@@ -10,6 +10,7 @@ artifacts) is one more subclass of :class:`Writer`, chosen in :func:`writers_for
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -54,6 +55,21 @@ class RunInfo:
             data["fit"] = dict(self.fit)
         return data
 
+    def add_coverage(self, coverage: list[dict[str, Any]]) -> bool:
+        """Take the layers of the first measurement; whether that changed anything."""
+        if self.layers or not coverage:
+            return False
+        self.layers = [dict(entry) for entry in coverage]
+        used = sorted({str(entry["backend"]) for entry in coverage})
+        self.settings["backend_used"] = ", ".join(used)
+        return True
+
+    def add_notes(self, notes: Iterable[str]) -> bool:
+        """Add the notes not seen yet; whether there were any."""
+        new = [note for note in dict.fromkeys(notes) if note not in self.notes]
+        self.notes.extend(new)
+        return bool(new)
+
     def hyperparameters(self) -> dict[str, Any]:
         """Settings and constants (each layer's dimension) as flat hyperparameters.
 
@@ -81,6 +97,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def time_series(scalars: Mapping[str, float], constant: Iterable[str]) -> dict[str, float]:
+    """The scalars worth logging over time: no NaN, no metric of ``constant``.
+
+    Args:
+        scalars: Keys without the prefix.
+        constant: Metrics that do not change during the run (they are settings).
+
+    Returns:
+        The kept scalars as floats.
+    """
+    constant = set(constant)
+    kept = {}
+    for key, value in scalars.items():
+        parsed = keys.parse_key(key)
+        if (parsed is None or parsed.metric not in constant) and not math.isnan(value):
+            kept[key] = float(value)
+    return kept
+
+
 def logged_key(prefix: str, key: str, separator: str = "/") -> str:
     """The key as logged: ``{prefix}/{key}`` with ``/`` replaced by the logger's separator."""
     full = f"{prefix}/{key}"
@@ -98,6 +133,11 @@ class Writer(ABC):
     def __init__(self, logger: Any, prefix: str) -> None:
         self.logger = logger
         self.prefix = prefix
+
+    @property
+    def run_directory(self) -> str | None:
+        """Where the report can read this run (TensorBoard), or ``None``."""
+        return None
 
     def write_info(self, info: RunInfo) -> None:  # noqa: B027 - optional for writers
         """The run's settings, layers, notes or end-of-fit summary changed."""

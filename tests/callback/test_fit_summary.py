@@ -136,11 +136,13 @@ def test_start_line_options():
         "schedule": "budget(fraction=0.05, per_decade=10)",
         "fixed_probe": True,
         "probe_size": None,
+        "network": "Model.encoder (Sequential)",
+        "loss": "MSELoss(reduction='sum')",
     }
-    line = start_line(
-        settings, "Model.encoder (Sequential)", "MSELoss(reduction='sum')", None, "fm"
-    )
+    line = start_line(settings, None, "fm")
     assert "Monte-Carlo Fisher (2 label(s) per input), 0.0001, 0.01 absolute damping" in line
     assert "of Model.encoder (Sequential) with MSELoss(reduction='sum'), backend functorch" in line
     assert "on a fixed probe set, schedule budget(fraction=0.05, per_decade=10)" in line
     assert line.endswith("logged under 'fm/'.")
+    not_ready = start_line({**settings, "network": None}, None, "fm")
+    assert not_ready.startswith("FisherMonitor: not measuring yet (see the warning above)")
