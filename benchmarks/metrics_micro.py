@@ -95,6 +95,18 @@ def grams(inputs, output_grads, sqrt, coefficients):
     return gram_u, gram_v, gram_uv
 
 
+def _kron_with_factors(kronecker, root_in, root_out, samples, gram_u, dampings):
+    return kronecker.kronecker_statistics(
+        root_in.T @ root_in,
+        root_out.T @ root_out,
+        samples,
+        gram_u,
+        dampings,
+        input_root=root_in,
+        output_root=root_out,
+    )
+
+
 def cases(lowrank, kronecker, diagonal, factors, coefficients) -> list[tuple[str, Callable]]:
     """``(label, call)`` for every timed case, on the given modules (any version)."""
     import torch
@@ -132,20 +144,13 @@ def cases(lowrank, kronecker, diagonal, factors, coefficients) -> list[tuple[str
         root_in = xd / n**0.5
         root_out = sqrt.double().reshape(-1, sqrt.shape[-1]) / n**0.5
         samples = kronecker.OuterSamples(output_grads.double(), xd)
-        a_factor, g_factor = root_in.T @ root_in, root_out.T @ root_out
         for label, dampings in scaled.items():
+            # the engine forms A = XᵀX and G = SᵀS where the function needs them
             out.append(
                 (
-                    f"{name} kron, {label}",
+                    f"{name} kron, {label}, factors formed",
                     partial(
-                        kronecker.kronecker_statistics,
-                        a_factor,
-                        g_factor,
-                        samples,
-                        gram_u,
-                        dampings,
-                        input_root=root_in,
-                        output_root=root_out,
+                        _kron_with_factors, kronecker, root_in, root_out, samples, gram_u, dampings
                     ),
                 )
             )
@@ -153,7 +158,7 @@ def cases(lowrank, kronecker, diagonal, factors, coefficients) -> list[tuple[str
                 solves = lowrank.empirical_solves(gram_u, dampings, dimension)
                 out.append(
                     (
-                        f"{name} kron, {label}, shared EF solves, no wide factor",
+                        f"{name} kron, {label}, roots only, shared EF solves",
                         partial(
                             kronecker.kronecker_statistics,
                             None,

@@ -17,8 +17,9 @@ from torch import Tensor
 from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
 
 #: Entries per chunk of the CPU pass: the chunk's float64 rows (a few per damping) stay in
-#: the processor's cache while every sum is taken from them.
-DIAGONAL_CHUNK = 1 << 15
+#: the processor's cache while every sum is taken from them, and each elementwise operation
+#: is still large enough (above torch's grain size of 32768) to use two threads.
+DIAGONAL_CHUNK = 1 << 16
 
 _workspaces = threading.local()
 

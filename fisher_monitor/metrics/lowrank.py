@@ -92,14 +92,23 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 class NumericalHealth:
     """How far rounding may have moved a layer's damped statistics.
 
-    ``relative_error`` is a first-order estimate, from the resolution of what the route
-    factorised (a Gram matrix: ``τ ≈ ε √D max_i K_ii`` on every eigenvalue; a root:
-    ``δσ ≈ ε √k ‖V‖`` on every singular value), of the relative error of ``‖A⁻¹g‖²``,
-    ``gᵀA⁻¹g``, ``‖B⁻¹g‖²``, ``gᵀB⁻¹g`` and ``(1/N) Σ_n g_nᵀB⁻¹g_n``, the largest over
-    those and over the dampings. Cosines built from them move by about as much
-    (absolutely). The KL divergence, a difference of terms, is not covered. It is an
-    estimate, typically pessimistic by a factor up to 10–100 because rounding errors
-    partly cancel; below ``1e-3`` the metrics are good to the digits the report shows.
+    ``relative_error`` is a first-order estimate of the relative error of the damped
+    statistics, propagated from the resolution of what the route factorised:
+
+    - Gram route: every eigenvalue of ``K_V`` and ``K_U`` uncertain by
+      ``τ ≈ ε √D max_i K_ii``; the estimate covers ``‖A⁻¹g‖²``, ``gᵀA⁻¹g``, ``‖B⁻¹g‖²``,
+      ``gᵀB⁻¹g`` and ``(1/N) Σ_n g_nᵀB⁻¹g_n``;
+    - joint basis: the same, plus the coordinates of ``g`` uncertain by ``√τ`` and the
+      directions dropped below the Gram's resolution (where ``g`` may hide that much);
+    - root route: every singular value uncertain by ``δσ ≈ ε √k ‖V‖`` and every
+      coordinate of ``g`` by about as much (much less through coefficients); the estimate
+      covers the vectors ``A⁻¹g`` and ``B⁻¹g`` and the projections.
+
+    The largest over those and over the dampings is reported. Cosines move by about as
+    much (absolutely). The KL divergence, a difference of terms, is not covered. The
+    estimate is pessimistic, often by a factor 10–100 on the Gram route, because rounding
+    errors partly cancel; below ``1e-3`` the metrics are good to the digits a report
+    shows. Above it, compute the layer by the root route where affordable, or note it.
 
     Attributes:
         route: ``"gram"``, ``"root"`` or ``"joint"`` (see the module docstring).
@@ -701,20 +710,22 @@ def outer_product_roots(
 ) -> tuple[Tensor, Tensor | None]:
     """``V`` and ``U`` of a layer with outer-product columns, in a small orthonormal basis.
 
-    For a ``Linear`` layer on ``(N, I)`` inputs the columns are
-    ``v_{r,n} = vec(s_{r,n} x̃_nᵀ)/√N`` and ``u_n = vec(δ_n x̃_nᵀ)/√N`` (row-major ``vec``).
-    With a Householder QR ``X̃ᵀ = Q_x T`` (``T``: ``k_x × N``, ``k_x = min(I, N)``; column
-    ``n`` of ``T`` is ``x̃_n`` in the basis ``Q_x``, to backward error ``ε‖x̃_n‖``) and an
-    orthonormal basis ``Q_s`` of the output vectors' span (the standard basis when
-    ``O`` is at most their number), ``v_{r,n} = (Q_s ⊗ Q_x)(Q_sᵀs_{r,n} ⊗ t_n)/√N``: an
-    isometry, so every statistic is the same in the coordinates returned. No Gram matrix
-    is formed, so curvature many orders of magnitude below the largest (near-duplicate
-    inputs, inputs scaled far below the bias' constant 1) keeps its digits.
+    For a ``Linear`` layer on ``(N, I)`` inputs the columns are ``v_{r,n} = vec(s_{r,n} x̃_nᵀ)``
+    and ``u_n = vec(δ_n x̃_nᵀ)/√N`` (row-major ``vec``; ``s`` carries the ``1/√N`` of a mean,
+    as in :class:`~fisher_monitor.curvature.factors.OuterProductFactors`). With a Householder
+    QR ``X̃ᵀ = Q_x T`` (``T``: ``k_x × N``, ``k_x = min(I, N)``; column ``n`` of ``T`` is
+    ``x̃_n`` in the basis ``Q_x``, to backward error ``ε‖x̃_n‖``) and an orthonormal basis
+    ``Q_s`` of the output vectors' span (the standard basis when ``O`` is at most their
+    number), ``v_{r,n} = (Q_s ⊗ Q_x)(Q_sᵀs_{r,n} ⊗ t_n)``: an isometry, so every statistic is
+    the same in the coordinates returned. No Gram matrix is formed, so curvature many
+    orders of magnitude below the largest (near-duplicate inputs, inputs scaled far below
+    the bias' constant 1) keeps its digits.
 
     Args:
         inputs: ``x̃``, ``N × I`` (augmented with the bias column where there is one).
         sqrt: ``s``, ``R_n × N × O`` square-root factors at the output.
-        output_grads: ``δ``, ``N × O`` (only needed without coefficients).
+        output_grads: ``δ``, ``N × O`` per-sample output gradients (only needed without
+            coefficients).
 
     Returns:
         ``(V̂, Û)``: ``k × R`` with column ``r·N + n`` (the package's column order) and
@@ -734,8 +745,7 @@ def outer_product_roots(
         vectors = coordinates.mT
     k_s = vectors.shape[1]
     sqrt_hat = vectors[: columns * n].reshape(columns, n, k_s)
-    v_root = (sqrt_hat.unsqueeze(3) * t.mT.reshape(1, n, 1, -1)).reshape(columns * n, -1)
-    v_root = v_root.mT / n**0.5
+    v_root = (sqrt_hat.unsqueeze(3) * t.mT.reshape(1, n, 1, -1)).reshape(columns * n, -1).mT
     u_root = None
     if output_grads is not None:
         delta_hat = vectors[columns * n :]
@@ -858,7 +868,7 @@ def _root_statistics(
         kl = 0.5 * (trace_term + logdet_term)
         damped.append(_damped(damping, dimension, kl, grad_sq, nat_sq, nat_ef, nat_projection, ef))
         if resolution is None:
-            errors += _root_errors(
+            nat_errors, ef_errors = _root_errors(
                 eps,
                 damping,
                 sigma,
@@ -870,6 +880,8 @@ def _root_statistics(
                 ef,
                 max(k, r, n),
             )
+            ef.relative_error = torch.stack(ef_errors).max()
+            errors += [*nat_errors, ef.relative_error]
         else:
             # Gram-made roots: every σ² uncertain by τ, the coordinates of g by √τ in all;
             # dropped directions count at α = 0
@@ -906,15 +918,15 @@ def _root_errors(
     a_hat: Tensor,
     ef: EmpiricalSolve,
     size: int,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], list[Tensor]]:
     """First-order rounding estimates of the root route, for one damping.
 
     Singular values are uncertain by ``δσ = ε √size max σ`` (so ``δα = 2σδσ + δσ²``), the
     coordinates of ``g`` by ``ε √size ‖U‖`` each (through the coefficients: by
     ``ε √size σ_i ‖b‖``, rows scaled by σ), and so is its part outside the range of ``V``,
-    which ``1/λ`` amplifies. Returns the relative errors of ``A⁻¹g`` and ``B⁻¹g`` (as
-    vectors: cosines move by about as much) and of ``gᵀA⁻¹g``, ``gᵀB⁻¹g`` and the
-    per-sample projection.
+    which ``1/λ`` amplifies. Returns the relative errors of ``A⁻¹g`` (as a vector: cosines
+    move by about as much) and ``gᵀA⁻¹g``, and of ``B⁻¹g``, ``gᵀB⁻¹g`` and the per-sample
+    projection.
     """
     root_eps = eps * math.sqrt(size)
     shifted = sigma.square() + damping
@@ -950,13 +962,14 @@ def _root_errors(
         h.square() * delta_mu / ef_shifted.square() + 2.0 * h.abs() * delta_h / ef_shifted
     ).sum()
     per_sample_error = (damping * delta_mu / ef_shifted.square()).sum()
-    return [
-        _relative(nat_vector, nat_sq.sqrt()),
-        _relative(nat_projection_error, nat_projection),
-        _relative(ef_vector, ef.ef_sq.sqrt()),
-        _relative(ef_projection_error, ef.ef_projection),
-        _relative(per_sample_error, ef.per_sample),
-    ]
+    return (
+        [_relative(nat_vector, nat_sq.sqrt()), _relative(nat_projection_error, nat_projection)],
+        [
+            _relative(ef_vector, ef.ef_sq.sqrt()),
+            _relative(ef_projection_error, ef.ef_projection),
+            _relative(per_sample_error, ef.per_sample),
+        ],
+    )
 
 
 def joint_basis_block_statistics(

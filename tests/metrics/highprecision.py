@@ -195,6 +195,11 @@ class SoftmaxHead:
     def dimension(self) -> int:
         return self.inputs.shape[1] * self.residuals.shape[1]
 
+    def scaled_sqrt(self) -> Tensor:
+        """``s_{r,n}/√N``: the square-root factors with the mean's ``1/√N``, as the package
+        keeps them (``v_{r,n} = vec(s_{r,n} x̃_nᵀ)/√N``)."""
+        return self.sqrt / self.num_samples**0.5
+
     def coefficients(self) -> Tensor:
         """``B`` (``R × N``) with ``U = VB``: ``B[r·N + n, n] = β_{n,r}``."""
         n, columns = self.beta.shape

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from highprecision import COMPARED, COSINES, dense_metrics, softmax_head
 
 from fisher_monitor.metrics import dense_statistics, finalize
 from fisher_monitor.metrics.lowrank import outer_product_roots, root_block_statistics
+from highprecision import COMPARED, COSINES, dense_metrics, softmax_head
 
 F64 = torch.float64
 
@@ -61,7 +61,7 @@ def test_root_route_keeps_scale_separated_curvature_the_dense_blocks_lose():
     damping = 1e-20
     expected = dense_metrics(v, u, damping)
     root = root_block_statistics(
-        outer_product_roots(h.inputs, h.sqrt)[0],
+        outer_product_roots(h.inputs, h.scaled_sqrt())[0],
         h.dimension,
         [damping],
         coefficients=h.coefficients(),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
 
+import reference
 from fisher_monitor.keys import DAMPED_METRICS, damping_suffix
 from fisher_monitor.metrics import diagonal as diagonal_module
 from fisher_monitor.metrics import finalize

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
 
+import reference
 from fisher_monitor.metrics import OuterSamples, finalize
 from fisher_monitor.metrics.kronecker import factor_basis, kronecker_statistics
 from fisher_monitor.metrics.lowrank import (

@@ -15,13 +15,8 @@ import math
 
 import pytest
 import torch
-from highprecision import (
-    COMPARED,
-    COSINES,
-    dense_metrics,
-    softmax_head,
-    subspace_metrics,
-)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fisher_monitor.keys import DAMPED_METRICS, damping_suffix
 from fisher_monitor.metrics import finalize
@@ -35,6 +30,13 @@ from fisher_monitor.metrics.lowrank import (
     outer_product_roots,
     prefer_root_route,
     root_block_statistics,
+)
+from highprecision import (
+    COMPARED,
+    COSINES,
+    dense_metrics,
+    softmax_head,
+    subspace_metrics,
 )
 
 F64 = torch.float64
@@ -150,9 +152,9 @@ def test_root_route_matches_high_precision_under_scale_separation(name, kind):
     h = head(name)
     damping = damping_for(name, kind)
     tolerance = RELATIVE_DAMPINGS[kind][1]
-    v_root, u_root = outer_product_roots(h.inputs, h.sqrt, h.residuals)
+    v_root, u_root = outer_product_roots(h.inputs, h.scaled_sqrt(), h.residuals)
     through_coefficients = root_block_statistics(
-        outer_product_roots(h.inputs, h.sqrt)[0],
+        outer_product_roots(h.inputs, h.scaled_sqrt())[0],
         h.dimension,
         [damping],
         coefficients=h.coefficients(),
@@ -176,8 +178,7 @@ def test_outer_product_roots_are_an_isometry():
         sqrt = torch.randn(columns, samples, outputs, generator=g, dtype=F64)
         delta = torch.randn(samples, outputs, generator=g, dtype=F64)
         v = (sqrt.unsqueeze(3) * x.view(1, samples, 1, -1)).reshape(columns * samples, -1).T
-        u = (delta.unsqueeze(2) * x.unsqueeze(1)).reshape(samples, -1).T
-        v, u = v / samples**0.5, u / samples**0.5
+        u = (delta.unsqueeze(2) * x.unsqueeze(1)).reshape(samples, -1).T / samples**0.5
         v_root, u_root = outer_product_roots(x, sqrt, delta)
         assert v_root.shape[0] <= min(width, samples) * min(outputs, columns * samples + samples)
         torch.testing.assert_close(v_root.T @ v_root, v.T @ v)
@@ -318,7 +319,7 @@ def test_gram_route_flags_the_mobilenet_head_the_root_route_gets_right():
     assert float(result.health.relative_error) > 1e-3
     h = head(name)
     root = root_block_statistics(
-        outer_product_roots(h.inputs, h.sqrt)[0],
+        outer_product_roots(h.inputs, h.scaled_sqrt())[0],
         h.dimension,
         [damping],
         coefficients=h.coefficients(),
@@ -396,3 +397,44 @@ def test_health_is_small_on_well_conditioned_factors():
         root_block_statistics(v, 40, [damping], u_root=u),
     ):
         assert float(result.health.relative_error) < 1e-10, result.health.route
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(2, 20),
+    st.integers(1, 8),
+    st.integers(1, 10),
+    st.floats(-6, 6),
+    st.floats(1e-8, 10.0),
+    st.integers(0, 2**31 - 1),
+    st.booleans(),
+)
+def test_root_route_is_well_behaved_on_rank_deficient_factors(
+    D, N, R, log_scale, damping, seed, through_coefficients
+):
+    """Cosines in [−1, 1], KL ≥ 0, per-sample projection ≤ rank EF, and the dense answer."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0**log_scale
+    rank = min(N, R, D)
+    basis = torch.randn(D, rank, generator=g, dtype=F64)
+    v = basis @ torch.randn(rank, R, generator=g, dtype=F64) * scale
+    if through_coefficients:
+        B = torch.randn(R, N, generator=g, dtype=F64)
+        u = v @ B
+        kwargs = dict(coefficients=B)
+    else:
+        u = basis @ torch.randn(rank, N, generator=g, dtype=F64) * scale
+        kwargs = dict(u_root=u)
+    lam = damping * scale**2
+    values = finalize(root_block_statistics(v, D, [lam], **kwargs).statistics, [lam])
+    for key in COSINES:
+        if not math.isnan(values[key]):
+            assert -1.0 <= values[key] <= 1.0, key
+    assert values["kl"] >= 0.0
+    rank_ef = int(torch.linalg.matrix_rank(u))
+    assert values["ef_projection_per_sample"] <= rank_ef + 1e-6 * max(1, rank_ef)
+    dense = dense_float64(v, u, lam)
+    condition = (float(torch.linalg.matrix_norm(v, 2)) ** 2 + lam) / lam
+    tolerance = max(1e-7, 1e-13 * condition)
+    for key in ("trace_ratio", "matrix_cosine", "ef_projection", "ef_projection_per_sample"):
+        assert math.isclose(values[key], dense[key], rel_tol=tolerance, abs_tol=1e-9), key
