@@ -99,8 +99,15 @@ class History:
                 series.setdefault(key, []).append((step, value))
         return series
 
-    def verdicts(self, prefix: str, path: str | Path | None) -> list[Any]:
+    def verdicts(
+        self, prefix: str, path: str | Path | None, settings: Mapping[str, Any] | None = None
+    ) -> list[Any]:
         """The report's verdicts on these measurements (an in-memory run, no log read back).
+
+        Args:
+            prefix: The logging prefix.
+            path: The run directory, if any (for the run's name in the verdicts).
+            settings: The run's settings (e.g. the optimizer's name), if known.
 
         Returns:
             ``fisher_monitor.report`` verdicts (objects with ``topic``, ``level``, ``text``);
@@ -111,7 +118,13 @@ class History:
         from fisher_monitor.report.load import Run
         from fisher_monitor.report.verdict import verdicts
 
-        run = Run(name="this fit", path=Path(path or "."), prefix=prefix, scalars=self.series())
+        run = Run(
+            name="this fit",
+            path=Path(path or "."),
+            prefix=prefix,
+            scalars=self.series(),
+            settings=dict(settings or {}),
+        )
         return verdicts(run)
 
     def state(self) -> list[tuple[int, dict[str, float]]]:

@@ -467,7 +467,7 @@ class FisherMonitor(*_BASES):
             off=self._policy.off,
             optimizer=self._info.settings.get("optimizer"),
             verdicts=summary.verdicts_of(
-                self._history, self.log_prefix, next(iter(log_dirs), None)
+                self._history, self.log_prefix, next(iter(log_dirs), None), self._info.settings
             ),
         )
         self._info.fit = result.as_dict()

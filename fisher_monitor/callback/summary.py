@@ -187,10 +187,12 @@ class FitSummary:
         return "\n".join(lines)
 
 
-def verdicts_of(history: History, prefix: str, directory: str | None) -> list[Any]:
+def verdicts_of(
+    history: History, prefix: str, directory: str | None, settings: dict[str, Any]
+) -> list[Any]:
     """The report's verdicts on the fit (never an error: the summary goes without them)."""
     try:
-        return history.verdicts(prefix, directory)
+        return history.verdicts(prefix, directory, settings)
     except Exception as error:  # noqa: BLE001 - a summary must not fail the fit
         rank_zero_info(
             f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
