@@ -343,9 +343,10 @@ class FisherMonitor(*_BASES):
             return None
         assert self._measurer is not None
         options = {}
-        optimizer = self._optimizer(self._trainer)
-        if optimizer is not None and measurer_keeps_directions(self._measurer):
-            options["keep_directions"] = True
+        trainer = self._trainer
+        audited = trainer is not None and trainer.is_global_zero and self._optimizer(trainer)
+        if audited and measurer_keeps_directions(self._measurer):
+            options["keep_directions"] = True  # only rank 0 audits the optimizer's step
         outcome = measure_everywhere(
             self._measurer, lambda: self._probe.take(batch), self._generator, **options
         )
