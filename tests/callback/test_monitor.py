@@ -284,6 +284,7 @@ def test_training_is_bit_identical_with_the_optimizer_audit_adam_and_accumulatio
     assert not monitor._recorder.armed  # the one-shot hook is gone
 
 
+@pytest.mark.slow
 def test_default_budget_spreads_measurements_over_a_300_step_digits_run():
     """With every default, a 300-step MLP run on digits gets at least 8 measurements, some in
     each third. A fake clock makes it deterministic: a training step takes 1 s and a
