@@ -14,12 +14,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fisher_monitor.metrics.lowrank import single_threaded
 from fisher_monitor.metrics.statistics import DampedStatistics, LayerStatistics
 
 #: Entries per chunk of the CPU pass: the chunk's float64 rows (a few per damping) stay in
-#: the processor's cache while every sum is taken from them, and each elementwise operation
-#: is still large enough (above torch's grain size of 32768) to use two threads.
-DIAGONAL_CHUNK = 1 << 16
+#: the processor's cache while every sum is taken from them. The pass runs on one thread:
+#: its many small operations gain nothing from two, and lose much on a busy machine.
+DIAGONAL_CHUNK = 1 << 15
+
+#: Entries per chunk elsewhere (CUDA): few, large kernels, with the float64 rows of one
+#: chunk (about ``(8 + 4·dampings) × 32 MiB``) bounded whatever the layer's size.
+DEVICE_CHUNK = 1 << 22
 
 _workspaces = threading.local()
 
@@ -86,7 +91,7 @@ def diagonal_statistics(
     vectors ``f, e, g, e − f`` and, per damping, ``A⁻¹g``, ``B⁻¹g``, ``1/(e + λ)`` and
     ``u − log(1 + u)`` are rows, and every sum is one of a few matrix-vector products of
     contiguous rows; no array of the layer's size is allocated. Elsewhere (CUDA) the
-    whole layer is one chunk.
+    chunks are :data:`DEVICE_CHUNK` long.
 
     Args:
         fisher: Diagonal of the Fisher, any shape (flattened).
@@ -103,7 +108,7 @@ def diagonal_statistics(
     size = f.numel()
     layout = _Layout(len(dampings))
     device = f.device
-    chunk = max(1, min(size, DIAGONAL_CHUNK) if device.type == "cpu" else size)
+    chunk = max(1, min(size, DIAGONAL_CHUNK if device.type == "cpu" else DEVICE_CHUNK))
     if device.type == "cpu":
         z = _workspace(layout.rows, chunk)
     else:  # the caching allocator reuses the memory
@@ -111,11 +116,12 @@ def diagonal_statistics(
     z[layout.ones].fill_(1.0)
     starts = range(0, size, chunk)
     partial = torch.zeros(max(1, len(starts)), layout.slots, dtype=torch.float64, device=device)
-    for row, start in enumerate(starts):
-        stop = min(start + chunk, size)
-        block = z[:, : stop - start]
-        out = partial[row]
-        _chunk_sums(block, f[start:stop], e[start:stop], g[start:stop], dampings, layout, out)
+    with single_threaded(z.device):
+        for row, start in enumerate(starts):
+            stop = min(start + chunk, size)
+            block = z[:, : stop - start]
+            out = partial[row]
+            _chunk_sums(block, f[start:stop], e[start:stop], g[start:stop], dampings, layout, out)
     sums = partial.sum(dim=0)
     e_slot = layout.with_e
     ones_slot = layout.with_ones

@@ -68,10 +68,15 @@ SINGLE_THREAD_EIGH_MAX = 256
 
 
 @contextlib.contextmanager
-def _single_threaded(tensor: Tensor) -> Iterator[None]:
-    """Run CPU LAPACK calls on ``tensor`` with one thread, restoring the setting after."""
+def single_threaded(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Run CPU work on one intra-op thread, restoring the setting afterwards.
+
+    Args:
+        device: Where the work runs; nothing changes off the CPU.
+        enabled: Whether to switch at all.
+    """
     threads = torch.get_num_threads()
-    if tensor.device.type != "cpu" or threads == 1 or tensor.shape[-1] > SINGLE_THREAD_EIGH_MAX:
+    if not enabled or device.type != "cpu" or threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -83,7 +88,7 @@ def _single_threaded(tensor: Tensor) -> Iterator[None]:
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` (lower triangle), single-threaded on CPU where that is faster."""
-    with _single_threaded(matrix):
+    with single_threaded(matrix.device, matrix.shape[-1] <= SINGLE_THREAD_EIGH_MAX):
         return torch.linalg.eigh(matrix)
 
 
