@@ -26,9 +26,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lightning_helpers import SpyLogger, TinyClassifier, loader  # noqa: E402
-
 from fisher_monitor import FisherMonitor, schedules  # noqa: E402
+from lightning_helpers import SpyLogger, TinyClassifier, loader  # noqa: E402
 
 
 class Recorder(pl.Callback):

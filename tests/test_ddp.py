@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import TinyClassifier
 from torch import nn
 
 from fisher_monitor import measure
 from fisher_monitor.keys import CONSTANT_METRICS, parse_key
+from lightning_helpers import TinyClassifier
 
 SCRIPT = Path(__file__).parent / "ddp_script.py"
 

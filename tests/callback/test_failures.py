@@ -9,11 +9,11 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from lightning_helpers import MappedDataset, TinyClassifier, fit, loader, trainer_kwargs
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from fisher_monitor import FisherMonitor
+from lightning_helpers import MappedDataset, TinyClassifier, fit, loader, trainer_kwargs
 
 
 def monitor_warnings(caught) -> list[str]:

@@ -6,7 +6,6 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from lightning_helpers import fit
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from fisher_monitor import FisherMonitor
@@ -14,6 +13,7 @@ from fisher_monitor.callback import monitor as monitor_module
 from fisher_monitor.callback import summary as summary_module
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.summary import FitSummary, start_line
+from lightning_helpers import fit
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from lightning_helpers import MappedDataset, SpyLogger, TinyClassifier, fit, loader, trainer_kwargs
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from fisher_monitor import FisherMonitor, measure, schedules
 from fisher_monitor.keys import CONSTANT_METRICS, METRICS, parse_key
+from lightning_helpers import MappedDataset, SpyLogger, TinyClassifier, fit, loader, trainer_kwargs
 
 PROBE_KEYS = (
     "probe/loss",

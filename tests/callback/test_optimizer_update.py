@@ -11,10 +11,10 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from lightning_helpers import TinyClassifier, fit
 from torch import nn
 
 from fisher_monitor import FisherMonitor, measure
+from lightning_helpers import TinyClassifier, fit
 
 STRUCTURES = ("diag", "block")
 

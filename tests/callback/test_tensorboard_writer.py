@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-from lightning_helpers import fit
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -16,6 +15,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from fisher_monitor import FisherMonitor, keys, runinfo
 from fisher_monitor.callback.layout import custom_scalar_layout
 from fisher_monitor.callback.tensorboard import description
+from lightning_helpers import fit
 
 
 @pytest.fixture(scope="module")
