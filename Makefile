@@ -36,8 +36,10 @@ format: $(VENV)/.installed
 	$(PY) -m ruff check --fix fisher_monitor tests examples benchmarks
 	$(PY) -m ruff format fisher_monitor tests examples benchmarks
 
+# `make bench BENCH_ARGS=--quick` (about a minute), or e.g. BENCH_ARGS="--cases mlp,report/*"
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py --demo

@@ -1,471 +1,557 @@
-"""Cost of a fisher-monitor measurement against a plain training step (``make bench``).
+"""Cost of a fisher-monitor measurement at the scale users train (``make bench``).
 
-Prints one table per model and writes it to ``benchmarks/results/bench-<device>.md``.
-Every time is the median over interleaved repeats (baseline step and each case in turn,
-so that drift of a shared machine hits all rows alike), reported as milliseconds and as a
-ratio to one plain SGD step measured in the same run. Peak extra memory is measured in a
-fresh subprocess per case: resident-set peak (CPU) or ``max_memory_allocated`` (CUDA)
-after the case, minus the same after a plain training step.
+Runs every case of :mod:`benchmarks.cases` in a fresh process (:mod:`benchmarks.worker`),
+prints Markdown tables with the issue's targets next to the measured ratios (✓/✗) and
+writes them, with the raw results as JSON, to ``benchmarks/results/``.
 
-Rows:
+How the numbers are made:
 
-- ``measure`` for each structure/Fisher pair, with every metric (the prepared network is
-  reused, as the callback does; preparing it once is not timed);
-- the raw BackPACK extensions the issue quotes (``DiagGGNExact``/``DiagGGNMC`` with
-  ``SumGradSquared``, ``KFAC``, ``KFLR``) and naive block factors (``SqrtGGNExact`` +
-  ``BatchGrad``, materialised);
-- a dense ``torch.func`` diagonal of the Fisher (per-sample Jacobians), the brute-force way;
-- curvlinops (if installed): ``KFACLinearOperator`` construction (exact and MC) and one
-  GGN- and EF-vector product;
-- the callback's amortised overhead at its default cadence on a short Lightning run.
+- **Ratio to a warm plain step.** Every timed call is preceded by a few plain SGD steps of
+  the same model and batch; the first absorbs what the previous call left in the caches,
+  the median of the others is the warm step that call is divided by. The ratio of a case
+  is the median of these per-call ratios over its repetitions (interleaved: steps,
+  ``measure()``, steps, ``Measurer``, steps, ``measure()``, ...).
+- **One-shot ``measure()``** prepares the network at every call, as users call it; the
+  **prepared ``Measurer``** call reuses it, as the callback does.
+- **Callback**: a real ``Trainer.fit`` with ``FisherMonitor`` (default configuration,
+  TensorBoardLogger with its histograms and heat map); the cost of a measurement is the
+  measured step and the step after it minus two warm Lightning steps of the same run,
+  averaged over the measurements after the first, in Lightning training steps.
+- **Peak extra memory**: the rise of the process's resident-set high-water mark during the
+  call (Linux resets it through ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``)
+  minus the same rise for one plain step: what the measurement adds to training's peak.
+- **Limits**: a call longer than ``--limit`` seconds ends its case's repetitions (the
+  table says so); a case still running after ``--timeout`` seconds is killed and keeps
+  what it had finished; a failing case is recorded with its error and the others go on.
 
-Usage: ``python benchmarks/run.py [--device cpu|cuda] [--repeats 15] [--quick]``.
+Usage: ``python benchmarks/run.py [--quick] [--cases mlp,resnet18/default,report/*]
+[--device cpu|cuda] [--limit 60] [--timeout 150] [--reference]``; ``--list`` shows the cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
+import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import nn
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from fisher_monitor import Measurer  # noqa: E402
-from fisher_monitor.settings import MeasureSettings  # noqa: E402
+import torch  # noqa: E402
 
-#: Targets (ratio to a training step). The MLP's are the project's (issue 6). The CNN's were
-#: set after measuring: every exact structure must push the C·N-column square root of the
-#: Fisher back through the convolutions, which alone costs BackPACK's DiagGGNExact about
-#: 10× a training step on this CNN; the exact rows are held to 1.25× (diag), 3× (block)
-#: and 3.5× (kron) of that floor, the Monte-Carlo rows to the MLP's targets (kron: 10×).
-TARGETS = {
-    "mlp": {
-        ("diag", "mc"): 4,
-        ("diag", "exact"): 7,
-        ("block", "mc"): 8,
-        ("block", "exact"): 25,
-        ("kron", "exact"): 8,
-    },
-    "cnn": {
-        ("diag", "mc"): 4,
-        ("diag", "exact"): 13,
-        ("block", "mc"): 8,
-        ("block", "exact"): 30,
-        ("kron", "mc"): 10,
-        ("kron", "exact"): 35,
-    },
-}
-CASES = [
-    ("diag", "mc"),
-    ("diag", "exact"),
-    ("block", "mc"),
-    ("block", "exact"),
-    ("kron", "mc"),
-    ("kron", "exact"),
-    ("diag,block", "exact"),
-]
+from benchmarks.cases import (  # noqa: E402
+    CONFIGS,
+    FLOORS,
+    MODELS,
+    TARGETS,
+    Case,
+    Target,
+    select,
+)
+from benchmarks.worker import Options, run_case  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+REFERENCE = ROOT / "benchmarks" / "reference"
+
+#: Options of a full run and of ``--quick``.
+FULL = Options(limit=60.0, budget=10.0, repeats=9, warm_steps=4, measurements=10, every=6)
+QUICK = Options(limit=20.0, budget=1.5, repeats=3, warm_steps=3, measurements=2, every=4)
+#: Hard limit of one case (seconds): full run and ``--quick``.
+TIMEOUT, QUICK_TIMEOUT = 120.0, 90.0
 
 
-def make_model(name: str) -> nn.Module:
-    if name == "mlp":
-        return nn.Sequential(
-            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
+# --------------------------------------------------------------------------- running
+
+
+def run_in_process(case: Case, options: Options, timeout: float, logs: Path) -> dict:
+    """Run ``case`` in a fresh process; kill it (and its children) after ``timeout``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = case.name.replace("/", "__")
+    with tempfile.TemporaryDirectory(prefix="fisher-bench-case-") as directory:
+        spec = Path(directory) / "case.json"
+        output = Path(directory) / "result.json"
+        spec.write_text(
+            json.dumps({"case": case.to_dict(), "options": dataclasses.asdict(options)})
         )
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
-    )
-
-
-def make_batch(name: str, batch: int, device: torch.device):
-    generator = torch.Generator().manual_seed(0)
-    shape = (784,) if name == "mlp" else (1, 28, 28)
-    inputs = torch.randn(batch, *shape, generator=generator)
-    targets = torch.randint(0, 10, (batch,), generator=generator)
-    return inputs.to(device), targets.to(device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Case:
-    """A named callable to time; ``group`` says how the table treats it."""
-
-    def __init__(self, label: str, run: Callable[[], None], group: str):
-        self.label = label
-        self.run = run
-        self.group = group
-
-
-def training_step_case(model, inputs, targets) -> Case:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step():
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-
-    return Case("plain SGD training step", step, "baseline")
-
-
-def measure_case(model, inputs, targets, structures: str, fisher: str) -> Case:
-    settings = MeasureSettings.create(tuple(structures.split(",")), fisher)
-    measurer = Measurer(model, nn.CrossEntropyLoss(), settings)
-    generator = torch.Generator().manual_seed(0)
-    measurer(inputs, targets, generator=generator)  # prepares the shadow network once
-    return Case(
-        f"measure {structures} {fisher}",
-        lambda: measurer(inputs, targets, generator=generator),
-        "fisher-monitor",
-    )
-
-
-def backpack_cases(model_name, inputs, targets, device) -> list[Case]:
-    from backpack import backpack, extend
-    from backpack.extensions import (
-        KFAC,
-        KFLR,
-        BatchGrad,
-        DiagGGNExact,
-        DiagGGNMC,
-        SqrtGGNExact,
-        SumGradSquared,
-    )
-
-    model = extend(make_model(model_name).to(device))
-    loss_fn = extend(nn.CrossEntropyLoss())
-
-    def with_extensions(*extensions):
-        def run():
-            model.zero_grad()
-            with warnings.catch_warnings(), backpack(*extensions):
-                warnings.simplefilter("ignore")
-                loss_fn(model(inputs), targets).backward()
-            for p in model.parameters():
-                for field in (
-                    "diag_ggn_exact",
-                    "diag_ggn_mc",
-                    "sum_grad_squared",
-                    "kfac",
-                    "kflr",
-                    "grad_batch",
-                    "sqrt_ggn_exact",
-                ):
-                    if hasattr(p, field):
-                        delattr(p, field)
-
-        return run
-
-    cases = [
-        Case(
-            "BackPACK DiagGGNExact + SumGradSquared",
-            with_extensions(DiagGGNExact(), SumGradSquared()),
-            "reference",
-        ),
-        Case(
-            "BackPACK DiagGGNMC + SumGradSquared",
-            with_extensions(DiagGGNMC(), SumGradSquared()),
-            "reference",
-        ),
-        Case("BackPACK KFAC", with_extensions(KFAC()), "reference"),
-    ]
-    if model_name == "mlp":  # BackPACK's KFLR backpropagates C·N columns; on the CNN also fine
-        cases.append(Case("BackPACK KFLR", with_extensions(KFLR()), "reference"))
-    cases.append(
-        Case(
-            "naive block factors: SqrtGGNExact + BatchGrad",
-            with_extensions(SqrtGGNExact(), BatchGrad()),
-            "reference",
-        )
-    )
-    return cases
-
-
-def functorch_diagonal_case(model, inputs, targets) -> Case:
-    """Dense diag of the Fisher from per-sample output Jacobians (torch.func), chunked."""
-    from torch.func import functional_call, jacrev, vmap
-
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def output(p, x):
-        return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
-
-    def run():
-        total = None
-        for chunk in inputs.split(16):
-            jac = vmap(jacrev(output), in_dims=(None, 0))(params, chunk)
-            probs = model(chunk).detach().softmax(dim=1)
-            flat = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], 2)
-            # diag(Jᵀ H J) with H = diag(p) − ppᵀ: Σ_k p_k J_kd² − (Σ_k p_k J_kd)²
-            part = torch.einsum("nk,nkd->d", probs, flat.square()) - torch.einsum(
-                "nk,nkd->nd", probs, flat
-            ).square().sum(0)
-            total = part if total is None else total + part
-        return total / inputs.shape[0]
-
-    return Case("torch.func dense diagonal (brute force)", run, "reference")
-
-
-def curvlinops_cases(model, inputs, targets) -> list[Case]:
-    try:
-        from curvlinops import EFLinearOperator, GGNLinearOperator, KFACLinearOperator
-    except ImportError:
-        return []
-    params = [p for p in model.parameters() if p.requires_grad]
-    data = [(inputs, targets)]
-    loss_fn = nn.CrossEntropyLoss()
-    cases = []
-    for fisher_type in ("type-2", "mc"):
-
-        def build(fisher_type=fisher_type):
-            operator = KFACLinearOperator(
-                model,
-                loss_fn,
-                params,
-                data,
-                fisher_type=fisher_type,
-                separate_weight_and_bias=False,
-                check_deterministic=False,
+        started = time.perf_counter()
+        with (logs / f"{stem}.log").open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.worker", str(spec), str(output)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: killed with its children
             )
-            operator.compute_kronecker_factors()  # the operator is lazy otherwise
-
-        cases.append(Case(f"curvlinops KFACLinearOperator ({fisher_type})", build, "reference"))
-    vector = torch.randn(sum(p.numel() for p in params), device=inputs.device)
-    ggn = GGNLinearOperator(model, loss_fn, params, data, check_deterministic=False)
-    ef = EFLinearOperator(model, loss_fn, params, data, check_deterministic=False)
-    cases.append(Case("curvlinops one GGN-vector product", lambda: ggn @ vector, "reference"))
-    cases.append(Case("curvlinops one EF-vector product", lambda: ef @ vector, "reference"))
-    return cases
-
-
-def time_cases(cases: list[Case], baseline: Case, repeats: int, device) -> dict[str, float]:
-    for case in [baseline, *cases]:  # warm-up
-        case.run()
-    sync(device)
-    samples: dict[str, list[float]] = {c.label: [] for c in [baseline, *cases]}
-    for _ in range(repeats):
-        for case in [baseline, *cases]:
-            sync(device)
-            start = time.perf_counter()
-            case.run()
-            sync(device)
-            samples[case.label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in samples.items()}
+            try:
+                process.wait(timeout=timeout)
+                killed = False
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                killed = True
+        elapsed = time.perf_counter() - started
+        result = json.loads(output.read_text()) if output.exists() else case.to_dict()
+    result["seconds"] = elapsed
+    if killed:
+        result["status"] = "timed out"
+        phase = result.pop("phase", None)
+        result["error"] = f"killed after {timeout:.0f} s" + (f", during {phase}" if phase else "")
+    elif result.get("status") not in ("ok", "failed"):
+        code = process.returncode
+        cause = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if code == -signal.SIGKILL:
+            cause += " (out of memory?)"
+        result["status"], result["error"] = "failed", f"worker {cause}; see {log.name}"
+    return result
 
 
-def peak_memory(model_name: str, case_spec: str, batch: int, device: str) -> float:
-    """Extra peak memory (MB) of one measurement over the memory in use before it.
-
-    Runs in a fresh process. On CUDA: ``max_memory_allocated`` during the measurement minus
-    the allocated memory before. On the CPU: the highest resident-set size sampled every
-    0.2 ms by a thread during the measurement, minus the resident size before it.
-    """
-    code = f"""
-import sys, json, threading, time, warnings, os, torch
-sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "benchmarks")!r})
-warnings.simplefilter("ignore")
-import run as bench
-device = torch.device({device!r})
-model = bench.make_model({model_name!r}).to(device)
-inputs, targets = bench.make_batch({model_name!r}, {batch}, device)
-step = bench.training_step_case(model, inputs, targets)
-step.run(); step.run()
-structures, fisher = {case_spec!r}.split(" ")
-case = bench.measure_case(model, inputs, targets, structures, fisher)  # prepares and runs once
-page = os.sysconf("SC_PAGE_SIZE")
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-if device.type == "cuda":
-    torch.cuda.synchronize(); before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    case.run(); torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
-else:
-    before, peak, done = resident(), [0], [False]
-    def sample():
-        while not done[0]:
-            peak[0] = max(peak[0], resident()); time.sleep(0.0002)
-    thread = threading.Thread(target=sample); thread.start()
-    case.run()
-    done[0] = True; thread.join()
-    extra = max(peak[0] - before, 0)
-print(json.dumps(extra / 2**20))
-"""
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=900
-    )
-    try:
-        return float(json.loads(result.stdout.strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return float("nan")
+def progress_line(result: dict) -> str:
+    """One line per finished case, while the run goes on."""
+    parts = [f"{result['name']:<32}", f"{result.get('seconds', 0):6.1f} s", result["status"]]
+    for kind, label in (("measure", "measure()"), ("measurer", "Measurer"), ("floor", "floor")):
+        ratio = (result.get(kind) or {}).get("ratio")
+        if ratio is not None:
+            parts.append(f"{label} {ratio:.1f}×")
+    callback = result.get("callback") or {}
+    if callback.get("ratio") is not None:
+        parts.append(f"callback {callback['ratio']:.1f} Lightning steps")
+    report = result.get("report") or {}
+    if report:
+        parts.append(f"report {report['seconds']:.1f} s, {report['peak_mb']:.0f} MB")
+    if result.get("error"):
+        parts.append(result["error"])
+    return "  ".join(parts)
 
 
-def callback_overhead(device: torch.device, steps: int = 1000, every: int = 100) -> dict:
-    """Per-measurement cost of FisherMonitor in a Lightning run, and the default's overhead.
-
-    A run of ``steps`` steps measuring every ``every`` steps (TensorBoardLogger, histograms
-    and images on) against the same run without the callback gives the cost of one
-    measurement including its logging, in training steps; the amortised overhead at the
-    default cadence follows from it. (Timing two runs at the default cadence directly
-    would drown a 2% difference in the noise of a shared machine.)
-    """
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from fisher_monitor import FisherMonitor
-    from fisher_monitor.callback import DEFAULT_EVERY_N_STEPS
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = make_model("mlp")
-            self.loss_fn = nn.CrossEntropyLoss()
-
-        def training_step(self, batch, batch_idx):
-            return self.loss_fn(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-    inputs, targets = make_batch("mlp", 128 * 16, torch.device("cpu"))
-    loader = DataLoader(TensorDataset(inputs, targets), batch_size=128, shuffle=True)
-
-    def run(callbacks) -> float:
-        torch.manual_seed(0)
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator=device.type,
-            devices=1,
-            callbacks=callbacks,
-            logger=pl.loggers.TensorBoardLogger("/tmp/fisher-monitor-bench"),
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(Module(), loader)
-        return time.perf_counter() - start
-
-    plain = min(run([]) for _ in range(3))
-    monitored = min(run([FisherMonitor(every_n_steps=every)]) for _ in range(3))
-    step = plain / steps
-    per_measurement = (monitored - plain) / (steps // every)
-    return {
-        "step_ms": step * 1e3,
-        "measurement_ms": per_measurement * 1e3,
-        "measurement_steps": per_measurement / step,
-        "default_every": DEFAULT_EVERY_N_STEPS,
-        "default_overhead": per_measurement / (DEFAULT_EVERY_N_STEPS * step) * 100,
-    }
+# --------------------------------------------------------------------------- tables
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer repeats, no memory or overhead runs"
-    )
-    parser.add_argument("--models", default="mlp,cnn")
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    warnings.simplefilter("ignore")
-    repeats = 3 if args.quick else args.repeats
+def ratio_text(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}×"
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def mark(ok: bool | None) -> str:
+    return "" if ok is None else ("✓" if ok else "✗")
+
+
+def problem(result: dict) -> str:
+    """``"failed: …"`` / ``"timed out: …"`` for a case that did not finish."""
+    if result["status"] == "ok":
+        return ""
+    return f"{result['status']}: {result.get('error', '')}".replace("|", "\\|")
+
+
+def check(target: Target, result: dict | None) -> tuple[str, bool | None]:
+    """The measured value of ``target`` as text, and whether it is met."""
+    if result is None:
+        return "not run", None
+    failure = problem(result)
+    if target.case.startswith("report/"):
+        report = result.get("report")
+        if not report:
+            return failure, False
+        met = report["seconds"] <= target.bound and report["peak_mb"] <= (target.megabytes or 1e30)
+        return f"{report['seconds']:.1f} s, {report['peak_mb']:.0f} MB", met
+    kind = "callback" if target.case.endswith("/callback") else "measure"
+    timings = result.get(kind) or {}
+    ratio = timings.get("ratio")
+    if ratio is None:
+        return failure or "no timing", False
+    parts, met = [ratio_text(ratio)], ratio <= target.bound
+    info = result.get("measurement") or {}
+    if target.full_probe:
+        probe = info.get("probe_batch_size")
+        full = not info.get("subsampled", True)
+        parts.append("full probe" if full else f"probe {number(probe, 0)} (sub-sampled)")
+        met = met and full
+    if target.max_relative_se is not None:
+        worst = info.get("worst_relative_se")
+        if worst is None:
+            parts.append("exact values (no estimates)" if info else "no measurement")
+            met = met and bool(info)
+        else:
+            parts.append(f"worst SE {100 * worst:.1f}% ({info.get('worst_se_key')})")
+            met = met and worst <= target.max_relative_se
+    if failure:
+        parts.append(failure)
+    return ", ".join(parts), met
+
+
+def targets_table(results: dict[str, dict]) -> list[str]:
     lines = [
-        f"# fisher-monitor benchmark ({device.type})",
+        "## Targets",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        f"- torch {torch.__version__}, batch {args.batch}, CrossEntropyLoss, "
-        f"median of {repeats} interleaved repeats",
-        "",
+        "| target | case | goal | measured | |",
+        "| --- | --- | ---: | --- | --- |",
     ]
-    for model_name in args.models.split(","):
-        torch.manual_seed(0)
-        model = make_model(model_name).to(device)
-        inputs, targets = make_batch(model_name, args.batch, device)
-        baseline = training_step_case(model, inputs, targets)
-        cases = [measure_case(model, inputs, targets, s, f) for s, f in CASES]
-        cases += backpack_cases(model_name, inputs, targets, device)
-        cases += curvlinops_cases(model, inputs, targets)
-        times = time_cases(cases, baseline, repeats, device)
-        dense = functorch_diagonal_case(model, inputs, targets)
-        dense.run()
-        sync(device)
-        start = time.perf_counter()
-        dense.run()
-        sync(device)
-        times[dense.label] = time.perf_counter() - start
-        cases.append(dense)
-        base = times[baseline.label]
-        parameters = sum(p.numel() for p in model.parameters())
-        lines += [
-            f"## {model_name.upper()} ({parameters:,} parameters), plain step {base * 1e3:.2f} ms",
-            "",
-            "| case | ms | × step | target | peak extra MB |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for case in cases:
-            ratio = times[case.label] / base
-            target, memory = "", ""
-            if case.group == "fisher-monitor":
-                structures, fisher = case.label.split(" ")[1:]
-                goal = TARGETS[model_name].get((structures, fisher))
-                target = f"≤ {goal}×" if goal else ""
-                if not args.quick:
-                    spec = f"{structures} {fisher}"
-                    memory = f"{peak_memory(model_name, spec, args.batch, args.device):.0f}"
-            milliseconds = times[case.label] * 1e3
-            lines.append(
-                f"| {case.label} | {milliseconds:.1f} | {ratio:.1f} | {target} | {memory} |"
+    for target in TARGETS:
+        measured, met = check(target, results.get(target.case))
+        if target.case.startswith("report/"):
+            goal = f"≤ {target.bound:.0f} s, ≤ {(target.megabytes or 0) / 1024:.0f} GB"
+        else:
+            goal = f"≤ {target.bound:g}×"
+        lines.append(f"| {target.label} | `{target.case}` | {goal} | {measured} | {mark(met)} |")
+    return [*lines, ""]
+
+
+def config_label(config: str) -> str:
+    if config not in CONFIGS:
+        return config
+    structures, fisher = CONFIGS[config]
+    if config == "default":
+        return f"default ({' + '.join(structures)}, {fisher})"
+    return f"{' + '.join(structures)} {fisher}"
+
+
+def probe_text(spec_batch: int, info: dict) -> str:
+    probe = info.get("probe_batch_size")
+    if probe is None:
+        return ""
+    text = f"{probe:.0f}" if probe == spec_batch else f"{probe:.0f} of {spec_batch}"
+    return text + (" (sub-sampled)" if info.get("subsampled") else "")
+
+
+def notes_text(result: dict) -> str:
+    info = result.get("measurement") or {}
+    parts = []
+    if info.get("backends"):
+        parts.append("/".join(info["backends"]))
+    if info.get("worst_relative_se") is not None:
+        parts.append(f"worst SE {100 * info['worst_relative_se']:.1f}%")
+    for kind in ("measure", "measurer", "floor", "callback"):
+        timings = result.get(kind) or {}
+        if timings.get("stopped"):
+            parts.append(f"{kind}: {timings['stopped']}")
+        if timings.get("runs"):
+            parts.append(f"{kind} runs {timings['runs']}")
+    parts += info.get("notes", [])[:2]
+    return "; ".join(parts).replace("|", "\\|").replace("\n", " ")
+
+
+def model_table(name: str, rows: list[dict]) -> list[str]:
+    """One model's rows: configurations, callback, floors."""
+    spec = MODELS[name]
+    goals = {t.case: t.bound for t in TARGETS}
+    steps = [
+        r[kind]["step_ms"]
+        for r in rows
+        for kind in ("measure", "floor")
+        if (r.get(kind) or {}).get("step_ms") is not None
+    ]
+    peaks = [r["step_peak_mb"] for r in rows if r.get("step_peak_mb") is not None]
+    setup = next((r["setup"] for r in rows if r.get("setup")), {})
+    header = f"## {spec.title}"
+    facts = []
+    if setup.get("parameters"):
+        facts.append(f"{setup['parameters']:,} parameters")
+    if steps:
+        facts.append(f"warm plain SGD step {statistics.median(steps):.2f} ms")
+    if peaks:
+        facts.append(f"its own peak {statistics.median(peaks):.0f} MB above resident")
+    if "fitted_in_steps" in setup:
+        facts.append(
+            f"fitted in {setup['fitted_in_steps']} Adam steps to loss {setup['fitted_loss']:.1e}"
+        )
+    lines = [
+        header,
+        "",
+        "; ".join(facts) + "." if facts else "",
+        "",
+        "| case | `measure()` ms | × step | goal | | `Measurer` ms | × step | extra MB "
+        "`measure()` / `Measurer` | probe | notes |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for result in rows:
+        case = result["name"]
+        goal = goals.get(case)
+        kind = result["kind"]
+        failure = problem(result)
+        if kind == "measure":
+            label = config_label(result["what"])
+            first, second = result.get("measure") or {}, result.get("measurer") or {}
+            memory = " / ".join(
+                number(result.get(f"{k}_peak_mb"), 0) or "–" for k in ("measure", "measurer")
             )
-        lines.append("")
-        print("\n".join(lines[-len(cases) - 5 :]), flush=True)
-    if not args.quick:
-        cost = callback_overhead(device)
-        lines += [
-            "## Callback overhead (MLP, Lightning, TensorBoardLogger with histograms and images)",
-            "",
-            f"One measurement with its logging costs {cost['measurement_ms']:.0f} ms, "
-            f"{cost['measurement_steps']:.0f} Lightning training steps of {cost['step_ms']:.2f} ms "
-            f"(measured over 1000 steps with and without the callback at every 100 steps). At the "
-            f"default cadence (every {cost['default_every']} steps) that is "
-            f"**{cost['default_overhead']:.1f}%** of training time (target ≤ 2%).",
-            "",
+        elif kind == "floor":
+            names = " + ".join(FLOORS[result["what"]][0])
+            label = f"floor: BackPACK {names}"
+            first, second = result.get("floor") or {}, {}
+            memory = number(result.get("floor_peak_mb"), 0)
+        else:
+            callback = result.get("callback") or {}
+            step = callback.get("step_ms")
+            label = "callback, default, with its logging (× Lightning step" + (
+                f" of {step:.2f} ms)" if step else ")"
+            )
+            first, second, memory = callback, {}, ""
+        ratio = first.get("ratio")
+        met = None if goal is None or ratio is None else ratio <= goal
+        if failure and ratio is None:
+            met = False if goal is not None else None
+        cells = [
+            label,
+            number(first.get("ms")) if first.get("ms") is not None else failure,
+            ratio_text(ratio),
+            f"≤ {goal:g}×" if goal is not None else "",
+            mark(met),
+            number(second.get("ms")),
+            ratio_text(second.get("ratio")),
+            memory,
+            probe_text(spec.batch_size, result.get("measurement") or {}),
+            notes_text(result)
+            + (f"; {failure}" if failure and first.get("ms") is not None else ""),
         ]
-        print("\n".join(lines[-4:]))
-    output = args.output or ROOT / "benchmarks" / "results" / f"bench-{device.type}.md"
+        if kind == "callback" and (result.get("callback") or {}).get("first_ms") is not None:
+            callback = result["callback"]
+            cells[-1] = (
+                f"{callback['runs']} measurements every {callback['every']} steps (heat map "
+                f"every 10th); the first costs {callback['first_ms'] / callback['step_ms']:.0f} "
+                f"steps; median {callback.get('median_ratio') or 0:.1f}; " + cells[-1]
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def report_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Report at scale (`benchmarks/report_scale.py`)",
+        "",
+        "| run | events | report time | peak memory | goal | |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    goals = {t.case: t for t in TARGETS}
+    for result in rows:
+        layers, _, measurements = result["what"].partition("x")
+        report = result.get("report") or {}
+        target = goals.get(result["name"])
+        if report:
+            met = None
+            if target is not None:
+                met = report["seconds"] <= target.bound and report["peak_mb"] <= (
+                    target.megabytes or 1e30
+                )
+            goal = (
+                f"≤ {target.bound:.0f} s, ≤ {(target.megabytes or 0) / 1024:.0f} GB"
+                if target
+                else ""
+            )
+            cells = [
+                f"{report['events_mb']:.0f} MB",
+                f"{report['seconds']:.1f} s",
+                f"{report['peak_mb']:.0f} MB",
+                goal,
+                mark(met),
+            ]
+        else:
+            cells = [problem(result), "", "", "", "✗" if target else ""]
+        lines.append(
+            f"| {layers} layers × {measurements} measurements | " + " | ".join(cells) + " |"
+        )
+    return [*lines, ""]
+
+
+def machine_line(device: str) -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{platform.machine()}, {cpus} CPU cores, torch {torch.__version__} "
+    text += f"with {torch.get_num_threads()} threads"
+    if device == "cuda" and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def load_lines(results: list[dict]) -> list[str]:
+    """The 1-minute load averages seen during the run, with a warning on a busy machine."""
+    loads = [value for result in results for value in result.get("load", [])]
+    if not loads:
+        return []
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    line = (
+        f"- Load average (1 min) at the cases' starts and ends: {min(loads):.1f}–{max(loads):.1f}"
+    )
+    line += f" on {cpus} cores."
+    if max(loads) > 1.5 * (cpus or 1):
+        line += (
+            " **The machine was busy with other work: the times are inflated and the ratios "
+            "unreliable (both the calls and the steps slow down, not by the same factor).**"
+        )
+    return [line]
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fisher_monitor"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head} (fisher_monitor/ with uncommitted changes)" if dirty else head
+
+
+def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
+    by_name = {r["name"]: r for r in results}
+    lines = [
+        f"# fisher-monitor benchmark ({args.device}{', quick' if args.quick else ''})",
+        "",
+        f"- {machine_line(args.device)}; commit {commit()}; "
+        f"{datetime.date.today().isoformat()}; {len(results)} cases in {seconds / 60:.1f} min.",
+        "- Ratios: each call over the median of the warm plain SGD steps (same model and "
+        "batch) run just before it, median over the repetitions; `measure()` prepares the "
+        "network at each call, `Measurer` reuses a prepared one (as the callback does).",
+        "- Extra MB: rise of the resident-set high-water mark during the call "
+        "(reset through `/proc/self/clear_refs`; CUDA: `max_memory_allocated`) minus the "
+        "same for one plain step, in a fresh process per case.",
+        f"- Limits: a call over {args.limit:.0f} s ends its case's repetitions; a case is "
+        f"killed after {args.timeout:.0f} s and keeps what it had finished.",
+        *load_lines(results),
+        "",
+        *targets_table(by_name),
+    ]
+    models: dict[str, list[dict]] = {}
+    reports = []
+    for result in results:
+        if result["kind"] == "report":
+            reports.append(result)
+        else:
+            models.setdefault(result["model"], []).append(result)
+    for name, rows in models.items():
+        lines += model_table(name, rows)
+    if reports:
+        lines += report_table(reports)
+    return "\n".join(lines)
+
+
+def output_name(device: str) -> str:
+    """``bench-cpu-2core`` or ``bench-cuda-<gpu>``: the file name of this machine's tables."""
+    if device == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name().split()[-1].lower()
+        return f"bench-cuda-{gpu}"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"bench-cpu-{cpus}core"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen cases, print and write the tables.
+
+    Returns:
+        0 (a case that fails or misses its target is a result, not an error of the run).
+    """
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the MLP, its callback and a small report, few repeats (about a minute)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated case names or patterns, e.g. 'mlp,resnet18/default,report/*'",
+    )
+    parser.add_argument("--list", action="store_true", help="print the cases and exit")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="seconds: a longer call ends its case's repetitions",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds: a case running longer is killed"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of repetitions per case"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="most repetitions per case")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="Markdown file (default: benchmarks/results/<machine>.md)",
+    )
+    parser.add_argument(
+        "--reference", action="store_true", help="also copy the tables to benchmarks/reference/"
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cases in this process (no isolation; for tests)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cases = select(args.cases, args.quick)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.list:
+        print("\n".join(case.name for case in cases))
+        return 0
+    base = QUICK if args.quick else FULL
+    overrides = {"device": args.device}
+    for name in ("limit", "budget", "repeats"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    options = dataclasses.replace(base, **overrides)
+    args.limit = options.limit
+    args.timeout = args.timeout or (QUICK_TIMEOUT if args.quick else TIMEOUT)
+    output = args.output or RESULTS / f"{output_name(args.device)}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines) + "\n")
-    print(f"wrote {output}")
+    logs = output.parent / f"{output.stem}-logs"
+    print(
+        f"fisher-monitor benchmark: {len(cases)} cases on {machine_line(args.device)}", flush=True
+    )
+    started = time.perf_counter()
+    results = []
+    for index, case in enumerate(cases, 1):
+        print(f"[{index}/{len(cases)}] {case.name} ...", flush=True)
+        if args.in_process:
+            case_start = time.perf_counter()
+            result = run_case(case.to_dict(), options)
+            result["seconds"] = time.perf_counter() - case_start
+        else:
+            result = run_in_process(case, options, args.timeout, logs)
+        results.append(result)
+        print("    " + progress_line(result), flush=True)
+    text = render(results, args, time.perf_counter() - started)
+    print()
+    print(text)
+    output.write_text(text + "\n")
+    output.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    written = [output, output.with_suffix(".json")]
+    if args.reference:
+        REFERENCE.mkdir(parents=True, exist_ok=True)
+        copy = REFERENCE / f"{output_name(args.device)}.md"
+        copy.write_text(text + "\n")
+        written.append(copy)
+    print(
+        "wrote "
+        + ", ".join(
+            str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+            for path in written
+        )
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks of fisher-monitor (``make bench``): cost against a plain training step."""
