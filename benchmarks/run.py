@@ -69,6 +69,8 @@ FULL = Options(limit=60.0, budget=10.0, repeats=9, warm_steps=4, measurements=10
 QUICK = Options(limit=20.0, budget=1.5, repeats=3, warm_steps=3, measurements=2, every=4)
 #: Hard limit of one case (seconds): full run and ``--quick``.
 TIMEOUT, QUICK_TIMEOUT = 120.0, 90.0
+#: Hard limit of a report case: writing the synthetic run is not part of the report's time.
+REPORT_TIMEOUT = 480.0
 
 
 # --------------------------------------------------------------------------- running
@@ -422,7 +424,8 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
         "(reset through `/proc/self/clear_refs`; CUDA: `max_memory_allocated`) minus the "
         "same for one plain step, in a fresh process per case.",
         f"- Limits: a call over {args.limit:.0f} s ends its case's repetitions; a case is "
-        f"killed after {args.timeout:.0f} s and keeps what it had finished.",
+        f"killed after {args.timeout:.0f} s (report cases: {REPORT_TIMEOUT:.0f} s) and keeps "
+        "what it had finished.",
         *load_lines(results),
         "",
         *targets_table(by_name),
@@ -444,7 +447,8 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
 def output_name(device: str) -> str:
     """``bench-cpu-2core`` or ``bench-cuda-<gpu>``: the file name of this machine's tables."""
     if device == "cuda" and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name().split()[-1].lower()
+        words = torch.cuda.get_device_name().replace("NVIDIA", "").split()
+        gpu = words[0].lower() if words else "gpu"  # "NVIDIA H100 80GB HBM3" -> "h100"
         return f"bench-cuda-{gpu}"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"bench-cpu-{cpus}core"
@@ -529,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_case(case.to_dict(), options)
             result["seconds"] = time.perf_counter() - case_start
         else:
-            result = run_in_process(case, options, args.timeout, logs)
+            limit = max(args.timeout, REPORT_TIMEOUT) if case.kind == "report" else args.timeout
+            result = run_in_process(case, options, limit, logs)
         results.append(result)
         print("    " + progress_line(result), flush=True)
     text = render(results, args, time.perf_counter() - started)
