@@ -123,7 +123,7 @@ class Samples:
         self.steps.append(step)
 
     def summary(self) -> dict:
-        """Medians of the calls, of the warm steps and of the per-call ratios."""
+        """Medians of the calls, of the warm steps and of the per-call ratios; every sample."""
         if not self.seconds:
             return {"runs": 0, "stopped": self.stopped}
         ratios = [s / w for s, w in zip(self.seconds, self.steps, strict=True) if w > 0]
@@ -133,4 +133,6 @@ class Samples:
             "step_ms": 1e3 * statistics.median(self.steps),
             "ratio": statistics.median(ratios) if ratios else None,
             "stopped": self.stopped,
+            "all_ms": [round(1e3 * s, 3) for s in self.seconds],
+            "all_step_ms": [round(1e3 * s, 3) for s in self.steps],
         }

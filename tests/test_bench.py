@@ -144,3 +144,38 @@ def test_callback_case_times_measurements_in_lightning_steps():
     callback = result["callback"]
     assert callback["runs"] == 2 and callback["steps"] == 9 and callback["step_ms"] > 0
     assert result["measurement"]["probe_batch_size"] == 8
+
+
+def test_describe_reads_probe_size_notes_and_standard_errors():
+    from types import SimpleNamespace
+
+    bn = "BatchNorm in train mode measured in eval mode (running statistics)"
+    measurement = SimpleNamespace(
+        scalars={
+            "probe/batch_size": 16.0,
+            "block/kl/all": 2.0,
+            "block/kl_se/all": 0.1,
+            "block/trace_ratio@0.1/fc": 4.0,
+            "block/trace_ratio_se@0.1/fc": 0.4,
+            "diag/kl/all": 1.0,
+        },
+        notes=[
+            f"bn1: {bn}",
+            f"layer1.bn2: {bn}",
+            "probe sub-sampled from 128 to 16 samples to fit the memory budget",
+        ],
+        coverage=[
+            {"layer": "fc", "backend": "functorch", "measured": True},
+            {"layer": "scale", "backend": None, "measured": False},
+        ],
+    )
+    info = worker.describe(measurement, batch_size=128)
+    assert info["probe_batch_size"] == 16 and info["subsampled"] is True
+    assert info["backends"] == ["functorch"] and info["unmeasured_layers"] == ["scale"]
+    assert info["estimates"] == 2
+    assert info["worst_relative_se"] == pytest.approx(0.1)
+    assert info["worst_se_key"] == "block/trace_ratio_se@0.1/fc"
+    assert info["notes"] == [
+        f"2 layers (bn1, …): {bn}",
+        "probe sub-sampled from 128 to 16 samples to fit the memory budget",
+    ]
