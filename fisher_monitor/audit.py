@@ -75,8 +75,11 @@ is::
 
 Both vectors are non-negative, so these cosines lie in [0, 1], and unrelated positive
 vectors already have a sizable one (≈ 0.75 for independent uniform entries): compare the
-two with each other and read them with the histograms of log10(d / √diag F), not against
-0. Within ``all``, each parameter group's denominator is taken as it is (a group's
+two with each other, not with zero, and read them with the histograms of
+log10(d / √diag F). √diag F and √diag EF are estimates from the probe batch; the EF, an
+average of N rank-one terms, is the noisier one, and estimation noise typically lowers
+the cosines, so a small probe understates them (a fixed, larger probe set gives steadier
+values). Within ``all``, each parameter group's denominator is taken as it is (a group's
 learning rate is not folded in); Adafactor's per-tensor relative step size and update
 clipping are not part of d, so for it only the per-tensor shape of d is meaningful.
 
@@ -92,7 +95,7 @@ v̂ follows g² wherever g_i² ≳ diag EF_i / B and follows diag EF / B only wh
 noise dominates the mean. A low ``preconditioner_ef_cosine`` with a high cosine between d
 and √E[g_B²] (:func:`minibatch_second_moment`, with the training batch size) means the
 optimizer does track the EF, mixed with the squared mean gradient as the batch size
-dictates; both are far from the Fisher whenever ``preconditioner_fisher_cosine`` is low.
+dictates.
 """
 
 from __future__ import annotations
