@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass
 
 import pytest
-import reference
 import torch
 from torch import Tensor, nn
 
+import reference
 from fisher_monitor.audit import (
     PreconditionerAudit,
     minibatch_second_moment,
