@@ -18,6 +18,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+import reference
 from fisher_monitor import measure
 
 STRUCTURES = ("diag", "block", "kron")
@@ -100,3 +101,24 @@ def test_fitted_block_direction_is_not_a_rounding_artefact(fitted):
     key = "block/direction_cosine/all"
     assert single[key] == pytest.approx(reference[key], abs=1e-4)
     assert reference[key] > 0.1
+
+
+@pytest.mark.parametrize("backend", ["backpack", "functorch"])
+def test_saturated_probabilities_use_the_observed_residuals(backend):
+    """A logit of −3000 with label 1: σ(1 − σ) underflows in float64, so the Fisher's square
+    root is 0 there and no finite coefficient reproduces the residual −1. The measurement
+    says so and still matches the reference (F, EF and g from their definitions)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1)).double()
+    inputs = torch.randn(8, 3, dtype=torch.float64)
+    targets = torch.randint(0, 2, (8, 1)).to(torch.float64)
+    with torch.no_grad():
+        weight = model[0].weight[0]
+        inputs[0] = (-3000.0 - model[0].bias) * weight / weight.square().sum()
+    targets[0] = 1.0  # sample 0: logit −3000, label 1
+    loss = nn.BCEWithLogitsLoss()
+    result = measure(model, loss, inputs, targets, backend=backend)
+    assert any("saturated" in note and "observed residuals" in note for note in result.notes)
+    expected = reference.diag_and_block_metrics(model, loss, inputs, targets)
+    for key in ("diag/trace_ratio/all", "block/ef_projection/all", "block/rel_error/all"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-9, nan_ok=True), key

@@ -98,7 +98,7 @@ def test_float64_batch_for_a_float32_model_is_cast():
 def test_lightning_bf16_mixed_precision_run():
     monitor = FisherMonitor(every_n_steps=1, structures=("diag", "block"))
     _, logger = fit(monitor, steps=3, precision="bf16-mixed")
-    assert logger.steps_with("fisher/block/direction_cosine/all") == [0, 1, 2]
+    assert logger.steps_with("~fisher/block/direction_cosine/all") == [0, 1, 2]
 
 
 def test_multiple_optimizers_with_manual_optimization():
@@ -128,11 +128,11 @@ def test_multiple_optimizers_with_manual_optimization():
     _, logger = fit(
         FisherMonitor(every_n_steps=2, structures=("diag",)), model=TwoOptimizers(), steps=8
     )
-    steps = logger.steps_with("fisher/diag/kl/all")
+    steps = logger.steps_with("~fisher/diag/kl/all")
     assert steps == sorted(set(steps)) and all(s % 2 == 0 for s in steps) and len(steps) >= 2
     assert (
-        "fisher/diag/kl/net.0" in logger.calls[0][1]
-        and "fisher/diag/kl/net.3" in logger.calls[0][1]
+        "~fisher/diag/kl/net.0" in logger.calls[0][1]
+        and "~fisher/diag/kl/net.3" in logger.calls[0][1]
     )
 
 
@@ -170,7 +170,7 @@ def test_nan_or_inf_in_a_batch_is_skipped_with_one_warning(poison):
             FisherMonitor(every_n_steps=1, structures=("diag",)), model=Robust(), data=data
         )
     assert len([w for w in caught if "skipped the measurement" in str(w.message)]) == 1  # once
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 3]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 3]
 
 
 def test_probe_that_would_not_fit_is_sub_sampled_and_noted():
@@ -228,7 +228,7 @@ def test_callback_survives_out_of_memory_and_bad_targets(monkeypatch):
         UserWarning, match=r"skipped the measurement at step 1 \(OutOfMemoryError: simulated\)"
     ):
         _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), steps=3)
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 2]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 2]
     monkeypatch.undo()
 
     bad_targets = FisherMonitor(
@@ -240,7 +240,7 @@ def test_callback_survives_out_of_memory_and_bad_targets(monkeypatch):
         UserWarning, match=r"CrossEntropyLoss needs integer class indices.*targets \(16,\)"
     ):
         _, logger = fit(bad_targets, steps=2)
-    assert logger.steps_with("fisher/diag/kl/all") == []
+    assert logger.steps_with("~fisher/diag/kl/all") == []
 
 
 def test_empty_probe_and_batch_of_one_in_the_callback():
@@ -251,11 +251,11 @@ def test_empty_probe_and_batch_of_one_in_the_callback():
     )
     with pytest.warns(UserWarning, match=r"ValueError: The probe batch is empty"):
         _, logger = fit(empty, steps=2)
-    assert logger.steps_with("fisher/diag/kl/all") == []
+    assert logger.steps_with("~fisher/diag/kl/all") == []
     one = FisherMonitor(every_n_steps=1, structures=("diag", "block", "kron"), probe_size=1)
     _, logger = fit(one, steps=2)
-    assert logger.value("fisher/probe/batch_size", 0) == 1
-    assert logger.value("fisher/block/ef_projection_per_sample/all", 0) == pytest.approx(
+    assert logger.value("~fisher/probe/batch_size", 0) == 1
+    assert logger.value("~fisher/block/ef_projection_per_sample/all", 0) == pytest.approx(
         2.0, rel=1e-3
     )  # rank 1 per layer
 
@@ -280,7 +280,7 @@ def test_coverage_is_logged_as_text_once(tmp_path):
         str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"tensors": 0}
     )
     events.Reload()
-    texts = events.Tensors("fisher/settings/text_summary")
+    texts = events.Tensors("~fisher/settings/text_summary")
     assert len(texts) == 1
     text = texts[0].tensor_proto.string_val[0].decode()
     assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | functorch | measured |" in text
@@ -371,7 +371,7 @@ def test_lazy_modules_and_configure_model_in_the_callback():
         measure(Lazy().net, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.randint(0, 3, (4,)))
     with pytest.warns(UserWarning, match="skipped the measurement at step 0 .*lazy"):
         _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), model=Lazy(), steps=3)
-    assert logger.steps_with("fisher/diag/kl/all") == [1, 2]
+    assert logger.steps_with("~fisher/diag/kl/all") == [1, 2]
 
     class Configured(TinyClassifier):
         def __init__(self):
@@ -387,7 +387,7 @@ def test_lazy_modules_and_configure_model_in_the_callback():
         model=Configured(),
         steps=2,
     )
-    assert logger.steps_with("fisher/diag/kl/all") == [0, 1]
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1]
 
 
 def test_distributed_diagonal_reduction_joins_batches_exactly():

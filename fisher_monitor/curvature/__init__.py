@@ -1,5 +1,6 @@
-"""Per-layer factors of F and EF for one probe batch: the only code that imports BackPACK
-or uses ``torch.func`` transforms on the model.
+"""Per-layer factors of F and EF for one probe batch.
+
+The only code that imports BackPACK or uses ``torch.func`` transforms on the model:
 
 - :mod:`~fisher_monitor.curvature.layers`: which modules are layers, and their names;
 - :mod:`~fisher_monitor.curvature.shadow`: the hook-free shadow copy of the network;

@@ -34,6 +34,7 @@ from fisher_monitor.curvature.passes import (
     full_precision,
 )
 from fisher_monitor.likelihoods import LOSS_SIDE_DTYPE, Likelihood, loss_side
+from fisher_monitor.likelihoods.base import SATURATED_NOTE, coefficients_are_finite
 
 #: Samples per vmap chunk by default; the memory guard may choose fewer.
 DEFAULT_CHUNK = 16
@@ -81,8 +82,13 @@ class FunctorchNetwork(Backend):
                     loss = self.loss_module(outputs, targets)
                 check_loss(loss)
                 noise = None if exact else self.likelihood.draw_noise(outputs, mc_samples)
+                observed = not exact or not coefficients_are_finite(
+                    self.likelihood, outputs, targets
+                )
+                if exact and observed:
+                    notes.append(SATURATED_NOTE)
                 per_parameter, coefficients, fisher_columns = self._pullbacks(
-                    args, targets, exact, noise
+                    args, targets, exact, noise, observed
                 )
         if self._loop_reason is not None:
             notes.append(self._loop_reason)
@@ -107,7 +113,7 @@ class FunctorchNetwork(Backend):
             del flat, sqrt
         return PassResult(float(loss), batch_size, measured, notes)
 
-    def _pullbacks(self, args, targets: Tensor, exact: bool, noise: Tensor | None):
+    def _pullbacks(self, args, targets: Tensor, exact: bool, noise: Tensor | None, observed: bool):
         """Vector-Jacobian products of every loss-side column, per trainable parameter.
 
         Returns:
@@ -132,6 +138,7 @@ class FunctorchNetwork(Backend):
                 target.unsqueeze(0),
                 exact,
                 None if noise is None else sample_noise.unsqueeze(0),
+                observed=observed if exact else None,
             )
             columns = side.columns[0].T.reshape(-1, *output.shape) / batch_size**0.5
             pulled = vmap(lambda c: pullback(c)[0])(columns.to(output.dtype))
@@ -155,7 +162,7 @@ class FunctorchNetwork(Backend):
         per_parameter = {n: torch.cat([c[n] for c in chunks]) for n in trainable}
         first = next(iter(per_parameter.values()))
         columns = first.shape[1]
-        if exact:
+        if not observed:
             return per_parameter, torch.cat(betas), columns
         return per_parameter, None, columns - 1
 

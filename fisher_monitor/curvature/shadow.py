@@ -171,7 +171,7 @@ class ShadowNetwork:
                 f"parameters in {', '.join(kinds)} measured through float32 copies"
             )
         self.layer_of_copy_param: dict[int, LayerInfo] = {}
-        for info, module in self.layers:
+        for info, _ in self.layers:
             for name in info.parameter_names:
                 parameter = self.copy_root.get_parameter(name)
                 self.layer_of_copy_param[id(parameter)] = info

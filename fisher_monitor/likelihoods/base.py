@@ -34,6 +34,12 @@ from torch import Tensor, nn
 
 #: Floating-point type of every loss-side quantity.
 LOSS_SIDE_DTYPE = torch.float64
+#: The note of a measurement whose exact Fisher could not use the closed-form coefficients.
+SATURATED_NOTE = (
+    "exact Fisher: some predicted probabilities are so saturated that the Fisher's square "
+    "root underflows in float64; the per-sample gradients come from the observed residuals "
+    "instead of the closed-form coefficients"
+)
 
 
 class UnsupportedLossError(ValueError):
@@ -177,6 +183,7 @@ def loss_side(
     targets: Tensor,
     exact: bool,
     noise: Tensor | None = None,
+    observed: bool | None = None,
 ) -> LossSide:
     """Compute the loss side in float64 from the network's outputs.
 
@@ -186,22 +193,38 @@ def loss_side(
         targets: Targets.
         exact: Exact Fisher (Hessian square roots and coefficients) or sampled labels.
         noise: For the Monte-Carlo Fisher, from :meth:`Likelihood.draw_noise`.
+        observed: Exact Fisher only: carry the observed residual as a last column instead
+            of the closed-form coefficients. ``None`` decides from the coefficients: when
+            one is not finite (a probability so saturated that ``S_n`` underflows in float64,
+            e.g. a logit beyond ±1400), ``U = VB`` cannot be formed and the observed
+            residual is used. Pass a bool under ``vmap``, where no such decision is possible.
 
     Returns:
         The loss side.
     """
     outputs = outputs.detach().to(LOSS_SIDE_DTYPE)
     sample_shape = tuple(outputs.shape[1:])
+    residual = None
     if exact:
         roots = likelihood.sqrt_hessian(outputs)
-        return LossSide(
-            roots, roots.shape[2], likelihood.coefficients(outputs, targets), sample_shape
-        )
-    if noise is None:
-        raise ValueError("The Monte-Carlo Fisher needs noise from draw_noise().")
-    sampled = likelihood.sampled_residuals(outputs, noise.to(LOSS_SIDE_DTYPE))
-    observed = likelihood.residuals(outputs, targets).unsqueeze(2)
-    return LossSide(torch.cat([sampled, observed], dim=2), sampled.shape[2], None, sample_shape)
+        beta = likelihood.coefficients(outputs, targets)
+        if observed is None:
+            observed = not bool(torch.isfinite(beta).all())
+        if not observed:
+            return LossSide(roots, roots.shape[2], beta, sample_shape)
+        columns = roots
+    else:
+        if noise is None:
+            raise ValueError("The Monte-Carlo Fisher needs noise from draw_noise().")
+        columns = likelihood.sampled_residuals(outputs, noise.to(LOSS_SIDE_DTYPE))
+    residual = likelihood.residuals(outputs, targets).unsqueeze(2)
+    return LossSide(torch.cat([columns, residual], dim=2), columns.shape[2], None, sample_shape)
+
+
+def coefficients_are_finite(likelihood: Likelihood, outputs: Tensor, targets: Tensor) -> bool:
+    """Whether the closed-form coefficients of every sample are finite (see :func:`loss_side`)."""
+    outputs = outputs.detach().to(LOSS_SIDE_DTYPE)
+    return bool(torch.isfinite(likelihood.coefficients(outputs, targets)).all())
 
 
 def _numel(shape: Sequence[int]) -> int:

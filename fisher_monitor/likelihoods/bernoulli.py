@@ -1,8 +1,9 @@
-"""Binary cross-entropy on logits: a Bernoulli likelihood per output entry.
+"""Binary cross-entropy on logits: a Bernoulli likelihood.
 
-One logit per sample, ``(N,)`` or ``(N, 1)``, with 0/1 targets of the same shape. Per entry, with ``σ = sigmoid(f)``: the Hessian is ``σ(1 − σ)``, ``S = √(σ(1 − σ))``,
-the residual ``σ − y`` and ``β = (σ − y)/S``, which is ``e^{f/2}`` for ``y = 0`` and
-``−e^{−f/2}`` for ``y = 1`` — closed forms that never cancel, however saturated ``σ`` is.
+One logit per sample, ``(N,)`` or ``(N, 1)``, with 0/1 targets of the same shape. With
+``σ = sigmoid(f)``: the Hessian is ``σ(1 − σ)``, ``S = √(σ(1 − σ))``, the residual ``σ − y``
+and ``β = (σ − y)/S``, which is ``e^{f/2}`` for ``y = 0`` and ``−e^{−f/2}`` for ``y = 1``:
+closed forms that never cancel, however saturated ``σ`` is.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Bernoulli(Likelihood):
     def coefficients(self, outputs: Tensor, targets: Tensor) -> Tensor:  # noqa: D102
         flat = outputs.reshape(outputs.shape[0], -1)
         labels = targets.reshape(flat.shape).to(flat.dtype)
-        return (1 - labels) * (0.5 * flat).exp() - labels * (-0.5 * flat).exp()
+        # where, not a blend: the branch not taken may overflow (0 · inf would be NaN)
+        return torch.where(labels > 0.5, -(-0.5 * flat).exp(), (0.5 * flat).exp())
 
     def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
         shape = (outputs.shape[0], samples, *outputs.shape[1:])

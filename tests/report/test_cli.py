@@ -104,8 +104,8 @@ def test_json_numbers_equal_the_logged_values(plain_run, tmp_path):
     assert run["structure"] == "block" and run["steps"] == [0, 2, 4, 6, 8, 10]
     last, worst = run["last_step"], run["worst_step"]
     assert worst in run["steps"]
-    assert logged["fisher/block/direction_cosine/all"][worst] == min(
-        logged["fisher/block/direction_cosine/all"].values()
+    assert logged["~fisher/block/direction_cosine/all"][worst] == min(
+        logged["~fisher/block/direction_cosine/all"].values()
     )
     # dimensions are settings, read from the run-information file, not time series
     (info,) = runinfo.read(plain_run).values()
@@ -124,17 +124,17 @@ def test_json_numbers_equal_the_logged_values(plain_run, tmp_path):
             "ef_projection",
         ):
             for when, step in (("last", last), ("worst", worst)):
-                expected = logged[f"fisher/block/{metric}/{layer}"][step]
+                expected = logged[f"~fisher/block/{metric}/{layer}"][step]
                 assert run["layers"][layer][when][metric] == pytest.approx(expected, rel=1e-6), (
                     layer,
                     metric,
                     when,
                 )
     for key, value in run["final"].items():
-        assert value == pytest.approx(logged[f"fisher/{key}"][last], rel=1e-6)
+        assert value == pytest.approx(logged[f"~fisher/{key}"][last], rel=1e-6)
     headline = run["verdicts"][0]
     assert headline["topic"] == "preconditioning"
-    cosines = list(logged["fisher/block/direction_cosine/all"].values())
+    cosines = list(logged["~fisher/block/direction_cosine/all"].values())
     assert headline["numbers"]["measurements"] == len(cosines)
     assert headline["numbers"]["disagree_share"] == pytest.approx(
         sum(c < 0.5 for c in cosines) / len(cosines)
