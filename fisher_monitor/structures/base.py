@@ -21,7 +21,7 @@ from torch import Tensor
 from fisher_monitor.curvature.factors import LayerFactors
 from fisher_monitor.curvature.layers import LayerInfo
 from fisher_monitor.metrics import LayerStatistics
-from fisher_monitor.metrics.lowrank import EmpiricalSolve, empirical_solve
+from fisher_monitor.metrics.lowrank import EmpiricalSolve, empirical_solves
 
 #: Per damping value: ``(A⁻¹g, B⁻¹g)`` of one layer in ``named_parameters`` order.
 Directions = list[tuple[Tensor, Tensor]]
@@ -76,7 +76,8 @@ class LayerInput:
     def empirical_solves(self) -> list[EmpiricalSolve]:
         """The EF-side solves ``(λI + K_U)⁻¹`` per damping, shared by block and kron."""
         return self.cached(
-            "empirical", lambda: [empirical_solve(self.gram_u(), d) for d in self.dampings]
+            "empirical",
+            lambda: empirical_solves(self.gram_u(), self.dampings, self.info.dimension),
         )
 
 

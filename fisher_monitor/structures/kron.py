@@ -42,6 +42,7 @@ class Kronecker(Structure):
             layer.dampings,
             input_root=kron.input_root,
             output_root=kron.output_root,
+            empirical=layer.empirical_solves(),
         )
         found = _directions(layer, kron) if directions else None
         return LayerResult(statistics, found)
