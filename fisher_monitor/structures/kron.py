@@ -9,12 +9,11 @@ exact block (from ``tr F_b``), as for the other structures.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fisher_monitor.curvature.factors import KroneckerFactors
 from fisher_monitor.metrics import kronecker_statistics
-from fisher_monitor.metrics.kronecker import OuterSamples
+from fisher_monitor.metrics.kronecker import OuterSamples, factor_basis
 from fisher_monitor.structures.base import (
     Directions,
     LayerInput,
@@ -55,14 +54,22 @@ def _mean_sample(samples: Tensor | OuterSamples) -> Tensor:
 
 
 def _directions(layer: LayerInput, kron: KroneckerFactors) -> Directions:
-    """``((G ⊗ A + λI)⁻¹g, B⁻¹g)`` per damping, from full eigendecompositions of G and A."""
+    """``((G ⊗ A + λI)⁻¹g, B⁻¹g)`` per damping.
+
+    With range bases ``Q_G``, ``Q_A`` of the factors (through their roots when those are
+    wide, see :func:`~fisher_monitor.metrics.kronecker.factor_basis`) and ``ĝ = Q_Gᵀ g Q_A``:
+    ``(G ⊗ A + λI)⁻¹ vec g = vec(Q_G (ĝ / Λ) Q_Aᵀ + (g − Q_G ĝ Q_Aᵀ)/λ)``, ``Λ_ij = γ_i α_j + λ``.
+    """
     factors = layer.require_factors()
-    gamma, q_g = torch.linalg.eigh(0.5 * (kron.output_factor + kron.output_factor.T))
-    alpha, q_a = torch.linalg.eigh(0.5 * (kron.input_factor + kron.input_factor.T))
-    spectrum = gamma.clamp_min(0).unsqueeze(1) * alpha.clamp_min(0).unsqueeze(0)
-    rotated = q_g.T @ _mean_sample(kron.samples) @ q_a
+    out_basis = factor_basis(kron.output_factor, kron.output_root)
+    in_basis = factor_basis(kron.input_factor, kron.input_root)
+    spectrum = out_basis.eigenvalues.unsqueeze(1) * in_basis.eigenvalues.unsqueeze(0)
+    mean = _mean_sample(kron.samples)
+    rotated = out_basis.vectors.T @ mean @ in_basis.vectors
+    residual = mean - out_basis.vectors @ rotated @ in_basis.vectors.T
     found = []
     for damping, solve in zip(layer.dampings, layer.empirical_solves(), strict=True):
-        natural = kron.order(q_g @ (rotated / (spectrum + damping)) @ q_a.T)
+        inside = out_basis.vectors @ (rotated / (spectrum + damping)) @ in_basis.vectors.T
+        natural = kron.order(inside + residual / damping)
         found.append((natural, factors.u_combination(solve.coefficients)))
     return found
