@@ -111,3 +111,14 @@ def test_the_callback_warns_and_skips_a_numerical_failure(monkeypatch):
     assert len(messages) == 1 and "direction_cosine = 5.0" in messages[0]
     logged = [key for _, metrics in logger.calls for key in metrics]
     assert not any("/block/" in key or "/diag/" in key for key in logged)
+
+
+def test_every_metric_name_has_one_definition():
+    """keys.py (the API names) and the registry of definitions agree."""
+    from fisher_monitor import keys
+    from fisher_monitor.metrics.statistics import DAMPED, UNDAMPED
+
+    assert set(UNDAMPED) | set(DAMPED) == set(keys.METRICS)
+    assert not set(UNDAMPED) & set(DAMPED)
+    assert set(DAMPED) <= set(keys.DAMPED_METRICS) and not set(UNDAMPED) & set(keys.DAMPED_METRICS)
+    assert set(keys.METRICS) <= set(keys.DESCRIPTIONS)

@@ -12,7 +12,7 @@ only; they live in :func:`finalize`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -200,39 +200,71 @@ def finalize(
     several = len(dampings) > 1
     values = _as_floats(statistics)
     check = _RangeCheck(where)
-    frob_diff_sq = check.non_negative(
-        "‖EF − F‖²_F", values["frob_diff_sq"], values["frob_f_sq"] + values["frob_ef_sq"]
-    )
-    out: dict[str, float] = {
-        "trace_ratio": _ratio(values["trace_ef"], values["trace_f"]),
-        "rel_error": _ratio(frob_diff_sq**0.5, values["frob_f_sq"] ** 0.5),
-        "matrix_cosine": check.cosine(
-            "matrix_cosine", values["inner"], values["frob_ef_sq"], values["frob_f_sq"], low=0.0
-        ),
-        "dimension": float(statistics.dimension),
-    }
-    # the KL is a difference of terms of size up to ~D; allow their rounding, not more
-    kl_scale = 100.0 * max(1.0, float(statistics.dimension))
+    values["dimension"] = float(statistics.dimension)
+    out = {name: metric(values, check) for name, metric in UNDAMPED.items()}
     for damping, damped in zip(dampings, values["damped"], strict=True):
         suffix = damping_suffix(damping, several)
-        out[f"kl{suffix}"] = check.non_negative("kl", damped["kl"], kl_scale)
-        out[f"direction_cosine{suffix}"] = check.cosine(
-            "direction_cosine", damped["nat_ef"], damped["nat_sq"], damped["ef_sq"]
-        )
-        out[f"nat_grad_cosine{suffix}"] = check.cosine(
-            "nat_grad_cosine", damped["nat_projection"], damped["grad_sq"], damped["nat_sq"]
-        )
-        out[f"ef_grad_cosine{suffix}"] = check.cosine(
-            "ef_grad_cosine", damped["ef_projection"], damped["grad_sq"], damped["ef_sq"]
-        )
-        for name, squares in (("nat_projection", "nat_sq"), ("ef_projection", "ef_sq")):
-            scale = (damped["grad_sq"] * damped[squares]) ** 0.5  # Cauchy-Schwarz bound
-            out[f"{name}{suffix}"] = check.non_negative(name, damped[name], scale)
-        out[f"ef_projection_per_sample{suffix}"] = check.non_negative(
-            "ef_projection_per_sample", damped["ef_projection_per_sample"], 1.0
-        )
-        out[f"damping{suffix}"] = _ratio(damped["damping_mass"], float(statistics.dimension))
+        both = {**values, **damped}
+        for name, metric in DAMPED.items():
+            out[f"{name}{suffix}"] = metric(both, check)
     return out
+
+
+# ---------------------------------------------------------------------------- the metrics
+# Each metric is a function of the summed statistics (undamped ones, or undamped and one
+# damping's together) and the range check. Adding a metric that follows from the existing
+# statistics is adding a function here and a line in UNDAMPED or DAMPED (plus its name and
+# description in fisher_monitor.keys).
+
+Values = dict
+Metric = Callable[[Values, "_RangeCheck"], float]
+
+
+def _frob_diff_sq(v: Values, check: _RangeCheck) -> float:
+    return check.non_negative("‖EF − F‖²_F", v["frob_diff_sq"], v["frob_f_sq"] + v["frob_ef_sq"])
+
+
+def _projection(name: str, squares: str) -> Metric:
+    def metric(v: Values, check: _RangeCheck) -> float:
+        scale = (v["grad_sq"] * v[squares]) ** 0.5  # Cauchy-Schwarz bound of |gᵀM⁻¹g|
+        return check.non_negative(name, v[name], scale)
+
+    return metric
+
+
+def _kl(v: Values, check: _RangeCheck) -> float:
+    # a difference of terms of size up to ~D: allow their rounding, not more
+    return check.non_negative("kl", v["kl"], 100.0 * max(1.0, v["dimension"]))
+
+
+#: Metrics that do not depend on λ, in key order.
+UNDAMPED: dict[str, Metric] = {
+    "trace_ratio": lambda v, check: _ratio(v["trace_ef"], v["trace_f"]),
+    "rel_error": lambda v, check: _ratio(_frob_diff_sq(v, check) ** 0.5, v["frob_f_sq"] ** 0.5),
+    "matrix_cosine": lambda v, check: check.cosine(
+        "matrix_cosine", v["inner"], v["frob_ef_sq"], v["frob_f_sq"], low=0.0
+    ),
+    "dimension": lambda v, check: v["dimension"],
+}
+#: Metrics computed once per damping value (suffixed ``@λ`` with several), in key order.
+DAMPED: dict[str, Metric] = {
+    "kl": _kl,
+    "direction_cosine": lambda v, check: check.cosine(
+        "direction_cosine", v["nat_ef"], v["nat_sq"], v["ef_sq"]
+    ),
+    "nat_grad_cosine": lambda v, check: check.cosine(
+        "nat_grad_cosine", v["nat_projection"], v["grad_sq"], v["nat_sq"]
+    ),
+    "ef_grad_cosine": lambda v, check: check.cosine(
+        "ef_grad_cosine", v["ef_projection"], v["grad_sq"], v["ef_sq"]
+    ),
+    "nat_projection": _projection("nat_projection", "nat_sq"),
+    "ef_projection": _projection("ef_projection", "ef_sq"),
+    "ef_projection_per_sample": lambda v, check: check.non_negative(
+        "ef_projection_per_sample", v["ef_projection_per_sample"], 1.0
+    ),
+    "damping": lambda v, check: _ratio(v["damping_mass"], v["dimension"]),
+}
 
 
 def _as_floats(statistics: LayerStatistics) -> dict:
