@@ -108,7 +108,19 @@ def run_in_process(case: Case, options: Options, timeout: float, logs: Path) -> 
     if killed:
         result["status"] = "timed out"
         phase = result.pop("phase", None)
-        result["error"] = f"killed after {timeout:.0f} s" + (f", during {phase}" if phase else "")
+        running = time.time() - result.pop("phase_time", time.time())
+        result["error"] = f"killed after {timeout:.0f} s" + (
+            f", {running:.0f} s into {phase}" if phase else ""
+        )
+        bound = result.get("timing") or {}
+        unfinished = result.get(bound.get("kind")) or {}
+        if bound.get("step_ms") and not unfinished.get("runs") and phase and "call" in phase:
+            # the call ran for `running` seconds at least: its ratio is at least this
+            result["lower_bound"] = {
+                "kind": bound["kind"],
+                "ratio": 1e3 * running / bound["step_ms"],
+                "seconds": running,
+            }
     elif result.get("status") not in ("ok", "failed"):
         code = process.returncode
         cause = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -158,6 +170,14 @@ def problem(result: dict) -> str:
     return f"{result['status']}: {result.get('error', '')}".replace("|", "\\|")
 
 
+def bound_text(result: dict, kind: str) -> str:
+    """``"> 95× (killed 110 s into the call)"`` for a call the time limit cut short."""
+    bound = result.get("lower_bound") or {}
+    if bound.get("kind") != kind:
+        return ""
+    return f"> {bound['ratio']:.0f}× (killed {bound['seconds']:.0f} s into the call)"
+
+
 def check(target: Target, result: dict | None) -> tuple[str, bool | None]:
     """The measured value of ``target`` as text, and whether it is met."""
     if result is None:
@@ -173,7 +193,7 @@ def check(target: Target, result: dict | None) -> tuple[str, bool | None]:
     timings = result.get(kind) or {}
     ratio = timings.get("ratio")
     if ratio is None:
-        return failure or "no timing", False
+        return bound_text(result, kind) or failure or "no timing", False
     parts, met = [ratio_text(ratio)], ratio <= target.bound
     info = result.get("measurement") or {}
     if target.full_probe:
@@ -305,18 +325,29 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
         met = None if goal is None or ratio is None else ratio <= goal
         if failure and ratio is None:
             met = False if goal is not None else None
+        bound = result.get("lower_bound") or {}
+        timed = first.get("ms") is not None
+        if not timed and bound.get("kind") in ("measure", "floor"):
+            first_ms = f"> {1e3 * bound['seconds']:,.0f}"
+            ratio_cell = f"> {bound['ratio']:.0f}×"
+        else:
+            first_ms = number(first.get("ms")) if timed else failure
+            ratio_cell = ratio_text(ratio)
         cells = [
             label,
-            number(first.get("ms")) if first.get("ms") is not None else failure,
-            ratio_text(ratio),
+            first_ms,
+            ratio_cell,
             f"≤ {goal:g}×" if goal is not None else "",
             mark(met),
             number(second.get("ms")),
             ratio_text(second.get("ratio")),
             memory,
             probe_text(spec.batch_size, result.get("measurement") or {}),
-            notes_text(result)
-            + (f"; {failure}" if failure and first.get("ms") is not None else ""),
+            "; ".join(
+                part
+                for part in (notes_text(result), failure if first_ms != failure else "")
+                if part
+            ),
         ]
         if kind == "callback" and (result.get("callback") or {}).get("first_ms") is not None:
             callback = result["callback"]

@@ -90,7 +90,7 @@ class Result(dict):
             phase: What the case does next (named if it is killed there).
         """
         if phase is not None:
-            self["phase"] = phase
+            self["phase"], self["phase_time"] = phase, time.time()
         if self.path is None:
             return
         partial = self.path.with_suffix(".partial")
@@ -280,6 +280,7 @@ def measure_case(context: Setup, config: str, options: Options, result: Result) 
             if samples[name].stopped:
                 continue
             warm = timing.warm_step(step, device, options.warm_steps)
+            result["timing"] = {"kind": name, "step_ms": 1e3 * warm}  # a bound if killed
             result.save(f"{'measure()' if name == 'measure' else 'Measurer'} call {repetition + 1}")
             if repetition == 0:
                 probe.start()
@@ -335,6 +336,7 @@ def floor_case(context: Setup, floor: str, options: Options, result: Result) -> 
         started = time.perf_counter()
         for repetition in range(options.repeats):
             warm = timing.warm_step(context.step, context.device, options.warm_steps)
+            result["timing"] = {"kind": "floor", "step_ms": 1e3 * warm}
             result.save(f"BackPACK call {repetition + 1}")
             if repetition == 0:
                 probe.start()
@@ -397,6 +399,10 @@ def callback_case(context: Setup, options: Options, result: Result) -> None:
             if not self.starts:
                 self.began = now
             self.starts.append(now)
+            if len(self.starts) > every and len(self.starts) % every == 3 % every:
+                # a measurement and the step after it are done: keep them, if killed later
+                result["callback"] = step_costs(self.starts, every, wanted)
+                result.save("Trainer.fit with FisherMonitor")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             # after the last warm step of a cycle (the next step would measure), with at
@@ -432,32 +438,52 @@ def callback_case(context: Setup, options: Options, result: Result) -> None:
     monitor_warnings = [str(w.message) for w in caught if "FisherMonitor" in str(w.message)]
     if monitor_warnings:
         result["warnings"] = [text.splitlines()[0][:300] for text in monitor_warnings[:3]]
-    periods = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)]
-    warm = [p for index, p in enumerate(periods) if index % every >= 2]
-    if not warm:
-        raise RuntimeError(f"too few steps to time ({len(periods)} periods)")
-    step = statistics.median(warm)
+    result["callback"] = step_costs(clock.starts, every, wanted)
+    measurement = getattr(monitor, "last_measurement", None)
+    if measurement is not None:
+        result["measurement"] = describe(measurement, spec.batch_size)
+    if not result["callback"]["runs"] or measurement is None:
+        cause = monitor_warnings[0].strip().splitlines()[0] if monitor_warnings else "no warning"
+        raise RuntimeError(f"the monitor measured nothing: {cause}")
+
+
+def step_costs(starts: list[float], every: int, wanted: int) -> dict:
+    """Cost of each measurement from the start times of the training steps.
+
+    Steps ``0, every, 2·every, …`` measure. Warm steps are those at least two steps after
+    a measurement; the cost of a measurement is its step's period plus the next step's,
+    minus two warm steps. The first measurement (step 0) is reported apart.
+
+    Args:
+        starts: ``time.perf_counter()`` at the start of each step.
+        every: Measurement interval in steps.
+        wanted: Measurements after the first the run was asked for.
+
+    Returns:
+        ``runs`` (measurements costed after the first), ``step_ms`` (the warm Lightning
+        step), ``ms`` and ``ratio`` (mean cost, in ms and in warm steps),
+        ``median_ratio``, ``first_ms``, ``steps``, ``every``, ``stopped``.
+    """
+    periods = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    warm = [period for index, period in enumerate(periods) if index % every >= 2]
+    step = statistics.median(warm) if warm else None
     extras = [
         periods[index] + periods[index + 1] - 2 * step
         for index in range(every, len(periods) - 1, every)
+        if step is not None
     ]
-    measurement = getattr(monitor, "last_measurement", None)
-    result["callback"] = {
+    first = periods[0] + periods[1] - 2 * step if step is not None and len(periods) > 1 else None
+    return {
         "runs": len(extras),
-        "step_ms": 1e3 * step,
-        "first_ms": 1e3 * (periods[0] + periods[1] - 2 * step) if len(periods) > 1 else None,
+        "step_ms": 1e3 * step if step is not None else None,
+        "first_ms": 1e3 * first if first is not None else None,
         "ms": 1e3 * statistics.mean(extras) if extras else None,
         "ratio": statistics.mean(extras) / step if extras else None,
         "median_ratio": statistics.median(extras) / step if extras else None,
-        "steps": len(clock.starts),
+        "steps": len(starts),
         "every": every,
         "stopped": "" if len(extras) >= wanted else f"time budget: {len(extras)} measurements",
     }
-    if measurement is not None:
-        result["measurement"] = describe(measurement, spec.batch_size)
-    if not extras or measurement is None:
-        cause = monitor_warnings[0].strip().splitlines()[0] if monitor_warnings else "no warning"
-        raise RuntimeError(f"the monitor measured nothing: {cause}")
 
 
 def report_case(what: str, result: Result) -> None:

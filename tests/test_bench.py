@@ -179,3 +179,21 @@ def test_describe_reads_probe_size_notes_and_standard_errors():
         f"2 layers (bn1, …): {bn}",
         "probe sub-sampled from 128 to 16 samples to fit the memory budget",
     ]
+
+
+def test_a_call_killed_at_the_hard_limit_shows_a_lower_bound():
+    killed = {
+        "name": "mlp-c1000/default",
+        "kind": "measure",
+        "model": "mlp-c1000",
+        "what": "default",
+        "status": "timed out",
+        "error": "killed after 120 s, 100 s into measure() call 1",
+        "lower_bound": {"kind": "measure", "ratio": 95.2, "seconds": 100.0},
+    }
+    target = next(t for t in TARGETS if t.case == "mlp-c1000/default")
+    assert run.check(target, killed) == ("> 95× (killed 100 s into the call)", False)
+    row = next(line for line in run.model_table("mlp-c1000", [killed]) if "default" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:5] == ["> 100,000", "> 95×", "≤ 30×", "✗"]
+    assert "timed out: killed after 120 s, 100 s into measure() call 1" in cells[-1]
