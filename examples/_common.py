@@ -29,12 +29,20 @@ def output_dir(name: str) -> Path:
 
 
 def quiet() -> None:
-    """Silence Lightning's tips and PyTorch's user warnings in example output."""
+    """Silence Lightning's tips and PyTorch's user warnings in example output.
+
+    FisherMonitor's own lines (the start line and the end-of-fit summary, which go out
+    through Lightning's rank-zero logging) are kept.
+    """
     warnings.filterwarnings("ignore")
     import logging
 
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        rank_zero = logging.getLogger(name)
+        rank_zero.setLevel(logging.INFO)
+        rank_zero.addFilter(lambda record: record.getMessage().startswith("FisherMonitor"))
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
