@@ -216,6 +216,21 @@ def describe(measurement, batch_size: int) -> dict:
     }
 
 
+def step_peak(context: Setup, options: Options, probe: timing.PeakMemory) -> float | None:
+    """A warm plain step's own peak above the resident memory (MiB)."""
+    timing.warm_step(context.step, context.device, options.warm_steps)
+    probe.start()
+    context.step()
+    return probe.extra_megabytes()
+
+
+def extra_over(peak: float | None, result: Result) -> float | None:
+    """What a call adds to training's peak: its rise minus the plain step's own (MiB)."""
+    if peak is None:
+        return None
+    return max(peak - (result.get("step_peak_mb") or 0.0), 0.0)
+
+
 def measure_case(context: Setup, config: str, options: Options, result: Result) -> None:
     """One-shot ``measure()`` and a prepared ``Measurer`` call against warm plain steps."""
     from fisher_monitor.engine import Measurer, measure
@@ -259,11 +274,7 @@ def measure_case(context: Setup, config: str, options: Options, result: Result) 
     probe = timing.PeakMemory(device)
     result["memory_method"] = probe.method if probe.available else None
 
-    # the plain step's own peak above the resident memory, for comparison
-    timing.warm_step(step, device, options.warm_steps)
-    probe.start()
-    step()
-    result["step_peak_mb"] = probe.extra_megabytes()
+    result["step_peak_mb"] = step_peak(context, options, probe)
 
     started = time.perf_counter()
     repetition = 0
@@ -287,7 +298,7 @@ def measure_case(context: Setup, config: str, options: Options, result: Result) 
             seconds = timing.timed(call, device)
             samples[name].add(seconds, warm)
             if repetition == 0:
-                result[f"{name}_peak_mb"] = probe.extra_megabytes()
+                result[f"{name}_peak_mb"] = extra_over(probe.extra_megabytes(), result)
                 if name == "measure":
                     result["measurement"] = describe(
                         outcome["measurement"], context.spec.batch_size
@@ -314,7 +325,8 @@ def floor_case(context: Setup, floor: str, options: Options, result: Result) -> 
     converter = context.spec.name.startswith("resnet")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = backpack.extend(copy.deepcopy(context.model), use_converter=converter)
+        # eval mode, as the engine measures BatchNorm: BackPACK refuses it in train mode
+        model = backpack.extend(copy.deepcopy(context.model).eval(), use_converter=converter)
     loss_fn = backpack.extend(nn.CrossEntropyLoss())
     fields = ("diag_ggn_exact", "diag_ggn_mc", "sum_grad_squared", "kfac", "kflr")
 
@@ -333,6 +345,7 @@ def floor_case(context: Setup, floor: str, options: Options, result: Result) -> 
         call()  # first call: BackPACK's dispatch
         samples = timing.Samples()
         probe = timing.PeakMemory(context.device)
+        result["step_peak_mb"] = step_peak(context, options, probe)
         started = time.perf_counter()
         for repetition in range(options.repeats):
             warm = timing.warm_step(context.step, context.device, options.warm_steps)
@@ -343,7 +356,7 @@ def floor_case(context: Setup, floor: str, options: Options, result: Result) -> 
             seconds = timing.timed(call, context.device)
             samples.add(seconds, warm)
             if repetition == 0:
-                result["floor_peak_mb"] = probe.extra_megabytes()
+                result["floor_peak_mb"] = extra_over(probe.extra_megabytes(), result)
             if seconds > options.limit:
                 samples.stopped = f"a call took {seconds:.0f} s > {options.limit:.0f} s"
             result["floor"] = samples.summary()
@@ -392,6 +405,8 @@ def callback_case(context: Setup, options: Options, result: Result) -> None:
         def __init__(self):
             self.starts: list[float] = []
             self.began = 0.0
+            self.measured: list[int] = []  # steps at which the monitor returned a measurement
+            self.last = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             timing.sync(device)
@@ -401,10 +416,14 @@ def callback_case(context: Setup, options: Options, result: Result) -> None:
             self.starts.append(now)
             if len(self.starts) > every and len(self.starts) % every == 3 % every:
                 # a measurement and the step after it are done: keep them, if killed later
-                result["callback"] = step_costs(self.starts, every, wanted)
+                result["callback"] = step_costs(self.starts, self.measured, every, wanted)
                 result.save("Trainer.fit with FisherMonitor")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            latest = getattr(monitor, "last_measurement", None)
+            if latest is not None and latest is not self.last:
+                self.measured.append(len(self.starts) - 1)
+                self.last = latest
             # after the last warm step of a cycle (the next step would measure), with at
             # least two measurements after the first timed and the time budget spent
             finished = len(self.starts)  # steps 0 … finished − 1 have started
@@ -417,8 +436,8 @@ def callback_case(context: Setup, options: Options, result: Result) -> None:
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=spec.batch_size, shuffle=True)
     torch.manual_seed(0)
     net = copy.deepcopy(context.model)
-    clock = Clock()
     monitor = FisherMonitor(every_n_steps=every)
+    clock = Clock()
     with tempfile.TemporaryDirectory(prefix="fisher-bench-") as directory:
         trainer = pl.Trainer(
             max_steps=every * (wanted + 1),
@@ -438,24 +457,26 @@ def callback_case(context: Setup, options: Options, result: Result) -> None:
     monitor_warnings = [str(w.message) for w in caught if "FisherMonitor" in str(w.message)]
     if monitor_warnings:
         result["warnings"] = [text.splitlines()[0][:300] for text in monitor_warnings[:3]]
-    result["callback"] = step_costs(clock.starts, every, wanted)
+    result["callback"] = step_costs(clock.starts, clock.measured, every, wanted)
     measurement = getattr(monitor, "last_measurement", None)
     if measurement is not None:
         result["measurement"] = describe(measurement, spec.batch_size)
-    if not result["callback"]["runs"] or measurement is None:
+    if not result["callback"]["runs"]:
         cause = monitor_warnings[0].strip().splitlines()[0] if monitor_warnings else "no warning"
         raise RuntimeError(f"the monitor measured nothing: {cause}")
 
 
-def step_costs(starts: list[float], every: int, wanted: int) -> dict:
+def step_costs(starts: list[float], measured: list[int], every: int, wanted: int) -> dict:
     """Cost of each measurement from the start times of the training steps.
 
-    Steps ``0, every, 2·every, …`` measure. Warm steps are those at least two steps after
-    a measurement; the cost of a measurement is its step's period plus the next step's,
-    minus two warm steps. The first measurement (step 0) is reported apart.
+    Steps ``0, every, 2·every, …`` are scheduled to measure. Warm steps are those at least
+    two steps after a scheduled one; the cost of a measurement is its step's period plus
+    the next step's, minus two warm steps, counted only where the monitor returned a
+    measurement. The first measurement (step 0) is reported apart.
 
     Args:
         starts: ``time.perf_counter()`` at the start of each step.
+        measured: The steps at which the monitor returned a measurement.
         every: Measurement interval in steps.
         wanted: Measurements after the first the run was asked for.
 
@@ -467,12 +488,15 @@ def step_costs(starts: list[float], every: int, wanted: int) -> dict:
     periods = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     warm = [period for index, period in enumerate(periods) if index % every >= 2]
     step = statistics.median(warm) if warm else None
+    done = set(measured)
     extras = [
         periods[index] + periods[index + 1] - 2 * step
         for index in range(every, len(periods) - 1, every)
-        if step is not None
+        if step is not None and index in done
     ]
-    first = periods[0] + periods[1] - 2 * step if step is not None and len(periods) > 1 else None
+    first = None
+    if step is not None and len(periods) > 1 and 0 in done:
+        first = periods[0] + periods[1] - 2 * step
     return {
         "runs": len(extras),
         "step_ms": 1e3 * step if step is not None else None,
@@ -482,7 +506,7 @@ def step_costs(starts: list[float], every: int, wanted: int) -> dict:
         "median_ratio": statistics.median(extras) / step if extras else None,
         "steps": len(starts),
         "every": every,
-        "stopped": "" if len(extras) >= wanted else f"time budget: {len(extras)} measurements",
+        "stopped": "" if len(extras) >= wanted else f"{len(extras)} of {wanted} measurements",
     }
 
 

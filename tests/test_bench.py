@@ -197,3 +197,16 @@ def test_a_call_killed_at_the_hard_limit_shows_a_lower_bound():
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1:5] == ["> 100,000", "> 95×", "≤ 30×", "✗"]
     assert "timed out: killed after 120 s, 100 s into measure() call 1" in cells[-1]
+
+
+def test_step_costs_count_only_steps_where_the_monitor_measured():
+    import itertools
+
+    periods = [10.0, 3.0, 1.0, 8.0, 2.0, 1.0, 1.0, 1.0, 1.0]  # steps 0, 3, 6 scheduled
+    starts = [0.0, *itertools.accumulate(periods)]
+    costs = worker.step_costs(starts, measured=[0, 3], every=3, wanted=2)  # step 6 failed
+    assert costs["step_ms"] == 1000.0  # warm steps 2, 5, 8
+    assert costs["runs"] == 1 and costs["ratio"] == 8.0  # step 3: 8 + 2 − 2 warm steps
+    assert costs["first_ms"] == 11000.0  # step 0: 10 + 3 − 2
+    assert costs["stopped"] == "1 of 2 measurements"
+    assert worker.step_costs(starts, measured=[], every=3, wanted=2)["runs"] == 0
