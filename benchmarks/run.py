@@ -401,10 +401,10 @@ def report_table(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def machine_line(device: str) -> str:
+def machine_line(device: str, threads: int = 0) -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = f"{platform.machine()}, {cpus} CPU cores, torch {torch.__version__} "
-    text += f"with {torch.get_num_threads()} threads"
+    text += f"with {threads or torch.get_num_threads()} threads"
     if device == "cuda" and torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     return text
@@ -449,7 +449,7 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
     lines = [
         f"# fisher-monitor benchmark ({args.device}{', quick' if args.quick else ''})",
         "",
-        f"- {machine_line(args.device)}; commit {commit()}; "
+        f"- {machine_line(args.device, args.threads)}; commit {commit()}; "
         f"{datetime.date.today().isoformat()}; {len(results)} cases in {seconds / 60:.1f} min.",
         "- Ratios: each call over the median of the warm plain SGD steps (same model and "
         "batch) run just before it, median over the repetitions; `measure()` prepares the "
@@ -523,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=None, help="most repetitions per case")
     parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in each case (default: torch's)"
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -545,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(case.name for case in cases))
         return 0
     base = QUICK if args.quick else FULL
-    overrides = {"device": args.device}
+    overrides = {"device": args.device, "threads": args.threads}
     for name in ("limit", "budget", "repeats"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -555,9 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or RESULTS / f"{output_name(args.device)}.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     logs = output.parent / f"{output.stem}-logs"
-    print(
-        f"fisher-monitor benchmark: {len(cases)} cases on {machine_line(args.device)}", flush=True
-    )
+    machine = machine_line(args.device, args.threads)
+    print(f"fisher-monitor benchmark: {len(cases)} cases on {machine}", flush=True)
     started = time.perf_counter()
     results = []
     for index, case in enumerate(cases, 1):

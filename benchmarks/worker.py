@@ -60,6 +60,7 @@ class Options:
         warm_steps: Plain steps before each timed call (the first is not counted).
         measurements: Callback case: measurements timed after the first.
         every: Callback case: measure every this many steps.
+        threads: ``torch.set_num_threads`` in the worker (``0``: torch's default).
     """
 
     device: str = "cpu"
@@ -69,6 +70,7 @@ class Options:
     warm_steps: int = 4
     measurements: int = 10
     every: int = 6
+    threads: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> Options:
@@ -538,6 +540,8 @@ def run_case(case: dict, options: Options, path: Path | None = None) -> dict:
         The result: ``status`` (``"ok"`` or ``"failed"``), ``error``, ``seconds`` and the
         kind's own fields.
     """
+    if options.threads:
+        torch.set_num_threads(options.threads)
     result = Result(path, **case, status="running", threads=torch.get_num_threads())
     result["load"] = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     started = time.perf_counter()
