@@ -25,7 +25,8 @@ How the numbers are made:
   what it had finished; a failing case is recorded with its error and the others go on.
 
 Usage: ``python benchmarks/run.py [--quick] [--cases mlp,resnet18/default,report/*]
-[--device cpu|cuda] [--limit 60] [--timeout 150] [--reference]``; ``--list`` shows the cases.
+[--device cpu|cuda] [--limit 60] [--timeout 100] [--threads N] [--reference]``;
+``--list`` shows the cases. ``make bench BENCH_ARGS=--quick`` runs the quick set.
 """
 
 from __future__ import annotations
