@@ -527,9 +527,16 @@ class WeightSharingFactors(LayerFactors):
         return self.output_grads.to(dtype).unsqueeze(0) / self.num_samples**0.5
 
     def _matrices(self, sides: Tensor, outputs: slice) -> Tensor:
-        """``(K, N, O_b, I)``: ``Σ_t a_{k,n,t,o} x̃_{n,t,i}`` for the outputs in ``outputs``."""
+        """``(K, N, O_b, I)``: ``Σ_t a_{k,n,t,o} x̃_{n,t,i}`` for the outputs in ``outputs``.
+
+        One batched product per ``k`` (a broadcast product would copy the inputs ``K`` times).
+        """
         inputs = self.inputs.to(sides.dtype)
-        return sides[..., outputs].transpose(-1, -2) @ inputs
+        selected = sides[..., outputs].transpose(-1, -2)  # (K, N, O_b, T)
+        result = sides.new_empty(*selected.shape[:3], self.in_features)
+        for k in range(selected.shape[0]):
+            torch.matmul(selected[k], inputs, out=result[k])
+        return result
 
     def _output_blocks(self, rows: int, itemsize: int, limit: int = CHUNK_BYTES) -> list[slice]:
         """Slices of the outputs such that ``rows × O_b × I`` stays within ``limit`` bytes."""
