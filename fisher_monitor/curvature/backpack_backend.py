@@ -38,6 +38,7 @@ from fisher_monitor.curvature.passes import (
 )
 from fisher_monitor.curvature.shadow import weight_recomputing_hooks
 from fisher_monitor.likelihoods import Likelihood, loss_side
+from fisher_monitor.likelihoods.base import SATURATED_NOTE
 
 #: PyTorch ≥ 2.13 warns about full backward hooks on modules whose inputs need no grad;
 #: BackPACK relies on exactly that case, so the warning is silenced around our passes only.
@@ -233,6 +234,8 @@ class BackpackNetwork(Backend):
                     check_loss(loss)
                     noise = None if exact else self.likelihood.draw_noise(outputs, mc_samples)
                     side = loss_side(self.likelihood, outputs, targets, exact, noise)
+                    if exact and side.coefficients is None:
+                        notes.append(SATURATED_NOTE)
                     split.append(ColumnSplit(side.fisher_columns, side.coefficients))
                     extension.loss_columns = side.for_backpack(outputs.dtype)
                     with backpack(extension, extension_hook=hook):
