@@ -67,15 +67,19 @@ class ColumnSplit:
 
         ``√N Σ_r β_{n,r} c_{r,n}`` for the exact Fisher, ``√N c_{last,n}`` otherwise (the
         columns carry the ``1/√N`` of ``F = VVᵀ``).
+
+        Accumulated in :attr:`dtype` one column at a time, in the memory layout of the
+        columns (no converted or reordered copy of all of them).
         """
         n = columns.shape[1]
         if self.coefficients is None:
             return columns[-1].to(self.dtype) * n**0.5
-        fisher = columns[: self.fisher_columns].to(self.dtype)
-        beta = self.coefficients.to(device=fisher.device, dtype=self.dtype)
-        flat = fisher.reshape(self.fisher_columns, n, -1)
-        combined = torch.einsum("rnk,nr->nk", flat, beta) * n**0.5
-        return combined.reshape(fisher.shape[1:])
+        beta = self.coefficients.to(device=columns.device, dtype=self.dtype) * n**0.5
+        shape = (n,) + (1,) * (columns.dim() - 2)
+        combined = torch.zeros_like(columns[0], dtype=self.dtype)
+        for r in range(self.fisher_columns):
+            combined.addcmul_(columns[r], beta[:, r].view(shape))
+        return combined
 
 
 @dataclass
@@ -83,16 +87,18 @@ class KroneckerFactors:
     """Kronecker-factored Fisher ``G ⊗ A`` and the EF's per-sample gradients, same layout.
 
     Attributes:
-        input_factor: ``A`` (``I × I``).
-        output_factor: ``G`` (``O × O``).
+        input_factor: ``A`` (``I × I``); ``None`` when its root is given and wide (fewer
+            rows than ``I``): then ``A`` is never formed (see
+            :func:`~fisher_monitor.metrics.kronecker.factor_basis`).
+        output_factor: ``G`` (``O × O``); ``None`` likewise.
         samples: Per-sample gradients as ``N × O × I`` or :class:`OuterSamples`.
         input_root: ``X`` with ``XᵀX = A`` (lets a wide factor be diagonalised via ``XXᵀ``).
         output_root: ``S`` with ``SᵀS = G``.
         order: Maps an ``O × I`` matrix in this layout to ``named_parameters`` order.
     """
 
-    input_factor: Tensor
-    output_factor: Tensor
+    input_factor: Tensor | None
+    output_factor: Tensor | None
     samples: Tensor | OuterSamples
     input_root: Tensor | None = None
     output_root: Tensor | None = None
@@ -497,8 +503,6 @@ class WeightSharingFactors(LayerFactors):
         self.num_columns = self.fisher_columns * self.num_samples
         self.dimension = self.out_features * self.in_features
         self._mean: Tensor | None = None
-        #: ``(R_n, N, O, I)`` columns of ``V`` kept by :meth:`diagonals` for :meth:`gram_v`
-        self._v_columns: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -546,44 +550,29 @@ class WeightSharingFactors(LayerFactors):
             slice(o, min(o + step, self.out_features)) for o in range(0, self.out_features, step)
         ]
 
-    def _materialised_diagonal(
-        self, sides: Tensor, total: Tensor | None = None, keep: bool = False
-    ) -> Tensor:
+    def _materialised_diagonal(self, sides: Tensor, total: Tensor | None = None) -> Tensor:
         """``Σ_{k,n} M_{k,n}²`` (``O × I``, :attr:`dtype`) by materialising the matrices.
 
-        The matrices are formed in the type of ``sides``, in chunks, and their squares
-        summed in :attr:`dtype`.
+        The matrices are formed in the type of ``sides``, in cache-sized chunks into one
+        reused buffer, and their squares summed in :attr:`dtype`.
 
         Args:
             sides: ``(K, N, T, O)`` output-side factors.
             total: Optional ``O × I`` buffer that receives ``Σ_{k,n} M_{k,n}``.
-            keep: Keep every matrix, ``(K, N, O, I)``, in ``self._v_columns``.
         """
         n, i = self.num_samples, self.in_features
         result = torch.zeros(self.out_features, i, dtype=self.dtype, device=sides.device)
         inputs = self.inputs.to(sides.dtype)
-        if keep:
-            kept = sides.new_empty(sides.shape[0], n, self.out_features, i)
-            blocks = [slice(0, self.out_features)]
-        else:
-            blocks = self._output_blocks(n, sides.element_size(), _DIAGONAL_CHUNK_BYTES)
+        blocks = self._output_blocks(n, sides.element_size(), _DIAGONAL_CHUNK_BYTES)
         buffer = sides.new_empty(n * (blocks[0].stop - blocks[0].start) * i)
         for outputs in blocks:
             size = outputs.stop - outputs.start
             out = buffer[: n * size * i].view(n, size, i)
-            for k, side in enumerate(sides):
-                factor = side[..., outputs].transpose(-1, -2)
-                if keep:
-                    torch.matmul(factor, inputs, out=kept[k])
-                    torch.mul(kept[k], kept[k], out=out)
-                else:
-                    torch.matmul(factor, inputs, out=out)
-                    if total is not None:
-                        total[outputs] += out.sum(dim=0)
-                    out.square_()
-                result[outputs] += out.sum(dim=0)
-        if keep:
-            self._v_columns = kept
+            for side in sides:
+                torch.matmul(side[..., outputs].transpose(-1, -2), inputs, out=out)
+                if total is not None:
+                    total[outputs] += out.sum(dim=0)
+                result[outputs] += out.square_().sum(dim=0)
         return result
 
     def _pair_diagonal(self, sides: Tensor) -> Tensor:
@@ -628,9 +617,6 @@ class WeightSharingFactors(LayerFactors):
         a, b = self._sides(left, network), self._sides(right, network)
         if self._gram_uses_pairs(a.shape[0], b.shape[0]):
             return self._pair_gram(a.to(self.dtype), b.to(self.dtype))
-        if left == right == "v" and self._v_columns is not None:
-            columns = self._v_columns.reshape(self.num_columns, -1).to(self.dtype)
-            return symmetric_gram(columns)
         return self._materialised_gram(a, b, symmetric=left == right)
 
     def _pair_gram(self, a: Tensor, b: Tensor) -> Tensor:
@@ -694,19 +680,12 @@ class WeightSharingFactors(LayerFactors):
         # columns in the network's type, squares summed in float64 (no amplification)
         network = self.sqrt_at_output.dtype
         sides = self._sides("v", network)
-        columns, itemsize = sides.shape[0], sides.element_size()
-        if self._uses_pairs(columns, itemsize):
+        if self._uses_pairs(sides.shape[0], sides.element_size()):
             fisher = self._pair_diagonal(sides)
-        elif (
-            not self._gram_uses_pairs(columns, columns)
-            and self.num_columns * self.dimension * itemsize <= CHUNK_BYTES
-        ):
-            # small enough to keep: the block structure's Gram matrix reuses the columns
-            fisher = self._materialised_diagonal(sides, keep=True)
         else:
             fisher = self._materialised_diagonal(sides)
         sides = self._sides("u", network)  # δ/√N
-        if self._uses_pairs(1, itemsize):
+        if self._uses_pairs(1, sides.element_size()):
             empirical = self._pair_diagonal(sides)
         else:  # the mean gradient comes with the materialised per-sample gradients
             total = sides.new_zeros(self.out_features, self.in_features)
@@ -748,8 +727,8 @@ class WeightSharingFactors(LayerFactors):
         else:
             samples = torch.einsum("nto,nti->noi", grads, self.inputs.to(self.dtype))
         return KroneckerFactors(
-            input_factor=x.T @ x,
-            output_factor=s.T @ s,
+            input_factor=None if x.shape[0] < x.shape[1] else x.T @ x,  # wide: via the root
+            output_factor=None if s.shape[0] < s.shape[1] else s.T @ s,
             samples=samples,
             input_root=x,
             output_root=s,
