@@ -305,24 +305,17 @@ def _layer_bytes(
             total += 3 * (i * i + o * o) * d
         return total
     # the decisions of WeightSharingFactors (see its cost functions)
-    gram_pairs = _gram_uses_pairs(rn, n, t, o, i)
-    diagonal_pairs = _diagonal_uses_pairs(rn, n, t, o, i, s)
-    kept = not diagonal_pairs and not gram_pairs and rn * n * dim * s <= CHUNK_BYTES
-    if diagonal_pairs:
+    if _diagonal_uses_pairs(rn, n, t, o, i, s):
         total += d * n * t * t * (o + i) + o * i * d
-    elif kept:
-        total += rn * n * dim * s + n * dim * s  # V kept for the Gram, one square buffer
     else:
-        total += DIAGONAL_CHUNK_BYTES
+        total += DIAGONAL_CHUNK_BYTES + o * i * d
     if block and dense:
         total += (r + n) * dim * d + DENSE_COPIES * dim * dim * d
     elif block:
-        if gram_pairs:
+        if _gram_uses_pairs(rn, n, t, o, i):
             total += 2 * d * (n * t) ** 2 + 2 * rn * n * t * o * d + 2 * PAIR_CHUNK_BYTES
-        elif kept:
-            total += r * dim * d
-        else:
-            total += min(2 * r * dim * d, CHUNK_BYTES) * (d + s) // d
+        else:  # chunks of the columns, in the network's type and in float64
+            total += min(r * dim * d, CHUNK_BYTES) * (d + s) // d
         total += GRAM_COPIES * r * r * d
     if kron:
         total += 3 * (i * i + o * o) * d + (n * t * i + r * t * o) * d
