@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,15 @@ from fisher_monitor import keys
 from fisher_monitor.curvature.backends import Backend
 from fisher_monitor.curvature.factors import LayerFactors
 from fisher_monitor.curvature.layers import LayerInfo
+from fisher_monitor.engine import cost
 from fisher_monitor.engine.packing import Diagonals, reduce_diagonals
+from fisher_monitor.estimators import (
+    Replicates,
+    SketchDesign,
+    add_estimated_metrics,
+    sketching,
+    sum_replicates,
+)
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.metrics import LayerStatistics, finalize, sum_statistics
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
@@ -50,6 +59,12 @@ class MeasureOptions:
         keep_blocks: Also return each layer's dense ``(F_b, EF_b, g_b)``.
         keep_directions: Also return ``(A⁻¹g, B⁻¹g)`` per structure, damping and layer.
         dtype: Floating-point type of the curvature arithmetic.
+        estimator: ``"auto"`` (the cost model, :mod:`fisher_monitor.engine.cost`, decides
+            between the exact Fisher and an estimator), ``"exact"`` or ``"sketch"``.
+        memory_budget: Peak bytes the cost model allows the exact path (``None``: half the
+            available memory).
+        sketch: Replicate groups and columns per group of an estimator (``None``: the cost
+            model's default).
     """
 
     seed: int
@@ -57,6 +72,9 @@ class MeasureOptions:
     keep_blocks: bool = False
     keep_directions: bool = False
     dtype: torch.dtype = torch.float64
+    estimator: str = "auto"
+    memory_budget: int | None = None
+    sketch: SketchDesign | None = None
 
 
 def layer_dampings(
@@ -154,17 +172,29 @@ def measure_once(
         raise ValueError("all_reduce is only supported for structures=('diag',).")
     if options.keep_blocks:
         _check_kept_blocks(prepared)
-    structures = [STRUCTURES[s.value]() for s in settings.structures]
-    collector = LayerCollector(settings, options, structures)
-    result = prepared.run(
+    names = [s.value for s in settings.structures]
+    plan = cost.plan(
+        prepared,
+        settings,
         inputs,
-        targets,
-        exact=settings.fisher is FisherType.EXACT,
-        mc_samples=settings.mc_samples,
-        seed=options.seed,
-        on_layer=collector,
-        dtype=options.dtype,
+        targets.shape[0],
+        estimator=options.estimator,
+        memory_budget=options.memory_budget,
+        exact_only=_exact_only(options, names),
+        sketch=options.sketch,
     )
+    structures = _structures(names, plan)
+    collector = LayerCollector(settings, options, structures)
+    with sketching(prepared) if plan.sketch is not None else nullcontext():
+        result = prepared.run(
+            inputs,
+            targets,
+            exact=settings.fisher is FisherType.EXACT and plan.sketch is None,
+            mc_samples=settings.mc_samples if plan.sketch is None else plan.sketch.columns,
+            seed=options.seed,
+            on_layer=collector,
+            dtype=options.dtype,
+        )
     all_layers = [info for info, _ in prepared.layers]
     diagonals, loss, batch_size = collector.diagonals, result.loss, float(result.batch_size)
     if options.all_reduce is not None:
@@ -187,6 +217,9 @@ def measure_once(
     scalars[keys.probe_key("loss")] = loss
     scalars[keys.probe_key("batch_size")] = batch_size
     scalars[keys.probe_key("grad_norm")] = grad_sq**0.5
+    measured_settings = settings.as_dict()
+    if plan.sketch is not None:
+        measured_settings["estimator"] = plan.as_dict()
     return Measurement(
         scalars=scalars,
         layers=layers,
@@ -195,17 +228,49 @@ def measure_once(
             for name, (f, e, _) in diagonals.items()
             if name in gradients
         },
-        settings=settings.as_dict(),
-        notes=_notes(prepared, result.notes, result.measured, collector),
+        settings=measured_settings,
+        notes=_notes(prepared, result.notes, result.measured, collector)
+        + cost.estimator_notes(plan, names),
         blocks={
             info.name: collector.blocks[info.name]
             for info in layers
             if info.name in collector.blocks
         },
-        coverage=_coverage(prepared, result.measured),
+        coverage=_coverage(
+            prepared, result.measured, plan.layer_estimators(names, [s.name for s in structures])
+        ),
         gradient=gradients,
         directions=_directions(collector, layers) if options.keep_directions else {},
     )
+
+
+def _exact_only(options: MeasureOptions, names: list[str]) -> str | None:
+    """Why a measurement must use the exact Fisher whatever it costs, if it must."""
+    if not any(hasattr(STRUCTURES[name], "estimate_from") for name in names):
+        return f"no estimator for {', '.join(names)}"
+    if options.keep_blocks:
+        return "keep_blocks=True returns the exact dense blocks"
+    if options.all_reduce is not None:
+        return "data-parallel diagonals are reduced across processes exactly"
+    return None
+
+
+def _structures(names: list[str], plan: cost.CostPlan) -> list[Structure]:
+    """The structures of this measurement, told whether the Fisher side is sketched.
+
+    Under a sketch, structures without an estimator (``kron``) are left out (the notes say
+    so).
+    """
+    structures = []
+    for name in names:
+        structure = STRUCTURES[name]()
+        if plan.sketch is not None:
+            estimate_from = getattr(structure, "estimate_from", None)
+            if estimate_from is None:
+                continue
+            estimate_from(plan.sketch)
+        structures.append(structure)
+    return structures
 
 
 def _check_kept_blocks(prepared: Backend) -> None:
@@ -229,12 +294,30 @@ def _scalars(
     for structure, per_layer in collector.results.items():
         ordered = [info.name for info in layers if info.name in per_layer]
         for name in ordered:
-            statistics = per_layer[name].statistics
-            _add_metrics(scalars, structure, name, statistics, settings)
+            _add_results(scalars, structure, name, [per_layer[name]], settings)
         if ordered:
-            total = sum_statistics([per_layer[name].statistics for name in ordered])
-            _add_metrics(scalars, structure, keys.ALL, total, settings)
+            _add_results(scalars, structure, keys.ALL, [per_layer[n] for n in ordered], settings)
     return scalars
+
+
+def _add_results(
+    scalars: dict[str, float],
+    structure: str,
+    layer: str,
+    results: list[LayerResult],
+    settings: MeasureSettings,
+) -> None:
+    """Metrics of one layer or of a sum of layers; with standard errors where estimated."""
+    estimated = [r.replicates for r in results if getattr(r, "replicates", None) is not None]
+    if not estimated:
+        total = sum_statistics([r.statistics for r in results])
+        _add_metrics(scalars, structure, layer, total, settings)
+        return
+    groups = estimated[0].groups
+    replicates = [
+        getattr(r, "replicates", None) or Replicates.fixed(r.statistics, groups) for r in results
+    ]
+    add_estimated_metrics(scalars, structure, layer, sum_replicates(replicates), settings.dampings)
 
 
 def _add_metrics(
@@ -279,7 +362,9 @@ def _notes(
     return notes
 
 
-def _coverage(prepared: Backend, measured: list[str]) -> list[dict]:
+def _coverage(
+    prepared: Backend, measured: list[str], estimators: dict[str, str | None]
+) -> list[dict]:
     return [
         {
             "layer": info.name,
@@ -289,6 +374,7 @@ def _coverage(prepared: Backend, measured: list[str]) -> list[dict]:
             "backend": prepared.backend,
             "measured": info.name in measured,
             "reason": None if info.name in measured else "no gradient reached it in this pass",
+            "estimator": dict(estimators) if info.name in measured else None,
         }
         for info, _ in prepared.layers
     ]

@@ -6,14 +6,21 @@ rank (then the dense blocks are cheaper). For the exact Fisher the per-sample gr
 are combinations of ``V``'s columns, ``U = VB``, with closed-form coefficients, and the
 statistics use that identity (no ``1/λ`` cancellation); see
 :func:`fisher_monitor.metrics.lowrank.lowrank_statistics`.
+
+When the cost model (:mod:`fisher_monitor.engine.cost`) replaces the exact factor by a
+sketch (:attr:`Block.sketch` set), the layer's statistics come with replicates for the
+standard errors, from :func:`~fisher_monitor.estimators.block.sketched_block_replicates`
+(``docs/theory.md#estimators``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from fisher_monitor.curvature.factors import LayerFactors
+from fisher_monitor.curvature.factors import LayerFactors, MaterializedFactors
 from fisher_monitor.metrics import dense_statistics, lowrank_statistics
 from fisher_monitor.structures.base import (
     Directions,
@@ -23,6 +30,9 @@ from fisher_monitor.structures.base import (
     dense_directions,
     eigen_solve,
 )
+
+if TYPE_CHECKING:  # the estimators import the structures' base module
+    from fisher_monitor.estimators import SketchDesign
 
 
 def coefficient_grams(factors: LayerFactors, gram_v: Tensor, coefficients: Tensor):
@@ -39,12 +49,26 @@ def coefficient_grams(factors: LayerFactors, gram_v: Tensor, coefficients: Tenso
 
 
 class Block(Structure):
-    """Exact per-layer blocks of F and EF."""
+    """Exact per-layer blocks of F and EF.
+
+    Attributes:
+        sketch: The sketch of the pass when the Fisher's factor is estimated (set by the
+            engine), else ``None``.
+    """
 
     name = "block"
 
+    def __init__(self) -> None:
+        self.sketch: SketchDesign | None = None
+
+    def estimate_from(self, sketch: SketchDesign | None) -> None:
+        """Estimate from a sketched pass (``None``: exact)."""
+        self.sketch = sketch
+
     def layer(self, layer: LayerInput, directions: bool = False) -> LayerResult:  # noqa: D102
         factors = layer.require_factors()
+        if self.sketch is not None:
+            return _sketched(layer, factors, self.sketch)
         dampings = layer.dampings
         if factors.prefers_dense():
             fisher, empirical, gradient = layer.dense_blocks()
@@ -65,6 +89,32 @@ class Block(Structure):
         if directions:
             found = _lowrank_directions(layer, factors, gram_v, gram_uv, coefficients)
         return LayerResult(statistics, found)
+
+
+def _sketched(layer: LayerInput, factors: LayerFactors, sketch: SketchDesign) -> LayerResult:
+    """Replicate statistics from a sketched factor; no ``A⁻¹g`` (it needs the exact Fisher)."""
+    from fisher_monitor.estimators import EstimatedResult, sketched_block_replicates
+
+    replicates, _ = sketched_block_replicates(
+        factors, _gram_u(layer, factors), layer.dampings, sketch.groups, sketch.relative_damping
+    )
+    return EstimatedResult(replicates.full, None, replicates)
+
+
+def _gram_u(layer: LayerInput, factors: LayerFactors) -> Tensor:
+    """``K_U = UᵀU``, without converting a materialised factor's sketched columns.
+
+    ``MaterializedFactors.gram_u`` casts ``U`` and ``V`` to float64 together; under a sketch
+    only ``U`` (already float64: the per-sample gradients) is needed.
+    """
+
+    def compute() -> Tensor:
+        if isinstance(factors, MaterializedFactors):
+            u = factors.per_sample.to(factors.dtype)
+            return u @ u.T / factors.num_samples
+        return factors.gram_u()
+
+    return layer.cached("gram_u", compute)
 
 
 def _lowrank_directions(

@@ -1,0 +1,190 @@
+"""The replicate groups of a sketched factor: which columns belong to which group.
+
+A sketched pass backpropagates ``k = G·m`` columns per sample, column ``j`` of sample
+``n`` at index ``j·N + n`` of the factor ``V̂`` (``R = k·N`` columns, as for the exact
+Fisher's ``R_n`` columns). Group ``g`` holds the columns ``j ∈ [g·m, (g + 1)·m)``, i.e.
+the contiguous rows ``[g·m·N, (g + 1)·m·N)`` of every ``R × R`` Gram matrix. Each group's
+``V̂_g`` carries the overall ``1/√k``, so ``F̂ = Σ_g V̂_g V̂_gᵀ`` and the group's own
+unbiased estimate is ``F̂_g = G · V̂_g V̂_gᵀ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fisher_monitor.curvature.factors import (
+    LayerFactors,
+    MaterializedFactors,
+    OuterProductFactors,
+    WeightSharingFactors,
+)
+
+
+@dataclass(frozen=True)
+class SketchDesign:
+    """How many sketched columns a pass draws, in how many replicate groups.
+
+    Attributes:
+        groups: ``G``, independent replicate groups (at least 2, for the jackknife).
+        columns_per_group: ``m``, sketched columns per sample in each group.
+        relative_damping: Whether ``λ_b`` follows ``tr F̂_b`` (``damping_mode="relative"``),
+            so that every replicate recomputes it from its own trace.
+    """
+
+    groups: int = 8
+    columns_per_group: int = 1
+    relative_damping: bool = True
+
+    def __post_init__(self):
+        if self.groups < 3:
+            raise ValueError(
+                f"A sketch needs at least 3 replicate groups (unbiased squared norms in every "
+                f"leave-one-group-out replicate), got {self.groups!r}."
+            )
+        if self.columns_per_group < 1:
+            raise ValueError(
+                f"A sketch needs at least 1 column per group, got {self.columns_per_group!r}."
+            )
+
+    @property
+    def columns(self) -> int:
+        """``k = G·m`` sketched columns per sample."""
+        return self.groups * self.columns_per_group
+
+
+def group_fisher_diagonals(factors: LayerFactors, groups: int) -> Tensor:
+    """``diag(V̂_g V̂_gᵀ)`` for each replicate group, ``(G, D)`` in ``named_parameters`` order.
+
+    The rows add up to ``diag F̂``; row ``g`` times ``G`` is the group's own unbiased
+    estimate of ``diag F``. Computed in the factors' ``dtype`` (float64 by default).
+
+    Args:
+        factors: A layer's factors from a sketched pass (``R_n = G·m`` columns per sample).
+        groups: ``G``.
+
+    Returns:
+        The group diagonals.
+
+    Raises:
+        TypeError: For a factor type without a known column layout.
+    """
+    dtype = factors.dtype
+    if isinstance(factors, OuterProductFactors):
+        # sums of squares without amplification: in the network's type, like diagonals()
+        inputs, _, sqrt = factors.raw
+        columns, n, outputs = sqrt.shape
+        squares = sqrt.reshape(groups, columns // groups, n, outputs).square().sum(1)
+        matrices = squares.transpose(1, 2) @ inputs.to(sqrt.dtype).square()  # (G, O, I)
+        result = torch.empty(groups, factors.dimension, dtype=dtype, device=sqrt.device)
+        weights = factors.weight_columns
+        if weights:
+            result[:, : outputs * weights].view(groups, outputs, weights).copy_(
+                matrices[..., :weights]
+            )
+        if factors.has_bias:
+            result[:, outputs * weights :].copy_(matrices[..., weights])
+        return result
+    if isinstance(factors, WeightSharingFactors):
+        sqrt = factors.sqrt_at_output  # (R_n, N, T, O)
+        size = sqrt.shape[0] // groups
+        rows = []
+        for g in range(groups):
+            part = WeightSharingFactors(
+                factors.inputs,
+                _output_grads(factors),
+                sqrt[g * size : (g + 1) * size],
+                factors.weight_columns,
+                factors.has_bias,
+                dtype,
+            )
+            rows.append(part.diagonals()[0].to(dtype))
+        return torch.stack(rows)
+    if isinstance(factors, MaterializedFactors):
+        sqrt = factors.sqrt  # (R_n·N, D), column (j, n) at row j·N + n
+        return _row_squares(sqrt.reshape(groups, -1, sqrt.shape[-1])).to(dtype)
+    raise TypeError(
+        f"Cannot split the sketched columns of {type(factors).__name__} into replicate groups."
+    )
+
+
+def _row_squares(rows: Tensor) -> Tensor:
+    """``Σ_r rows[:, r]²`` for ``(G, rows, D)``, accumulated row by row in place.
+
+    Squaring the whole tensor first allocates its size again; for the wide layers of a
+    ``torch.func`` measurement (an embedding, a vocabulary-sized head) that costs ten times
+    more than the arithmetic.
+    """
+    total = rows[:, 0] * rows[:, 0]
+    for index in range(1, rows.shape[1]):
+        total.addcmul_(rows[:, index], rows[:, index])
+    return total
+
+
+def _output_grads(factors: WeightSharingFactors) -> Tensor:
+    """The per-sample output gradients ``(N, T, O)`` of a weight-sharing layer."""
+    grads = getattr(factors, "output_grads", None)
+    if grads is None:  # layouts that keep only the materialised per-sample gradients
+        n, t, _ = factors.inputs.shape
+        grads = factors.sqrt_at_output.new_zeros(n, t, factors.sqrt_at_output.shape[-1])
+    return grads
+
+
+def group_traces(diagonals: Tensor) -> Tensor:
+    """``tr(V̂_g V̂_gᵀ)`` per group from :func:`group_fisher_diagonals`, ``(G,)``."""
+    return diagonals.sum(dim=1)
+
+
+def replicate_weights(groups: int, dtype: torch.dtype, device=None) -> Tensor:
+    """``(G + 1, G)`` weights of the groups in each replicate estimate of ``F``.
+
+    Row 0 is the full estimate ``F̂ = Σ_g V̂_gV̂_gᵀ`` (weight 1 per group); row ``i + 1`` the
+    estimate without group ``i``, ``F̂_(i) = (G/(G − 1)) Σ_{g ≠ i} V̂_gV̂_gᵀ``.
+    """
+    weights = torch.full((groups + 1, groups), groups / (groups - 1), dtype=dtype, device=device)
+    weights[0] = 1.0
+    index = torch.arange(groups, device=device)
+    weights[index + 1, index] = 0.0
+    return weights
+
+
+def pair_means(pairs: Tensor) -> Tensor:
+    """Mean of ``⟨F̂_g, F̂_h⟩`` over distinct groups, per replicate, ``(G + 1,)``.
+
+    With ``pairs[g, h] = ⟨F̂_g, F̂_h⟩`` for the groups' own unbiased estimates ``F̂_g``
+    (independent draws), ``E⟨F̂_g, F̂_h⟩ = ‖F‖²_F`` for ``g ≠ h``: the mean over the
+    ``|S|(|S| − 1)`` ordered pairs of distinct groups in a replicate ``S`` is the
+    U-statistic, an unbiased estimate of ``‖F‖²_F`` (the plug-in ``‖F̂_S‖²`` would add the
+    groups' own noise, ``E‖F̂_g‖² = ‖F‖² + E‖F̂_g − F‖²``, which dominates when ``F̂_g``
+    has far lower rank than ``F``). Full replicate first, then leaving out each group.
+    """
+    groups = pairs.shape[0]
+    distinct = pairs - torch.diag_embed(pairs.diagonal())
+    total = distinct.sum()
+    without = total - 2.0 * distinct.sum(dim=1)
+    full = total / (groups * (groups - 1))
+    return torch.cat([full.reshape(1), without / ((groups - 1) * (groups - 2))])
+
+
+def consistent_squares(squares: Tensor, inner: Tensor, empirical_squares: Tensor) -> Tensor:
+    """An estimate of ``‖F‖²_F`` kept at or above ``⟨EF, F⟩²/‖EF‖²_F`` (Cauchy-Schwarz).
+
+    Unbiased estimates of ``‖F‖²`` and ``⟨EF, F⟩`` may disagree by their noise; raising the
+    first to the bound (where it falls below) keeps ``matrix_cosine ≤ 1`` and
+    ``‖EF − F‖² ≥ 0`` in every replicate, as for a genuine matrix.
+    """
+    if float(empirical_squares) <= 0.0:
+        return squares
+    return torch.maximum(squares, inner.square() / empirical_squares)
+
+
+__all__ = [
+    "SketchDesign",
+    "consistent_squares",
+    "pair_means",
+    "group_fisher_diagonals",
+    "group_traces",
+    "replicate_weights",
+]
