@@ -46,17 +46,17 @@ def test_backpack_dtype_failure_falls_back_to_torch_func():
 
 
 def test_unsupported_network_error_lists_the_modules():
-    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.raises(UnsupportedNetworkError) as caught:
         prepare(model, Categorical("mean"), "backpack")
     error = caught.value
     assert error.backend == "backpack"
-    assert error.modules == ["'1' (GELU)", "'2' (LayerNorm)"]
+    assert error.modules == ["'1' (RReLU)"]
     assert "Supported module types:" in str(error) and "Linear" in error.fix
     assert isinstance(error, NotImplementedError)  # what callers caught before
     network = prepare(model, Categorical("mean"), "auto")
     assert network.backend == "functorch"
-    assert network.preparation_notes[0].startswith("BackPACK cannot handle module(s) '1' (GELU)")
+    assert network.preparation_notes[0].startswith("BackPACK cannot handle module(s) '1' (RReLU)")
     network.close()
 
 

@@ -207,6 +207,79 @@ def test_pooling_matrix_rows_average_pytorch_windows():
     torch.testing.assert_close(matrix @ x, expected, rtol=1e-15, atol=1e-15)
 
 
+# ------------------------------------------------- torch.func pull-backs within BackPACK
+
+
+def hybrid_case(name: str):
+    torch.manual_seed(5)
+    if name == "mlp_layernorm_gelu":
+        model = nn.Sequential(
+            nn.Linear(5, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 4), nn.SiLU(), nn.Linear(4, 3)
+        )
+        inputs = torch.randn(6, 5, dtype=torch.float64)
+        names = ["'1' (LayerNorm)", "'2' (GELU)", "'4' (SiLU)"]
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.SiLU(),
+            nn.Conv2d(4, 2, 3),
+            nn.Hardswish(),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 4, 3),
+        )
+        inputs = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+        names = ["'1' (GroupNorm)", "'2' (SiLU)", "'4' (Hardswish)"]
+    targets = torch.randint(0, 3, (inputs.shape[0],))
+    return model.double(), nn.CrossEntropyLoss(), inputs, targets, names
+
+
+@pytest.mark.parametrize("name", ["mlp_layernorm_gelu", "cnn_groupnorm_silu"])
+def test_modules_without_backpack_extension_are_pulled_back_by_torch_func(name):
+    """LayerNorm, GroupNorm, GELU, SiLU, Hardswish: torch.func within the BackPACK pass,
+    everything else (and the Kronecker factors of the Linear/Conv layers) from BackPACK."""
+    model, loss, inputs, targets, names = hybrid_case(name)
+    m = measure(model, loss, inputs, targets, structures=("diag", "block", "kron"))
+    assert {entry["backend"] for entry in m.coverage} == {"backpack"}
+    assert any("pulled back with torch.func" in n and all(x in n for x in names) for n in m.notes)
+    expected = reference.diag_and_block_metrics(model, loss, inputs, targets)
+    assert_matches(m.scalars, expected, rtol=RTOL, atol=1e-12)
+    assert "kron/trace_ratio/0" in m.scalars and "kron/trace_ratio/1" not in m.scalars
+    functorch = measure(
+        model,
+        loss,
+        inputs,
+        targets,
+        structures=("diag", "block"),
+        backend="functorch",
+        fisher="mc",
+        generator=torch.Generator().manual_seed(3),
+    )
+    hybrid = measure(
+        model,
+        loss,
+        inputs,
+        targets,
+        structures=("diag", "block"),
+        backend="backpack",
+        fisher="mc",
+        generator=torch.Generator().manual_seed(3),
+    )
+    expected = {k: v for k, v in functorch.scalars.items() if not k.startswith("probe/")}
+    assert_matches(hybrid.scalars, expected, rtol=RTOL, atol=1e-12)
+
+
+def test_modules_drawing_random_numbers_are_not_pulled_back():
+    """A torch.func pull-back would recompute the module with new random numbers."""
+    from fisher_monitor.curvature.backends import UnsupportedNetworkError
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedNetworkError) as caught:
+        prepare(model, resolve_loss("cross_entropy"), "backpack")
+    assert caught.value.modules == ["'1' (RReLU)"]
+    assert "pulled back by torch.func" in caught.value.fix
+
+
 # ------------------------------------------------------------ weight-sharing factor forms
 
 

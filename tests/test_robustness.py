@@ -264,7 +264,7 @@ def test_coverage_is_logged_as_text_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = TinyClassifier()
-    model.net[1] = nn.GELU()  # BackPACK cannot: the torch.func backend measures
+    model.net[1] = nn.RReLU()  # BackPACK cannot: the torch.func backend measures
     monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
     torch.manual_seed(0)
     trainer = pl.Trainer(

@@ -119,15 +119,15 @@ def test_batch_problems(batch):
 
 def test_unsupported_module_is_named(batch):
     _, inputs, targets = batch
-    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.LayerNorm(4), nn.Linear(4, 2))
     with pytest.raises(
         NotImplementedError,
-        match=r"'1' \(GELU\), '2' \(LayerNorm\).*Supported module types: .*Linear",
+        match=r"'1' \(RReLU\).*Supported module types: .*Linear",
     ):
         measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
     m = measure(model, nn.CrossEntropyLoss(), inputs, targets)  # "auto" falls back to torch.func
     assert any(
-        "cannot handle module(s) '1' (GELU)" in note and "torch.func" in note for note in m.notes
+        "cannot handle module(s) '1' (RReLU)" in note and "torch.func" in note for note in m.notes
     )
     assert {entry["backend"] for entry in m.coverage} == {"functorch"}
 

@@ -1,4 +1,17 @@
-"""The BackPACK backend: one backward pass with :class:`FactorCapture` per measurement."""
+"""The BackPACK backend: one backward pass with :class:`FactorCapture` per measurement.
+
+Networks that are not plain ``nn.Sequential`` trees go through BackPACK's graph converter
+(``torch.fx``): residual additions become ``SumModule`` s, ``torch.flatten`` calls
+``Flatten`` modules, in-place activations out-of-place ones. Modules BackPACK supports
+(with adaptive average pooling added, see :mod:`~fisher_monitor.curvature.capture`) are
+handled by BackPACK; any other single-input module (``LayerNorm``, ``GELU``, ``GroupNorm``,
+…) is pulled back by ``torch.func`` inside the same pass, so only that module leaves the
+structured path (a hybrid; the notes name those modules). A network that cannot be
+converted (an operation that is not a module, e.g. ``F.gelu`` or a product of two
+tensors, or a multi-input module such as attention) is measured with ``torch.func`` as a
+whole: BackPACK's backward pass runs module by module, and an operation outside a module
+has no place to receive the columns.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +28,12 @@ from fisher_monitor.curvature.capture import (
     FactorCapture,
     MaterializedCapture,
     StructuredCapture,
+    attach_twin,
     clear_captures,
     detach_capture,
     pop_materialized,
     pop_structured,
+    takes_one_input,
 )
 from fisher_monitor.curvature.factors import (
     ColumnSplit,
@@ -47,6 +62,11 @@ _FIX_SUBNETWORK = (
     "Measure a sub-network BackPACK supports (FisherMonitor(network='...')), or use "
     "backend='functorch' (backend='auto' does so by itself)."
 )
+
+
+#: Modules that draw random numbers in train mode (a torch.func pull-back would redraw them)
+#: or take several inputs under a one-input signature: never pulled back by torch.func.
+_NOT_TORCH_FUNC = (nn.modules.dropout._DropoutNd, nn.RReLU, nn.RNNBase)
 
 
 def _is_plain_tree(model: nn.Module) -> bool:
@@ -80,7 +100,7 @@ class BackpackNetwork(Backend):
         convert = not _is_plain_tree(copy_root) if use_converter == "auto" else bool(use_converter)
         handles_before = len(CTX.hook_handles)
         network = self._convert(copy_root, type(model).__name__) if convert else copy_root
-        self._check_supported(network, names_of_copy)
+        self._torch_func_types = self._check_supported(network, names_of_copy)
         self.network = extend(network)
         self.loss_module = extend(likelihood.make_module())
         self._handles = CTX.hook_handles[handles_before:]
@@ -134,17 +154,36 @@ class BackpackNetwork(Backend):
         self.preparation_notes.append("network converted with BackPACK's graph converter")
         return network
 
-    def _check_supported(self, network: nn.Module, names_of_copy: dict[int, str]) -> None:
+    def _check_supported(
+        self, network: nn.Module, names_of_copy: dict[int, str]
+    ) -> dict[type[nn.Module], list[str]]:
+        """Check every module; prepare the ones BackPACK lacks for ``torch.func`` pull-backs.
+
+        Returns:
+            The module types to pull back with ``torch.func``, with their parameter names.
+
+        Raises:
+            UnsupportedNetworkError: For a module neither BackPACK nor a one-module
+                ``torch.func`` pull-back can handle.
+        """
         supported = FactorCapture().supported_modules
-        offending = []
+        offending, hybrid = [], []
+        torch_func_types: dict[type[nn.Module], list[str]] = {}
         for name, module in network.named_modules():
             if list(module.children()) or isinstance(module, nn.Sequential):
                 continue
             if isinstance(module, supported) and type(module) in supported:
                 continue
-            if type(module).__name__ in ("Identity",):
+            label = f"{names_of_copy.get(id(module), name)!r} ({type(module).__name__})"
+            if isinstance(module, _NOT_TORCH_FUNC) or not takes_one_input(module):
+                offending.append(label)
                 continue
-            offending.append(f"{names_of_copy.get(id(module), name)!r} ({type(module).__name__})")
+            hybrid.append(label)
+            parameters = torch_func_types.setdefault(type(module), [])
+            for key, parameter in module._parameters.items():
+                if parameter is not None and key not in parameters:
+                    parameters.append(key)
+            attach_twin(module)
         if offending:
             allowed = sorted(
                 {
@@ -158,8 +197,16 @@ class BackpackNetwork(Backend):
                 "backpack",
                 f"cannot handle module(s) {', '.join(offending)}",
                 offending,
-                f"Supported module types: {', '.join(allowed)}.",
+                f"Supported module types: {', '.join(allowed)}, and any module with one "
+                "input and one output that draws no random numbers (pulled back by "
+                "torch.func within the BackPACK pass).",
             )
+        if hybrid:
+            self.preparation_notes.append(
+                "pulled back with torch.func within the BackPACK pass (no BackPACK "
+                f"extension for them): {', '.join(hybrid)}"
+            )
+        return torch_func_types
 
     def _map_layer_modules(self, network: nn.Module) -> dict[int, LayerInfo]:
         """Map modules of the (possibly converted) network to the caller's layers."""
@@ -205,7 +252,7 @@ class BackpackNetwork(Backend):
         on_layer: LayerCallback,
         dtype: torch.dtype = torch.float64,
     ) -> PassResult:
-        extension = FactorCapture()
+        extension = FactorCapture(self._torch_func_types)
         measured: list[str] = []
         notes: list[str] = []
         split: list[ColumnSplit] = []
