@@ -191,22 +191,47 @@ def _reference_signs(outputs: torch.Tensor, columns: int, seed: int) -> torch.Te
     return rademacher((outputs.shape[0], columns, *outputs.shape[1:]))
 
 
-def _sketched_columns(model, inputs, seed, design):
+def _hessian_roots(model, loss, inputs, targets) -> torch.Tensor:
+    """The square roots ``S_n`` (``K × K``) the sketch applies to Rademacher signs.
+
+    Softmax: ``S = diag(τ)(I − ττᵀ)`` per position (``τ = √p``); Gaussian: ``√c I``. Both
+    are checked against the torch.func loss-Hessians, ``S Sᵀ = H``.
+    """
+    hessians = reference.output_hessians(model, loss, inputs, targets)
+    with torch.no_grad():
+        outputs = model(inputs)
+    n, size = outputs.shape[0], outputs[0].numel()
+    if isinstance(loss, nn.CrossEntropyLoss):
+        classes = outputs.shape[1]
+        tau = outputs.log_softmax(dim=1).mul(0.5).exp().reshape(n, classes, -1)  # (N, C, T)
+        eye = torch.eye(classes, dtype=tau.dtype)
+        roots = torch.zeros(n, size, size, dtype=tau.dtype)
+        positions = tau.shape[2]
+        for i in range(n):
+            for t in range(positions):
+                block = torch.diag(tau[i, :, t]) @ (eye - torch.outer(tau[i, :, t], tau[i, :, t]))
+                index = torch.arange(classes) * positions + t  # output flattened as (c, t)
+                roots[i][index.unsqueeze(1), index] = block
+    else:  # Gaussian: H = c·I
+        roots = hessians.diagonal(dim1=1, dim2=2).sqrt().diag_embed()
+    torch.testing.assert_close(roots @ roots.transpose(1, 2), hessians, rtol=1e-10, atol=1e-12)
+    return roots
+
+
+def _sketched_columns(model, loss, inputs, targets, seed, design):
     """The sketch's columns ``v_(j,n) = J_nᵀ S_n w_{n,j}/√(N k)``, ``(k, N, D)``, brute force."""
     with torch.no_grad():
         outputs = model(inputs)
-    signs = _reference_signs(outputs, design.columns, seed)
     n, k = outputs.shape[0], design.columns
-    # s_{n,j} = τ ⊙ (w − τ(τᵀw)) per position, τ = √softmax over the class dimension
-    tau = outputs.log_softmax(dim=1).mul(0.5).exp().unsqueeze(1)
-    sides = tau * (signs - tau * (tau * signs).sum(dim=2, keepdim=True))  # (N, k, C, ...)
+    signs = _reference_signs(outputs, k, seed).reshape(n, k, -1)  # (N, k, K)
+    sides = torch.einsum("nab,njb->nja", _hessian_roots(model, loss, inputs, targets), signs)
     jac = reference.output_jacobians(model, inputs)  # (N, K, D)
-    return torch.einsum("njk,nkd->jnd", sides.reshape(n, k, -1), jac) / (n * k) ** 0.5
+    return torch.einsum("njk,nkd->jnd", sides, jac) / (n * k) ** 0.5
 
 
-def _sketched_groups(model, inputs, seed, design):
+def _sketched_groups(model, loss, inputs, targets, seed, design):
     """Dense unbiased ``F̂_g = G Σ_{j∈g,n} v v ᵀ`` per group (D × D)."""
-    columns = _sketched_columns(model, inputs, seed, design)
+    columns = _sketched_columns(model, loss, inputs, targets, seed, design)
     per_group = columns.reshape(design.groups, -1, columns.shape[-1])
     return [design.groups * c.T @ c for c in per_group]
 
@@ -247,7 +272,7 @@ def _replicate_sets(groups: int) -> list[list[int]]:
 
 def _reference_estimates(model, loss, inputs, targets, seed, design, damping=1e-3):
     """Every key and ``_se`` key of the sketched ``diag`` and ``block`` structures, densely."""
-    columns = _sketched_columns(model, inputs, seed, design)
+    columns = _sketched_columns(model, loss, inputs, targets, seed, design)
     per_group = columns.reshape(design.groups, -1, columns.shape[-1])
     groups = [design.groups * c.T @ c for c in per_group]
     per_sample = reference.per_sample_gradients(model, loss, inputs, targets)
@@ -325,6 +350,7 @@ DEFINITION_CASES = [
     ("cnn", "functorch"),
     ("conv_sequence", "backpack"),  # positions: a sketch column spans every position
     ("embedding_sequence", "functorch"),
+    ("regression", "backpack"),  # Gaussian: s = √c·w
 ]
 
 
@@ -338,22 +364,29 @@ def test_sketched_metrics_match_the_dense_definition(problem, backend):
         loss = case.module("mean")
     elif problem == "conv_sequence":
         model, inputs, targets, loss = conv_sequence_problem()
+    elif problem == "regression":
+        model, inputs, targets, case = make_problem("mlp", "mse3", n=6, seed=3)
+        loss = case.module("mean")
     else:
         model, inputs, targets, loss = sequence_problem()
     design = cost.DEFAULT_SKETCH
     m = run(model, loss, inputs, targets, seed=7, backend=backend)
     expected = _reference_estimates(model, loss, inputs, targets, 7, design)
-    for key, value in expected.items():
+    measured = {k for k in m.scalars if keys.parse_key(k)}
+    for key in measured | set(expected):
         parsed = keys.parse_key(key)
         if parsed.stderr:  # compared on the scale of the metric (some SEs are ~1e-9 of it)
-            scale = max(
-                1.0, abs(expected[keys.metric_key(parsed.structure, parsed.metric, parsed.layer)])
-            )
-            assert m.scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-10 * scale), key
+            metric = keys.metric_key(parsed.structure, parsed.metric, parsed.layer)
+            scale = max(1.0, abs(expected[metric]))
+            # a metric the signs do not move (e.g. Rademacher squares of a Gaussian output
+            # layer's diagonal) has no standard error; rounding may leave a tiny one
+            got, want = m.scalars.get(key, 0.0), expected.get(key, 0.0)
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-10 * scale), key
         else:
-            assert m.scalars[key] == pytest.approx(value, rel=1e-7, abs=1e-10), key
-    measured = {k for k in m.scalars if keys.parse_key(k)}
-    assert measured == set(expected)
+            assert m.scalars[key] == pytest.approx(expected[key], rel=1e-7, abs=1e-10), key
+    assert {k for k in measured if not keys.parse_key(k).stderr} == {
+        k for k in expected if not keys.parse_key(k).stderr
+    }
     assert not any(
         keys.parse_key(k).metric in FISHER_INVERSE for k in measured if k.startswith("block/")
     )
@@ -364,7 +397,7 @@ def test_sketched_diagonal_matches_the_reference_sketch():
     model, inputs, targets, loss = classifier_problem()
     design = cost.DEFAULT_SKETCH
     m = run(model, loss, inputs, targets, seed=11, structures=("diag",))
-    groups = _sketched_groups(model, inputs, 11, design)
+    groups = _sketched_groups(model, loss, inputs, targets, 11, design)
     full = torch.diagonal(sum(groups) / design.groups)
     got = torch.cat([m.diagonals[name][0] for name in m.layer_names])
     torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-14)
