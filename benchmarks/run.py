@@ -269,7 +269,7 @@ def notes_text(result: dict) -> str:
 def model_table(name: str, rows: list[dict]) -> list[str]:
     """One model's rows: configurations, callback, floors."""
     spec = MODELS[name]
-    goals = {t.case: t.bound for t in TARGETS}
+    targets = {t.case: t for t in TARGETS}
     steps = [
         r[kind]["step_ms"]
         for r in rows
@@ -304,7 +304,7 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
     ]
     for result in rows:
         case = result["name"]
-        goal = goals.get(case)
+        target = targets.get(case)
         kind = result["kind"]
         failure = problem(result)
         if kind == "measure":
@@ -326,9 +326,7 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
             )
             first, second, memory = callback, {}, ""
         ratio = first.get("ratio")
-        met = None if goal is None or ratio is None else ratio <= goal
-        if failure and ratio is None:
-            met = False if goal is not None else None
+        met = check(target, result)[1] if target is not None else None  # every condition
         bound = result.get("lower_bound") or {}
         timed = first.get("ms") is not None
         if not timed and bound.get("kind") in ("measure", "floor"):
@@ -341,7 +339,7 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
             label,
             first_ms,
             ratio_cell,
-            f"≤ {goal:g}×" if goal is not None else "",
+            f"≤ {target.bound:g}×" if target is not None else "",
             mark(met),
             number(second.get("ms")),
             ratio_text(second.get("ratio")),
