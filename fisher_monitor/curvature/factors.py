@@ -616,13 +616,18 @@ class WeightSharingFactors(LayerFactors):
         network = self.sqrt_at_output.dtype
         a, b = self._sides(left, network), self._sides(right, network)
         if self._gram_uses_pairs(a.shape[0], b.shape[0]):
+            if left == right:
+                a = a.to(self.dtype)
+                return self._pair_gram(a, a, symmetric=True)
             return self._pair_gram(a.to(self.dtype), b.to(self.dtype))
         return self._materialised_gram(a, b, symmetric=left == right)
 
-    def _pair_gram(self, a: Tensor, b: Tensor) -> Tensor:
+    def _pair_gram(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         """The cross Gram in the position-pair form (see :func:`weight_sharing_costs`).
 
-        Processed in chunks of samples ``n`` whose intermediate stays in cache.
+        Processed in chunks of samples ``n`` whose intermediate stays in cache; for a
+        symmetric Gram (``a`` is ``b``) only the samples ``m`` from the chunk on are formed
+        and the rest is mirrored.
         """
         n, t, i = self.inputs.shape
         ka, kb, o = a.shape[0], b.shape[0], self.out_features
@@ -632,14 +637,25 @@ class WeightSharingFactors(LayerFactors):
         left = a.permute(1, 0, 2, 3).reshape(n, ka, t * o)  # (N, R, T·O)
         gram = a.new_empty(n, ka, n, kb)  # [n, r, m, s]
         step = max(1, _PAIR_CHUNK_BYTES // max(n * t * kb * o * a.element_size(), 1))
-        for start in range(0, n, step):
+        starts = list(range(0, n, step))
+        for start in starts:
             stop = min(start + step, n)
-            size = stop - start
+            size, first = stop - start, start if symmetric else 0
+            others = n - first
             # W[m, (n,t), (s,o)] = Σ_u K^x[n, t, m, u] b[s, m, u, o] for n in the chunk
-            chunk = inputs_gram[start:stop].permute(2, 0, 1, 3).reshape(n, size * t, t)
-            weighted = torch.bmm(chunk, right).view(n, size, t, kb, o)
-            weighted = weighted.permute(1, 2, 4, 0, 3).reshape(size, t * o, n * kb)
-            gram[start:stop] = torch.bmm(left[start:stop], weighted).view(size, ka, n, kb)
+            chunk = inputs_gram[start:stop, :, first:].permute(2, 0, 1, 3)
+            weighted = torch.bmm(chunk.reshape(others, size * t, t), right[first:])
+            weighted = weighted.view(others, size, t, kb, o).permute(1, 2, 4, 0, 3)
+            weighted = weighted.reshape(size, t * o, others * kb)
+            block = torch.bmm(left[start:stop], weighted).view(size, ka, others, kb)
+            gram[start:stop, :, first:] = block
+        if symmetric:  # rows (n, r), columns (m, s): mirror the blocks left of each chunk
+            flat = gram.view(n * ka, n * kb)
+            for start in starts[1:]:
+                stop = min(start + step, n)
+                flat[start * ka : stop * ka, : start * kb] = flat[
+                    : start * kb, start * ka : stop * ka
+                ].T
         return gram.permute(1, 0, 3, 2).reshape(ka * n, kb * n)
 
     def _materialised_gram(self, a: Tensor, b: Tensor, symmetric: bool) -> Tensor:
