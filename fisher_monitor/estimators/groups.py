@@ -28,13 +28,14 @@ class SketchDesign:
     """How many sketched columns a pass draws, in how many replicate groups.
 
     Attributes:
-        groups: ``G``, independent replicate groups (at least 2, for the jackknife).
+        groups: ``G``, independent replicate groups (at least 3: every leave-one-group-out
+            replicate needs two groups for its unbiased squared norms).
         columns_per_group: ``m``, sketched columns per sample in each group.
         relative_damping: Whether ``λ_b`` follows ``tr F̂_b`` (``damping_mode="relative"``),
             so that every replicate recomputes it from its own trace.
     """
 
-    groups: int = 8
+    groups: int = 6
     columns_per_group: int = 1
     relative_damping: bool = True
 
@@ -94,7 +95,7 @@ def group_fisher_diagonals(factors: LayerFactors, groups: int) -> Tensor:
         for g in range(groups):
             part = WeightSharingFactors(
                 factors.inputs,
-                _output_grads(factors),
+                factors.output_grads,
                 sqrt[g * size : (g + 1) * size],
                 factors.weight_columns,
                 factors.has_bias,
@@ -121,20 +122,6 @@ def _row_squares(rows: Tensor) -> Tensor:
     for index in range(1, rows.shape[1]):
         total.addcmul_(rows[:, index], rows[:, index])
     return total
-
-
-def _output_grads(factors: WeightSharingFactors) -> Tensor:
-    """The per-sample output gradients ``(N, T, O)`` of a weight-sharing layer."""
-    grads = getattr(factors, "output_grads", None)
-    if grads is None:  # layouts that keep only the materialised per-sample gradients
-        n, t, _ = factors.inputs.shape
-        grads = factors.sqrt_at_output.new_zeros(n, t, factors.sqrt_at_output.shape[-1])
-    return grads
-
-
-def group_traces(diagonals: Tensor) -> Tensor:
-    """``tr(V̂_g V̂_gᵀ)`` per group from :func:`group_fisher_diagonals`, ``(G,)``."""
-    return diagonals.sum(dim=1)
 
 
 def replicate_weights(groups: int, dtype: torch.dtype, device=None) -> Tensor:
@@ -185,6 +172,5 @@ __all__ = [
     "consistent_squares",
     "pair_means",
     "group_fisher_diagonals",
-    "group_traces",
     "replicate_weights",
 ]

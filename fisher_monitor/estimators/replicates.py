@@ -31,7 +31,7 @@ statistics to every replicate. See ``docs/theory.md#standard-errors``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fisher_monitor import keys
@@ -183,14 +183,6 @@ def add_estimated_metrics(
             scalars[keys.stderr_key(structure, name, layer, suffix)] = estimate.stderr
 
 
-def unavailable_metrics(replicates: Iterable[Replicates]) -> frozenset[str]:
-    """Every metric name some of ``replicates`` cannot give."""
-    found: frozenset[str] = frozenset()
-    for item in replicates:
-        found |= item.unavailable
-    return found
-
-
 __all__ = [
     "Estimate",
     "Replicates",
@@ -198,5 +190,4 @@ __all__ = [
     "estimated_metrics",
     "jackknife",
     "sum_replicates",
-    "unavailable_metrics",
 ]
