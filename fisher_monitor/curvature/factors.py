@@ -426,12 +426,13 @@ def weight_sharing_diagonal_costs(
     """Multiply-adds of ``Σ_c diag(vec M_c vec M_cᵀ)`` for ``columns·N`` columns.
 
     ``(materialised, pairs)``: ``K·N·T·O·I`` (plus the squares) against the position-pair
-    form ``Σ_{t,u} (Σ_k a_{k,n,t,o} a_{k,n,u,o}) x̃_{n,t,i} x̃_{n,u,i}``,
-    ``K·N·T²·O + N·T²·I + N·T²·O·I`` (cheaper when ``T`` is below ``K``).
+    form ``Σ_{t≤u} w_{tu} (Σ_k a_{k,n,t,o} a_{k,n,u,o}) x̃_{n,t,i} x̃_{n,u,i}`` over the
+    ``P = T(T+1)/2`` pairs, ``K·N·P·O + N·P·I + N·P·O·I`` (cheaper when ``T`` is small).
     """
     k, n, t, o, i = columns, samples, positions, outputs, inputs
+    p = t * (t + 1) // 2
     materialised = k * n * t * o * i + k * n * o * i
-    pairs = k * n * t * t * o + n * t * t * i + n * t * t * o * i
+    pairs = k * n * p * o + n * p * i + n * p * o * i
     return materialised, pairs
 
 
@@ -578,17 +579,22 @@ class WeightSharingFactors(LayerFactors):
     def _pair_diagonal(self, sides: Tensor) -> Tensor:
         """``Σ_{k,n} M_{k,n}²`` (``O × I``, :attr:`dtype`) in the position-pair form.
 
-        Formed in :attr:`dtype` (float64: for ``T > 1`` the cross terms ``t ≠ u`` may cancel).
+        Only the pairs ``t ≤ u`` are formed (the others are their mirror images, counted
+        twice). Formed in :attr:`dtype` (float64: for ``T > 1`` the cross terms may cancel).
         """
         n, t, i = self.inputs.shape
         dtype = self.dtype
-        pairs = torch.zeros(n, t, t, self.out_features, dtype=dtype, device=sides.device)
+        first, second = torch.triu_indices(t, t, device=sides.device)
+        weight = torch.where(first == second, 1.0, 2.0).to(dtype).view(1, -1, 1)
+        pairs = torch.zeros(n, first.numel(), self.out_features, dtype=dtype, device=sides.device)
         for side in sides:  # (N, T, O)
             side = side.to(dtype)
-            pairs += side.unsqueeze(2) * side.unsqueeze(1)
+            pairs.addcmul_(side[:, first], side[:, second])
+        pairs *= weight
         x = self.inputs.to(dtype)
-        products = x.unsqueeze(2) * x.unsqueeze(1)  # (N, T, T, I)
-        return pairs.reshape(n * t * t, self.out_features).T @ products.reshape(n * t * t, i)
+        products = x[:, first] * x[:, second]  # (N, P, I)
+        count = n * first.numel()
+        return pairs.reshape(count, self.out_features).T @ products.reshape(count, i)
 
     def _uses_pairs(self, columns: int, itemsize: int) -> bool:
         """Whether the position-pair form of a diagonal is the cheaper one."""
@@ -596,7 +602,7 @@ class WeightSharingFactors(LayerFactors):
         if t == 1:
             return True  # outer products: (Σ_k a²)ᵀ x² is one matrix product
         materialised, pairs = weight_sharing_diagonal_costs(columns, n, t, self.out_features, i)
-        pair_bytes = 8 * n * t * t * (self.out_features + i)
+        pair_bytes = 8 * n * t * (t + 1) // 2 * (self.out_features + i)
         # the pair form runs in float64: count it double against a float32 materialisation
         return pairs * (8 // itemsize) < materialised and pair_bytes <= CHUNK_BYTES
 

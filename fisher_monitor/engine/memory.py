@@ -306,7 +306,7 @@ def _layer_bytes(
         return total
     # the decisions of WeightSharingFactors (see its cost functions)
     if _diagonal_uses_pairs(rn, n, t, o, i, s):
-        total += d * n * t * t * (o + i) + o * i * d
+        total += d * n * t * (t + 1) // 2 * (o + i) + o * i * d
     else:
         total += DIAGONAL_CHUNK_BYTES + o * i * d
     if block and dense:
@@ -333,7 +333,7 @@ def _diagonal_uses_pairs(rn: int, n: int, t: int, o: int, i: int, s: int) -> boo
     if t == 1:
         return True
     materialised, pairs = weight_sharing_diagonal_costs(rn, n, t, o, i)
-    return pairs * (8 // s) < materialised and 8 * n * t * t * (o + i) <= CHUNK_BYTES
+    return pairs * (8 // s) < materialised and 8 * n * t * (t + 1) // 2 * (o + i) <= CHUNK_BYTES
 
 
 def estimate_peak_bytes(
