@@ -180,7 +180,7 @@ def measure_once(
         targets.shape[0],
         estimator=options.estimator,
         memory_budget=options.memory_budget,
-        exact_only=_exact_only(options, names),
+        exact_only=exact_only_reason(options, names),
         sketch=options.sketch,
     )
     structures = _structures(names, plan)
@@ -244,8 +244,13 @@ def measure_once(
     )
 
 
-def _exact_only(options: MeasureOptions, names: list[str]) -> str | None:
-    """Why a measurement must use the exact Fisher whatever it costs, if it must."""
+def exact_only_reason(options: MeasureOptions, names: list[str]) -> str | None:
+    """Why a measurement must use the exact Fisher whatever it costs, if it must.
+
+    Args:
+        options: The measurement's options.
+        names: The structures asked for.
+    """
     if not any(hasattr(STRUCTURES[name], "estimate_from") for name in names):
         return f"no estimator for {', '.join(names)}"
     if options.keep_blocks:
@@ -397,4 +402,11 @@ def _directions(
     return found
 
 
-__all__ = ["MAX_KEPT_BLOCK", "LayerCollector", "MeasureOptions", "layer_dampings", "measure_once"]
+__all__ = [
+    "MAX_KEPT_BLOCK",
+    "LayerCollector",
+    "MeasureOptions",
+    "exact_only_reason",
+    "layer_dampings",
+    "measure_once",
+]
