@@ -229,7 +229,7 @@ def _structure_flops(
     if not shape.outer_product:  # factors materialised from positions, or per-sample pullbacks
         flops += 2.0 * (r + n) * d * t
     flops += 2.0 * (r * length + n * o * inputs)  # diagonals
-    if Structure.BLOCK in settings.structures or Structure.KRON in settings.structures:
+    if Structure.BLOCK in settings.structures:
         if exact and d <= r:  # dense blocks and their eigendecomposition
             flops += 2.0 * r * d * d + 10.0 * d**3
         else:
@@ -237,8 +237,9 @@ def _structure_flops(
             if exact:  # Cholesky or eigendecomposition of λI + K_V with its solves (LAPACK
                 # runs at a fraction of a matrix product's speed: counted as 2R³ per damping)
                 flops += 2.0 * min(len(settings.dampings), 4) * r**3
-    if Structure.KRON in settings.structures:
+    if Structure.KRON in settings.structures:  # factors, their eigendecompositions, K_U
         flops += 10.0 * (o**3 + inputs**3) + 2.0 * r * o * o * t + 2.0 * n * t * inputs**2
+        flops += 2.0 * n * n * length
     return flops
 
 
