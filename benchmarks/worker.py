@@ -10,8 +10,9 @@ Kinds of case (see :mod:`benchmarks.cases`):
 - ``measure``: one-shot ``measure()`` and a prepared ``Measurer`` call, each preceded by
   warm plain SGD steps (:func:`benchmarks.timing.warm_step`), repeated while the case's
   time budget lasts; the first repetition also records the peak extra memory of each
-  call. A two-sample call first loads the code paths, so that one-time import and
-  dispatch costs are not charged to the first timed call.
+  call. A two-sample ``measure()`` first loads the code paths, so that one-time import
+  and dispatch costs are not charged to the first timed call; the ``Measurer`` is
+  prepared (its network copied and converted) before its first timed call.
 - ``floor``: BackPACK's own extensions on the same batch, timed the same way.
 - ``callback``: ``Trainer.fit`` with ``FisherMonitor`` (every ``every`` steps, its
   TensorBoard logging on) and a clock callback that records when each step starts.
@@ -258,10 +259,10 @@ def measure_case(context: Setup, config: str, options: Options, result: Result) 
     # load the code paths on two samples: import and first-dispatch costs are not the case's
     result.save("measure() on 2 samples (warm-up)")
     one_shot(inputs[:2], targets[:2])
-    result.save("preparing the Measurer on 2 samples")
+    result.save("preparing the Measurer")
     measurer = Measurer(context.model, context.loss_fn, MeasureSettings.create(structures, fisher))
     generator = torch.Generator().manual_seed(0)
-    measurer(inputs[:2], targets[:2], generator=generator)  # prepares the backend
+    _ = measurer.prepared  # prepares the backend without measuring
 
     outcome: dict = {}
 
