@@ -182,13 +182,18 @@ def test_probe_that_would_not_fit_is_sub_sampled_and_noted():
     full = measurer.estimate_peak_bytes(64, 9)
     budget = measurer.estimate_peak_bytes(20, 9)
     assert full > budget
-    m = measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=budget)
+    m = measure(
+        model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=budget, estimator="exact"
+    )
     assert m["probe/batch_size"] == 20
     assert any(
         "probe sub-sampled from 64 to 20 samples to fit the memory budget" in n for n in m.notes
     )
     with pytest.raises(MemoryError, match="Even one probe sample needs an estimated"):
         measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=10)
+    # with the default estimator="auto", a sketch of the Fisher is preferred to a smaller probe
+    auto = measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=budget)
+    assert auto.settings["estimator"]["method"] == "sketch" or auto["probe/batch_size"] == 64
 
 
 def test_out_of_memory_is_retried_on_half_the_samples(monkeypatch):

@@ -32,6 +32,7 @@ from fisher_monitor.callback.update import (
 )
 from fisher_monitor.callback.writers import RunInfo, Writer, time_series, writers_for
 from fisher_monitor.engine import BACKENDS, Measurer
+from fisher_monitor.engine.cost import check_estimator
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.schedules import Schedule, TimedSchedule
@@ -98,6 +99,9 @@ class FisherMonitor(*_BASES):
         memory_budget: Peak bytes of one measurement: an int, a size such as ``"1GB"``
             (powers of 1000) or ``"512MiB"`` (powers of 1024), or ``None`` for half the
             available memory. A larger probe is sub-sampled, and the notes say so.
+        estimator: ``"auto"`` (the exact Fisher while it is affordable, a sketch of it with
+            standard errors for many classes; ``docs/theory.md#estimators``), ``"exact"``
+            or ``"sketch"``.
         log_prefix: Prefix of every logged key. The default ``"~fisher"`` sorts after your
             own tags in TensorBoard, so your curves stay on top.
         log_histograms: Histograms per layer (TensorBoard).
@@ -165,6 +169,7 @@ class FisherMonitor(*_BASES):
         probe_data: Any = None,
         backend: str = "auto",
         memory_budget: int | str | None = None,
+        estimator: str = "auto",
         log_prefix: str = DEFAULT_LOG_PREFIX,
         log_histograms: bool = True,
         log_images: bool = True,
@@ -192,6 +197,7 @@ class FisherMonitor(*_BASES):
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
         self.memory_budget = arguments.check_memory_budget(memory_budget)
+        self.estimator = check_estimator(estimator)
         self.log_prefix = arguments.check_prefix(log_prefix)
         self.log_histograms = arguments.check_flag("log_histograms", log_histograms)
         self.log_images = arguments.check_flag("log_images", log_images)
@@ -287,6 +293,7 @@ class FisherMonitor(*_BASES):
             self.settings,
             backend=self.backend,
             memory_budget=self.memory_budget,
+            estimator=self.estimator,
         )
         self._probe.prepare()
         self._layers, self._backend_used = None, None
@@ -306,6 +313,7 @@ class FisherMonitor(*_BASES):
             "fixed_probe": self.probe_data is not None,
             "backend": self.backend,
             "backend_used": self._backend_used,
+            "estimator": self.estimator,
             "network": network_name(pl_module, self._measured) if self._measured else None,
             "loss": _loss_text(measurer.likelihood) if measurer is not None else None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,

@@ -28,11 +28,16 @@ from fisher_monitor.curvature.backends import (
 )
 from fisher_monitor.curvature.layers import is_lazy
 from fisher_monitor.curvature.passes import seed_from
-from fisher_monitor.engine import memory
-from fisher_monitor.engine.pipeline import MAX_KEPT_BLOCK, MeasureOptions, measure_once
+from fisher_monitor.engine import cost, memory
+from fisher_monitor.engine.pipeline import (
+    MAX_KEPT_BLOCK,
+    MeasureOptions,
+    exact_only_reason,
+    measure_once,
+)
 from fisher_monitor.likelihoods import Likelihood, resolve_loss
 from fisher_monitor.measurement import Measurement
-from fisher_monitor.settings import MeasureSettings
+from fisher_monitor.settings import FisherType, MeasureSettings
 
 
 class Measurer:
@@ -52,6 +57,7 @@ class Measurer:
             otherwise), ``"backpack"`` or ``"functorch"``.
         memory_budget: Bytes a measurement may use at its peak; ``None`` for half the
             memory available (80% of the free GPU memory on CUDA).
+        estimator: ``"auto"``, ``"exact"`` or ``"sketch"`` (see :func:`measure`).
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class Measurer:
         dtype: torch.dtype = torch.float64,
         backend: str = "auto",
         memory_budget: int | None = None,
+        estimator: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -71,6 +78,7 @@ class Measurer:
         self.dtype = dtype
         self.backend = check_backend(backend)
         self.memory_budget = memory_budget
+        self.estimator = cost.check_estimator(estimator)
         self._columns_cache: dict[tuple, int] = {}
         self._prepared: Backend | None = None
 
@@ -130,6 +138,8 @@ class Measurer:
             keep_blocks=keep_blocks,
             keep_directions=keep_directions or update is not None,
             dtype=self.dtype,
+            estimator=self.estimator,
+            memory_budget=self.memory_budget,
         )
         try:
             measurement = self._measure(inputs, targets, options)
@@ -165,11 +175,10 @@ class Measurer:
             inputs, targets, prepared.device, prepared.parameter_dtype
         )
         size = targets.shape[0]
-        fitting = self._fitting_batch_size(inputs, size)
+        columns = self._pass_columns(inputs, size, options)
+        fitting = self._fitting_batch_size(size, columns)
         if fitting < size:
-            estimate = memory.estimate_peak_bytes(
-                prepared, self.settings, size, self._columns(inputs)
-            )
+            estimate = memory.estimate_peak_bytes(prepared, self.settings, size, columns)
             notes.append(
                 f"probe sub-sampled from {size} to {fitting} samples to fit the memory budget "
                 f"({estimate / 2**30:.1f} GiB estimated for {size})"
@@ -203,7 +212,27 @@ class Measurer:
             self._columns_cache[key] = memory.output_columns(self.prepared, self.settings, inputs)
         return self._columns_cache[key]
 
-    def _fitting_batch_size(self, inputs, size: int) -> int:
+    def _pass_columns(self, inputs, size: int, options: MeasureOptions) -> int:
+        """Loss-side columns per sample of the pass the cost model chooses for ``size`` samples.
+
+        The exact Fisher's ``R_n`` when it fits, else the estimator's ``k + 1``: the probe is
+        only sub-sampled when even the estimator does not fit the budget.
+        """
+        if self.settings.fisher is FisherType.MC:
+            return self._columns(inputs)
+        plan = cost.plan(
+            self.prepared,
+            self.settings,
+            inputs,
+            size,
+            estimator=options.estimator,
+            memory_budget=options.memory_budget,
+            exact_only=exact_only_reason(options, [s.value for s in self.settings.structures]),
+            sketch=options.sketch,
+        )
+        return plan.pass_columns
+
+    def _fitting_batch_size(self, size: int, columns: int) -> int:
         prepared = self.prepared
         budget = (
             self.memory_budget
@@ -212,9 +241,7 @@ class Measurer:
         )
         if budget is None:
             return size
-        return memory.fitting_batch_size(
-            prepared, self.settings, size, self._columns(inputs), budget
-        )
+        return memory.fitting_batch_size(prepared, self.settings, size, columns, budget)
 
     def estimate_peak_bytes(self, size: int, columns_per_sample: int) -> int:
         """Estimated peak memory of a measurement (see :func:`memory.estimate_peak_bytes`)."""
@@ -245,6 +272,7 @@ def measure(
     keep_directions: bool = False,
     update: Mapping[str, Tensor] | None = None,
     memory_budget: int | None = None,
+    estimator: str = "auto",
 ) -> Measurement:
     """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
 
@@ -287,6 +315,10 @@ def measure(
             negative gradient, ``{structure}/update_{nat,ef,grad}_cosine/{layer}``.
         memory_budget: Peak bytes the measurement may use (``None``: half the available
             memory). A probe batch estimated to need more is sub-sampled, with a note.
+        estimator: ``"auto"`` measures the exact Fisher while it is affordable and a sketch
+            of it (random combinations of its square-root columns, with standard errors
+            under ``…_se`` keys) when many classes would make it too slow or too large;
+            ``"exact"`` or ``"sketch"`` force one (``docs/theory.md#estimators``).
 
     Returns:
         The :class:`Measurement`.
@@ -301,7 +333,13 @@ def measure(
     """
     settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
     measurer = Measurer(
-        model, loss_fn, settings, dtype=dtype, backend=backend, memory_budget=memory_budget
+        model,
+        loss_fn,
+        settings,
+        dtype=dtype,
+        backend=backend,
+        memory_budget=memory_budget,
+        estimator=estimator,
     )
     try:
         return measurer(
