@@ -248,6 +248,10 @@ class MaterializedFactors(LayerFactors):
             self._casted_factors = (self.per_sample.to(self.dtype), self.sqrt.to(self.dtype))
         return self._casted_factors
 
+    def columns(self) -> tuple[Tensor, Tensor]:
+        """``(U·√N, V)`` as ``N × D`` and ``R × D`` matrices in ``dtype``."""
+        return self._casted()
+
     def gram_u(self) -> Tensor:  # noqa: D102
         u, _ = self._casted()
         return u @ u.T / self.num_samples

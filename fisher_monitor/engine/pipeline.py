@@ -364,7 +364,35 @@ def _notes(
             "relative damping fell back to absolute damping for layers with zero Fisher "
             f"trace: {', '.join(sorted(collector.damping_fallback))}"
         )
+    notes += _health_notes(collector)
     return notes
+
+
+#: A layer whose damped statistics rounding may have moved by more than this gets a note.
+HEALTH_LIMIT = 1e-3
+
+
+def _health_notes(collector: LayerCollector) -> list[str]:
+    """Name the layers whose numbers rounding may have moved (numerical health).
+
+    The estimate bounds the relative error of the damped statistics (cosines move by about
+    as much); it is pessimistic, so a note means "check", not "wrong".
+    """
+    doubtful = []
+    for structure, per_layer in collector.results.items():
+        for name, result in per_layer.items():
+            if result.health is None:
+                continue
+            error = float(result.health.relative_error)
+            if error > HEALTH_LIMIT:
+                doubtful.append((structure, name, error))
+    return [
+        f"{structure}/{name}: the damped metrics may be off by up to {error:.0e} (relative): "
+        "float64 Gram matrices cannot resolve this layer's curvature at this damping "
+        "(near-duplicate samples, or inputs many orders of magnitude below the bias); "
+        "a larger damping or a smaller probe makes it exact again"
+        for structure, name, error in doubtful
+    ]
 
 
 def _coverage(

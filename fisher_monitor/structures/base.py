@@ -21,7 +21,7 @@ from torch import Tensor
 from fisher_monitor.curvature.factors import LayerFactors
 from fisher_monitor.curvature.layers import LayerInfo
 from fisher_monitor.metrics import LayerStatistics
-from fisher_monitor.metrics.lowrank import EmpiricalSolve, empirical_solves
+from fisher_monitor.metrics.lowrank import EmpiricalSolve, NumericalHealth, empirical_solves
 
 #: Per damping value: ``(A⁻¹g, B⁻¹g)`` of one layer in ``named_parameters`` order.
 Directions = list[tuple[Tensor, Tensor]]
@@ -88,10 +88,14 @@ class LayerResult:
     Attributes:
         statistics: The additive statistics.
         directions: ``(A⁻¹g, B⁻¹g)`` per damping when asked for, else ``None``.
+        health: How far rounding may have moved the damped statistics (a relative error
+            estimate; see :class:`~fisher_monitor.metrics.lowrank.NumericalHealth`), where
+            the structure knows it.
     """
 
     statistics: LayerStatistics
     directions: Directions | None = None
+    health: NumericalHealth | None = None
 
 
 class Structure(ABC):
@@ -113,8 +117,29 @@ class Structure(ABC):
 
 def eigen_solve(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
     """``(λI + K)⁻¹ rhs`` through the eigendecomposition of a PSD Gram matrix ``K``."""
+    return damped_solver(gram, [damping])(0, rhs)
+
+
+def damped_solver(gram: Tensor, dampings: Sequence[float]):
+    """``solve(i, rhs) = (λ_i I + K)⁻¹ rhs`` for a PSD Gram ``K``, factorised once.
+
+    One eigendecomposition serves several dampings; a single damping takes a Cholesky
+    factorisation (several times cheaper), with the eigendecomposition as the fallback
+    when rounding makes ``λI + K`` numerically indefinite.
+    """
+    if len(dampings) == 1:
+        shifted = gram.clone()
+        shifted.diagonal().add_(dampings[0])
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        if int(info) == 0:
+            return lambda index, rhs: torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
     eigenvalues, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
-    return vectors @ ((vectors.T @ rhs) / (eigenvalues.clamp_min(0.0) + damping))
+    eigenvalues = eigenvalues.clamp_min(0.0)
+
+    def solve(index: int, rhs: Tensor) -> Tensor:
+        return vectors @ ((vectors.T @ rhs) / (eigenvalues + dampings[index]))
+
+    return solve
 
 
 def dense_directions(
@@ -132,6 +157,7 @@ __all__ = [
     "LayerResult",
     "Structure",
     "StructureUnavailable",
+    "damped_solver",
     "dense_directions",
     "eigen_solve",
 ]

@@ -2,10 +2,18 @@
 
 With ``U = [g_1 … g_N]/√N`` and ``V`` the Fisher's square-root factor, ``EF_b = UUᵀ`` and
 ``F_b = VVᵀ``; no ``D × D`` matrix is formed unless the layer is smaller than the factors'
-rank (then the dense blocks are cheaper). For the exact Fisher the per-sample gradients
-are combinations of ``V``'s columns, ``U = VB``, with closed-form coefficients, and the
-statistics use that identity (no ``1/λ`` cancellation); see
-:func:`fisher_monitor.metrics.lowrank.lowrank_statistics`.
+rank. For the exact Fisher the per-sample gradients are combinations of ``V``'s columns,
+``U = VB``, with closed-form coefficients, and the statistics use that identity (no
+``1/λ`` cancellation). Two routes compute the statistics
+(:mod:`fisher_monitor.metrics.lowrank`):
+
+- the *root route*, from singular value decompositions of the factors written in a small
+  orthonormal basis: it keeps twice the digits of a Gram matrix, so a layer whose
+  curvature spans many orders of magnitude (near-duplicate samples, inputs far below the
+  bias' constant 1) stays right; taken wherever it is cheap (small layers, ``Linear``
+  layers with few inputs or outputs);
+- the *Gram route* otherwise, with a numerical-health estimate: when rounding may have
+  moved the damped statistics by more than 10⁻³, the measurement's notes name the layer.
 
 When the cost model (:mod:`fisher_monitor.engine.cost`) replaces the exact factor by a
 sketch (:attr:`Block.sketch` set), the layer's statistics come with replicates for the
@@ -20,15 +28,26 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fisher_monitor.curvature.factors import LayerFactors, MaterializedFactors
-from fisher_monitor.metrics import dense_statistics, lowrank_statistics
+from fisher_monitor.curvature.factors import (
+    LayerFactors,
+    MaterializedFactors,
+    OuterProductFactors,
+)
+from fisher_monitor.metrics import dense_statistics
+from fisher_monitor.metrics.lowrank import (
+    BlockStatistics,
+    gram_block_statistics,
+    outer_product_roots,
+    prefer_root_route,
+    root_block_statistics,
+)
 from fisher_monitor.structures.base import (
     Directions,
     LayerInput,
     LayerResult,
     Structure,
+    damped_solver,
     dense_directions,
-    eigen_solve,
 )
 
 if TYPE_CHECKING:  # the estimators import the structures' base module
@@ -69,26 +88,79 @@ class Block(Structure):
         factors = layer.require_factors()
         if self.sketch is not None:
             return _sketched(layer, factors, self.sketch)
-        dampings = layer.dampings
-        if factors.prefers_dense():
+        block = _root_route(layer, factors)
+        if block is None and factors.prefers_dense():
             fisher, empirical, gradient = layer.dense_blocks()
-            statistics = dense_statistics(fisher, empirical, gradient, dampings)
-            found = dense_directions(fisher, empirical, gradient, dampings) if directions else None
+            statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
+            found = None
+            if directions:
+                found = dense_directions(fisher, empirical, gradient, layer.dampings)
             return LayerResult(statistics, found)
+        grams = _grams(layer, factors)
+        if block is None:
+            block = gram_block_statistics(
+                *grams,
+                factors.dimension,
+                layer.dampings,
+                coefficients=factors.coefficient_matrix(),
+                empirical=layer.empirical_solves(),
+            )
+        found = _lowrank_directions(layer, factors, grams) if directions else None
+        return LayerResult(block.statistics, found, block.health)
+
+
+def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Tensor]:
+    """``(K_U, K_V, K_UV)``, with ``K_U = BᵀK_VB`` and ``K_UV = BᵀK_V`` when ``U = VB``.
+
+    Cached on the layer (kron's EF side uses the same ``K_U``).
+    """
+
+    def compute() -> tuple[Tensor, Tensor, Tensor]:
         gram_v = factors.gram_v()
         coefficients = factors.coefficient_matrix()
-        if coefficients is not None:
-            gram_u, gram_uv = coefficient_grams(factors, gram_v, coefficients)
-            layer.cached("gram_u", lambda: gram_u)
-        else:
-            gram_u, gram_uv = layer.gram_u(), factors.gram_uv()
-        statistics = lowrank_statistics(
-            gram_u, gram_v, gram_uv, factors.dimension, dampings, coefficients=coefficients
+        if coefficients is None:
+            return layer.gram_u(), gram_v, factors.gram_uv()
+        gram_u, gram_uv = coefficient_grams(factors, gram_v, coefficients)
+        layer.cached("gram_u", lambda: gram_u)
+        return gram_u, gram_v, gram_uv
+
+    return layer.cached("grams", compute)
+
+
+#: Multiply-adds up to which a materialised factor (``D × R``, already formed) takes the root
+#: route: its SVD costs about twice what forming the Gram matrix ``VᵀV`` does.
+MATERIALIZED_ROOT_WORK = 2e9
+
+
+def _root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
+    """The root route's statistics where its SVD is cheap, else ``None``.
+
+    ``Linear`` layers on ``(N, I)`` inputs are written in the ``min(N, I)·min(O, R)``
+    coordinates of :func:`~fisher_monitor.metrics.lowrank.outer_product_roots`;
+    materialised layers (the ``torch.func`` backend, BackPACK's other layer types) in their
+    own parameters, while ``D·R·min(D, R)`` stays below :data:`MATERIALIZED_ROOT_WORK`.
+    """
+    coefficients = factors.coefficient_matrix()
+    columns = factors.num_columns + (0 if coefficients is not None else factors.num_samples)
+    if isinstance(factors, OuterProductFactors):
+        rows = min(factors.num_samples, factors.in_features) * min(factors.out_features, columns)
+        if not prefer_root_route(rows, columns):
+            return None
+        grads = factors.output_grads if coefficients is None else None
+        v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
+    elif isinstance(factors, MaterializedFactors):
+        rows = factors.dimension
+        if rows * columns * min(rows, columns) > MATERIALIZED_ROOT_WORK:
+            return None
+        per_sample, sqrt = factors.columns()
+        v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5
+    else:
+        return None
+    if coefficients is not None:
+        return root_block_statistics(
+            v_root, factors.dimension, layer.dampings, coefficients=coefficients
         )
-        found = None
-        if directions:
-            found = _lowrank_directions(layer, factors, gram_v, gram_uv, coefficients)
-        return LayerResult(statistics, found)
+    return root_block_statistics(v_root, factors.dimension, layer.dampings, u_root=u_root)
 
 
 def _sketched(layer: LayerInput, factors: LayerFactors, sketch: SketchDesign) -> LayerResult:
@@ -98,7 +170,7 @@ def _sketched(layer: LayerInput, factors: LayerFactors, sketch: SketchDesign) ->
     replicates, _ = sketched_block_replicates(
         factors, _gram_u(layer, factors), layer.dampings, sketch.groups, sketch.relative_damping
     )
-    return EstimatedResult(replicates.full, None, replicates)
+    return EstimatedResult(replicates.full, None, replicates=replicates)
 
 
 def _gram_u(layer: LayerInput, factors: LayerFactors) -> Tensor:
@@ -118,25 +190,28 @@ def _gram_u(layer: LayerInput, factors: LayerFactors) -> Tensor:
 
 
 def _lowrank_directions(
-    layer: LayerInput,
-    factors: LayerFactors,
-    gram_v: Tensor,
-    gram_uv: Tensor,
-    coefficients: Tensor | None,
+    layer: LayerInput, factors: LayerFactors, grams: tuple[Tensor, Tensor, Tensor]
 ) -> Directions:
     """``(A⁻¹g, B⁻¹g)`` per damping as explicit vectors.
 
     ``A⁻¹g = V(λI + K_V)⁻¹Ba`` when ``U = VB`` (push-through identity), else
-    ``(g − V(λI + K_V)⁻¹Vᵀg)/λ`` (Woodbury); ``B⁻¹g = U(λI + K_U)⁻¹a``.
+    ``(g − V(λI + K_V)⁻¹Vᵀg)/λ`` (Woodbury); ``B⁻¹g = U(λI + K_U)⁻¹a``. One factorisation
+    of ``K_V`` serves every damping (:func:`~fisher_monitor.structures.base.damped_solver`).
     """
+    _, gram_v, gram_uv = grams
+    coefficients = factors.coefficient_matrix()
     n = factors.num_samples
     a = torch.full((n,), n**-0.5, dtype=gram_v.dtype, device=gram_v.device)
+    solve = damped_solver(gram_v, layer.dampings)
+    rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
     found = []
-    for damping, solve in zip(layer.dampings, layer.empirical_solves(), strict=True):
+    for index, (damping, empirical) in enumerate(
+        zip(layer.dampings, layer.empirical_solves(), strict=True)
+    ):
+        c = solve(index, rhs)
         if coefficients is not None:
-            natural = factors.v_combination(eigen_solve(gram_v, coefficients @ a, damping))
+            natural = factors.v_combination(c)
         else:
-            c = eigen_solve(gram_v, gram_uv.T @ a, damping)
             natural = (layer.gradient - factors.v_combination(c)) / damping
-        found.append((natural, factors.u_combination(solve.coefficients)))
+        found.append((natural, factors.u_combination(empirical.coefficients)))
     return found

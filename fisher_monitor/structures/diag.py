@@ -69,4 +69,4 @@ def _sketched(layer: LayerInput, sketch: SketchDesign, directions: bool) -> Laye
     if directions:
         f = groups.sum(dim=0)
         found = [(g / (f + d), g / (e + d)) for d in dampings[0]]
-    return EstimatedResult(replicates.full, found, replicates)
+    return EstimatedResult(replicates.full, found, replicates=replicates)
