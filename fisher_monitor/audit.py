@@ -108,6 +108,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_monitor import keys
+from fisher_monitor.curvature.layers import LayerInfo
 from fisher_monitor.measurement import Measurement
 
 __all__ = [
@@ -176,13 +177,41 @@ def update_cosines(measurement: Measurement, update: Mapping[str, Tensor]) -> di
         ValueError: When ``measurement`` holds no directions, when ``update`` lacks a
             measured parameter or has the wrong number of elements for one.
     """
+    dampings = _dampings(measurement.settings)
+    suffixes = [keys.damping_suffix(value, len(dampings) > 1) for value in dampings]
+    layers = _updated_layers(measurement, update, dampings)
+    index = _update_inner_products(measurement, layers, update)
+
+    result: dict[str, float] = {}
+    column = 3
+    for structure, per_damping in measurement.directions.items():
+        present = [layer.name for layer in layers if layer.name in per_damping[0]]
+        for suffix in suffixes:
+            total = [0.0] * 7
+            for name in present:
+                row = index[name]
+                values = [*row[:3], *row[column : column + 4]]
+                total = [a + b for a, b in zip(total, values, strict=True)]
+                _put_update(result, structure, name, suffix, values)
+            if present:
+                _put_update(result, structure, keys.ALL, suffix, total)
+            column += 4
+    return result
+
+
+def _updated_layers(
+    measurement: Measurement, update: Mapping[str, Tensor], dampings: list[float]
+) -> list[LayerInfo]:
+    """The measured layers that have directions, after checking ``measurement`` and ``update``.
+
+    Raises:
+        ValueError: As documented in :func:`update_cosines`.
+    """
     if not measurement.directions:
         raise ValueError(
             "The measurement holds no preconditioned directions. Measure with "
             "keep_directions=True to audit an update."
         )
-    dampings = _dampings(measurement.settings)
-    suffixes = [keys.damping_suffix(value, len(dampings) > 1) for value in dampings]
     for structure, per_damping in measurement.directions.items():
         if len(per_damping) != len(dampings):
             raise ValueError(
@@ -200,9 +229,19 @@ def update_cosines(measurement: Measurement, update: Mapping[str, Tensor]) -> di
             "θ_after − θ_before for every parameter of the measured layers "
             "(Measurement.layers[i].parameter_names)."
         )
+    return layers
 
-    # per layer: ‖Δθ‖², ⟨Δθ, g⟩, ‖g‖², then per (structure, damping) ⟨Δθ, A⁻¹g⟩, ‖A⁻¹g‖²,
-    # ⟨Δθ, B⁻¹g⟩, ‖B⁻¹g‖²; one transfer for all of them
+
+def _update_inner_products(
+    measurement: Measurement, layers: list[LayerInfo], update: Mapping[str, Tensor]
+) -> dict[str, list[float]]:
+    """Per layer b, the inner products the cosines of :func:`update_cosines` are made of.
+
+    The row of layer b is ``‖Δθ_b‖², ⟨Δθ_b, g_b⟩, ‖g_b‖²`` followed, per structure and
+    damping (in ``measurement.directions`` order), by ``⟨Δθ_b, A⁻¹g_b⟩, ‖A⁻¹g_b‖²,
+    ⟨Δθ_b, B⁻¹g_b⟩, ‖B⁻¹g_b‖²`` (zeros where the structure has no direction for b), in
+    float64. All rows come to the CPU in one transfer.
+    """
     rows: list[Tensor] = []
     for layer in layers:
         gradient = measurement.gradient[layer.name]
@@ -222,23 +261,7 @@ def update_cosines(measurement: Measurement, update: Mapping[str, Tensor]) -> di
                 )
         rows.append(torch.stack(parts))
     sums = torch.stack(rows).cpu().tolist() if rows else []
-    index = {layer.name: row for layer, row in zip(layers, sums, strict=True)}
-
-    result: dict[str, float] = {}
-    column = 3
-    for structure, per_damping in measurement.directions.items():
-        present = [layer.name for layer in layers if layer.name in per_damping[0]]
-        for suffix in suffixes:
-            total = [0.0] * 7
-            for name in present:
-                row = index[name]
-                values = [*row[:3], *row[column : column + 4]]
-                total = [a + b for a, b in zip(total, values, strict=True)]
-                _put_update(result, structure, name, suffix, values)
-            if present:
-                _put_update(result, structure, keys.ALL, suffix, total)
-            column += 4
-    return result
+    return {layer.name: row for layer, row in zip(layers, sums, strict=True)}
 
 
 def _put_update(
@@ -532,76 +555,135 @@ def preconditioner_audit(
         )
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
 
-    not_in_optimizer: list[str] = []
-    without_state: list[str] = []
-    radam_warmup: set[float] = set()
+    skipped = _Skipped()
     audit = PreconditionerAudit(name, {}, {}, denominator=rule.denominator)
     totals = [0.0] * 5
     for layer in layers:
-        fisher, empirical = measurement.diagonals[layer.name]
-        kept, pieces, offset = [], [], 0
-        for parameter_name, shape in zip(layer.parameter_names, layer.shapes, strict=True):
-            size = math.prod(shape)
-            coordinates = slice(offset, offset + size)
-            offset += size
-            parameter = parameters[parameter_name]
-            group = groups.get(id(parameter))
-            if group is None:
-                not_in_optimizer.append(parameter_name)
-                continue
-            state = optimizer.state.get(parameter, {})
-            denominator = rule.compute(state, group, parameter) if state else None
-            if denominator is None:
-                without_state.append(parameter_name)
-                continue
-            if rule is _RADAM and _radam_rho(group, _step(state)) <= 5.0:
-                radam_warmup.add(_step(state))
-            kept.append(coordinates)
-            pieces.append(denominator.detach().reshape(-1).cpu())
-        if not pieces:
+        found = _layer_denominator(optimizer, rule, groups, parameters, layer, skipped)
+        if found is None:
             continue
-        denominator = torch.cat(pieces)
-        index = torch.cat([torch.arange(s.start, s.stop) for s in kept])
-        fisher_root = fisher.double().cpu()[index].clamp(min=0).sqrt()
-        empirical_root = empirical.double().cpu()[index].clamp(min=0).sqrt()
-        values = torch.stack(
-            [
-                denominator @ denominator,
-                denominator @ fisher_root,
-                fisher_root @ fisher_root,
-                denominator @ empirical_root,
-                empirical_root @ empirical_root,
-            ]
-        ).tolist()
+        denominator, index = found
+        fisher, empirical = measurement.diagonals[layer.name]
+        values = _audit_layer(audit, layer.name, denominator, fisher, empirical, index)
         totals = [a + b for a, b in zip(totals, values, strict=True)]
-        _put_preconditioner(audit.scalars, layer.name, values)
-        ratio = (torch.log10(denominator) - torch.log10(fisher_root)).float()
-        audit.log_ratios[layer.name] = ratio[torch.isfinite(ratio)]
-        audit.denominators[layer.name] = denominator
     if audit.scalars:
         _put_preconditioner(audit.scalars, keys.ALL, totals)
+    audit.notes += _skipped_notes(name, skipped, audited=bool(audit.scalars))
+    return audit
 
-    if not_in_optimizer:
-        audit.notes.append(
+
+@dataclass
+class _Skipped:
+    """What :func:`preconditioner_audit` left out, for its notes."""
+
+    not_in_optimizer: list[str] = field(default_factory=list)
+    without_state: list[str] = field(default_factory=list)
+    radam_warmup: set[float] = field(default_factory=set)
+
+
+def _layer_denominator(
+    optimizer: torch.optim.Optimizer,
+    rule: _Rule,
+    groups: Mapping[int, Mapping],
+    parameters: Mapping[str, nn.Parameter],
+    layer: LayerInfo,
+    skipped: _Skipped,
+) -> tuple[Tensor, Tensor] | None:
+    """The denominator d of one layer over its audited coordinates.
+
+    A parameter outside the optimizer's param groups, or without state, is left out and
+    recorded in ``skipped``, as is the step of a RAdam update that used no second moment
+    (ρ_t ≤ 5).
+
+    Returns:
+        ``(d, index)``: d (float64, CPU) of the audited parameters, concatenated in
+        ``named_parameters`` order, and their coordinates in the layer's flat vector; or
+        ``None`` when no parameter of the layer is audited.
+    """
+    kept, pieces, offset = [], [], 0
+    for parameter_name, shape in zip(layer.parameter_names, layer.shapes, strict=True):
+        size = math.prod(shape)
+        coordinates = slice(offset, offset + size)
+        offset += size
+        parameter = parameters[parameter_name]
+        group = groups.get(id(parameter))
+        if group is None:
+            skipped.not_in_optimizer.append(parameter_name)
+            continue
+        state = optimizer.state.get(parameter, {})
+        denominator = rule.compute(state, group, parameter) if state else None
+        if denominator is None:
+            skipped.without_state.append(parameter_name)
+            continue
+        if rule is _RADAM and _radam_rho(group, _step(state)) <= 5.0:
+            skipped.radam_warmup.add(_step(state))
+        kept.append(coordinates)
+        pieces.append(denominator.detach().reshape(-1).cpu())
+    if not pieces:
+        return None
+    return torch.cat(pieces), torch.cat([torch.arange(s.start, s.stop) for s in kept])
+
+
+def _audit_layer(
+    audit: PreconditionerAudit,
+    layer: str,
+    denominator: Tensor,
+    fisher: Tensor,
+    empirical: Tensor,
+    index: Tensor,
+) -> list[float]:
+    """Record one layer's cosines, log-ratios and denominator in ``audit``.
+
+    With d the denominator and √F, √EF the roots of the diagonals (negative rounding
+    clamped to 0) on the same coordinates (``index``), the cosines of :func:`preconditioner_audit`
+    are made of ``⟨d, d⟩, ⟨d, √F⟩, ⟨√F, √F⟩, ⟨d, √EF⟩, ⟨√EF, √EF⟩`` (float64); the
+    histogram values are log10(d / √F) where finite.
+
+    Returns:
+        Those five sums, which add up over layers to the ``all`` cosines.
+    """
+    fisher_root = fisher.double().cpu()[index].clamp(min=0).sqrt()
+    empirical_root = empirical.double().cpu()[index].clamp(min=0).sqrt()
+    values = torch.stack(
+        [
+            denominator @ denominator,
+            denominator @ fisher_root,
+            fisher_root @ fisher_root,
+            denominator @ empirical_root,
+            empirical_root @ empirical_root,
+        ]
+    ).tolist()
+    _put_preconditioner(audit.scalars, layer, values)
+    ratio = (torch.log10(denominator) - torch.log10(fisher_root)).float()
+    audit.log_ratios[layer] = ratio[torch.isfinite(ratio)]
+    audit.denominators[layer] = denominator
+    return values
+
+
+def _skipped_notes(name: str, skipped: _Skipped, audited: bool) -> list[str]:
+    """The notes of :func:`preconditioner_audit` on what it left out and why."""
+    notes = []
+    if skipped.not_in_optimizer:
+        notes.append(
             f"Parameters not in {name}'s param groups were left out of the preconditioner "
-            f"audit: {not_in_optimizer!r}."
+            f"audit: {skipped.not_in_optimizer!r}."
         )
-    if without_state and not audit.scalars:
-        audit.notes.append(
+    if skipped.without_state and not audited:
+        notes.append(
             f"{name} has no state yet for the measured parameters (before its first step, "
             "or they received no gradient): no preconditioner to audit."
         )
-    elif without_state:
-        audit.notes.append(
+    elif skipped.without_state:
+        notes.append(
             f"Parameters without {name} state (no gradient yet) were left out of the "
-            f"preconditioner audit: {without_state!r}."
+            f"preconditioner audit: {skipped.without_state!r}."
         )
-    if radam_warmup:
-        audit.notes.append(
-            f"RAdam step {int(max(radam_warmup))} used no second moment (ρ_t ≤ 5, a "
+    if skipped.radam_warmup:
+        notes.append(
+            f"RAdam step {int(max(skipped.radam_warmup))} used no second moment (ρ_t ≤ 5, a "
             "momentum-SGD step): the audited denominator is the one later steps will use."
         )
-    return audit
+    return notes
 
 
 def _put_preconditioner(scalars: dict[str, float], layer: str, values: Sequence[float]) -> None:
