@@ -200,19 +200,95 @@ def kronecker_statistics(
         ValueError: If a factor and its root are both missing, or ``empirical`` does not
             have one entry per damping.
     """
-    n = gram_u.shape[0]
+    empirical = _shared_empirical(
+        input_factor, output_factor, input_root, output_root, gram_u, dampings, empirical
+    )
+    in_basis = factor_basis(input_factor, input_root)
+    out_basis = factor_basis(output_factor, output_root)
+    side = _fisher_side(samples, gram_u.shape[0], out_basis, in_basis)
+    trace_ef = torch.diagonal(gram_u).sum()
+    frob_ef_sq = gram_u.square().sum()
+    inner = _weighted_square_sum(side.rotated, side.spectrum) / side.n
+    damped = [
+        _damped_statistics(side, damping, ef, gram_u)
+        for damping, ef in zip(dampings, empirical, strict=True)
+    ]
+    # tr(G ⊗ A) = tr G tr A and ‖G ⊗ A‖² = ‖G‖²‖A‖², from the eigenvalues (the bases span
+    # the factors' ranges, so nothing is missed)
+    frob_f_sq = out_basis.eigenvalues.square().sum() * in_basis.eigenvalues.square().sum()
+    return LayerStatistics(
+        dimension=side.dimension,
+        trace_f=out_basis.eigenvalues.sum() * in_basis.eigenvalues.sum(),
+        trace_ef=trace_ef,
+        frob_f_sq=frob_f_sq,
+        frob_ef_sq=frob_ef_sq,
+        inner=inner,
+        frob_diff_sq=(frob_ef_sq + frob_f_sq - 2.0 * inner).clamp_min(0.0),
+        damped=damped,
+    )
+
+
+def _shared_empirical(
+    input_factor: Tensor | None,
+    output_factor: Tensor | None,
+    input_root: Tensor | None,
+    output_root: Tensor | None,
+    gram_u: Tensor,
+    dampings: Sequence[float],
+    empirical: Sequence[EmpiricalSolve] | None,
+) -> Sequence[EmpiricalSolve]:
+    """The EF-side solves: ``empirical`` checked, or computed from ``K_U`` when not given."""
     if empirical is None:
         dimension_hint = _dimension(input_factor, input_root) * _dimension(
             output_factor, output_root
         )
-        empirical = empirical_solves(gram_u, dampings, dimension_hint)
-    elif len(empirical) != len(dampings):
+        return empirical_solves(gram_u, dampings, dimension_hint)
+    if len(empirical) != len(dampings):
         raise ValueError(
             f"Got {len(empirical)} precomputed EF solves for {len(dampings)} dampings; "
             "pass one per damping, in the same order."
         )
-    in_basis = factor_basis(input_factor, input_root)
-    out_basis = factor_basis(output_factor, output_root)
+    return empirical
+
+
+@dataclass
+class _FisherSide:
+    """What every damping's statistics of ``F_S = G ⊗ A`` share (see :func:`_fisher_side`).
+
+    Attributes:
+        samples: ``M_n`` as given.
+        rotated: ``M̂_n = Q_Gᵀ M_n Q_A``.
+        spectrum: ``γ_i α_j`` (``r_G × r_A``).
+        dimension: ``D = O · I``.
+        n: ``N``.
+        grad: ``ĝ = Q_Gᵀ g Q_A``.
+        grad_residual: ``R(g)`` (``O × I``), ``None`` when both bases are complete.
+        grad_residual_sq: ``‖R(g)‖²``.
+        grad_sq: ``‖g‖²``.
+        residual_sum: ``(1/N) Σ_n ‖R(M_n)‖²``, ``None`` when both bases are complete.
+    """
+
+    samples: Samples
+    rotated: Samples
+    spectrum: Tensor
+    dimension: int
+    n: int
+    grad: Tensor
+    grad_residual: Tensor | None
+    grad_residual_sq: Tensor
+    grad_sq: Tensor
+    residual_sum: Tensor | None
+
+
+def _fisher_side(
+    samples: Samples, n: int, out_basis: FactorBasis, in_basis: FactorBasis
+) -> _FisherSide:
+    """The samples and the mean gradient ``g = (1/N) Σ_n M_n`` in the factors' eigenbases.
+
+    ``ĝ = (1/N) Σ_n M̂_n = Q_Gᵀ g Q_A``; where a basis is incomplete, the part of ``g``
+    outside, ``R(g) = g − Q_G ĝ Q_Aᵀ``, is formed explicitly (never as ``‖g‖² − ‖ĝ‖²``)
+    and ``‖g‖² = ‖ĝ‖² + ‖R(g)‖²``.
+    """
     spectrum = out_basis.eigenvalues.unsqueeze(1) * in_basis.eigenvalues.unsqueeze(0)
     dimension = out_basis.vectors.shape[0] * in_basis.vectors.shape[0]
     rotated = _rotate(samples, out_basis, in_basis)
@@ -228,50 +304,55 @@ def kronecker_statistics(
         grad_residual = mean - out_basis.vectors @ grad @ in_basis.vectors.mT
         grad_residual_sq = grad_residual.square().sum()
         grad_sq = grad_inside_sq + grad_residual_sq
-    trace_ef = torch.diagonal(gram_u).sum()
-    frob_ef_sq = gram_u.square().sum()
-    inner = _weighted_square_sum(rotated, spectrum) / n
     residual_sum = residual_sq.sum() / n if residual_sq is not None else None
-    damped = []
-    for damping, ef in zip(dampings, empirical, strict=True):
-        shifted = spectrum + damping
-        nat = grad / shifted
-        # B⁻¹g = U b = Σ_n b_n M_n/√N; A_S⁻¹g = Q_G (ĝ/Λ) Q_Aᵀ + R(g)/λ
-        inner_nat = _sample_inner(rotated, nat)
-        if grad_residual is not None:
-            inner_nat = inner_nat + _sample_inner(samples, grad_residual) / damping
-        nat_ef = (ef.coefficients * inner_nat).sum() / n**0.5
-        trace_term = _weighted_square_sum(rotated, 1.0 / shifted) / n - (spectrum / shifted).sum()
-        if residual_sum is not None:
-            trace_term = trace_term + residual_sum / damping
-        logdet_term = torch.log1p(spectrum / damping).sum() - ef.logdet_ratio
-        damped.append(
-            DampedStatistics(
-                damping_mass=torch.as_tensor(
-                    damping * dimension, dtype=gram_u.dtype, device=gram_u.device
-                ),
-                kl=0.5 * (trace_term + logdet_term),
-                grad_sq=grad_sq,
-                nat_sq=nat.square().sum() + grad_residual_sq / damping**2,
-                ef_sq=ef.ef_sq,
-                nat_ef=nat_ef,
-                nat_projection=(grad * nat).sum() + grad_residual_sq / damping,
-                ef_projection=ef.ef_projection,
-                ef_projection_per_sample=ef.per_sample,
-            )
-        )
-    # tr(G ⊗ A) = tr G tr A and ‖G ⊗ A‖² = ‖G‖²‖A‖², from the eigenvalues (the bases span
-    # the factors' ranges, so nothing is missed)
-    frob_f_sq = out_basis.eigenvalues.square().sum() * in_basis.eigenvalues.square().sum()
-    return LayerStatistics(
-        dimension=dimension,
-        trace_f=out_basis.eigenvalues.sum() * in_basis.eigenvalues.sum(),
-        trace_ef=trace_ef,
-        frob_f_sq=frob_f_sq,
-        frob_ef_sq=frob_ef_sq,
-        inner=inner,
-        frob_diff_sq=(frob_ef_sq + frob_f_sq - 2.0 * inner).clamp_min(0.0),
-        damped=damped,
+    return _FisherSide(
+        samples,
+        rotated,
+        spectrum,
+        dimension,
+        n,
+        grad,
+        grad_residual,
+        grad_residual_sq,
+        grad_sq,
+        residual_sum,
+    )
+
+
+def _damped_statistics(
+    side: _FisherSide, damping: float, ef: EmpiricalSolve, gram_u: Tensor
+) -> DampedStatistics:
+    """The statistics of ``A_S = F_S + λI`` against ``B = EF + λI`` for one damping λ.
+
+    With ``Λ_ij = γ_i α_j + λ``, ``A_S⁻¹g = Q_G (ĝ/Λ) Q_Aᵀ + R(g)/λ``, so
+    ``‖A_S⁻¹g‖² = ‖ĝ/Λ‖² + ‖R(g)‖²/λ²`` and ``gᵀA_S⁻¹g = ⟨ĝ, ĝ/Λ⟩ + ‖R(g)‖²/λ``;
+    ``B⁻¹g = U b = Σ_n b_n M_n/√N`` gives ``⟨A_S⁻¹g, B⁻¹g⟩ = (1/√N) Σ_n b_n ⟨M_n, A_S⁻¹g⟩``
+    with ``⟨M_n, A_S⁻¹g⟩ = ⟨M̂_n, ĝ/Λ⟩ + ⟨M_n, R(g)⟩/λ``. The KL's trace and
+    log-determinant terms are those of the module docstring.
+    """
+    n, rotated, spectrum = side.n, side.rotated, side.spectrum
+    shifted = spectrum + damping
+    nat = side.grad / shifted
+    inner_nat = _sample_inner(rotated, nat)
+    if side.grad_residual is not None:
+        inner_nat = inner_nat + _sample_inner(side.samples, side.grad_residual) / damping
+    nat_ef = (ef.coefficients * inner_nat).sum() / n**0.5
+    trace_term = _weighted_square_sum(rotated, 1.0 / shifted) / n - (spectrum / shifted).sum()
+    if side.residual_sum is not None:
+        trace_term = trace_term + side.residual_sum / damping
+    logdet_term = torch.log1p(spectrum / damping).sum() - ef.logdet_ratio
+    return DampedStatistics(
+        damping_mass=torch.as_tensor(
+            damping * side.dimension, dtype=gram_u.dtype, device=gram_u.device
+        ),
+        kl=0.5 * (trace_term + logdet_term),
+        grad_sq=side.grad_sq,
+        nat_sq=nat.square().sum() + side.grad_residual_sq / damping**2,
+        ef_sq=ef.ef_sq,
+        nat_ef=nat_ef,
+        nat_projection=(side.grad * nat).sum() + side.grad_residual_sq / damping,
+        ef_projection=ef.ef_projection,
+        ef_projection_per_sample=ef.per_sample,
     )
 
 
