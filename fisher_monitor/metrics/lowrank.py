@@ -816,9 +816,96 @@ def _root_statistics(
 
     With ``resolution`` τ (roots computed from a Gram matrix, :func:`joint_basis_statistics`),
     every ``σ²`` and ``μ`` is uncertain by τ, the coordinates of ``g`` by ``√τ`` in norm, and
-    ``unresolved`` directions were dropped below it.
+    ``unresolved`` directions were dropped below it. The undamped statistics are
+    ``tr F = Σ α``, ``tr EF = Σ μ``, ``‖F‖²_F = Σ α²``, ``‖EF‖²_F = Σ μ²`` and
+    ``⟨EF, F⟩ = Σ_i α_i ‖M_i‖²``.
     """
-    eps = torch.finfo(v_root.dtype).eps
+    spectra = _root_spectra(v_root, coefficients, u_root)
+    # EF-side solves: (λI + K_U)⁻¹a with K_U = W_U diag(μ) W_Uᵀ
+    if resolution is None:
+        route = "root"
+        empirical = _spectral_empirical(
+            spectra.mu, spectra.wt_u.mT, spectra.a, dampings, torch.zeros_like(spectra.mu)
+        )
+    else:
+        route = "joint"
+        empirical = _spectral_empirical(
+            spectra.mu, spectra.wt_u.mT, spectra.a, dampings, resolution, resolution, unresolved
+        )
+    damped, errors = [], []
+    for damping, ef in zip(dampings, empirical, strict=True):
+        statistics, nat_sq, nat_projection = _root_damped(spectra, damping, dimension, ef)
+        damped.append(statistics)
+        if resolution is None:
+            errors += _root_route_errors(spectra, damping, ef, coefficients is not None)
+        else:
+            errors += _joint_errors(
+                spectra, damping, ef, resolution, unresolved, nat_sq, nat_projection
+            )
+    alpha, mu = spectra.alpha, spectra.mu
+    undamped = _undamped(
+        dimension,
+        alpha.sum(),
+        mu.sum(),
+        alpha.square().sum(),
+        mu.square().sum(),
+        (alpha * spectra.row_sq).sum(),
+    )
+    return BlockStatistics(
+        statistics=LayerStatistics(**undamped, damped=damped),
+        health=NumericalHealth(route, _worst(errors, v_root)),
+        empirical=empirical,
+    )
+
+
+@dataclass
+class _RootSpectra:
+    """``V``, ``U`` and ``g`` in the singular bases of the root route (:func:`_root_spectra`).
+
+    Attributes:
+        sigma: ``σ``, the singular values of ``V = PΣWᵀ``; ``alpha``: ``α = σ²``.
+        row_sq: ``‖M_i‖²``, the squared rows of ``M = PᵀU``.
+        outside_sq: ``‖U_⊥‖²_F`` (``None`` when ``U`` lies in ``range(V)``).
+        sigma_u: ``√μ``, the singular values of ``U = P_U diag(√μ) W_Uᵀ``; ``mu``: ``μ``.
+        wt_u: ``W_Uᵀ``.
+        a: The mean weights (``g = Ua``).
+        a_hat: ``W_Uᵀa``; ``h``: ``√μ ⊙ W_Uᵀa``.
+        g_hat: ``ĝ = Ma``; ``g_out``: ``g_⊥ = U_⊥a`` and ``g_out_sq``: ``‖g_⊥‖²`` (``None``
+            when ``U`` lies in ``range(V)``).
+        grad_sq: ``‖g‖² = ‖ĝ‖² + ‖g_⊥‖²``.
+        basis_inner: ``P_UᵀP``.
+        out_inner: ``P_Uᵀg_⊥`` (``None`` with ``g_out``).
+        size: ``max(k, R, N)``, the size the singular values' rounding grows with.
+    """
+
+    sigma: Tensor
+    alpha: Tensor
+    row_sq: Tensor
+    outside_sq: Tensor | None
+    sigma_u: Tensor
+    mu: Tensor
+    wt_u: Tensor
+    a: Tensor
+    a_hat: Tensor
+    h: Tensor
+    g_hat: Tensor
+    g_out: Tensor | None
+    g_out_sq: Tensor | None
+    grad_sq: Tensor
+    basis_inner: Tensor
+    out_inner: Tensor | None
+    size: int
+
+
+def _root_spectra(
+    v_root: Tensor, coefficients: Tensor | None, u_root: Tensor | None
+) -> _RootSpectra:
+    """The SVDs ``V = PΣWᵀ`` and ``U = P_U diag(√μ) W_Uᵀ`` and ``g = Ua`` in their bases.
+
+    ``U``'s coordinates are ``M = PᵀU`` and its remainder ``U_⊥ = U − PM``; with
+    ``coefficients`` ``B`` (``U = VB``), ``M = ΣWᵀB`` exactly and ``U_⊥ = 0`` (the rows of
+    ``M`` are then ``U`` in ``P``'s basis, and so is the EF root that is decomposed).
+    """
     k, r = v_root.shape
     p, sigma, wt = torch.linalg.svd(v_root, full_matrices=False)
     alpha = sigma.square()
@@ -845,71 +932,112 @@ def _root_statistics(
     row_sq = m.square().sum(dim=1)
     outside_sq = outside.square().sum() if outside is not None else None
     g_out_sq = g_out.square().sum() if g_out is not None else None
-    # EF-side solves: (λI + K_U)⁻¹a with K_U = W_U diag(μ) W_Uᵀ
-    if resolution is None:
-        route = "root"
-        empirical = _spectral_empirical(mu, wt_u.mT, a, dampings, torch.zeros_like(mu))
-    else:
-        route = "joint"
-        empirical = _spectral_empirical(
-            mu, wt_u.mT, a, dampings, resolution, resolution, unresolved
-        )
-    damped, errors = [], []
-    for damping, ef in zip(dampings, empirical, strict=True):
-        shifted = alpha + damping
-        y = g_hat / shifted  # A⁻¹g in P's basis (inside part)
-        z = h / (mu + damping)  # B⁻¹g in P_U's basis
-        nat_sq = y.square().sum()
-        nat_projection = (g_hat * y).sum()
-        nat_ef = z @ (basis_inner @ y)
-        trace_term = ((row_sq - alpha) / shifted).sum()
-        if g_out is not None:
-            nat_sq = nat_sq + g_out_sq / damping**2
-            nat_projection = nat_projection + g_out_sq / damping
-            nat_ef = nat_ef + (z @ out_inner) / damping
-        if outside_sq is not None:
-            trace_term = trace_term + outside_sq / damping
-        logdet_term = torch.log1p(alpha / damping).sum() - ef.logdet_ratio
-        kl = 0.5 * (trace_term + logdet_term)
-        damped.append(_damped(damping, dimension, kl, grad_sq, nat_sq, nat_ef, nat_projection, ef))
-        if resolution is None:
-            nat_errors, ef_errors = _root_errors(
-                eps,
-                damping,
-                sigma,
-                g_hat,
-                g_out,
-                coefficients is not None,
-                sigma_u,
-                a_hat,
-                ef,
-                max(k, r, n),
-            )
-            ef.relative_error = torch.stack(ef_errors).max()
-            errors += [*nat_errors, ef.relative_error]
-        else:
-            # Gram-made roots: every σ² uncertain by τ, the coordinates of g by √τ in all;
-            # dropped directions count at α = 0
-            nearest = damping if unresolved else shifted.min()
-            sq_error = (2.0 * g_hat.square() * resolution / shifted**3).sum()
-            sq_error = sq_error + resolution / nearest**2
-            projection_error = (g_hat.square() * resolution / shifted.square()).sum()
-            projection_error = projection_error + resolution / nearest
-            errors += [_relative(sq_error, nat_sq), _relative(projection_error, nat_projection)]
-            errors.append(ef.relative_error)
-    undamped = _undamped(
-        dimension,
-        alpha.sum(),
-        mu.sum(),
-        alpha.square().sum(),
-        mu.square().sum(),
-        (alpha * row_sq).sum(),
+    return _RootSpectra(
+        sigma=sigma,
+        alpha=alpha,
+        row_sq=row_sq,
+        outside_sq=outside_sq,
+        sigma_u=sigma_u,
+        mu=mu,
+        wt_u=wt_u,
+        a=a,
+        a_hat=a_hat,
+        h=h,
+        g_hat=g_hat,
+        g_out=g_out,
+        g_out_sq=g_out_sq,
+        grad_sq=grad_sq,
+        basis_inner=basis_inner,
+        out_inner=out_inner,
+        size=max(k, r, n),
     )
-    return BlockStatistics(
-        statistics=LayerStatistics(**undamped, damped=damped),
-        health=NumericalHealth(route, _worst(errors, v_root)),
-        empirical=empirical,
+
+
+def _root_damped(
+    spectra: _RootSpectra, damping: float, dimension: int, ef: EmpiricalSolve
+) -> tuple[DampedStatistics, Tensor, Tensor]:
+    """One damping's statistics on the root route.
+
+    ``A⁻¹g = P ĝ/(α+λ) + g_⊥/λ`` and ``B⁻¹g = P_U h/(μ+λ)``, so
+    ``‖A⁻¹g‖² = Σ ĝ²/(α+λ)² + ‖g_⊥‖²/λ²``, ``gᵀA⁻¹g = Σ ĝ²/(α+λ) + ‖g_⊥‖²/λ`` and
+    ``⟨A⁻¹g, B⁻¹g⟩ = zᵀ(P_UᵀP) y + zᵀP_Uᵀg_⊥/λ`` with ``y = ĝ/(α+λ)``, ``z = h/(μ+λ)``;
+    ``tr(A⁻¹EF) − tr(A⁻¹F) = Σ_i (‖M_i‖² − α_i)/(α_i+λ) + ‖U_⊥‖²_F/λ`` and
+    ``log det A − log det B = Σ log(1 + α/λ) − Σ log(1 + μ/λ)`` make the KL divergence.
+
+    Returns:
+        The statistics, and ``‖A⁻¹g‖²`` and ``gᵀA⁻¹g`` for the rounding estimate.
+    """
+    g_hat, alpha = spectra.g_hat, spectra.alpha
+    shifted = alpha + damping
+    y = g_hat / shifted  # A⁻¹g in P's basis (inside part)
+    z = spectra.h / (spectra.mu + damping)  # B⁻¹g in P_U's basis
+    nat_sq = y.square().sum()
+    nat_projection = (g_hat * y).sum()
+    nat_ef = z @ (spectra.basis_inner @ y)
+    trace_term = ((spectra.row_sq - alpha) / shifted).sum()
+    if spectra.g_out is not None:
+        nat_sq = nat_sq + spectra.g_out_sq / damping**2
+        nat_projection = nat_projection + spectra.g_out_sq / damping
+        nat_ef = nat_ef + (z @ spectra.out_inner) / damping
+    if spectra.outside_sq is not None:
+        trace_term = trace_term + spectra.outside_sq / damping
+    logdet_term = torch.log1p(alpha / damping).sum() - ef.logdet_ratio
+    kl = 0.5 * (trace_term + logdet_term)
+    statistics = _damped(
+        damping, dimension, kl, spectra.grad_sq, nat_sq, nat_ef, nat_projection, ef
     )
+    return statistics, nat_sq, nat_projection
+
+
+def _root_route_errors(
+    spectra: _RootSpectra, damping: float, ef: EmpiricalSolve, through_coefficients: bool
+) -> list[Tensor]:
+    """:func:`_root_errors` for one damping; stores the EF side's in ``ef.relative_error``."""
+    nat_errors, ef_errors = _root_errors(
+        torch.finfo(spectra.sigma.dtype).eps,
+        damping,
+        spectra.sigma,
+        spectra.g_hat,
+        spectra.g_out,
+        through_coefficients,
+        spectra.sigma_u,
+        spectra.a_hat,
+        ef,
+        spectra.size,
+    )
+    ef.relative_error = torch.stack(ef_errors).max()
+    return [*nat_errors, ef.relative_error]
+
+
+def _joint_errors(
+    spectra: _RootSpectra,
+    damping: float,
+    ef: EmpiricalSolve,
+    resolution: Tensor,
+    unresolved: int,
+    nat_sq: Tensor,
+    nat_projection: Tensor,
+) -> list[Tensor]:
+    """Rounding estimates of ``‖A⁻¹g‖²`` and ``gᵀA⁻¹g`` for roots made from a Gram matrix.
+
+    Every ``σ²`` is uncertain by τ (``resolution``), so ``ĝ²/(α+λ)²`` moves by about
+    ``2ĝ²τ/(α+λ)³`` and ``ĝ²/(α+λ)`` by ``ĝ²τ/(α+λ)²``; the coordinates of ``g`` are
+    uncertain by ``√τ`` in all, which counts at the nearest ``α + λ`` (at ``α = 0``, i.e.
+    ``λ``, when ``unresolved`` directions were dropped): ``τ/(α+λ)²`` and ``τ/(α+λ)``.
+    The EF side's estimate is the one its solve carries.
+    """
+    g_hat = spectra.g_hat
+    shifted = spectra.alpha + damping
+    nearest = damping if unresolved else shifted.min()
+    sq_error = (2.0 * g_hat.square() * resolution / shifted**3).sum()
+    sq_error = sq_error + resolution / nearest**2
+    projection_error = (g_hat.square() * resolution / shifted.square()).sum()
+    projection_error = projection_error + resolution / nearest
+    return [
+        _relative(sq_error, nat_sq),
+        _relative(projection_error, nat_projection),
+        ef.relative_error,
+    ]
 
 
 def _root_errors(
