@@ -24,6 +24,7 @@ from fisher_monitor import keys
 from fisher_monitor.curvature.backends import Backend
 from fisher_monitor.curvature.factors import LayerFactors
 from fisher_monitor.curvature.layers import LayerInfo
+from fisher_monitor.curvature.passes import PassResult
 from fisher_monitor.engine import cost
 from fisher_monitor.engine.packing import Diagonals, reduce_diagonals
 from fisher_monitor.estimators import (
@@ -158,6 +159,11 @@ def measure_once(
 ) -> Measurement:
     """One measurement on a probe batch already on the network's device.
 
+    The pipeline: the cost model's plan (the exact Fisher or an estimator) → the backend's
+    pass, whose per-layer callback runs the structures that need the factors → the
+    data-parallel reduction of the diagonals → the structures that need only the
+    diagonals → the scalars (per layer, summed to ``all``) → the :class:`Measurement`.
+
     Args:
         prepared: The prepared backend.
         settings: Validated settings.
@@ -168,10 +174,7 @@ def measure_once(
     Returns:
         The measurement (without ``probe/seconds``, which the caller adds).
     """
-    if options.all_reduce is not None and settings.structures != (keys.STRUCTURES[0],):
-        raise ValueError("all_reduce is only supported for structures=('diag',).")
-    if options.keep_blocks:
-        _check_kept_blocks(prepared)
+    _check_options(prepared, settings, options)
     names = [s.value for s in settings.structures]
     plan = cost.plan(
         prepared,
@@ -185,8 +188,59 @@ def measure_once(
     )
     structures = _structures(names, plan)
     collector = LayerCollector(settings, options, structures)
+    result = _run_pass(prepared, settings, inputs, targets, options, plan, collector)
+    reduced = _reduce(prepared, collector, result, options)
+    _run_diagonal_structures(structures, collector, reduced)
+    scalars = _scalars(collector, reduced.layers, settings)
+    scalars.update(_probe_scalars(reduced))
+    return Measurement(
+        scalars=scalars,
+        layers=reduced.layers,
+        diagonals={
+            name: (f.detach().cpu(), e.detach().cpu())
+            for name, (f, e, _) in reduced.diagonals.items()
+            if name in reduced.gradients
+        },
+        settings=_measured_settings(settings, plan),
+        notes=_notes(prepared, result.notes, result.measured, collector)
+        + cost.estimator_notes(plan, names),
+        blocks={
+            info.name: collector.blocks[info.name]
+            for info in reduced.layers
+            if info.name in collector.blocks
+        },
+        coverage=_coverage(
+            prepared, result.measured, plan.layer_estimators(names, [s.name for s in structures])
+        ),
+        gradient=reduced.gradients,
+        directions=_directions(collector, reduced.layers) if options.keep_directions else {},
+    )
+
+
+def _check_options(prepared: Backend, settings: MeasureSettings, options: MeasureOptions) -> None:
+    """Refuse options this measurement cannot honour, before any work."""
+    if options.all_reduce is not None and settings.structures != (keys.STRUCTURES[0],):
+        raise ValueError("all_reduce is only supported for structures=('diag',).")
+    if options.keep_blocks:
+        _check_kept_blocks(prepared)
+
+
+def _run_pass(
+    prepared: Backend,
+    settings: MeasureSettings,
+    inputs,
+    targets: Tensor,
+    options: MeasureOptions,
+    plan: cost.CostPlan,
+    collector: LayerCollector,
+) -> PassResult:
+    """The backend's pass, delivering each layer's factors to ``collector``.
+
+    The exact Fisher's columns (``fisher="exact"``) or ``mc_samples`` sampled labels per
+    sample; under the plan's sketch, the sketch's columns instead.
+    """
     with sketching(prepared) if plan.sketch is not None else nullcontext():
-        result = prepared.run(
+        return prepared.run(
             inputs,
             targets,
             exact=settings.fisher is FisherType.EXACT and plan.sketch is None,
@@ -195,6 +249,31 @@ def measure_once(
             on_layer=collector,
             dtype=options.dtype,
         )
+
+
+@dataclass
+class _Reduced:
+    """The pass's diagonals, loss and batch size, summed over processes where asked.
+
+    Attributes:
+        diagonals: ``(diag F_b, diag EF_b, g_b)`` per layer.
+        loss: The probe loss.
+        batch_size: ``N`` (of all processes together under data parallelism).
+        layers: The layers that have diagonals, in the prepared network's order.
+        gradients: ``g_b`` per layer of ``layers``.
+    """
+
+    diagonals: Diagonals
+    loss: float
+    batch_size: float
+    layers: list[LayerInfo]
+    gradients: dict[str, Tensor]
+
+
+def _reduce(
+    prepared: Backend, collector: LayerCollector, result: PassResult, options: MeasureOptions
+) -> _Reduced:
+    """The collected diagonals, reduced across processes when ``options.all_reduce`` is set."""
     all_layers = [info for info, _ in prepared.layers]
     diagonals, loss, batch_size = collector.diagonals, result.loss, float(result.batch_size)
     if options.all_reduce is not None:
@@ -207,41 +286,36 @@ def measure_once(
             prepared.likelihood.reduction == "sum",
         )
     layers = [info for info in all_layers if info.name in diagonals]
+    gradients = {info.name: diagonals[info.name][2] for info in layers}
+    return _Reduced(diagonals, loss, batch_size, layers, gradients)
+
+
+def _run_diagonal_structures(
+    structures: list[Structure], collector: LayerCollector, reduced: _Reduced
+) -> None:
+    """Run the structures that need only the (reduced) diagonals on every layer."""
     for structure in structures:
         if not structure.needs_factors:
-            for info in layers:
-                collector.run(structure, collector.layer_input(info, diagonals[info.name]))
-    scalars = _scalars(collector, layers, settings)
-    gradients = {info.name: diagonals[info.name][2] for info in layers}
-    grad_sq = sum(float(g.square().sum()) for g in gradients.values())
-    scalars[keys.probe_key("loss")] = loss
-    scalars[keys.probe_key("batch_size")] = batch_size
-    scalars[keys.probe_key("grad_norm")] = grad_sq**0.5
+            for info in reduced.layers:
+                collector.run(structure, collector.layer_input(info, reduced.diagonals[info.name]))
+
+
+def _probe_scalars(reduced: _Reduced) -> dict[str, float]:
+    """``probe/loss``, ``probe/batch_size`` and ``probe/grad_norm`` = ``(Σ_b ‖g_b‖²)^½``."""
+    grad_sq = sum(float(g.square().sum()) for g in reduced.gradients.values())
+    return {
+        keys.probe_key("loss"): reduced.loss,
+        keys.probe_key("batch_size"): reduced.batch_size,
+        keys.probe_key("grad_norm"): grad_sq**0.5,
+    }
+
+
+def _measured_settings(settings: MeasureSettings, plan: cost.CostPlan) -> dict:
+    """The settings as measured: with the estimator's design where the plan sketched."""
     measured_settings = settings.as_dict()
     if plan.sketch is not None:
         measured_settings["estimator"] = plan.as_dict()
-    return Measurement(
-        scalars=scalars,
-        layers=layers,
-        diagonals={
-            name: (f.detach().cpu(), e.detach().cpu())
-            for name, (f, e, _) in diagonals.items()
-            if name in gradients
-        },
-        settings=measured_settings,
-        notes=_notes(prepared, result.notes, result.measured, collector)
-        + cost.estimator_notes(plan, names),
-        blocks={
-            info.name: collector.blocks[info.name]
-            for info in layers
-            if info.name in collector.blocks
-        },
-        coverage=_coverage(
-            prepared, result.measured, plan.layer_estimators(names, [s.name for s in structures])
-        ),
-        gradient=gradients,
-        directions=_directions(collector, layers) if options.keep_directions else {},
-    )
+    return measured_settings
 
 
 def exact_only_reason(options: MeasureOptions, names: list[str]) -> str | None:
