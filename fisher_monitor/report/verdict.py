@@ -431,45 +431,63 @@ def _optimizer(run: Run) -> Verdict | None:
     if len(grad_steps):
         text += f"; with −g {_median_phrase(grad_steps)}"
     text += ")"
-    follows = None
-    if len(with_ef) and len(with_f):
-        ef_median, f_median = float(np.median(with_ef)), float(np.median(with_f))
-        text += (
-            f"; its preconditioner correlates with √diag EF at {ef_median:.2f} and with "
-            f"√diag F at {f_median:.2f}"
-        )
-        if ef_median > f_median + FOLLOWS_MARGIN:
-            follows = "ef"
-            text += " — it follows the EF"
-        elif f_median > ef_median + FOLLOWS_MARGIN:
-            follows = "fisher"
-            text += " — it follows the Fisher"
-        else:
-            follows = "both"
-            text += " — about equally"
+    follows, phrase = _preconditioner_follows(with_ef, with_f)
+    text += phrase
     numbers["follows"] = follows
     share = within / count
     level = "good" if share >= AGREE_SHARE else "bad" if share < DISAGREE_SHARE else "mixed"
     plain = len(grad_steps) and np.median(grad_steps) >= AGREE_COSINE
+    advice = _optimizer_advice(level, bool(plain), follows)
+    return Verdict("optimizer", level, [f"{text}: {advice}"], numbers)
+
+
+def _preconditioner_follows(with_ef: np.ndarray, with_f: np.ndarray) -> tuple[str | None, str]:
+    """Which diagonal the optimizer's preconditioner follows, and the clause saying so.
+
+    ``"ef"`` or ``"fisher"`` when its median cosine with √diag EF (resp. √diag F) exceeds
+    the other's by more than ``FOLLOWS_MARGIN``, else ``"both"``; ``None`` (and no clause)
+    when the preconditioner was not audited.
+    """
+    if not (len(with_ef) and len(with_f)):
+        return None, ""
+    ef_median, f_median = float(np.median(with_ef)), float(np.median(with_f))
+    phrase = (
+        f"; its preconditioner correlates with √diag EF at {ef_median:.2f} and with "
+        f"√diag F at {f_median:.2f}"
+    )
+    if ef_median > f_median + FOLLOWS_MARGIN:
+        return "ef", phrase + " — it follows the EF"
+    if f_median > ef_median + FOLLOWS_MARGIN:
+        return "fisher", phrase + " — it follows the Fisher"
+    return "both", phrase + " — about equally"
+
+
+def _optimizer_advice(level: str, plain: bool, follows: str | None) -> str:
+    """What to change about the optimizer.
+
+    Args:
+        level: The verdict's level (``"good"``, ``"mixed"`` or ``"bad"``).
+        plain: Whether its steps are close to plain gradient steps (median cosine with
+            −g at least ``AGREE_COSINE``).
+        follows: Which diagonal its preconditioner follows (:func:`_preconditioner_follows`).
+    """
     if level == "good":
-        advice = "no change needed: its steps are close to natural-gradient steps."
-    elif plain and follows is None:
-        advice = (
+        return "no change needed: its steps are close to natural-gradient steps."
+    if plain and follows is None:
+        return (
             "its steps are close to plain gradient steps; for natural-gradient-like steps "
             "precondition with the Fisher (K-FAC or a damped diagonal Fisher)."
         )
-    elif follows == "ef":
-        advice = (
+    if follows == "ef":
+        return (
             "its diagonal scaling inherits the EF's errors; for natural-gradient-like steps "
             "precondition with the Fisher (K-FAC or a damped diagonal Fisher with sampled "
             "labels), or raise ε to soften the EF scaling."
         )
-    else:
-        advice = (
-            "its steps leave the natural gradient; check what dominates the update (momentum, "
-            "weight decay, gradient clipping) and consider a Fisher-based preconditioner."
-        )
-    return Verdict("optimizer", level, [f"{text}: {advice}"], numbers)
+    return (
+        "its steps leave the natural gradient; check what dominates the update (momentum, "
+        "weight decay, gradient clipping) and consider a Fisher-based preconditioner."
+    )
 
 
 def verdicts(run: Run) -> list[Verdict]:
