@@ -90,43 +90,42 @@ def _figure_plan(runs: Sequence[Run]) -> list[tuple[str, str, Callable]]:
         ),
     ]
     for index, run in enumerate(runs):
-        suffix = f"_{index}" if len(runs) > 1 else ""
+        plan += _run_figure_plan(run, f"_{index}" if len(runs) > 1 else "")
+    return plan
+
+
+def _run_figure_plan(run: Run, suffix: str) -> list[tuple[str, str, Callable]]:
+    """The figures of one run (as :func:`_figure_plan`); ``suffix`` tells runs apart."""
+    plan: list[tuple[str, str, Callable]] = [
+        (
+            f"heatmap{suffix}",
+            f"Direction cosine, layers × steps ({run.name}): red below 0.5 (the EF step "
+            "disagrees), yellow up to 0.9, green from 0.9 (agrees); grey: not measured.",
+            lambda: figures.heatmap(run),
+        )
+    ]
+    if run.histograms:
         plan.append(
             (
-                f"heatmap{suffix}",
-                f"Direction cosine, layers × steps ({run.name}): red below 0.5 (the EF step "
-                "disagrees), yellow up to 0.9, green from 0.9 (agrees); grey: not measured.",
-                lambda run=run: figures.heatmap(run),
+                f"log_ratio{suffix}",
+                "Distribution of log10(EF_ii / F_ii) per layer at the first, middle and "
+                f"last measured step ({run.name}); 0 means equal diagonals.",
+                lambda: figures.log_ratio_distribution(run),
             )
         )
-        if run.histograms:
-            plan.append(
-                (
-                    f"log_ratio{suffix}",
-                    "Distribution of log10(EF_ii / F_ii) per layer at the first, middle and "
-                    f"last measured step ({run.name}); 0 means equal diagonals.",
-                    lambda run=run: figures.log_ratio_distribution(run),
-                )
+    if run.has_update_audit:
+        preconditioner = any(p.structure == keys.OPTIMIZER for p in run.parsed.values())
+        caption = (
+            "The optimizer's applied update against the natural-gradient step, the "
+            "EF-preconditioned step and −g"
+            + (
+                " (left), and its diagonal preconditioner against √diag EF and √diag F (right)"
+                if preconditioner
+                else ""
             )
-        if run.has_update_audit:
-            preconditioner = any(p.structure == keys.OPTIMIZER for p in run.parsed.values())
-            caption = (
-                "The optimizer's applied update against the natural-gradient step, the "
-                "EF-preconditioned step and −g"
-                + (
-                    " (left), and its diagonal preconditioner against √diag EF and √diag F (right)"
-                    if preconditioner
-                    else ""
-                )
-                + f", whole network ({run.name})."
-            )
-            plan.append(
-                (
-                    f"optimizer{suffix}",
-                    caption,
-                    lambda run=run: figures.optimizer_audit(run),
-                )
-            )
+            + f", whole network ({run.name})."
+        )
+        plan.append((f"optimizer{suffix}", caption, lambda: figures.optimizer_audit(run)))
     return plan
 
 
