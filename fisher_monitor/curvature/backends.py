@@ -7,7 +7,7 @@ factors.LayerFactors`) to a callback, output layer first. Two are registered:
 - ``"backpack"``: BackPACK backpropagates the loss side through supported modules and
   keeps compact per-layer factors (fast; ``Linear`` and convolutions as outer products);
 - ``"functorch"``: ``torch.func`` vector-Jacobian products per sample, for any
-  differentiable network (LayerNorm, attention, custom forward code).
+  differentiable network (attention, multi-input modules, functional forward code).
 
 ``"auto"`` prepares BackPACK and falls back to ``torch.func`` when BackPACK cannot handle
 the network (:class:`UnsupportedNetworkError`) or fails on it at run time (e.g. BackPACK's

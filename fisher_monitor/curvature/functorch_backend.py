@@ -10,7 +10,7 @@ The loss side is computed inside the transform from the very output it different
 dropout masks and the loss side always agree.
 
 ``vmap`` runs this over samples, in chunks so that memory stays bounded, and over columns.
-Any module ``torch.func`` can differentiate works: LayerNorm, attention, GELU, residual
+Any module ``torch.func`` can differentiate works: attention, LayerNorm, GELU, residual
 connections, functional calls, parametrizations, scalar parameters. Each layer then gets
 :class:`~fisher_monitor.curvature.factors.MaterializedFactors`, so all metrics except the
 Kronecker structure (which needs layer inputs) are computed exactly as for BackPACK.

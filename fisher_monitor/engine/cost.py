@@ -34,12 +34,15 @@ from torch import Tensor, nn
 
 from fisher_monitor.batching import take_samples
 from fisher_monitor.curvature.backends import Backend
+from fisher_monitor.curvature.factors import weight_sharing_costs, weight_sharing_diagonal_costs
 from fisher_monitor.curvature.passes import forked_rng, full_precision
 from fisher_monitor.engine import memory
 from fisher_monitor.estimators import SketchDesign
 from fisher_monitor.estimators.block import FISHER_INVERSE_METRICS
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings, Structure
 
+#: Layers BackPACK captures as weight-sharing factors (sums of outer products over positions).
+_SHARING_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: The exact path is taken while it costs at most this many plain training steps: an
 #: exact answer is worth a slower measurement (the callback's budget schedule adapts its
 #: cadence to the cost), until it costs what hundreds of steps do.
@@ -67,6 +70,10 @@ class LayerShape:
         forward_flops: Floating-point operations of the layer's forward for one sample.
         outer_product: Whether its factors are outer products (BackPACK, ``Linear`` on
             ``(N, I)``): Gram matrices then cost ``R²·O_b``, not ``R²·D_b``.
+        weight_sharing: Whether its factors are weight-sharing sums over positions
+            (BackPACK, convolutions and sequence ``Linear``): every quantity is formed in the
+            cheaper of two forms (:func:`~fisher_monitor.curvature.factors.
+            weight_sharing_costs`), never as the ``R × D`` matrix.
     """
 
     name: str
@@ -75,6 +82,7 @@ class LayerShape:
     positions: int
     forward_flops: float
     outer_product: bool
+    weight_sharing: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,10 @@ def _profile(prepared: Backend, inputs) -> tuple[list[LayerShape], int]:
         positions = max(1, elements // max(outputs, 1)) if weighted else 1
         flops = 2.0 * info.dimension * positions if weighted else 2.0 * elements
         outer = structured and isinstance(module, nn.Linear) and positions == 1
-        shapes.append(LayerShape(info.name, info.dimension, outputs, positions, flops, outer))
+        sharing = structured and weighted and not outer and isinstance(module, _SHARING_TYPES)
+        shapes.append(
+            LayerShape(info.name, info.dimension, outputs, positions, flops, outer, sharing)
+        )
     return shapes, columns
 
 
@@ -221,6 +232,8 @@ def _structure_flops(
     shape: LayerShape, samples: int, columns: int, settings: MeasureSettings, exact: bool
 ) -> float:
     """Work of the structures on one layer with ``columns`` Fisher columns per sample."""
+    if shape.weight_sharing:
+        return _weight_sharing_flops(shape, samples, columns, settings, exact)
     d, o, t = float(shape.dimension), float(shape.outputs), float(shape.positions)
     inputs = d / o
     n, r = float(samples), float(columns * samples)
@@ -234,12 +247,38 @@ def _structure_flops(
             flops += 2.0 * r * d * d + 10.0 * d**3
         else:
             flops += 2.0 * (r * r + 2.0 * n * r) * length
-            if exact:  # Cholesky or eigendecomposition of λI + K_V with its solves (LAPACK
-                # runs at a fraction of a matrix product's speed: counted as 2R³ per damping)
-                flops += 2.0 * min(len(settings.dampings), 4) * r**3
+            if exact:
+                flops += _factorisation_flops(r, settings)
     if Structure.KRON in settings.structures:  # factors, their eigendecompositions, K_U
         flops += 10.0 * (o**3 + inputs**3) + 2.0 * r * o * o * t + 2.0 * n * t * inputs**2
         flops += 2.0 * n * n * length
+    return flops
+
+
+def _factorisation_flops(r: float, settings: MeasureSettings) -> float:
+    """Work of the Cholesky or eigendecomposition of ``λI + K_V`` with its solves.
+
+    LAPACK runs at a fraction of a matrix product's speed: counted as ``2R³`` per damping.
+    """
+    return 2.0 * min(len(settings.dampings), 4) * r**3
+
+
+def _weight_sharing_flops(
+    shape: LayerShape, samples: int, columns: int, settings: MeasureSettings, exact: bool
+) -> float:
+    """Work on a weight-sharing layer, each quantity in the cheaper of its two forms."""
+    d, o, t = shape.dimension, shape.outputs, shape.positions
+    inputs = max(1, d // max(o, 1))
+    n, r = samples, columns * samples
+    flops = 2.0 * min(weight_sharing_diagonal_costs(columns + 1, n, t, o, inputs))
+    if Structure.BLOCK in settings.structures:
+        for left, right in ((columns, columns), (1, columns), (1, 1)):  # K_V, K_UV, K_U
+            flops += 2.0 * min(weight_sharing_costs(left, right, n, t, o, inputs))
+        if exact:
+            flops += _factorisation_flops(float(r), settings)
+    if Structure.KRON in settings.structures:  # factors through their roots where wide
+        rank = min(inputs, n * t)
+        flops += 10.0 * (min(o, r * t) ** 3 + rank**3) + 2.0 * (r + n) * t * (o + inputs) * rank
     return flops
 
 

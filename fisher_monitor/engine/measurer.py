@@ -291,11 +291,13 @@ def measure(
         inputs: Input batch (a tensor, or a tuple of tensors passed as arguments).
         targets: Targets of the batch.
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
-        backend: ``"auto"`` uses BackPACK when it can handle the whole network and
-            ``torch.func`` otherwise (LayerNorm, attention, GELU, arbitrary functional
-            code, or a BackPACK failure on the network); ``"backpack"`` or ``"functorch"``
-            force one. ``Measurement.coverage`` and ``notes`` say which was used. The
-            ``torch.func`` backend forms no Kronecker factors.
+        backend: ``"auto"`` uses BackPACK when it can handle the network (single-input
+            modules it lacks, such as LayerNorm or GELU, are pulled back by ``torch.func``
+            inside its pass) and ``torch.func`` otherwise (attention, operations that are
+            not modules, modules drawing random numbers, or a BackPACK failure on the
+            network); ``"backpack"`` or ``"functorch"`` force one. ``Measurement.coverage``
+            and ``notes`` say which was used. The ``torch.func`` backend forms no
+            Kronecker factors.
         fisher: ``"exact"`` (exact loss-Hessian square root) or ``"mc"`` (sampled labels).
         mc_samples: Sampled labels per input for ``fisher="mc"``.
         damping: λ (relative or absolute), or a sequence of values; with more than one,
