@@ -44,8 +44,11 @@ class TimedSchedule(Protocol):
     def start(self) -> None:
         """Fitting (re)starts: from now on, elapsed time counts."""
 
-    def charge(self, seconds: float, measurement: bool = True) -> None:
-        """Add ``seconds`` of the monitor's own time (a measurement, or other work)."""
+    def charge(self, seconds: float, measurement: bool = True, one_time: bool = False) -> None:
+        """Add ``seconds`` of the monitor's own time.
+
+        A measurement, other work, or a cost paid once per fit (preparing the network).
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """The state to save in a checkpoint."""
@@ -140,9 +143,11 @@ class log_spaced:  # noqa: N801
 class budget:  # noqa: N801
     r"""Measure as often as a share of the training time allows: the default schedule.
 
-    The monitor times itself (every measurement with its logging, and its preparation)
-    and the schedule compares that time ``M`` with the training time elapsed ``T`` (the
-    fit's wall time minus ``M``). With ``c`` the monitor's last measured cost, at step ``s``:
+    The monitor times itself (every measurement with its logging) and the schedule
+    compares that time ``M`` with the training time elapsed ``T`` (the fit's wall time
+    minus the monitor's). Preparing the network, paid once per fit, is reported in the
+    monitor's share of the time but not drawn from the budget. With ``c`` the monitor's
+    last measured cost, at step ``s``:
 
     - the first step is always measured;
     - at any step, it measures when the next measurement fits in the budget,
@@ -212,6 +217,7 @@ class budget:  # noqa: N801
         self._started: float | None = None
         self._elapsed_before = 0.0  # wall time of earlier fits (restored from a checkpoint)
         self.spent = 0.0
+        self.setup = 0.0
         self.last_cost: float | None = None
 
     def clock(self) -> float:
@@ -236,17 +242,24 @@ class budget:  # noqa: N801
         elapsed = self.elapsed
         return self.spent / elapsed if elapsed > 0 else 0.0
 
-    def charge(self, seconds: float, measurement: bool = True) -> None:
+    def charge(self, seconds: float, measurement: bool = True, one_time: bool = False) -> None:
         """Add the monitor's own time.
 
         Args:
             seconds: Time the monitor took.
             measurement: Whether it was a measurement (attempt): its time then also
                 becomes the cost expected of the next one. Preparation is not.
+            one_time: A cost paid once per fit, whatever the cadence (preparing the
+                network): reported in the monitor's share of the time (:attr:`setup`) but
+                not drawn from the budget, which governs how often to measure.
         """
-        self.spent += max(float(seconds), 0.0)
+        seconds = max(float(seconds), 0.0)
+        if one_time:
+            self.setup += seconds
+            return
+        self.spent += seconds
         if measurement:
-            self.last_cost = max(float(seconds), 0.0)
+            self.last_cost = seconds
 
     def __call__(self, step: int) -> bool:
         """Whether to measure at ``step``."""
@@ -254,18 +267,24 @@ class budget:  # noqa: N801
             self.start()
         if self.last_cost is None:
             return True
-        training = self.elapsed - self.spent
+        training = self.elapsed - self.spent - self.setup
         allowed = self.fraction * training
         needed = self.last_cost / 2 if self._grid(step) else self.last_cost
         return self.spent + needed <= allowed
 
     def state_dict(self) -> dict[str, Any]:
         """Time spent and elapsed, and the last cost (for checkpoints)."""
-        return {"spent": self.spent, "elapsed": self.elapsed, "last_cost": self.last_cost}
+        return {
+            "spent": self.spent,
+            "setup": self.setup,
+            "elapsed": self.elapsed,
+            "last_cost": self.last_cost,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the budget of a checkpointed fit."""
         self.spent = float(state["spent"])
+        self.setup = float(state.get("setup", 0.0))
         self._elapsed_before = float(state["elapsed"])
         if self._started is not None:  # restored after the fit started: count from now
             self._started = self.clock()

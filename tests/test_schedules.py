@@ -118,15 +118,22 @@ def test_budget_is_densest_early_and_adapts_to_the_measured_cost():
     assert len(early) >= 5 * len(late) >= 5
 
 
-def test_budget_counts_preparation_but_does_not_take_it_as_the_cost():
+def test_budget_reports_preparation_but_does_not_draw_it_from_the_budget():
     clock = Clock()
     schedule = budget(0.1, clock=clock)
     schedule.start()
     clock.now += 5.0
-    schedule.charge(5.0, measurement=False)  # preparing the monitor
+    schedule.charge(5.0, measurement=False, one_time=True)  # preparing the monitor
     assert schedule.last_cost is None and schedule(0)  # the first step is still measured
     schedule.charge(1.0)
-    assert schedule.last_cost == 1.0 and schedule.spent == 6.0
+    clock.now += 1.0
+    assert schedule.last_cost == 1.0 and schedule.spent == 1.0 and schedule.setup == 5.0
+    clock.now += 15.0  # 15 s of training: 1 + 0.5 ≤ 1.5, preparation not counted
+    assert schedule(13)
+    # other work of the monitor (the optimizer audit) is drawn from the budget
+    schedule.charge(0.5, measurement=False)
+    assert schedule.spent == 1.5 and schedule.last_cost == 1.0 and not schedule(13)
+    assert budget(0.1).state_dict()["setup"] == 0.0
 
 
 def test_budget_state_resumes_and_pickles():

@@ -38,7 +38,8 @@ from fisher_monitor.measurement import Measurement
 from fisher_monitor.schedules import Schedule, TimedSchedule
 from fisher_monitor.settings import DampingMode, MeasureSettings
 
-#: The heat-map image is redrawn at every this many measurements, and at the end of fitting.
+#: The heat-map image is drawn at every this many measurements (the 10th, 20th, …) and at
+#: the end of fitting: a map of one or two columns says nothing, and drawing it is not free.
 IMAGE_EVERY = 10
 #: Default logging prefix. TensorBoard's Time Series and Scalars pages list tag groups in
 #: character order and open only the first two; "~" sorts after letters, digits and "_", so
@@ -259,7 +260,7 @@ class FisherMonitor(*_BASES):
         )
         started = self._ledger.clock()
         self._prepare_everywhere(pl_module, step=None)
-        self._charge(self._ledger.clock() - started, measurement=False)
+        self._charge(self._ledger.clock() - started, measurement=False, one_time=True)
         self._info = RunInfo(self.log_prefix, self._settings(trainer, pl_module))
         self._write_info()
         if self.audit_optimizer and self.optimizer_index >= len(trainer.optimizers):
@@ -395,7 +396,7 @@ class FisherMonitor(*_BASES):
             for writer in self._writers:
                 writer.log_scalars(scalars, step)
                 writer.log_histograms("log10_ef_over_f", ratios, step)
-                if len(self._history) % IMAGE_EVERY == 1:
+                if len(self._history) % IMAGE_EVERY == 0:
                     writer.log_heatmap(self._history, step)
         optimizer = self._optimizer(trainer)
         if optimizer is not None and trainer.is_global_zero and self._measured is not None:
@@ -443,17 +444,17 @@ class FisherMonitor(*_BASES):
             for writer in self._writers:
                 writer.write_info(self._info)
 
-    def _charge(self, seconds: float, measurement: bool) -> None:
+    def _charge(self, seconds: float, measurement: bool, one_time: bool = False) -> None:
         self._ledger.charge(seconds)
         if isinstance(self.schedule, TimedSchedule):
-            self.schedule.charge(seconds, measurement=measurement)
+            self.schedule.charge(seconds, measurement=measurement, one_time=one_time)
 
     # ------------------------------------------------------------------ end
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the heat map with every measurement, unless the last one already drew it
-        if len(self._history) % IMAGE_EVERY != 1:
+        if len(self._history) % IMAGE_EVERY != 0:
             last = self._history.last()
             for writer in self._writers:
                 if last is not None:
