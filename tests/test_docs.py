@@ -49,6 +49,8 @@ CITED_ANCHORS = {
         "standard-errors",
         "identities",
         "references",
+        "saturated",
+        "sketch",
     ),
     "guide/callback.md": (
         "arguments",
@@ -57,10 +59,19 @@ CITED_ANCHORS = {
         "logged",
         "tensorboard",
         "summary",
+        "failures",
+        "optimizer-audit",
+        "prefix",
         "ddp",
     ),
     "guide/measure.md": ("arguments", "measurer", "measurement"),
-    "guide/report.md": ("report-command", "summary-command", "verdicts", "exit-codes"),
+    "guide/report.md": (
+        "report-command",
+        "summary-command",
+        "verdicts",
+        "summary-json",
+        "exit-codes",
+    ),
     "guide/models.md": (
         "backends",
         "backpack-layers",
@@ -226,3 +237,63 @@ def _python_examples():
 def test_python_examples_run(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "<docs example>", "exec"), {"__name__": "__docs__"})  # noqa: S102
+
+
+def _argument_table(page: str) -> dict[str, str]:
+    """``{argument: default text}`` from the "Arguments" table of a guide page.
+
+    A row may name several arguments with as many defaults (`` `fisher`, `mc_samples` ``
+    | `` `"exact"`, `1` ``); an empty default cell means a required argument.
+    """
+    text = (DOCS / page).read_text(encoding="utf-8")
+    section = text.split("## Arguments", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`(\w+)`", cells[0])
+        defaults = re.findall(r"`([^`]*)`", cells[1])
+        if not defaults:
+            table.update(dict.fromkeys(names, ""))
+            continue
+        assert len(names) == len(defaults), f"{page}: cannot pair {cells[0]!r} with {cells[1]!r}"
+        table.update(zip(names, defaults, strict=True))
+    return table
+
+
+@pytest.mark.parametrize(
+    ("page", "target"),
+    [("guide/callback.md", "FisherMonitor.__init__"), ("guide/measure.md", "measure")],
+)
+def test_argument_tables_match_the_signatures(page, target):
+    """Every argument of the signature is in the guide's table, with its real default."""
+    import inspect
+
+    import torch
+
+    import fisher_monitor
+
+    owner, _, attribute = target.partition(".")
+    function = getattr(fisher_monitor, owner)
+    function = getattr(function, attribute) if attribute else function
+    parameters = {
+        name: parameter
+        for name, parameter in inspect.signature(function).parameters.items()
+        if name != "self"
+    }
+    documented = _argument_table(page)
+    assert sorted(documented) == sorted(parameters), (
+        f"{page}: the arguments table and the signature of {target} differ: documented only "
+        f"{sorted(set(documented) - set(parameters))}, undocumented "
+        f"{sorted(set(parameters) - set(documented))}"
+    )
+    for name, parameter in parameters.items():
+        text = documented[name]
+        if parameter.default is inspect.Parameter.empty:
+            assert text == "", f"{page}: {name} is required, but the table gives {text!r}"
+            continue
+        value = eval(text, {"torch": torch})  # noqa: S307 - our own documentation
+        assert value == parameter.default, (
+            f"{page}: the table gives {name}={text}, the code's default is {parameter.default!r}"
+        )
