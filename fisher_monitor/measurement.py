@@ -17,7 +17,8 @@ class Measurement:
     """The result of one measurement.
 
     Attributes:
-        scalars: Metric values under ``"{structure}/{metric}/{layer}"`` (docs/theory.md#keys),
+        scalars: Metric values under ``"{structure}/{metric}/{layer}"`` (docs/theory.md#keys;
+            estimated values with their standard error under ``"{structure}/{metric}_se/…"``),
             including ``"{structure}/{metric}/all"``, plus ``"probe/loss"``,
             ``"probe/batch_size"``, ``"probe/grad_norm"`` and ``"probe/seconds"``.
         layers: The measured layers in forward (``named_modules``) order.
@@ -27,8 +28,10 @@ class Measurement:
         notes: Things the user should know about this measurement (e.g. a BatchNorm
             layer measured in eval mode, a layer without Kronecker factors).
         coverage: Per layer: ``{"layer", "type", "parameters", "dimension", "backend",
-            "measured", "reason"}`` — which parameters were measured, by which backend
-            (``"backpack"`` or ``"functorch"``), and why a layer was not.
+            "measured", "reason", "estimator"}`` — which parameters were measured, by which
+            backend (``"backpack"`` or ``"functorch"``), why a layer was not, and per
+            structure whether the Fisher side was exact or estimated
+            (``docs/theory.md#estimators``).
         blocks: With ``keep_blocks=True``: per layer name, the dense ``(F_b, EF_b, g_b)``
             (``D_b × D_b``, ``D_b × D_b``, ``D_b``) as float64 CPU tensors; else empty.
         gradient: Per layer name, the mean probe gradient ``g_b`` (``D_b``, float64, in

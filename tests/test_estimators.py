@@ -609,3 +609,13 @@ def test_sequence_model_with_a_large_vocabulary_is_estimated():
     assert {e["backend"] for e in m.coverage} == {"functorch"}
     value, stderr = m["block/trace_ratio/all"], m["block/trace_ratio_se/all"]
     assert math.isfinite(value) and 0 < stderr < value
+
+
+def test_a_forced_sketch_refuses_what_it_cannot_estimate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="cannot be used here: no estimator for kron"):
+        measure(model, "cross_entropy", x, y, structures=("kron",), estimator="sketch")
+    with pytest.raises(ValueError, match="keep_blocks=True returns the exact dense blocks"):
+        measure(model, "cross_entropy", x, y, estimator="sketch", keep_blocks=True)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import warnings
 
-import lightning_helpers as helpers
 import pytest
 import pytorch_lightning as pl
-import reference
 import torch
-from lightning_helpers import MappedDataset, TinyClassifier, loader, trainer_kwargs
 from test_measure import assert_matches
 from torch import nn
 
+import lightning_helpers as helpers
+import reference
 from fisher_monitor import FisherMonitor, Measurer, measure
 from fisher_monitor.settings import MeasureSettings
+from lightning_helpers import MappedDataset, TinyClassifier, loader, trainer_kwargs
 
 
 def fit(monitor, model=None, data=None, steps=4, **kwargs):
@@ -454,3 +454,13 @@ def test_distributed_diagonal_reduction_joins_batches_exactly():
             ),
             rel=1e-10,
         )
+
+
+def test_measure_accepts_memory_budget_sizes_and_rejects_nonsense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget="1GB")
+    assert m["probe/batch_size"] == 8
+    with pytest.raises(ValueError, match="Invalid memory_budget: '1 gigabyte'"):
+        measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget="1 gigabyte")

@@ -10,11 +10,11 @@ import copy
 import warnings
 
 import pytest
-import reference
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+import reference
 from fisher_monitor import measure
 
 RTOL, ATOL = 1e-7, 1e-10
@@ -145,3 +145,23 @@ def test_bce_with_one_logit_per_sample_as_a_vector(reduction):
             assert on_backpack[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     column = measure(model.net, loss, inputs, targets.unsqueeze(1))  # (N, 1) as before
     assert column["block/kl/all"] == pytest.approx(result["block/kl/all"], rel=1e-9)
+
+
+class ScaledInside(nn.Module):
+    """A module owning a 0-d parameter (``x / t``) inside a BackPACK-supported network."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return x / self.t
+
+
+def test_scalar_parameter_inside_a_backpack_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), ScaledInside(), nn.Linear(6, 3)).double()
+    inputs, targets = batch()
+    result = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert "2" in result.layer_names and result["block/dimension/2"] == 1.0
+    assert_reference(result, model, nn.CrossEntropyLoss(), inputs, targets)

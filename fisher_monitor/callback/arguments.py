@@ -7,7 +7,6 @@ producing an empty monitor.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -15,20 +14,6 @@ import torch
 from fisher_monitor import keys
 from fisher_monitor.schedules import Schedule, budget, every
 from fisher_monitor.settings import MeasureSettings, is_whole_number
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
 
 
 def check_schedule(every_n_steps: Any, schedule: Any) -> Schedule:
@@ -50,28 +35,6 @@ def check_schedule(every_n_steps: Any, schedule: Any) -> Schedule:
             "schedules.budget(0.05), schedules.every(100) or schedules.log_spaced()."
         )
     return schedule
-
-
-def check_memory_budget(value: Any) -> int | None:
-    """Bytes as an int: from ``None``, an int ≥ 1, or a size such as ``"1GB"`` or ``"512MiB"``.
-
-    Decimal units (``kB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units
-    (``KiB``, ``MiB``, ``GiB``, ``TiB``) powers of 1024; case does not matter.
-    """
-    if value is None:
-        return None
-    if is_whole_number(value):
-        return value
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match and match["unit"].lower() in _UNITS:
-            size = int(float(match["number"]) * _UNITS[match["unit"].lower()])
-            if size >= 1:
-                return size
-    raise ValueError(
-        f"Invalid memory_budget: {value!r}. Use a number of bytes (an int ≥ 1), a size such "
-        "as '1GB' or '512MiB', or None for half the available memory."
-    )
 
 
 def check_prefix(value: Any) -> str:

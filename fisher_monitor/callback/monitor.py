@@ -33,6 +33,7 @@ from fisher_monitor.callback.update import (
 from fisher_monitor.callback.writers import RunInfo, Writer, time_series, writers_for
 from fisher_monitor.engine import BACKENDS, Measurer
 from fisher_monitor.engine.cost import check_estimator
+from fisher_monitor.engine.memory import check_memory_budget
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.schedules import Schedule, TimedSchedule
@@ -197,7 +198,7 @@ class FisherMonitor(*_BASES):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
-        self.memory_budget = arguments.check_memory_budget(memory_budget)
+        self.memory_budget = check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
         self.log_prefix = arguments.check_prefix(log_prefix)
         self.log_histograms = arguments.check_flag("log_histograms", log_histograms)

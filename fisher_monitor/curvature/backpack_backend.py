@@ -325,7 +325,7 @@ class BackpackNetwork(Backend):
                     raise RuntimeError(
                         f"BackPACK delivered no factors for a {type(module).__name__}."
                     )
-                columns = capture.columns.flatten(start_dim=2)
+                columns = capture.columns.reshape(*capture.columns.shape[:2], -1)  # 0-d too
                 per_sample.append(split.per_sample(columns))
                 sqrt.append(split.fisher(columns))
             factors = MaterializedFactors(

@@ -369,6 +369,8 @@ def plan(
         result.forced = True
         return result
     if estimator == "sketch":
+        if exact_only is not None:
+            raise ValueError(f"estimator='sketch' cannot be used here: {exact_only}.")
         result.sketch, result.forced = design, True
         result.reason = "estimator='sketch' was asked for"
         return result

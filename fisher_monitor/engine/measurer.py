@@ -55,8 +55,9 @@ class Measurer:
             the damped solves amplify rounding by up to ``1/λ``).
         backend: ``"auto"`` (BackPACK where it can handle the network, ``torch.func``
             otherwise), ``"backpack"`` or ``"functorch"``.
-        memory_budget: Bytes a measurement may use at its peak; ``None`` for half the
-            memory available (80% of the free GPU memory on CUDA).
+        memory_budget: Bytes a measurement may use at its peak (an int, or a size such as
+            ``"2GB"`` or ``"512MiB"``); ``None`` for half the memory available (80% of the
+            free GPU memory on CUDA).
         estimator: ``"auto"``, ``"exact"`` or ``"sketch"`` (see :func:`measure`).
     """
 
@@ -67,7 +68,7 @@ class Measurer:
         settings: MeasureSettings,
         dtype: torch.dtype = torch.float64,
         backend: str = "auto",
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         estimator: str = "auto",
     ):
         if not isinstance(model, nn.Module):
@@ -77,7 +78,7 @@ class Measurer:
         self.settings = settings
         self.dtype = dtype
         self.backend = check_backend(backend)
-        self.memory_budget = memory_budget
+        self.memory_budget = memory.check_memory_budget(memory_budget)
         self.estimator = cost.check_estimator(estimator)
         self._columns_cache: dict[tuple, int] = {}
         self._prepared: Backend | None = None
@@ -271,7 +272,7 @@ def measure(
     keep_blocks: bool = False,
     keep_directions: bool = False,
     update: Mapping[str, Tensor] | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     estimator: str = "auto",
 ) -> Measurement:
     """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
@@ -315,8 +316,9 @@ def measure(
             state dicts, names as in ``Measurement.layers[i].parameter_names``): adds the
             cosines of the update with the natural-gradient step, the EF step and the
             negative gradient, ``{structure}/update_{nat,ef,grad}_cosine/{layer}``.
-        memory_budget: Peak bytes the measurement may use (``None``: half the available
-            memory). A probe batch estimated to need more is sub-sampled, with a note.
+        memory_budget: Peak bytes the measurement may use, an int or a size such as
+            ``"2GB"`` (``None``: half the available memory). A probe batch estimated to need
+            more is sub-sampled, with a note.
         estimator: ``"auto"`` measures the exact Fisher while it is affordable and a sketch
             of it (random combinations of its square-root columns, with standard errors
             under ``…_se`` keys) when many classes would make it too slow or too large;

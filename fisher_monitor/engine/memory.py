@@ -33,8 +33,10 @@ within a small factor of the truth, erring high (see ``tests/test_memory.py``).
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +50,7 @@ from fisher_monitor.curvature.factors import (
     weight_sharing_diagonal_costs,
 )
 from fisher_monitor.curvature.passes import forked_rng, full_precision
-from fisher_monitor.settings import FisherType, MeasureSettings, Structure
+from fisher_monitor.settings import FisherType, MeasureSettings, Structure, is_whole_number
 
 #: Bytes per number of the curvature arithmetic (float64).
 CURVATURE_BYTES = 8
@@ -425,3 +427,40 @@ __all__ = [
     "output_columns",
     "profile_network",
 ]
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
+
+
+def check_memory_budget(value: Any) -> int | None:
+    """Bytes as an int: from ``None``, an int ≥ 1, or a size such as ``"1GB"`` or ``"512MiB"``.
+
+    Decimal units (``kB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units
+    (``KiB``, ``MiB``, ``GiB``, ``TiB``) powers of 1024; case does not matter.
+    """
+    if value is None:
+        return None
+    if is_whole_number(value):
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match and match["unit"].lower() in _UNITS:
+            size = int(float(match["number"]) * _UNITS[match["unit"].lower()])
+            if size >= 1:
+                return size
+    raise ValueError(
+        f"Invalid memory_budget: {value!r}. Use a number of bytes (an int ≥ 1), a size such "
+        "as '1GB' or '512MiB', or None for half the available memory."
+    )
