@@ -110,7 +110,8 @@ def check_prog_bar(value: Any, settings: MeasureSettings, prefix: str) -> list[s
         if not (isinstance(key, str) and _is_logged_key(key, settings)):
             structures = ", ".join(s.value for s in settings.structures)
             raise ValueError(
-                f"Invalid prog_bar key: {key!r}. Use keys the monitor logs, without the prefix: "
+                f"Invalid prog_bar key: {key!r}. Use keys the monitor logs (the prefix is "
+                "optional): "
                 "'{structure}/{metric}/{layer}' with a measured structure "
                 f"({structures}), e.g. '{settings.structures[0].value}/direction_cosine/all', "
                 f"or 'probe/{{name}}' with a name in {tuple(keys.PROBE_DESCRIPTIONS)}."

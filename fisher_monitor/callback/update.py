@@ -2,11 +2,10 @@
 
 At a measured step the monitor copies the measured layers' parameters and registers a
 one-shot ``register_step_post_hook`` on the audited optimizer (the first, or the one named
-by ``optimizer_index``). When it next steps — after every micro-batch of gradient
-accumulation, with
-whatever learning-rate schedule, weight decay, momentum, clipping or parameter groups, in
-automatic or manual optimization — the hook takes ``Δθ = θ_after − θ_before``, frees the
-copy, removes itself, and hands ``Δθ`` to :mod:`fisher_monitor.audit`. The hook only
+by ``optimizer_index``). When it next steps — after the last micro-batch of a gradient
+accumulation window, with whatever learning-rate schedule, weight decay, momentum,
+clipping or parameter groups, in automatic or manual optimization — the hook takes
+``Δθ = θ_after − θ_before``, frees the copy, removes itself, and hands ``Δθ`` to :mod:`fisher_monitor.audit`. The hook only
 reads the parameters; training is unchanged.
 """
 
