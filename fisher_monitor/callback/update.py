@@ -5,8 +5,8 @@ one-shot ``register_step_post_hook`` on the audited optimizer (the first, or the
 by ``optimizer_index``). When it next steps — after the last micro-batch of a gradient
 accumulation window, with whatever learning-rate schedule, weight decay, momentum,
 clipping or parameter groups, in automatic or manual optimization — the hook takes
-``Δθ = θ_after − θ_before``, frees the copy, removes itself, and hands ``Δθ`` to :mod:`fisher_monitor.audit`. The hook only
-reads the parameters; training is unchanged.
+``Δθ = θ_after − θ_before``, frees the copy, removes itself, and hands ``Δθ`` to
+:mod:`fisher_monitor.audit`. The hook only reads the parameters; training is unchanged.
 """
 
 from __future__ import annotations
