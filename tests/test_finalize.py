@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
-from lightning_helpers import fit
 from torch import nn
 
 import fisher_monitor.structures.block as block_module
 from fisher_monitor import FisherMonitor, measure
 from fisher_monitor.metrics import DampedStatistics, LayerStatistics, NumericalError, finalize
+from lightning_helpers import fit
 
 
 def statistics(**damped_overrides) -> LayerStatistics:

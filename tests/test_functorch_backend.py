@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
-from cases import LOSS_CASES, MODELS, make_problem
 from test_measure import assert_matches
 from torch import nn
 
+import reference
+from cases import LOSS_CASES, MODELS, make_problem
 from fisher_monitor import measure
 
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from fisher_monitor import measure
 from fisher_monitor.curvature.backpack_backend import BackpackNetwork
-from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.curvature.passes import seed_from
+from fisher_monitor.likelihoods import resolve_loss
 
 
 def collect_factors(model, loss_fn, inputs, targets, exact=True):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from lightning_helpers import TinyClassifier, TinyData
 from pytorch_lightning.cli import LightningCLI
 
 from fisher_monitor import FisherMonitor, schedules
+from lightning_helpers import TinyClassifier, TinyData
 
 pytest.importorskip("jsonargparse")
 

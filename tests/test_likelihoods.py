@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import sample_nll
 from torch import nn
 from torch.func import grad, hessian, vmap
 
@@ -22,6 +21,7 @@ from fisher_monitor.likelihoods import (
     loss_side,
     resolve_loss,
 )
+from reference import sample_nll
 
 
 def _case(name: str, reduction: str, shape, generator):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import reference
 import torch
-from cases import LOSS_CASES, MODELS, make_problem
 from torch import nn
 
+import reference
+from cases import LOSS_CASES, MODELS, make_problem
 from fisher_monitor import measure
 from fisher_monitor.curvature.factors import LayerFactors
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
 
+import reference
 from fisher_monitor.metrics import (
     OuterSamples,
     dense_statistics,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
-from cases import make_problem
 
+import reference
+from cases import make_problem
 from fisher_monitor import measure
 
 pytestmark = pytest.mark.montecarlo

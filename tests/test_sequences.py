@@ -9,10 +9,10 @@ ratios not on T.
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
 from torch import nn
 
+import reference
 from fisher_monitor import measure
 
 RTOL, ATOL = 1e-7, 1e-10

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from lightning_helpers import TinyClassifier, loader, trainer_kwargs
 from pytorch_lightning.loggers import TensorBoardLogger
-from synthetic import HOSTILE_LAYER
 from torch import nn
 
 from fisher_monitor import FisherMonitor
+from lightning_helpers import TinyClassifier, loader, trainer_kwargs
+from synthetic import HOSTILE_LAYER
 
 
 class HostileNames(TinyClassifier):

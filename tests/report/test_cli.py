@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from synthetic import HOSTILE_LAYER, fisher_run, layer_entries, scalar_event, write_events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fisher_monitor import runinfo
 from fisher_monitor.report.cli import main
 from fisher_monitor.report.progress import LineProgress, RichProgress, for_console
+from synthetic import HOSTILE_LAYER, fisher_run, layer_entries, scalar_event, write_events
 
 ROOT = Path(__file__).resolve().parents[2]
 

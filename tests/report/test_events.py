@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import histogram_event, scalar_event, write_events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_crc
@@ -12,6 +11,7 @@ from tensorboard.util import tensor_util
 
 from fisher_monitor.report import events as events_module
 from fisher_monitor.report.events import EventFileError, masked_crc32c, read_directory
+from synthetic import histogram_event, scalar_event, write_events
 
 
 def scalar_run(directory, count=20):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import fisher_run, layer_entries, scalar_event, write_events
 
 from fisher_monitor import keys
 from fisher_monitor.report.load import ReportError, Run, load_runs
 from fisher_monitor.report.progress import Progress
+from synthetic import fisher_run, layer_entries, scalar_event, write_events
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,11 @@ from html.parser import HTMLParser
 
 import pytest
 from markdown_it import MarkdownIt
-from synthetic import HOSTILE_LAYER, fisher_run, layer_entries
 
 from fisher_monitor.report.load import ReportError, load_runs
 from fisher_monitor.report.render import prepare_output_dir, summary, write_report
 from fisher_monitor.report.text import markdown_code, markdown_text, terminal_safe
+from synthetic import HOSTILE_LAYER, fisher_run, layer_entries
 
 
 class Tags(HTMLParser):
