@@ -13,6 +13,8 @@ parallelism, rank zero can diagnose and report a failure that happened on anothe
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
@@ -110,6 +112,14 @@ def diagnose(cause: str, stage: str = "measure") -> Diagnosis:
 _PERMANENT = ("ValueError", "TypeError", "AttributeError", "UnsupportedLossError")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _reason(cause: str) -> str:
+    """The cause without its numbers: the same failure at another value is not new."""
+    return _NUMBER.sub("#", cause)
+
+
 class FailurePolicy:
     """Warn once per cause, retry transient causes, switch off on permanent ones.
 
@@ -170,9 +180,10 @@ class FailurePolicy:
         several: bool,
         off: bool,
     ) -> None:
-        if diagnosis.cause in self._seen:
+        reason = _reason(diagnosis.cause)
+        if reason in self._seen:
             return
-        self._seen.add(diagnosis.cause)
+        self._seen.add(reason)
         where = f"on process {rank}: " if several else ""
         if step is None:
             what = f"`FisherMonitor` could not prepare its measurements ({where}{diagnosis.cause})."

@@ -117,6 +117,11 @@ def sum_statistics(statistics: Sequence[LayerStatistics]) -> LayerStatistics:
 #: How far a cosine may leave [−1, 1] through rounding before it counts as a failure.
 COSINE_TOLERANCE = 1e-6
 
+#: Below ``‖g‖ ≤ GRADIENT_RESOLUTION·√tr EF`` the mean gradient is rounding noise of the
+#: per-sample gradients it averages (an exact optimum, a full batch at convergence): its
+#: direction is undefined and the gradient cosines are ``nan`` instead of noise.
+GRADIENT_RESOLUTION = 1e-10
+
 
 class NumericalError(FloatingPointError):
     """A metric left its mathematical range by more than rounding: the numbers are unreliable."""
@@ -131,8 +136,9 @@ def _ratio(numerator: float, denominator: float) -> float:
 class _RangeCheck:
     """Clamp values that leave their range by rounding; fail on anything more."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, gradient_vanishes: bool = False):
         self.where = where
+        self.gradient_vanishes = gradient_vanishes
 
     def fail(self, name: str, value: float, allowed: str) -> NumericalError:
         where = f" in {self.where}" if self.where else ""
@@ -145,6 +151,8 @@ class _RangeCheck:
 
     def cosine(self, name: str, inner: float, sq_a: float, sq_b: float, low: float = -1.0):
         if sq_a <= 0.0 or sq_b <= 0.0:
+            return float("nan")
+        if self.gradient_vanishes and name in GRADIENT_COSINES:
             return float("nan")
         value = inner / (sq_a**0.5 * sq_b**0.5)
         if math.isnan(value):
@@ -180,7 +188,9 @@ def finalize(
     ``ef_projection_per_sample = (1/N) Σ_n g_nᵀB⁻¹g_n``, ``dimension = D`` and
     ``damping`` the mean λ over the parameters (``Σ_b D_b λ_b / D``; for one layer, λ_b).
 
-    A ratio whose denominator is zero (e.g. a layer with zero Fisher) is ``nan``. Values
+    A ratio whose denominator is zero (e.g. a layer with zero Fisher) is ``nan``, and so are
+    the cosines of the gradient's direction where the mean gradient vanishes to rounding
+    (``‖g‖ ≤`` :data:`GRADIENT_RESOLUTION` ``·√tr EF``, e.g. at an exact optimum). Values
     that leave their mathematical range (cosines outside [−1, 1], negative KL divergences,
     squared norms or projections) by rounding only are clamped; by more, the measurement
     fails with :class:`NumericalError`, never reading as "EF equals F".
@@ -201,6 +211,7 @@ def finalize(
     values = _as_floats(statistics)
     check = _RangeCheck(where)
     values["dimension"] = float(statistics.dimension)
+    check.gradient_vanishes = gradient_vanishes(values)
     out = {name: metric(values, check) for name, metric in UNDAMPED.items()}
     for damping, damped in zip(dampings, values["damped"], strict=True):
         suffix = damping_suffix(damping, several)
@@ -265,6 +276,21 @@ DAMPED: dict[str, Metric] = {
     ),
     "damping": lambda v, check: _ratio(v["damping_mass"], v["dimension"]),
 }
+
+
+#: The cosines that depend on the direction of the mean gradient ``g``.
+GRADIENT_COSINES = ("direction_cosine", "nat_grad_cosine", "ef_grad_cosine")
+
+
+def gradient_vanishes(values: Values) -> bool:
+    """Whether ``‖g‖ ≤ GRADIENT_RESOLUTION·√tr EF`` (``values`` as :func:`finalize` reads them).
+
+    ``‖g‖²`` is taken from the first damping's statistics (it does not depend on λ).
+    """
+    if not values["damped"] or values["trace_ef"] <= 0.0:
+        return False
+    grad_sq = values["damped"][0]["grad_sq"]
+    return grad_sq <= GRADIENT_RESOLUTION**2 * values["trace_ef"]
 
 
 def _as_floats(statistics: LayerStatistics) -> dict:
