@@ -14,7 +14,6 @@ parallelism, rank zero can diagnose and report a failure that happened on anothe
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
