@@ -136,7 +136,7 @@ class FisherMonitor(*_BASES):
     ``TensorBoardLogger`` the scalars carry one-line descriptions, and the writer adds a
     Custom Scalars layout, histograms ``{prefix}/histograms/log10_ef_over_f/{layer}`` and
     ``…/log10_preconditioner_over_sqrt_f/{layer}``, the image
-    ``{prefix}/images/direction_cosine`` (every tenth measurement and at the end), the text
+    ``{prefix}/images/direction_cosine`` (every tenth measurement and at the end, from two measurements on), the text
     ``{prefix}/settings``, and the run file ``fisher_monitor-{prefix}.json``
     (:mod:`fisher_monitor.runinfo`).
 
@@ -454,12 +454,15 @@ class FisherMonitor(*_BASES):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the heat map with every measurement, unless the last one already drew it
-        if len(self._history) % IMAGE_EVERY != 0:
-            last = self._history.last()
-            for writer in self._writers:
-                if last is not None:
-                    writer.log_heatmap(self._history, last[0])
+        # the heat map with every measurement, unless the last one already drew it; one
+        # column says nothing the scalars do not (and drawing costs a tenth of a second)
+        last = self._history.last()
+        if last is None or len(self._history) < 2 or len(self._history) % IMAGE_EVERY == 0:
+            return
+        started = self._ledger.clock()
+        for writer in self._writers:
+            writer.log_heatmap(self._history, last[0])
+        self._charge(self._ledger.clock() - started, measurement=False, one_time=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

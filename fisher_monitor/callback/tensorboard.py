@@ -125,16 +125,13 @@ class TensorBoardWriter(LoggerWriter):
 
     def log_histograms(self, group: str, values: Mapping[str, np.ndarray], step: int) -> None:
         """One histogram per layer: ``{prefix}/histograms/{group}/{layer}``."""
-        from torch.utils.tensorboard.summary import histogram
-
         if not self.histograms:
             return
         text = HISTOGRAM_DESCRIPTIONS.get(group, "")
         for layer, data in values.items():
             if len(data):
                 tag = f"{self.prefix}/histograms/{group}/{layer}"
-                # 64 equal bins: TensorBoard's default exponential buckets cost 6× as much
-                self._add(histogram(tag, data, bins=64), step, {tag: text}, "histograms")
+                self._add(histogram_summary(tag, data), step, {tag: text}, "histograms")
 
     def log_heatmap(self, history: History, step: int) -> None:
         """The direction-cosine heat map of every measurement so far."""
@@ -160,6 +157,40 @@ class TensorBoardWriter(LoggerWriter):
             self._described.add(value.tag)
         if summary.value:
             self.writer._get_file_writer().add_summary(summary, step)
+
+
+#: Equal-width bins of a histogram (TensorBoard's default exponential buckets cost 6× as much).
+HISTOGRAM_BINS = 64
+
+
+def histogram_summary(tag: str, data: Any) -> Any:
+    """A TensorBoard histogram of ``data`` in :data:`HISTOGRAM_BINS` equal bins, made with torch.
+
+    ``torch.utils.tensorboard``'s own ``histogram`` takes NumPy's ``dot`` for the sum of
+    squares; on a small CPU machine the BLAS threads it wakes keep spinning beside
+    torch's and slowed the next tens of training steps by 4–5 ms each (measured on 2 cores).
+    """
+    import torch
+    from torch.utils.tensorboard.summary import histogram_raw
+
+    values = torch.as_tensor(data).detach().to("cpu", torch.float64).flatten()
+    low, high = values.min().item(), values.max().item()
+    if high > low:
+        counts = torch.histc(values, bins=HISTOGRAM_BINS, min=low, max=high)
+        limits = torch.linspace(low, high, HISTOGRAM_BINS + 1, dtype=torch.float64)[1:]
+    else:
+        counts = torch.tensor([float(values.numel())], dtype=torch.float64)
+        limits = torch.tensor([high], dtype=torch.float64)
+    return histogram_raw(
+        tag,
+        min=low,
+        max=high,
+        num=values.numel(),
+        sum=values.sum().item(),
+        sum_squares=values.square().sum().item(),
+        bucket_limits=limits.tolist(),
+        bucket_counts=counts.tolist(),
+    )
 
 
 def ef_over_f_log_ratios(diagonals: Mapping[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:

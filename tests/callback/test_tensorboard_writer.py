@@ -171,3 +171,34 @@ def test_tensorboard_reads_every_tag_without_complaint(tensorboard_run, caplog):
     assert not [r for r in caplog.records if "not associated with a plugin" in r.getMessage()]
     metadata = events.SummaryMetadata("~fisher/probe/loss")
     assert metadata.plugin_data.plugin_name == "scalars"
+
+
+def test_histogram_summary_matches_numpy():
+    """Our torch-made histogram has NumPy's counts, edges and moments."""
+    import numpy as np
+
+    from fisher_monitor.callback.tensorboard import HISTOGRAM_BINS, histogram_summary
+
+    data = np.random.default_rng(0).normal(size=5000).astype(np.float32)
+    (value,) = histogram_summary("h", data).value
+    histo = value.histo
+    counts, edges = np.histogram(data.astype(np.float64), bins=HISTOGRAM_BINS)
+    assert histo.num == 5000 and histo.min == data.min() and histo.max == data.max()
+    assert histo.sum == pytest.approx(data.astype(np.float64).sum(), rel=1e-12, abs=1e-9)
+    assert histo.sum_squares == pytest.approx(np.square(data.astype(np.float64)).sum(), rel=1e-12)
+    np.testing.assert_allclose(histo.bucket_limit, edges[1:], rtol=1e-12)
+    # torch.histc and NumPy may put a value lying on an edge in neighbouring bins
+    assert sum(histo.bucket) == 5000
+    assert np.abs(np.array(histo.bucket) - counts).sum() <= 4
+    (constant,) = histogram_summary("c", np.full(7, 2.5)).value
+    assert list(constant.histo.bucket) == [7] and list(constant.histo.bucket_limit) == [2.5]
+
+
+def test_no_heat_map_of_a_single_measurement(tmp_path):
+    monitor = FisherMonitor(every_n_steps=100, structures=("diag",))
+    logger = TensorBoardLogger(tmp_path)
+    fit(monitor, steps=3, logger=logger)
+    (event_file,) = glob.glob(str(tmp_path / "lightning_logs" / "version_0" / "events.*"))
+    events = EventAccumulator(event_file, size_guidance={"images": 0})
+    events.Reload()
+    assert "~fisher/images/direction_cosine" not in events.Tags()["images"]
