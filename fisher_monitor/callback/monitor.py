@@ -136,7 +136,8 @@ class FisherMonitor(*_BASES):
     ``TensorBoardLogger`` the scalars carry one-line descriptions, and the writer adds a
     Custom Scalars layout, histograms ``{prefix}/histograms/log10_ef_over_f/{layer}`` and
     ``…/log10_preconditioner_over_sqrt_f/{layer}``, the image
-    ``{prefix}/images/direction_cosine`` (every tenth measurement and at the end, from two measurements on), the text
+    ``{prefix}/images/direction_cosine`` (every tenth measurement and at the end, from two
+    measurements on), the text
     ``{prefix}/settings``, and the run file ``fisher_monitor-{prefix}.json``
     (:mod:`fisher_monitor.runinfo`).
 
