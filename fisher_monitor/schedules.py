@@ -150,31 +150,42 @@ class budget:  # noqa: N801
     last measured cost, at step ``s``:
 
     - the first step is always measured;
+    - when the callback knows the fit's length (``trainer.estimated_stepping_batches``,
+      :meth:`expect_steps`), ``minimum`` steps spread over it are always measured: steps
+      ``round((S − 1)·(k/(minimum − 1))²)`` for ``k = 0 … minimum − 1`` and ``S`` steps,
+      dense early and reaching the last step (``S = 300``, ``minimum = 8``: 0, 6, 24, 55,
+      98, 153, 220, 299), so that every fit has enough measurements for the verdicts
+      (five) even where one measurement costs more than the budget allows;
     - at any step, it measures when the next measurement fits in the budget,
       ``M + c ≤ fraction · T``;
     - at a step of the log-spaced grid (:class:`log_spaced` with ``per_decade``: steps
       ``1, 2, 3, 4, 6, 7, 8, 10, 13, …``) half of it suffices, ``M + c/2 ≤ fraction · T``,
       so that measurements prefer those steps, densest early in training.
 
-    So measurements come as often as the budget allows, and the monitor's time stays
-    within the budget up to half a measurement (``M ≤ fraction · T + c/2``): its share
-    tends to ``fraction`` as training goes on. Nothing is assumed about the cost of a
-    measurement; a slow network, a large probe or a busy machine simply get fewer
-    measurements. The state (time spent, time elapsed, last cost) is saved in checkpoints,
+    So measurements come as often as the budget allows, and beyond the guaranteed
+    ``minimum`` the monitor's time stays within the budget up to half a measurement
+    (``M ≤ fraction · T + c/2``): its share tends to ``fraction`` as training goes on. In a
+    short fit of a small network the guaranteed measurements can take more than
+    ``fraction`` (the end-of-fit summary reports the share); ``minimum=0`` keeps to the
+    budget alone. Nothing is assumed about the cost of a measurement; a slow network, a
+    large probe or a busy machine simply get fewer measurements beyond the minimum. The
+    state (time spent, time elapsed, last cost, the fit's length) is saved in checkpoints,
     so a resumed run continues the same budget; under data parallelism rank zero decides
     and the decision is broadcast.
 
     Args:
-        fraction: Largest share of the training time the monitor may take,
-            ``0 < fraction < 1`` (``0.05``: 5%; ``0.01`` for a lighter touch, ``0.2`` for
-            richer curves).
+        fraction: Largest share of the training time the monitor may take beyond the
+            guaranteed measurements, ``0 < fraction < 1`` (``0.05``: 5%; ``0.01`` for a
+            lighter touch, ``0.2`` for richer curves).
         per_decade: Density of the log-spaced grid preferred early on (≥ 1).
+        minimum: Measurements guaranteed per fit, spread over its steps (≥ 0; ``0``: the
+            budget alone decides). Needs the fit's length, which the callback passes.
         clock: Time source in seconds (``time.perf_counter`` when ``None``); tests pass
             a fake one. The callback times itself with it too.
 
     Example:
         >>> now = [0.0]
-        >>> schedule = budget(0.1, clock=lambda: now[0])
+        >>> schedule = budget(0.1, minimum=0, clock=lambda: now[0])
         >>> schedule.start()
         >>> schedule(0)  # the first step
         True
@@ -187,6 +198,10 @@ class budget:  # noqa: N801
         >>> now[0] = 16.0  # 15 s of training: 1 + 0.5 ≤ 1.5
         >>> schedule(13)
         True
+        >>> spread = budget(minimum=8)
+        >>> spread.expect_steps(300)
+        >>> sorted(spread.guaranteed)
+        [0, 6, 24, 55, 98, 153, 220, 299]
     """
 
     decided_on_rank_zero = True
@@ -195,6 +210,7 @@ class budget:  # noqa: N801
         self,
         fraction: float = 0.05,
         per_decade: int = 10,
+        minimum: int = 8,
         clock: Callable[[], float] | None = None,
     ):
         if (
@@ -208,6 +224,11 @@ class budget:  # noqa: N801
             )
         if not is_whole_number(per_decade):
             raise ValueError(f"Invalid per_decade: {per_decade!r}. Use a positive integer.")
+        if not is_whole_number(minimum, minimum=0):
+            raise ValueError(
+                f"Invalid minimum: {minimum!r}. Use a whole number of measurements ≥ 0 "
+                "(0: the budget alone decides)."
+            )
         if clock is not None and not callable(clock):
             raise ValueError(f"Invalid clock: {clock!r}. Pass a callable returning seconds.")
         self.fraction = float(fraction)
@@ -219,6 +240,17 @@ class budget:  # noqa: N801
         self.spent = 0.0
         self.setup = 0.0
         self.last_cost: float | None = None
+        self.minimum = int(minimum)
+        self.total_steps: int | None = None
+        self.guaranteed: frozenset[int] = frozenset()
+
+    def expect_steps(self, total_steps: int | None) -> None:
+        """The fit's length in optimizer steps (``None``: unknown), for the guaranteed steps."""
+        if total_steps is None or not math.isfinite(total_steps) or total_steps < 1:
+            self.total_steps, self.guaranteed = None, frozenset()
+            return
+        self.total_steps = int(total_steps)
+        self.guaranteed = spread_steps(self.total_steps, self.minimum)
 
     def clock(self) -> float:
         """Seconds from the time source."""
@@ -265,7 +297,7 @@ class budget:  # noqa: N801
         """Whether to measure at ``step``."""
         if self._started is None:
             self.start()
-        if self.last_cost is None:
+        if self.last_cost is None or step in self.guaranteed:
             return True
         training = self.elapsed - self.spent - self.setup
         allowed = self.fraction * training
@@ -279,6 +311,7 @@ class budget:  # noqa: N801
             "setup": self.setup,
             "elapsed": self.elapsed,
             "last_cost": self.last_cost,
+            "total_steps": self.total_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,6 +323,8 @@ class budget:  # noqa: N801
             self._started = self.clock()
         last = state.get("last_cost")
         self.last_cost = None if last is None else float(last)
+        if state.get("total_steps") is not None and self.total_steps is None:
+            self.expect_steps(state["total_steps"])
 
     def __getstate__(self) -> dict[str, Any]:
         # the clock of this process means nothing in another one (ddp_spawn, pickling)
@@ -299,7 +334,27 @@ class budget:  # noqa: N801
         return state
 
     def __repr__(self) -> str:
-        return f"budget(fraction={self.fraction}, per_decade={self.per_decade})"
+        return (
+            f"budget(fraction={self.fraction}, per_decade={self.per_decade}, "
+            f"minimum={self.minimum})"
+        )
 
 
-__all__ = ["Schedule", "TimedSchedule", "budget", "every", "log_spaced"]
+def spread_steps(total_steps: int, count: int) -> frozenset[int]:
+    """``count`` steps of ``0 … total_steps − 1``, dense early and reaching the last one.
+
+    Step ``round((total_steps − 1)·(k/(count − 1))²)`` for ``k = 0 … count − 1``: the gaps
+    grow linearly, so the early steps are close together and the later half of the fit
+    still gets a third of them. Fewer steps than ``count``: every step.
+    """
+    if count <= 0:
+        return frozenset()
+    if total_steps <= count:
+        return frozenset(range(total_steps))
+    if count == 1:
+        return frozenset({0})
+    last = total_steps - 1
+    return frozenset(round(last * (k / (count - 1)) ** 2) for k in range(count))
+
+
+__all__ = ["Schedule", "TimedSchedule", "budget", "every", "log_spaced", "spread_steps"]

@@ -90,3 +90,44 @@ def test_kron_directions_solve_the_kronecker_fisher():
         torch.testing.assert_close(
             empirical, solve(result.blocks[name][1], lam, g), rtol=1e-8, atol=0
         )
+
+
+def test_block_directions_reuse_the_statistics_solve_on_the_gram_route(monkeypatch):
+    """One damping on the Gram route: A⁻¹g comes from the statistics' own Cholesky solve."""
+    import fisher_monitor.metrics.lowrank as lowrank
+    import fisher_monitor.structures.block as block
+
+    calls = {"cholesky": 0, "root": 0}
+    original_cholesky = lowrank._coefficients_cholesky
+
+    def counted_cholesky(*args, **kwargs):
+        calls["cholesky"] += 1
+        return original_cholesky(*args, **kwargs)
+
+    def no_root(*args, **kwargs):
+        calls["root"] += 1
+        return None  # force the Gram route
+
+    monkeypatch.setattr(lowrank, "_coefficients_cholesky", counted_cholesky)
+    monkeypatch.setattr(block, "_root_route", no_root)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).double()
+    inputs, targets = torch.randn(24, 12, dtype=torch.float64), torch.randint(0, 5, (24,))
+    result = measure(
+        model,
+        nn.CrossEntropyLoss(),
+        inputs,
+        targets,
+        structures=("block",),
+        damping=1e-2,
+        keep_directions=True,
+        keep_blocks=True,
+    )
+    # layer 0 (208 parameters, rank 96) takes the Gram route; layer 2 (85) is formed densely
+    assert calls["cholesky"] == 1 and calls["root"] == 2
+    for name in ("0", "2"):
+        fisher_block, ef_block, g = result.blocks[name]
+        lam = result[f"block/damping/{name}"]
+        natural, empirical = result.directions["block"][0][name]
+        torch.testing.assert_close(natural, solve(fisher_block, lam, g), rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(empirical, solve(ef_block, lam, g), rtol=1e-8, atol=1e-12)

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from fisher_monitor.schedules import TimedSchedule, budget, every, log_spaced
+from fisher_monitor.schedules import TimedSchedule, budget, every, log_spaced, spread_steps
 
 
 class Clock:
@@ -62,6 +62,8 @@ def test_every_rejects_bad_arguments(arguments, message):
         (dict(fraction=True), "Invalid fraction: True"),
         (dict(per_decade=0), "Invalid per_decade: 0"),
         (dict(clock=3.0), "Invalid clock: 3.0"),
+        (dict(minimum=-1), r"Invalid minimum: -1\. Use a whole number"),
+        (dict(minimum=2.5), "Invalid minimum: 2.5"),
     ],
 )
 def test_budget_rejects_bad_arguments(arguments, message):
@@ -153,4 +155,44 @@ def test_budget_state_resumes_and_pickles():
     assert copied.spent == 0.0 and copied.elapsed == 0.0
     assert isinstance(schedule, TimedSchedule) and schedule.decided_on_rank_zero
     assert not isinstance(every(3), TimedSchedule)
-    assert repr(schedule) == "budget(fraction=0.1, per_decade=10)"
+    assert repr(schedule) == "budget(fraction=0.1, per_decade=10, minimum=8)"
+    # the fit's length travels with the state: a resumed fit keeps the same guaranteed steps
+    spread = budget(0.1, clock=clock)
+    spread.expect_steps(300)
+    again = budget(0.1, clock=clock)
+    again.load_state_dict(spread.state_dict())
+    assert again.guaranteed == spread.guaranteed and again.total_steps == 300
+
+
+def test_spread_steps_are_dense_early_and_reach_the_end():
+    steps = sorted(spread_steps(300, 8))
+    assert steps == [0, 6, 24, 55, 98, 153, 220, 299]
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert gaps == sorted(gaps)  # growing gaps: densest early
+    assert sum(s >= 150 for s in steps) >= 3  # the second half still gets a third of them
+    assert spread_steps(5, 8) == frozenset(range(5))  # short fits: every step
+    assert spread_steps(100, 1) == {0} and spread_steps(100, 0) == frozenset()
+
+
+def test_budget_guarantees_its_minimum_even_when_a_measurement_exceeds_the_budget():
+    """A measurement 40× a step at 5%: the budget alone allows the first step only."""
+    clock = Clock()
+    alone = budget(0.05, minimum=0, clock=clock)
+    assert simulate(alone, clock, 300, lambda s: 1.0, lambda s: 40.0) == [0]
+    clock = Clock()
+    guaranteed = budget(0.05, clock=clock)
+    guaranteed.expect_steps(300)
+    measured = simulate(guaranteed, clock, 300, lambda s: 1.0, lambda s: 40.0)
+    assert measured == [0, 6, 24, 55, 98, 153, 220, 299]
+    # where the budget allows more, the guaranteed steps come on top of the budget's
+    clock = Clock()
+    cheap = budget(0.05, clock=clock)
+    cheap.expect_steps(3000)
+    measured = simulate(cheap, clock, 3000, lambda s: 1.0, lambda s: 1.0)
+    assert set(spread_steps(3000, 8)) <= set(measured) and len(measured) > 100
+    # an unknown length (an endless fit) leaves the budget alone
+    unknown = budget(0.05)
+    unknown.expect_steps(None)
+    assert unknown.guaranteed == frozenset()
+    unknown.expect_steps(float("inf"))
+    assert unknown.guaranteed == frozenset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -254,6 +255,9 @@ class FisherMonitor(*_BASES):
         self._ledger.start()
         if isinstance(self.schedule, TimedSchedule):
             self.schedule.start()
+        expect_steps = getattr(self.schedule, "expect_steps", None)
+        if callable(expect_steps):
+            expect_steps(_fit_length(trainer))
         self._policy = FailurePolicy(self.raise_on_error)
         self._writers = (
             writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
@@ -518,6 +522,15 @@ class FisherMonitor(*_BASES):
             self._ledger.load_state_dict(state_dict["time"])
         if "schedule" in state_dict and isinstance(self.schedule, TimedSchedule):
             self.schedule.load_state_dict(state_dict["schedule"])
+
+
+def _fit_length(trainer: pl.Trainer) -> int | None:
+    """The fit's number of optimizer steps, where Lightning can tell (else ``None``)."""
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - e.g. an iterable dataset without a length
+        return None
+    return int(total) if total is not None and math.isfinite(total) else None
 
 
 def _loss_text(likelihood: Any) -> str:

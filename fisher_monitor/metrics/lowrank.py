@@ -134,11 +134,14 @@ class BlockStatistics:
         health: The rounding estimate.
         empirical: One :class:`EmpiricalSolve` per damping, reusable by
             :func:`~fisher_monitor.metrics.kronecker.kronecker_statistics` (same ``U``).
+        natural: Where ``U = VB``, per damping ``c₀ = (λI + K_V)⁻¹Ba`` with
+            ``A⁻¹g = Vc₀`` (the directions then need no second factorisation); else ``None``.
     """
 
     statistics: LayerStatistics
     health: NumericalHealth
     empirical: list[EmpiricalSolve]
+    natural: list[Tensor] | None = None
 
 
 def _relative(error: Tensor, value: Tensor) -> Tensor:
@@ -516,6 +519,7 @@ def gram_block_statistics(
         gram_uv.square().sum(),
     )
     resolution = _gram_resolution(gram_v, dimension)
+    natural = None
     if coefficients is None:
         result = _woodbury(gram_u, gram_v, gram_uv, dimension, dampings, empirical, resolution)
         if result is None:
@@ -528,7 +532,7 @@ def gram_block_statistics(
             gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution
         )
     else:
-        damped, errors = _coefficients_cholesky(
+        damped, errors, natural = _coefficients_cholesky(
             gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution
         )
     errors += [ef.relative_error for ef in empirical if ef.relative_error is not None]
@@ -536,6 +540,7 @@ def gram_block_statistics(
         statistics=LayerStatistics(**undamped, damped=damped),
         health=NumericalHealth("gram", _worst(errors, gram_v)),
         empirical=list(empirical),
+        natural=natural,
     )
 
 
@@ -547,7 +552,8 @@ def _coefficients_cholesky(gram_v, gram_uv, coefficients, dimension, dampings, e
     ``⟨A⁻¹g, B⁻¹g⟩ = c·(B e)`` and ``tr(UᵀA⁻¹U) = Σ (L⁻¹B) ⊙ (L⁻¹K_VB)``. Every product
     acts on ``K_V b`` or ``K_V B``, so components of ``b`` in the null space of ``K_V`` (which
     ``V`` ignores) are never divided by λ. All right-hand sides go through one triangular
-    solve per damping.
+    solve per damping. Returns the damped statistics, the error estimates and ``c₀`` per
+    damping (``A⁻¹g = Vc₀``).
     """
     n, r = gram_uv.shape
     a = _mean_weights(n, gram_v)
@@ -556,13 +562,14 @@ def _coefficients_cholesky(gram_v, gram_uv, coefficients, dimension, dampings, e
     grad_sq = b @ k_b
     rhs = torch.cat([b.unsqueeze(1), k_b.unsqueeze(1), coefficients, gram_uv.mT], dim=1)
     workspace = torch.empty_like(gram_v)
-    damped, errors = [], []
+    damped, errors, natural = [], [], []
     for damping, ef in zip(dampings, empirical, strict=True):
         factor = factor_damped_gram(gram_v, damping, workspace)
         y = factor.half_solve(rhs)
         y0, y1 = y[:, 0], y[:, 1]
         c0_c = factor.back_solve(y[:, :2])
         c0, c = c0_c[:, 0], c0_c[:, 1]
+        natural.append(c0)
         nat_projection = y0 @ y1
         nat_sq = c0 @ c
         nat_ef = c @ (coefficients @ ef.coefficients)
@@ -573,7 +580,7 @@ def _coefficients_cholesky(gram_v, gram_uv, coefficients, dimension, dampings, e
         # an error τ on K_V moves ‖V c₀‖² by about τ‖c₀‖² and bᵀK_V c₀ by about λτ‖c₀‖²
         c0_sq = c0.square().sum()
         errors += [_relative(tau * c0_sq, nat_sq), _relative(tau * damping * c0_sq, nat_projection)]
-    return damped, errors
+    return damped, errors, natural
 
 
 def _coefficients_spectral(gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau):

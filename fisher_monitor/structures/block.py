@@ -105,7 +105,9 @@ class Block(Structure):
                 coefficients=factors.coefficient_matrix(),
                 empirical=layer.empirical_solves(),
             )
-        found = _lowrank_directions(layer, factors, grams) if directions else None
+        found = None
+        if directions:
+            found = _lowrank_directions(layer, factors, grams, block.natural)
         return LayerResult(block.statistics, found, block.health)
 
 
@@ -190,19 +192,27 @@ def _gram_u(layer: LayerInput, factors: LayerFactors) -> Tensor:
 
 
 def _lowrank_directions(
-    layer: LayerInput, factors: LayerFactors, grams: tuple[Tensor, Tensor, Tensor]
+    layer: LayerInput,
+    factors: LayerFactors,
+    grams: tuple[Tensor, Tensor, Tensor],
+    natural: list[Tensor] | None = None,
 ) -> Directions:
     """``(A⁻¹g, B⁻¹g)`` per damping as explicit vectors.
 
     ``A⁻¹g = V(λI + K_V)⁻¹Ba`` when ``U = VB`` (push-through identity), else
-    ``(g − V(λI + K_V)⁻¹Vᵀg)/λ`` (Woodbury); ``B⁻¹g = U(λI + K_U)⁻¹a``. One factorisation
-    of ``K_V`` serves every damping (:func:`~fisher_monitor.structures.base.damped_solver`).
+    ``(g − V(λI + K_V)⁻¹Vᵀg)/λ`` (Woodbury); ``B⁻¹g = U(λI + K_U)⁻¹a``. The statistics'
+    own ``(λI + K_V)⁻¹Ba`` (``natural``) is used where they computed it; otherwise one
+    factorisation of ``K_V`` serves every damping
+    (:func:`~fisher_monitor.structures.base.damped_solver`).
     """
     _, gram_v, gram_uv = grams
     coefficients = factors.coefficient_matrix()
     n = factors.num_samples
     a = torch.full((n,), n**-0.5, dtype=gram_v.dtype, device=gram_v.device)
-    solve = damped_solver(gram_v, layer.dampings)
+    if natural is not None and coefficients is not None:
+        solve = lambda index, rhs: natural[index]  # noqa: E731 - already solved
+    else:
+        solve = damped_solver(gram_v, layer.dampings)
     rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
     found = []
     for index, (damping, empirical) in enumerate(

@@ -315,6 +315,26 @@ def test_default_budget_spreads_measurements_over_a_300_step_digits_run():
     assert shares[-1] < 0.06
 
 
+@pytest.mark.slow
+def test_default_monitor_measures_a_real_300_step_digits_run_at_least_8_times(tmp_path):
+    """``FisherMonitor()`` as a user adds it, on the real clock: wherever one measurement
+    costs more than 5% allows, the guaranteed measurements still spread over the fit."""
+    import json
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightning_helpers import DigitsMLP, digits_loader
+
+    monitor = FisherMonitor()
+    logger = TensorBoardLogger(tmp_path)
+    fit(monitor, steps=300, logger=logger, model=DigitsMLP(), data=digits_loader())
+    (run_file,) = glob.glob(str(tmp_path / "**" / "fisher_monitor-*.json"), recursive=True)
+    steps = json.loads(open(run_file).read())["fit"]["steps"]
+    assert len(steps) >= 8, steps
+    assert steps[0] == 0 and steps[-1] >= 270, steps
+    assert sum(step >= 150 for step in steps) >= 3, steps  # spread, not only early
+
+
 def test_budget_state_survives_a_checkpoint(tmp_path):
     from lightning_helpers import FakeClock, Ticker, TickingLogger
 
