@@ -105,6 +105,54 @@ class KroneckerFactors:
     order: Callable[[Tensor], Tensor] | None = None
 
 
+class CoefficientMatrix:
+    """The block-sparse ``B`` (``R × N``, ``R = R_n·N``) with ``U = VB``, stored as its entries.
+
+    ``B[r·N + n, n] = β_{n,r}`` and every other entry is zero. A dense ``B`` holds ``R_n·N²``
+    numbers (7 GB for a logistic regression on 30,000 samples); products with it take
+    ``O(R·m)``. ``B @ x`` and ``x @ B`` work as for a tensor, ``dense()`` forms it where a
+    path needs the explicit matrix (beside ``R × R`` Grams, which are larger anyway).
+
+    Args:
+        by_column: ``β`` as ``R_n × N`` (row ``r``: the ``r``-th coefficient of every sample).
+    """
+
+    def __init__(self, by_column: Tensor) -> None:
+        self.by_column = by_column
+        self.per_sample, self.num_samples = by_column.shape
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(R, N)``."""
+        return (self.per_sample * self.num_samples, self.num_samples)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The entries' type."""
+        return self.by_column.dtype
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        """``B x`` for ``x`` of shape ``(N,)`` or ``(N, m)``."""
+        if x.dim() == 1:
+            return (self.by_column * x).reshape(-1)
+        return (self.by_column.unsqueeze(-1) * x).reshape(-1, x.shape[-1])
+
+    def __rmatmul__(self, x: Tensor) -> Tensor:
+        """``x B`` for ``x`` of shape ``(R,)`` or ``(k, R)``."""
+        if x.dim() == 1:
+            return (x.view(self.per_sample, self.num_samples) * self.by_column).sum(0)
+        rows = x.reshape(x.shape[0], self.per_sample, self.num_samples)
+        return (rows * self.by_column).sum(1)
+
+    def dense(self) -> Tensor:
+        """The explicit ``R × N`` matrix."""
+        n = self.num_samples
+        matrix = self.by_column.new_zeros(self.per_sample, n, n)
+        index = torch.arange(n, device=self.by_column.device)
+        matrix[:, index, index] = self.by_column
+        return matrix.reshape(-1, n)
+
+
 class LayerFactors(ABC):
     """Factors of one layer's F and EF blocks (see the module docstring).
 
@@ -121,10 +169,11 @@ class LayerFactors(ABC):
     #: ``β`` (``N × R_n``) with ``g_n/√N = Σ_r β_{n,r} v_{r,n}`` (exact Fisher), else ``None``
     coefficients: Tensor | None = None
 
-    def coefficient_matrix(self) -> Tensor | None:
+    def coefficient_matrix(self) -> CoefficientMatrix | None:
         """``B`` (``R × N``) with ``U = VB``, from :attr:`coefficients`; ``None`` if unknown.
 
-        Column ``(r, n)`` of ``V`` sits at row ``r·N + n``, so ``B[r·N + n, n] = β_{n,r}``.
+        Column ``(r, n)`` of ``V`` sits at row ``r·N + n``, so ``B[r·N + n, n] = β_{n,r}``;
+        only the ``R`` non-zero entries are stored (:class:`CoefficientMatrix`).
         """
         beta = self.coefficients
         if beta is None or beta.shape[0] != self.num_samples:
@@ -132,10 +181,7 @@ class LayerFactors(ABC):
         n, columns = beta.shape
         if columns * n != self.num_columns:
             return None
-        matrix = torch.zeros(columns, n, n, dtype=self.dtype, device=beta.device)
-        index = torch.arange(n, device=beta.device)
-        matrix[:, index, index] = beta.T.to(self.dtype)
-        return matrix.reshape(columns * n, n)
+        return CoefficientMatrix(beta.T.to(self.dtype))
 
     @abstractmethod
     def v_combination(self, weights: Tensor) -> Tensor:

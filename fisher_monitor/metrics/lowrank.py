@@ -144,6 +144,15 @@ class BlockStatistics:
     natural: list[Tensor] | None = None
 
 
+def as_dense(coefficients) -> Tensor:
+    """``B`` as a tensor: a block-sparse ``CoefficientMatrix`` is formed, a dense one passes.
+
+    The Gram paths concatenate ``B`` with other right-hand sides; they hold ``R × R``
+    matrices, larger than ``B``, anyway.
+    """
+    return coefficients.dense() if hasattr(coefficients, "dense") else coefficients
+
+
 def _relative(error: Tensor, value: Tensor) -> Tensor:
     """``error / |value|``, 0 where both vanish."""
     tiny = torch.finfo(value.dtype).tiny
@@ -560,7 +569,7 @@ def _coefficients_cholesky(gram_v, gram_uv, coefficients, dimension, dampings, e
     b = coefficients @ a
     k_b = gram_uv.mT @ a  # K_V B a = K_V b
     grad_sq = b @ k_b
-    rhs = torch.cat([b.unsqueeze(1), k_b.unsqueeze(1), coefficients, gram_uv.mT], dim=1)
+    rhs = torch.cat([b.unsqueeze(1), k_b.unsqueeze(1), as_dense(coefficients), gram_uv.mT], dim=1)
     workspace = torch.empty_like(gram_v)
     damped, errors, natural = [], [], []
     for damping, ef in zip(dampings, empirical, strict=True):
@@ -593,7 +602,7 @@ def _coefficients_spectral(gram_v, gram_uv, coefficients, dimension, dampings, e
     n = gram_uv.shape[0]
     a = _mean_weights(n, gram_v)
     sigma, vectors = _eigh(gram_v)
-    rotated = vectors.mT @ torch.cat([(coefficients @ a).unsqueeze(1), coefficients], dim=1)
+    rotated = vectors.mT @ torch.cat([(coefficients @ a).unsqueeze(1), as_dense(coefficients)], 1)
     b_hat, coefficients_hat = rotated[:, 0], rotated[:, 1:]
     row_sq = coefficients_hat.square().sum(dim=1)
     grad_sq = (sigma * b_hat.square()).sum()

@@ -60,7 +60,7 @@ def coefficient_grams(factors: LayerFactors, gram_v: Tensor, coefficients: Tenso
     Column ``n`` of ``B`` holds sample ``n``'s ``β`` at rows ``r·N + n``.
     """
     n = factors.num_samples
-    beta = coefficients.view(-1, n, n).diagonal(dim1=1, dim2=2)  # (R_n, N)
+    beta = coefficients.by_column  # (R_n, N)
     columns = beta.shape[0]
     gram_uv = torch.einsum("rn,rnk->nk", beta, gram_v.view(columns, n, -1))
     gram_u = torch.einsum("nrm,rm->nm", gram_uv.view(n, columns, n), beta)
@@ -89,7 +89,11 @@ class Block(Structure):
         if self.sketch is not None:
             return _sketched(layer, factors, self.sketch)
         block = _root_route(layer, factors)
-        if block is None and factors.prefers_dense():
+        if block is not None:
+            # the R × R Gram matrices are formed only if the directions need them
+            found = _root_route_directions(layer, factors) if directions else None
+            return LayerResult(block.statistics, found, block.health)
+        if factors.prefers_dense():
             fisher, empirical, gradient = layer.dense_blocks()
             statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
             found = None
@@ -97,14 +101,13 @@ class Block(Structure):
                 found = dense_directions(fisher, empirical, gradient, layer.dampings)
             return LayerResult(statistics, found)
         grams = _grams(layer, factors)
-        if block is None:
-            block = gram_block_statistics(
-                *grams,
-                factors.dimension,
-                layer.dampings,
-                coefficients=factors.coefficient_matrix(),
-                empirical=layer.empirical_solves(),
-            )
+        block = gram_block_statistics(
+            *grams,
+            factors.dimension,
+            layer.dampings,
+            coefficients=factors.coefficient_matrix(),
+            empirical=layer.empirical_solves(),
+        )
         found = None
         if directions:
             found = _lowrank_directions(layer, factors, grams, block.natural)
@@ -189,6 +192,17 @@ def _gram_u(layer: LayerInput, factors: LayerFactors) -> Tensor:
         return factors.gram_u()
 
     return layer.cached("gram_u", compute)
+
+
+def _root_route_directions(layer: LayerInput, factors: LayerFactors) -> Directions:
+    """Directions beside the root route's statistics.
+
+    Dense solves where the layer is smaller than the factors' rank (a logistic regression
+    on many samples), else through the Gram matrices.
+    """
+    if factors.prefers_dense():
+        return dense_directions(*layer.dense_blocks(), layer.dampings)
+    return _lowrank_directions(layer, factors, _grams(layer, factors))
 
 
 def _lowrank_directions(

@@ -438,3 +438,53 @@ def test_root_route_is_well_behaved_on_rank_deficient_factors(
     tolerance = max(1e-7, 1e-13 * condition)
     for key in ("trace_ratio", "matrix_cosine", "ef_projection", "ef_projection_per_sample"):
         assert math.isclose(values[key], dense[key], rel_tol=tolerance, abs_tol=1e-9), key
+
+
+def test_block_sparse_coefficients_multiply_like_the_dense_matrix():
+    from fisher_monitor.curvature.factors import CoefficientMatrix
+
+    generator = torch.Generator().manual_seed(0)
+    beta = torch.randn(3, 5, dtype=torch.float64, generator=generator)  # R_n = 3, N = 5
+    sparse = CoefficientMatrix(beta)
+    dense = sparse.dense()
+    assert sparse.shape == dense.shape == (15, 5)
+    assert torch.count_nonzero(dense) == 15 and dense[2 * 5 + 4, 4] == beta[2, 4]
+    x, rows = torch.randn(5, dtype=torch.float64), torch.randn(15, dtype=torch.float64)
+    many, left = torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 15, dtype=torch.float64)
+    torch.testing.assert_close(sparse @ x, dense @ x, rtol=1e-14, atol=0)
+    torch.testing.assert_close(sparse @ many, dense @ many, rtol=1e-14, atol=0)
+    torch.testing.assert_close(rows @ sparse, rows @ dense, rtol=1e-14, atol=0)
+    torch.testing.assert_close(left @ sparse, left @ dense, rtol=1e-14, atol=0)
+
+
+def test_logistic_regression_on_many_samples_forms_no_sample_by_sample_matrix(monkeypatch):
+    """D = 3, N = 20,000: the root route in the coefficients' own storage (a dense B or an
+    N × N Gram would take 3.2 GB); the numbers are the dense definitions'."""
+    import fisher_monitor.structures.block as block
+    from fisher_monitor import measure
+    from fisher_monitor.curvature.factors import CoefficientMatrix
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an N × N matrix was formed")
+
+    monkeypatch.setattr(CoefficientMatrix, "dense", refuse)
+    monkeypatch.setattr(block, "_grams", refuse)
+    generator = torch.Generator().manual_seed(0)
+    n = 20_000
+    inputs = torch.randn(n, 2, dtype=torch.float64, generator=generator)
+    labels = (torch.rand(n, 1, dtype=torch.float64, generator=generator) < 0.3).double()
+    model = torch.nn.Linear(2, 1).double()
+    m = measure(
+        model, torch.nn.BCEWithLogitsLoss(), inputs, labels, structures=("block",), damping=1e-3
+    )
+    features = torch.cat([inputs, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    with torch.no_grad():
+        p = torch.sigmoid(model(inputs))
+    fisher = (features * (p * (1 - p))).T @ features / n
+    per_sample = (p - labels) * features
+    empirical = per_sample.T @ per_sample / n
+    expected = torch.linalg.matrix_norm(empirical - fisher) / torch.linalg.matrix_norm(fisher)
+    assert m["block/rel_error/all"] == pytest.approx(expected.item(), rel=1e-9)
+    assert m["block/trace_ratio/all"] == pytest.approx(
+        (empirical.trace() / fisher.trace()).item(), rel=1e-12
+    )
