@@ -77,8 +77,9 @@ class FisherMonitor(*_BASES):
     Args:
         every_n_steps: Shorthand for ``schedule=schedules.every(every_n_steps)``.
         schedule: A callable ``step -> bool`` over ``trainer.global_step``; default
-            ``schedules.budget(fraction=0.05)``: as often as 5% of the training time allows,
-            densest early (see :class:`fisher_monitor.schedules.budget`).
+            ``schedules.budget(fraction=0.05)``: 8 measurements spread over a fit of known
+            length, and beyond those as often as 5% of the training time allows, densest
+            early (see :class:`fisher_monitor.schedules.budget`).
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
         fisher: ``"exact"`` or ``"mc"`` (sampled labels).
         mc_samples: Sampled labels per input for ``fisher="mc"``.
