@@ -406,7 +406,12 @@ class FisherMonitor(*_BASES):
                 if len(self._history) % IMAGE_EVERY == 0:
                     writer.log_heatmap(self._history, step)
         optimizer = self._optimizer(trainer)
-        if optimizer is not None and trainer.is_global_zero and self._measured is not None:
+        if (
+            optimizer is not None
+            and trainer.is_global_zero
+            and self._measured is not None
+            and measurement.directions  # a measurer without them (a user's subclass): no audit
+        ):
             self._recorder.arm(optimizer, self._measured, measurement, step)
 
     @property

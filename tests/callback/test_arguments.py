@@ -97,6 +97,6 @@ def test_valid_arguments_are_normalised():
     assert repr(monitor.schedule) == "every(7, offset=0)"
     assert monitor.log_prefix == "monitor/fisher"
     assert monitor.prog_bar == ["block/direction_cosine/all", "probe/loss"]
-    assert repr(FisherMonitor().schedule) == "budget(fraction=0.05, per_decade=10)"
+    assert repr(FisherMonitor().schedule) == "budget(fraction=0.05, per_decade=10, minimum=8)"
     several = FisherMonitor(damping=[0.1, 0.2], prog_bar="block/kl@0.2/all")
     assert several.prog_bar == ["block/kl@0.2/all"]
