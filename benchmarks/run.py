@@ -209,6 +209,10 @@ def check(target: Target, result: dict | None) -> tuple[str, bool | None]:
             met = met and bool(info)
         else:
             parts.append(f"worst SE {100 * worst:.1f}% ({info.get('worst_se_key')})")
+            worst_all = info.get("worst_all_relative_se")
+            if worst_all is not None:
+                key = info.get("worst_all_se_key")
+                parts.append(f"whole network's worst SE {100 * worst_all:.1f}% ({key})")
             met = met and worst <= target.max_relative_se
     if failure:
         parts.append(failure)

@@ -193,6 +193,7 @@ def describe(measurement, batch_size: int) -> dict:
     )
     unmeasured = [row.get("layer") for row in measurement.coverage if not row.get("measured")]
     worst, worst_key, estimates = 0.0, None, 0
+    worst_all, worst_all_key = 0.0, None  # the whole network's keys only
     for key, value in scalars.items():
         parsed = keys.parse_key(key)
         if parsed is None or not parsed.stderr:
@@ -207,6 +208,8 @@ def describe(measurement, batch_size: int) -> dict:
         relative = abs(value) / abs(estimate) if estimate else float("inf")
         if relative > worst or worst_key is None:
             worst, worst_key = relative, key
+        if parsed.layer == "all" and (relative > worst_all or worst_all_key is None):
+            worst_all, worst_all_key = relative, key
     return {
         "probe_batch_size": probe,
         "subsampled": subsampled,
@@ -216,6 +219,8 @@ def describe(measurement, batch_size: int) -> dict:
         "estimates": estimates,
         "worst_relative_se": worst if estimates else None,
         "worst_se_key": worst_key,
+        "worst_all_relative_se": worst_all if worst_all_key is not None else None,
+        "worst_all_se_key": worst_all_key,
     }
 
 
