@@ -92,8 +92,9 @@ def test_kron_directions_solve_the_kronecker_fisher():
         )
 
 
-def test_block_directions_reuse_the_statistics_solve_on_the_gram_route(monkeypatch):
-    """One damping on the Gram route: A⁻¹g comes from the statistics' own Cholesky solve."""
+@pytest.mark.parametrize("dampings", [[1e-2], [1e-2, 1e-1], [1e-3, 1e-2, 1e-1]])
+def test_block_directions_reuse_the_statistics_solve_on_the_gram_route(monkeypatch, dampings):
+    """Few dampings on the Gram route: A⁻¹g comes from the statistics' own Cholesky solves."""
     import fisher_monitor.metrics.lowrank as lowrank
     import fisher_monitor.structures.block as block
 
@@ -119,15 +120,18 @@ def test_block_directions_reuse_the_statistics_solve_on_the_gram_route(monkeypat
         inputs,
         targets,
         structures=("block",),
-        damping=1e-2,
+        damping=dampings,
         keep_directions=True,
         keep_blocks=True,
     )
     # layer 0 (208 parameters, rank 96) takes the Gram route; layer 2 (85) is formed densely
     assert calls["cholesky"] == 1 and calls["root"] == 2
-    for name in ("0", "2"):
-        fisher_block, ef_block, g = result.blocks[name]
-        lam = result[f"block/damping/{name}"]
-        natural, empirical = result.directions["block"][0][name]
-        torch.testing.assert_close(natural, solve(fisher_block, lam, g), rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close(empirical, solve(ef_block, lam, g), rtol=1e-8, atol=1e-12)
+    for index, damping in enumerate(dampings):
+        suffix = f"@{damping!r}" if len(dampings) > 1 else ""
+        for name in ("0", "2"):
+            fisher_block, ef_block, g = result.blocks[name]
+            lam = result[f"block/damping{suffix}/{name}"]
+            natural, empirical = result.directions["block"][index][name]
+            expected = solve(fisher_block, lam, g)
+            torch.testing.assert_close(natural, expected, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(empirical, solve(ef_block, lam, g), rtol=1e-8, atol=1e-12)

@@ -223,19 +223,17 @@ def _lowrank_directions(
     coefficients = factors.coefficient_matrix()
     n = factors.num_samples
     a = torch.full((n,), n**-0.5, dtype=gram_v.dtype, device=gram_v.device)
+    rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
     if natural is not None and coefficients is not None:
-        solve = lambda index, rhs: natural[index]  # noqa: E731 - already solved
+        solved = list(natural)  # (λI + K_V)⁻¹Ba per damping, from the statistics
     else:
         solve = damped_solver(gram_v, layer.dampings)
-    rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
+        solved = [solve(index, rhs) for index in range(len(layer.dampings))]
     found = []
-    for index, (damping, empirical) in enumerate(
-        zip(layer.dampings, layer.empirical_solves(), strict=True)
-    ):
-        c = solve(index, rhs)
+    for c, damping, empirical in zip(solved, layer.dampings, layer.empirical_solves(), strict=True):
         if coefficients is not None:
-            natural = factors.v_combination(c)
+            direction = factors.v_combination(c)
         else:
-            natural = (layer.gradient - factors.v_combination(c)) / damping
-        found.append((natural, factors.u_combination(empirical.coefficients)))
+            direction = (layer.gradient - factors.v_combination(c)) / damping
+        found.append((direction, factors.u_combination(empirical.coefficients)))
     return found
