@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -206,6 +207,8 @@ def describe(measurement, batch_size: int) -> dict:
         if estimate is None:
             continue
         relative = abs(value) / abs(estimate) if estimate else float("inf")
+        if math.isnan(relative):  # a nan estimate (e.g. a vanished gradient's cosine)
+            continue
         if relative > worst or worst_key is None:
             worst, worst_key = relative, key
         if parsed.layer == "all" and (relative > worst_all or worst_all_key is None):

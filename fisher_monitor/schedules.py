@@ -243,14 +243,23 @@ class budget:  # noqa: N801
         self.minimum = int(minimum)
         self.total_steps: int | None = None
         self.guaranteed: frozenset[int] = frozenset()
+        self._next_guaranteed: int | None = None  # the first guaranteed step not yet reached
+        self._restored = False
 
     def expect_steps(self, total_steps: int | None) -> None:
-        """The fit's length in optimizer steps (``None``: unknown), for the guaranteed steps."""
+        """The fit's length in optimizer steps (``None``: unknown), for the guaranteed steps.
+
+        A length restored from a checkpoint stays when the new one is unknown, and the
+        guaranteed steps already passed before the checkpoint are not measured again.
+        """
         if total_steps is None or not math.isfinite(total_steps) or total_steps < 1:
-            self.total_steps, self.guaranteed = None, frozenset()
+            if not self._restored:
+                self.total_steps, self.guaranteed, self._next_guaranteed = None, frozenset(), None
             return
         self.total_steps = int(total_steps)
         self.guaranteed = spread_steps(self.total_steps, self.minimum)
+        if not self._restored:
+            self._next_guaranteed = min(self.guaranteed, default=None)
 
     def clock(self) -> float:
         """Seconds from the time source."""
@@ -297,7 +306,12 @@ class budget:  # noqa: N801
         """Whether to measure at ``step``."""
         if self._started is None:
             self.start()
-        if self.last_cost is None or step in self.guaranteed:
+        if self._next_guaranteed is not None and step >= self._next_guaranteed:
+            # a step may jump past a guaranteed one (several optimizers stepping manually,
+            # a failed attempt): the next step measured stands in for it
+            self._next_guaranteed = min((s for s in self.guaranteed if s > step), default=None)
+            return True
+        if self.last_cost is None:
             return True
         training = self.elapsed - self.spent - self.setup
         allowed = self.fraction * training
@@ -312,6 +326,7 @@ class budget:  # noqa: N801
             "elapsed": self.elapsed,
             "last_cost": self.last_cost,
             "total_steps": self.total_steps,
+            "next_guaranteed": self._next_guaranteed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,8 +338,11 @@ class budget:  # noqa: N801
             self._started = self.clock()
         last = state.get("last_cost")
         self.last_cost = None if last is None else float(last)
-        if state.get("total_steps") is not None and self.total_steps is None:
-            self.expect_steps(state["total_steps"])
+        if state.get("total_steps") is not None:
+            self.total_steps = int(state["total_steps"])
+            self.guaranteed = spread_steps(self.total_steps, self.minimum)
+            self._next_guaranteed = state.get("next_guaranteed")
+            self._restored = True
 
     def __getstate__(self) -> dict[str, Any]:
         # the clock of this process means nothing in another one (ddp_spawn, pickling)
@@ -343,9 +361,10 @@ class budget:  # noqa: N801
 def spread_steps(total_steps: int, count: int) -> frozenset[int]:
     """``count`` steps of ``0 … total_steps − 1``, dense early and reaching the last one.
 
-    Step ``round((total_steps − 1)·(k/(count − 1))²)`` for ``k = 0 … count − 1``: the gaps
-    grow linearly, so the early steps are close together and the later half of the fit
-    still gets a third of them. Fewer steps than ``count``: every step.
+    Step ``round((total_steps − 1)·(k/(count − 1))²)`` for ``k = 0 … count − 1``, moved on
+    by one where rounding would repeat a step: the gaps grow linearly, so the early steps
+    are close together and the later half of the fit still gets a third of them. Fewer
+    steps than ``count``: every step.
     """
     if count <= 0:
         return frozenset()
@@ -354,7 +373,13 @@ def spread_steps(total_steps: int, count: int) -> frozenset[int]:
     if count == 1:
         return frozenset({0})
     last = total_steps - 1
-    return frozenset(round(last * (k / (count - 1)) ** 2) for k in range(count))
+    steps: list[int] = []
+    for k in range(count):
+        step = round(last * (k / (count - 1)) ** 2)
+        if steps:  # strictly increasing, leaving room for the rest: never fewer than count
+            step = max(step, steps[-1] + 1)
+        steps.append(min(step, last - (count - 1 - k)))
+    return frozenset(steps)
 
 
 __all__ = ["Schedule", "TimedSchedule", "budget", "every", "log_spaced", "spread_steps"]

@@ -172,6 +172,32 @@ def test_spread_steps_are_dense_early_and_reach_the_end():
     assert sum(s >= 150 for s in steps) >= 3  # the second half still gets a third of them
     assert spread_steps(5, 8) == frozenset(range(5))  # short fits: every step
     assert spread_steps(100, 1) == {0} and spread_steps(100, 0) == frozenset()
+    for total in range(1, 400):  # never fewer than asked where the fit has room for them
+        steps = spread_steps(total, 8)
+        assert len(steps) == min(total, 8) and max(steps) == total - 1 and min(steps) == 0
+    assert sorted(spread_steps(9, 8)) == [0, 1, 2, 3, 4, 5, 6, 8]
+
+
+def test_guaranteed_steps_survive_jumps_and_checkpoints():
+    """A step that jumps past a guaranteed one (several optimizers stepping manually, a
+    failed attempt) measures in its place; a resumed fit does not measure them again."""
+    schedule = budget(0.05, clock=Clock())
+    schedule.expect_steps(300)
+    schedule.start()
+    schedule.charge(100.0)  # far over budget: only the guaranteed steps are measured
+    measured = [s for s in range(0, 600, 2) if schedule(s)]
+    assert measured == [0, 6, 24, 56, 98, 154, 220, 300]
+    # resume after step 100: the guaranteed steps before it are not measured again
+    first = budget(0.05, clock=Clock())
+    first.expect_steps(300)
+    first.start()
+    first.charge(100.0)
+    assert [s for s in range(101) if first(s)] == [0, 6, 24, 55, 98]
+    resumed = budget(0.05, clock=Clock())
+    resumed.load_state_dict(first.state_dict())
+    resumed.expect_steps(None)  # the length is unknown at the resume: the saved one stays
+    resumed.start()
+    assert [s for s in range(101, 300) if resumed(s)] == [153, 220, 299]
 
 
 def test_budget_guarantees_its_minimum_even_when_a_measurement_exceeds_the_budget():

@@ -134,7 +134,7 @@ class FailurePolicy:
         self.raise_on_error = raise_on_error
         self.off: str | None = None
         self.warnings: list[str] = []
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, bool]] = set()
 
     def handle(
         self,
@@ -179,7 +179,7 @@ class FailurePolicy:
         several: bool,
         off: bool,
     ) -> None:
-        reason = _reason(diagnosis.cause)
+        reason = (_reason(diagnosis.cause), off)  # "off for the rest of the fit" is news
         if reason in self._seen:
             return
         self._seen.add(reason)

@@ -256,9 +256,6 @@ class FisherMonitor(*_BASES):
         self._ledger.start()
         if isinstance(self.schedule, TimedSchedule):
             self.schedule.start()
-        expect_steps = getattr(self.schedule, "expect_steps", None)
-        if callable(expect_steps):
-            expect_steps(_fit_length(trainer))
         self._policy = FailurePolicy(self.raise_on_error)
         self._writers = (
             writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
@@ -331,6 +328,15 @@ class FisherMonitor(*_BASES):
         }
 
     # ------------------------------------------------------------------ training
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the fit's length for the guaranteed measurements, once the training data loader
+        # exists (asking in on_fit_start would load it early, before the module's own
+        # on_fit_start) and a checkpoint's state is restored
+        expect_steps = getattr(self.schedule, "expect_steps", None)
+        if callable(expect_steps):
+            expect_steps(_fit_length(trainer))
 
     @override
     def on_train_batch_start(

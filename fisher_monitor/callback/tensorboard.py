@@ -129,9 +129,10 @@ class TensorBoardWriter(LoggerWriter):
             return
         text = HISTOGRAM_DESCRIPTIONS.get(group, "")
         for layer, data in values.items():
-            if len(data):
-                tag = f"{self.prefix}/histograms/{group}/{layer}"
-                self._add(histogram_summary(tag, data), step, {tag: text}, "histograms")
+            tag = f"{self.prefix}/histograms/{group}/{layer}"
+            summary = histogram_summary(tag, data) if len(data) else None
+            if summary is not None:
+                self._add(summary, step, {tag: text}, "histograms")
 
     def log_heatmap(self, history: History, step: int) -> None:
         """The direction-cosine heat map of every measurement so far."""
@@ -166,6 +167,8 @@ HISTOGRAM_BINS = 64
 def histogram_summary(tag: str, data: Any) -> Any:
     """A TensorBoard histogram of ``data`` in :data:`HISTOGRAM_BINS` equal bins, made with torch.
 
+    Non-finite values are left out; ``None`` when none is finite.
+
     ``torch.utils.tensorboard``'s own ``histogram`` takes NumPy's ``dot`` for the sum of
     squares; on a small CPU machine the BLAS threads it wakes keep spinning beside
     torch's and slowed the next tens of training steps by 4–5 ms each (measured on 2 cores).
@@ -174,6 +177,9 @@ def histogram_summary(tag: str, data: Any) -> Any:
     from torch.utils.tensorboard.summary import histogram_raw
 
     values = torch.as_tensor(data).detach().to("cpu", torch.float64).flatten()
+    values = values[torch.isfinite(values)]
+    if not values.numel():
+        return None
     low, high = values.min().item(), values.max().item()
     if high > low:
         counts = torch.histc(values, bins=HISTOGRAM_BINS, min=low, max=high)

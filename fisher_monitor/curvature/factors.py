@@ -131,14 +131,25 @@ class CoefficientMatrix:
         """The entries' type."""
         return self.by_column.dtype
 
+    def _check(self, x: Tensor, size: int, side: str) -> None:
+        if x.dim() not in (1, 2) or x.shape[0 if side == "right" else -1] != size:
+            raise ValueError(
+                f"CoefficientMatrix of shape {self.shape}: cannot multiply a tensor of shape "
+                f"{tuple(x.shape)} on the {side}."
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(f"CoefficientMatrix holds {self.dtype}, the tensor {x.dtype}.")
+
     def __matmul__(self, x: Tensor) -> Tensor:
         """``B x`` for ``x`` of shape ``(N,)`` or ``(N, m)``."""
+        self._check(x, self.num_samples, "right")
         if x.dim() == 1:
             return (self.by_column * x).reshape(-1)
         return (self.by_column.unsqueeze(-1) * x).reshape(-1, x.shape[-1])
 
     def __rmatmul__(self, x: Tensor) -> Tensor:
         """``x B`` for ``x`` of shape ``(R,)`` or ``(k, R)``."""
+        self._check(x, self.shape[0], "left")
         if x.dim() == 1:
             return (x.view(self.per_sample, self.num_samples) * self.by_column).sum(0)
         rows = x.reshape(x.shape[0], self.per_sample, self.num_samples)

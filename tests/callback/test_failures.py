@@ -272,3 +272,21 @@ def test_a_failing_optimizer_audit_warns_and_training_goes_on(monkeypatch):
     assert logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2]  # measurements go on
     with pytest.raises(RuntimeError, match="simulated audit failure"):
         fit(FisherMonitor(every_n_steps=1, structures=("diag",), raise_on_error=True), steps=2)
+
+
+def test_the_same_failure_with_other_numbers_warns_once_but_switching_off_is_news():
+    from fisher_monitor.callback.failures import FailurePolicy
+
+    policy = FailurePolicy(raise_on_error=False)
+    cause = "NumericalError: in block/fc1: direction_cosine = {} is outside its range"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy.handle([cause.format(5.0)], 0, "measure")
+        policy.handle([cause.format(4.99)], 1, "measure")  # same reason: not repeated
+        policy.handle(["ValueError: bad setting 3"], 2, "measure")  # transient here
+        policy.handle(["ValueError: bad setting 4"], None, "prepare")  # now it switches off
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3, messages
+    assert "tries again" in messages[0] and "tries again" in messages[1]
+    assert "off for the rest of this fit" in messages[2]
+    assert policy.warnings == messages

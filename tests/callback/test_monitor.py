@@ -335,6 +335,46 @@ def test_default_monitor_measures_a_real_300_step_digits_run_at_least_8_times(tm
     assert sum(step >= 150 for step in steps) >= 3, steps  # spread, not only early
 
 
+def test_the_fit_length_is_read_without_loading_the_training_data_early(tmp_path):
+    """The module's own on_fit_start may still change its data loader (here its batch size):
+    the monitor reads the fit's length only once the loader exists."""
+
+    class LateBatchSize(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.loss_fn, self.batch_size, self.sizes = (
+                nn.Linear(4, 3),
+                nn.CrossEntropyLoss(),
+                8,
+                set(),
+            )
+
+        def on_fit_start(self):
+            self.batch_size = 32
+
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(0)
+            data = torch.utils.data.TensorDataset(
+                torch.randn(256, 4, generator=generator),
+                torch.randint(0, 3, (256,), generator=generator),
+            )
+            return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
+
+        def training_step(self, batch, batch_idx):
+            self.sizes.add(len(batch[0]))
+            return self.loss_fn(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model, monitor = LateBatchSize(), FisherMonitor(structures=("diag",))
+    pl.Trainer(
+        max_epochs=1, logger=CSVLogger(tmp_path), callbacks=[monitor], **trainer_kwargs()
+    ).fit(model)
+    assert model.sizes == {32}
+    assert monitor.schedule.total_steps == 8  # 256 samples in batches of 32
+
+
 def test_budget_state_survives_a_checkpoint(tmp_path):
     from lightning_helpers import FakeClock, Ticker, TickingLogger
 

@@ -192,6 +192,9 @@ def test_histogram_summary_matches_numpy():
     assert np.abs(np.array(histo.bucket) - counts).sum() <= 4
     (constant,) = histogram_summary("c", np.full(7, 2.5)).value
     assert list(constant.histo.bucket) == [7] and list(constant.histo.bucket_limit) == [2.5]
+    (finite,) = histogram_summary("f", np.array([1.0, np.nan, np.inf, 3.0])).value
+    assert finite.histo.num == 2 and finite.histo.min == 1.0 and finite.histo.max == 3.0
+    assert histogram_summary("n", np.array([np.nan, -np.inf])) is None
 
 
 def test_no_heat_map_of_a_single_measurement(tmp_path):

@@ -455,6 +455,12 @@ def test_block_sparse_coefficients_multiply_like_the_dense_matrix():
     torch.testing.assert_close(sparse @ many, dense @ many, rtol=1e-14, atol=0)
     torch.testing.assert_close(rows @ sparse, rows @ dense, rtol=1e-14, atol=0)
     torch.testing.assert_close(left @ sparse, left @ dense, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="cannot multiply a tensor of shape"):
+        sparse @ torch.randn(3, 5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="on the left"):
+        torch.randn(2, 1, 15, dtype=torch.float64) @ sparse
+    with pytest.raises(TypeError, match="holds torch.float64"):
+        sparse @ x.float()
 
 
 def test_logistic_regression_on_many_samples_forms_no_sample_by_sample_matrix(monkeypatch):
