@@ -5,6 +5,7 @@ A cosine of 5 must never be logged as 1.0 ("EF equals F"), a KL of −3 never as
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -158,6 +159,32 @@ def test_measuring_at_an_exact_optimum_reports_nan_directions():
     assert m["block/trace_ratio/all"] == pytest.approx(
         (per_sample.square().sum() / 2000 / fisher_trace).item(), rel=1e-10
     )
+
+
+def test_a_vanished_gradient_on_the_gram_route_gives_nan_cosines():
+    """U = VB with V(Ba) = 0 up to rounding: on the Gram route ‖g‖² = bᵀK_Vb is only known to
+    about ε√D max K_ii ‖b‖², far above 1e-20·tr EF; that error decides, not a range check."""
+    from fisher_monitor.curvature.factors import CoefficientMatrix
+    from fisher_monitor.metrics.lowrank import gram_block_statistics, root_block_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    dimension, per_sample, n = 50, 2, 40
+    v = torch.randn(dimension, per_sample * n, dtype=torch.float64, generator=generator)
+    null = torch.linalg.svd(v, full_matrices=True).Vh[dimension:]  # rows with V x = 0
+    b = null.T @ torch.randn(null.shape[0], dtype=torch.float64, generator=generator)
+    coefficients = CoefficientMatrix(b.view(per_sample, n) * n**0.5)  # B a = b
+    dense = coefficients.dense()
+    gram_v = v.T @ v
+    gram = gram_block_statistics(
+        dense.T @ gram_v @ dense, gram_v, dense.T @ gram_v, dimension, [1e-3], coefficients
+    ).statistics
+    root = root_block_statistics(v, dimension, [1e-3], coefficients=coefficients).statistics
+    assert gram.damped[0].grad_sq > 1e-20 * gram.trace_ef  # above the fixed threshold
+    for statistics in (gram, root):
+        metrics = finalize(statistics, [1e-3], where="block/fc")
+        for name in ("direction_cosine", "nat_grad_cosine", "ef_grad_cosine"):
+            assert metrics[name] != metrics[name], name
+        assert math.isfinite(metrics["trace_ratio"]) and metrics["kl"] >= 0.0
 
 
 def test_every_metric_name_has_one_definition():

@@ -528,13 +528,22 @@ def gram_block_statistics(
         gram_uv.square().sum(),
     )
     resolution = _gram_resolution(gram_v, dimension)
+    a = _mean_weights(n, gram_v)
+    if coefficients is None:  # ‖g‖² = aᵀK_Ua
+        grad_sq_error = _gram_resolution(gram_u, dimension) * (a @ a)
+    else:  # ‖g‖² = bᵀK_Vb with b = Ba
+        b = coefficients @ a
+        grad_sq_error = resolution * (b @ b)
     natural = None
     if coefficients is None:
         result = _woodbury(gram_u, gram_v, gram_uv, dimension, dampings, empirical, resolution)
         if result is None:
-            return joint_basis_block_statistics(
+            joint = joint_basis_block_statistics(
                 gram_u, gram_v, gram_uv, dimension, dampings, empirical=empirical
             )
+            for statistics in joint.statistics.damped:
+                statistics.grad_sq_error = grad_sq_error
+            return joint
         damped, errors = result
     elif len(dampings) >= SPECTRAL_MIN_DAMPINGS:
         damped, errors = _coefficients_spectral(
@@ -545,6 +554,8 @@ def gram_block_statistics(
             gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution
         )
     errors += [ef.relative_error for ef in empirical if ef.relative_error is not None]
+    for statistics in damped:
+        statistics.grad_sq_error = grad_sq_error
     return BlockStatistics(
         statistics=LayerStatistics(**undamped, damped=damped),
         health=NumericalHealth("gram", _worst(errors, gram_v)),
