@@ -29,13 +29,10 @@ import math
 import weakref
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
-from fisher_monitor.batching import take_samples
 from fisher_monitor.curvature.backends import Backend
 from fisher_monitor.curvature.factors import weight_sharing_costs, weight_sharing_diagonal_costs
-from fisher_monitor.curvature.passes import forked_rng, full_precision
 from fisher_monitor.engine import memory
 from fisher_monitor.estimators import SketchDesign
 from fisher_monitor.estimators.block import FISHER_INVERSE_METRICS
@@ -183,7 +180,7 @@ def layer_shapes(prepared: Backend, inputs) -> tuple[list[LayerShape], int]:
 
 def _profile(prepared: Backend, inputs) -> tuple[list[LayerShape], int]:
     outputs_seen: dict[str, int] = {}
-    handles = []
+    hooks = []
     for info, module in prepared.layers:
         try:
             copy = prepared.copy_of(module)
@@ -194,20 +191,8 @@ def _profile(prepared: Backend, inputs) -> tuple[list[LayerShape], int]:
             if isinstance(output, Tensor):
                 outputs_seen[name] = output[:1].numel()
 
-        handles.append(copy.register_forward_hook(hook))
-    first = take_samples(inputs, 1)
-    args = first if isinstance(first, (tuple, list)) else (first,)
-    notes: list[str] = []
-    try:
-        with (
-            torch.no_grad(),
-            forked_rng(prepared.device, 0),
-            full_precision(prepared.device, notes),
-        ):
-            output = prepared.network(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
+        hooks.append((copy, hook))
+    output = memory.one_sample_forward(prepared, inputs, hooks)
     sample_shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else (1,)
     columns = max(prepared.likelihood.fisher_columns(sample_shape), 1)
     structured = prepared.backend == "backpack"

@@ -199,19 +199,20 @@ def profile_network(prepared: Backend, inputs) -> NetworkProfile:
     return _profile_pass(prepared, inputs)[0]
 
 
-def _profile_pass(prepared: Backend, inputs) -> tuple[NetworkProfile, object]:
-    """The profile and the network's output for one sample."""
+def one_sample_forward(prepared: Backend, inputs, hooks: list[tuple[nn.Module, Any]]) -> object:
+    """The network's output for the first sample of ``inputs``, with forward ``hooks``.
+
+    Runs without gradients, on the monitor's own random stream and in full precision, and
+    removes the hooks afterwards (the cost and memory models' one-sample profiles).
+
+    Args:
+        prepared: The prepared backend.
+        inputs: The probe batch's inputs (only the first sample is used).
+        hooks: ``(module, hook)`` pairs registered with ``register_forward_hook``.
+    """
     first = take_samples(inputs, 1)
     args = first if isinstance(first, (tuple, list)) else (first,)
-    layers: dict[str, LayerShape] = {}
-    handles = []
-    for name, module in _layer_modules(prepared).values():
-
-        def record(module, _inputs, output, name=name):
-            if name not in layers:
-                layers[name] = _layer_shape(prepared, name, module, output)
-
-        handles.append(module.register_forward_hook(record))
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     notes: list[str] = []
     try:
         with (
@@ -219,10 +220,24 @@ def _profile_pass(prepared: Backend, inputs) -> tuple[NetworkProfile, object]:
             forked_rng(prepared.device, 0),
             full_precision(prepared.device, notes),
         ):
-            output = prepared.network(*args)
+            return prepared.network(*args)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _profile_pass(prepared: Backend, inputs) -> tuple[NetworkProfile, object]:
+    """The profile and the network's output for one sample."""
+    layers: dict[str, LayerShape] = {}
+    hooks = []
+    for name, module in _layer_modules(prepared).values():
+
+        def record(module, _inputs, output, name=name):
+            if name not in layers:
+                layers[name] = _layer_shape(prepared, name, module, output)
+
+        hooks.append((module, record))
+    output = one_sample_forward(prepared, inputs, hooks)
     fallback = {layer.name: layer for layer in _fallback_profile(prepared).layers}
     # a layer the forward pass never reached gets no factors; count it from its parameters
     ordered = tuple(layers.get(info.name, fallback[info.name]) for info, _ in prepared.layers)
@@ -424,6 +439,7 @@ __all__ = [
     "estimate_peak_bytes",
     "fitting_batch_size",
     "is_out_of_memory",
+    "one_sample_forward",
     "output_columns",
     "profile_network",
 ]
