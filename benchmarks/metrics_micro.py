@@ -208,11 +208,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.package_root:
         sys.path.insert(0, args.package_root)
+    from types import SimpleNamespace
+
     import torch
 
-    import fisher_monitor.metrics.diagonal as diagonal
-    import fisher_monitor.metrics.kronecker as kronecker
-    import fisher_monitor.metrics.lowrank as lowrank
+    import fisher_monitor.structures.diag.statistics as diagonal
+    from fisher_monitor.factors import OuterSamples
+    from fisher_monitor.structures.block import gram_route
+    from fisher_monitor.structures.empirical import empirical_solves
+    from fisher_monitor.structures.kron.statistics import kronecker_statistics
+
+    lowrank = SimpleNamespace(
+        lowrank_statistics=gram_route.lowrank_statistics,
+        empirical_solves=empirical_solves,
+        __file__=gram_route.__file__,
+    )
+    kronecker = SimpleNamespace(
+        kronecker_statistics=kronecker_statistics, OuterSamples=OuterSamples
+    )
 
     torch.set_num_threads(1 if args.cpu_time else args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter

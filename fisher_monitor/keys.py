@@ -29,8 +29,11 @@ OPTIMIZER = "optimizer"
 #: Suffix of a metric name for its standard error (estimated metrics only).
 STDERR_SUFFIX = "_se"
 
-#: Restrictions of F and EF that can be compared, in the order reports list them.
+#: The built-in restrictions of F and EF, in the order reports list them (others are
+#: added with :func:`register_structure`, see :func:`registered_structures`).
 STRUCTURES: tuple[str, ...] = ("diag", "block", "kron")
+_REGISTERED: list[str] = list(STRUCTURES)
+_STRUCTURE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 #: When several structures are measured, the one verdicts and the heat map use.
 PRIMARY_ORDER: tuple[str, ...] = ("block", "kron", "diag")
 
@@ -134,9 +137,33 @@ PROBE_DESCRIPTIONS: dict[str, str] = {
 }
 
 _KEY = re.compile(
-    rf"^(?P<structure>{'|'.join(STRUCTURES)}|{OPTIMIZER})/(?P<metric>[a-z_]+?)"
+    r"^(?P<structure>[a-z][a-z0-9_]*)/(?P<metric>[a-z_]+?)"
     rf"(?P<stderr>{STDERR_SUFFIX})?(?P<damping>@[^/]+)?/(?P<layer>.+)$"
 )
+
+
+def register_structure(name: str) -> None:
+    """Make ``name`` a valid structure in settings and keys (see :func:`registered_structures`).
+
+    Called by :func:`fisher_monitor.structures.register`; registering a name twice is a
+    no-op.
+
+    Raises:
+        ValueError: If ``name`` is not a lowercase identifier or is a reserved group name.
+    """
+    if not isinstance(name, str) or not _STRUCTURE_NAME.match(name):
+        raise ValueError(
+            f"Invalid structure name: {name!r}. Use a lowercase identifier such as 'lowrank'."
+        )
+    if name in (ALL, PROBE, OPTIMIZER):
+        raise ValueError(f"Invalid structure name: {name!r} is reserved by the key format.")
+    if name not in _REGISTERED:
+        _REGISTERED.append(name)
+
+
+def registered_structures() -> tuple[str, ...]:
+    """Every structure name settings accept: the built-in ones, then the registered ones."""
+    return tuple(_REGISTERED)
 
 
 def damping_suffix(damping: float, several: bool) -> str:
@@ -202,7 +229,7 @@ def parse_key(key: str) -> ParsedKey | None:
         (e.g. ``"probe/loss"``) or names an unknown metric.
     """
     match = _KEY.match(key)
-    if match is None:
+    if match is None or match["structure"] == PROBE:
         return None
     metric = match["metric"]
     known = OPTIMIZER_METRICS if match["structure"] == OPTIMIZER else METRICS + UPDATE_METRICS
@@ -241,4 +268,6 @@ __all__ = [
     "parse_key",
     "primary_structure",
     "probe_key",
+    "register_structure",
+    "registered_structures",
 ]

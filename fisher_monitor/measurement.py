@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from fisher_monitor import keys, tables
-from fisher_monitor.curvature.layers import LayerInfo
+from fisher_monitor.layers import LayerInfo
 
 
 @dataclass

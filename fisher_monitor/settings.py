@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from fisher_monitor import keys
+
 
 class Structure(str, Enum):
     """Restrictions of F and EF that are compared (docs/theory.md#structures)."""
@@ -31,16 +33,6 @@ class DampingMode(str, Enum):
     ABSOLUTE = "absolute"
 
 
-#: When several structures are measured, the one verdicts and the heat map use.
-PRIMARY_ORDER: tuple[Structure, ...] = (Structure.BLOCK, Structure.KRON, Structure.DIAG)
-
-
-def primary_structure(structures: Iterable[str]) -> Structure | None:
-    """The first of :data:`PRIMARY_ORDER` among ``structures`` (``None`` when none is)."""
-    present = {Structure(s) for s in structures}
-    return next((s for s in PRIMARY_ORDER if s in present), None)
-
-
 def is_whole_number(value, minimum: int = 1) -> bool:
     """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``minimum``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
@@ -54,12 +46,20 @@ def _choice(enum: type[Enum], value, argument: str) -> Enum:
         raise ValueError(f"Invalid {argument}: {value!r}. Supported: {allowed}.") from None
 
 
+def _structure(value) -> str:
+    """A built-in structure as its :class:`Structure` member, a registered one as its name."""
+    if isinstance(value, str) and value in keys.registered_structures():
+        return Structure(value) if value in keys.STRUCTURES else value
+    raise ValueError(f"Invalid structure: {value!r}. Supported: {keys.registered_structures()}.")
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
     """Validated settings of a measurement.
 
     Attributes:
-        structures: Structures to compute, in the order given.
+        structures: Structures to compute, in the order given (built-in ones as
+            :class:`Structure` members, registered ones as their names).
         fisher: Exact or Monte-Carlo Fisher.
         mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
         dampings: Damping values (one or more).
@@ -103,9 +103,9 @@ class MeasureSettings:
             structures = (structures,)
         structures = tuple(structures)
         if not structures:
-            allowed = tuple(s.value for s in Structure)
+            allowed = keys.registered_structures()
             raise ValueError(f"Invalid structures: (). Choose at least one of {allowed}.")
-        parsed = tuple(_choice(Structure, s, "structure") for s in structures)
+        parsed = tuple(_structure(s) for s in structures)
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"Invalid structures: {structures!r} lists a structure twice.")
         fisher_type = _choice(FisherType, fisher, "fisher")
@@ -136,10 +136,15 @@ class MeasureSettings:
             damping_mode=mode,  # type: ignore[arg-type]
         )
 
+    @property
+    def structure_names(self) -> tuple[str, ...]:
+        """The structures as plain names (``"diag"``, ``"block"``, …)."""
+        return tuple(str(getattr(s, "value", s)) for s in self.structures)
+
     def as_dict(self) -> dict:
         """Plain-data view, for logging as hyperparameters and for reports."""
         return {
-            "structures": [s.value for s in self.structures],
+            "structures": list(self.structure_names),
             "fisher": self.fisher.value,
             "mc_samples": self.mc_samples,
             "damping": list(self.dampings) if self.several_dampings else self.dampings[0],

@@ -8,7 +8,7 @@ from torch import nn
 
 import reference
 from fisher_monitor import measure
-from fisher_monitor.curvature.backpack_backend import BackpackNetwork
+from fisher_monitor.backends.backpack import BackpackNetwork
 from fisher_monitor.likelihoods import resolve_loss
 
 
@@ -95,8 +95,8 @@ def test_kron_directions_solve_the_kronecker_fisher():
 @pytest.mark.parametrize("dampings", [[1e-2], [1e-2, 1e-1], [1e-3, 1e-2, 1e-1]])
 def test_block_directions_reuse_the_statistics_solve_on_the_gram_route(monkeypatch, dampings):
     """Few dampings on the Gram route: A⁻¹g comes from the statistics' own Cholesky solves."""
-    import fisher_monitor.metrics.lowrank as lowrank
-    import fisher_monitor.structures.block as block
+    import fisher_monitor.structures.block.gram_route as lowrank
+    import fisher_monitor.structures.block.structure as block
 
     calls = {"cholesky": 0, "root": 0}
     original_cholesky = lowrank._coefficients_cholesky

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import fisher_monitor.structures.block as block_module
+import fisher_monitor.structures.block.structure as block_module
 from fisher_monitor import FisherMonitor, measure
 from fisher_monitor.metrics import DampedStatistics, LayerStatistics, NumericalError, finalize
 from lightning_helpers import fit
@@ -164,8 +164,9 @@ def test_measuring_at_an_exact_optimum_reports_nan_directions():
 def test_a_vanished_gradient_on_the_gram_route_gives_nan_cosines():
     """U = VB with V(Ba) = 0 up to rounding: on the Gram route ‖g‖² = bᵀK_Vb is only known to
     about ε√D max K_ii ‖b‖², far above 1e-20·tr EF; that error decides, not a range check."""
-    from fisher_monitor.curvature.factors import CoefficientMatrix
-    from fisher_monitor.metrics.lowrank import gram_block_statistics, root_block_statistics
+    from fisher_monitor.factors import CoefficientMatrix
+    from fisher_monitor.structures.block.gram_route import gram_block_statistics
+    from fisher_monitor.structures.block.root_route import root_block_statistics
 
     generator = torch.Generator().manual_seed(0)
     dimension, per_sample, n = 50, 2, 40
@@ -190,7 +191,7 @@ def test_a_vanished_gradient_on_the_gram_route_gives_nan_cosines():
 def test_every_metric_name_has_one_definition():
     """keys.py (the API names) and the registry of definitions agree."""
     from fisher_monitor import keys
-    from fisher_monitor.metrics.statistics import DAMPED, UNDAMPED
+    from fisher_monitor.metrics import DAMPED, UNDAMPED
 
     assert set(UNDAMPED) | set(DAMPED) == set(keys.METRICS)
     assert not set(UNDAMPED) & set(DAMPED)

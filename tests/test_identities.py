@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fisher_monitor import measure
-from fisher_monitor.curvature.backpack_backend import BackpackNetwork
-from fisher_monitor.curvature.passes import seed_from
+from fisher_monitor.backends.backpack import BackpackNetwork
+from fisher_monitor.backends.pass_context import seed_from
 from fisher_monitor.likelihoods import resolve_loss
 
 

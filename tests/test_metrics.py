@@ -6,15 +6,12 @@ import pytest
 import torch
 
 import reference
-from fisher_monitor.metrics import (
-    OuterSamples,
-    dense_statistics,
-    diagonal_statistics,
-    finalize,
-    kronecker_statistics,
-    lowrank_statistics,
-    sum_statistics,
-)
+from fisher_monitor.factors import OuterSamples
+from fisher_monitor.metrics import finalize, sum_statistics
+from fisher_monitor.structures.block.dense_route import dense_statistics
+from fisher_monitor.structures.block.gram_route import lowrank_statistics
+from fisher_monitor.structures.diag.statistics import diagonal_statistics
+from fisher_monitor.structures.kron.statistics import kronecker_statistics
 
 
 def dense_reference(F, per_sample, damping):
@@ -134,7 +131,7 @@ def test_statistics_add_up_over_layers():
 
 
 def test_inverse_square_norm_by_blocks_equals_the_direct_inverse():
-    from fisher_monitor.metrics.lowrank import inverse_square_norm
+    from fisher_monitor.linalg import inverse_square_norm
 
     g = torch.Generator().manual_seed(6)
     for k in (5, 130, 301):

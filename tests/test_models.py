@@ -6,10 +6,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from test_measure import assert_matches, reference_for
 from torch import nn
 
 from fisher_monitor import measure
+from reference_checks import assert_matches, reference_for
 
 
 class Residual(nn.Module):

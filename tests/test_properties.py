@@ -12,14 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fisher_monitor.metrics import (
-    OuterSamples,
-    dense_statistics,
-    diagonal_statistics,
-    finalize,
-    kronecker_statistics,
-    lowrank_statistics,
-)
+from fisher_monitor.factors import OuterSamples
+from fisher_monitor.metrics import finalize
+from fisher_monitor.structures.block.dense_route import dense_statistics
+from fisher_monitor.structures.block.gram_route import lowrank_statistics
+from fisher_monitor.structures.diag.statistics import diagonal_statistics
+from fisher_monitor.structures.kron.statistics import kronecker_statistics
 
 COSINES = ("direction_cosine", "nat_grad_cosine", "ef_grad_cosine", "matrix_cosine")
 

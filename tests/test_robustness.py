@@ -7,7 +7,6 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_measure import assert_matches
 from torch import nn
 
 import lightning_helpers as helpers
@@ -15,6 +14,7 @@ import reference
 from fisher_monitor import FisherMonitor, Measurer, measure
 from fisher_monitor.settings import MeasureSettings
 from lightning_helpers import MappedDataset, TinyClassifier, loader, trainer_kwargs
+from reference_checks import assert_matches
 
 
 def fit(monitor, model=None, data=None, steps=4, **kwargs):
@@ -179,8 +179,8 @@ def test_probe_that_would_not_fit_is_sub_sampled_and_noted():
     inputs, targets = torch.randn(64, 10), torch.randint(0, 10, (64,))
     settings = MeasureSettings.create(("diag", "block"), "exact")
     measurer = Measurer(model, nn.CrossEntropyLoss(), settings)
-    full = measurer.estimate_peak_bytes(64, 9)
-    budget = measurer.estimate_peak_bytes(20, 9)
+    full = measurer.estimate_peak_bytes(inputs, 64)
+    budget = measurer.estimate_peak_bytes(inputs, 20)
     assert full > budget
     m = measure(
         model, nn.CrossEntropyLoss(), inputs, targets, memory_budget=budget, estimator="exact"
@@ -400,7 +400,7 @@ def test_distributed_diagonal_reduction_joins_batches_exactly():
     for the diagonals, the gradient and the loss ("mean" averages, "sum" adds)."""
     from types import SimpleNamespace
 
-    from fisher_monitor.engine.packing import reduce_diagonals
+    from fisher_monitor.engine.distributed_diagonals import reduce_diagonals
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()

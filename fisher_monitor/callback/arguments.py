@@ -108,7 +108,7 @@ def check_prog_bar(value: Any, settings: MeasureSettings, prefix: str) -> list[s
         if isinstance(key, str) and key.startswith(prefix + "/"):
             key = key[len(prefix) + 1 :]
         if not (isinstance(key, str) and _is_logged_key(key, settings)):
-            structures = ", ".join(s.value for s in settings.structures)
+            structures = ", ".join(settings.structure_names)
             raise ValueError(
                 f"Invalid prog_bar key: {key!r}. Use keys the monitor logs (the prefix is "
                 "optional): "
@@ -128,7 +128,7 @@ def _is_logged_key(key: str, settings: MeasureSettings) -> bool:
         return False
     if parsed.structure == keys.OPTIMIZER:
         return True
-    if parsed.structure not in {s.value for s in settings.structures}:
+    if parsed.structure not in settings.structure_names:
         return False
     if parsed.metric not in keys.DAMPED_METRICS or not settings.several_dampings:
         return parsed.damping is None

@@ -11,7 +11,6 @@ clipping or parameter groups, in automatic or manual optimization — the hook t
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from collections.abc import Callable
@@ -22,18 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fisher_monitor import audit
 from fisher_monitor.measurement import Measurement
 
 #: ``(step, scalars, {histogram group: {layer: values}}, notes, seconds)`` → None
 Report = Callable[[int, dict[str, float], dict[str, dict[str, np.ndarray]], list[str], float], None]
-
-
-def audit_module() -> Any:
-    """:mod:`fisher_monitor.audit`, or ``None`` where it is not available."""
-    try:
-        return importlib.import_module("fisher_monitor.audit")
-    except ImportError:
-        return None
 
 
 def measurer_keeps_directions(measurer: Any) -> bool:
@@ -44,8 +36,8 @@ def measurer_keeps_directions(measurer: Any) -> bool:
 def audited_optimizer(
     optimizers: list[torch.optim.Optimizer], index: int, enabled: bool
 ) -> torch.optim.Optimizer | None:
-    """The optimizer to audit: ``optimizers[index]``, or ``None`` (off, absent, no module)."""
-    if not enabled or index >= len(optimizers) or audit_module() is None:
+    """The optimizer to audit: ``optimizers[index]``, or ``None`` (off or absent)."""
+    if not enabled or index >= len(optimizers):
         return None
     return optimizers[index]
 
@@ -55,13 +47,7 @@ def has_second_moment(optimizer: torch.optim.Optimizer | None) -> bool:
 
     Decided from the class before the first step, when the optimizer has no state yet.
     """
-    if optimizer is None:
-        return False
-    check = getattr(audit_module(), "has_second_moment", None)
-    if check is not None:
-        return bool(check(optimizer))
-    adaptive = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "RMSprop", "Adafactor")
-    return any(cls.__name__ in adaptive for cls in type(optimizer).__mro__)
+    return optimizer is not None and audit.has_second_moment(optimizer)
 
 
 @dataclass
@@ -154,9 +140,6 @@ class UpdateRecorder:
     def _audit(
         pending: _Pending,
     ) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]], list[str]]:
-        audit = audit_module()
-        if audit is None:  # pragma: no cover - arm() is only used when the module exists
-            return {}, {}, []
         with torch.no_grad():
             update = {
                 name: pending.parameters[name].detach() - before

@@ -7,8 +7,10 @@ structure factorises ``R × R`` Gram matrices, ``O(R³) = O((C·N)³)``. An esti
 (:mod:`fisher_monitor.estimators`) backpropagates ``k + 1`` columns per sample whatever
 ``C`` is. This module counts the floating-point work of both in units of one plain
 training step of the same network and batch (forward plus backward, about three forward
-passes), and the memory with the engine's memory model
-(:func:`fisher_monitor.engine.memory.estimate_peak_bytes`), and chooses:
+passes), by asking each layer's factor representation and each structure for its work
+(:meth:`~fisher_monitor.structures.base.Structure.flops`), and the memory with the
+engine's memory model (:func:`fisher_monitor.engine.memory.estimate_peak_bytes`), and
+chooses:
 
 - the **exact** pass when it fits the memory budget and costs at most
   :data:`EXACT_BUDGET_STEPS` training steps, or at most :data:`EXACT_FLOOR_FLOPS` (work
@@ -26,20 +28,17 @@ in the measurement's coverage.
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from torch import Tensor, nn
-
-from fisher_monitor.curvature.backends import Backend
-from fisher_monitor.curvature.factors import weight_sharing_costs, weight_sharing_diagonal_costs
+from fisher_monitor.backends import Backend
 from fisher_monitor.engine import memory
+from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.estimators import SketchDesign
-from fisher_monitor.estimators.block import FISHER_INVERSE_METRICS
-from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings, Structure
+from fisher_monitor.factors import PassSize, form_of
+from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
+from fisher_monitor.structures import STRUCTURES, Structure
 
-#: Layers BackPACK captures as weight-sharing factors (sums of outer products over positions).
-_SHARING_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: The exact path is taken while it costs at most this many plain training steps: an
 #: exact answer is worth a slower measurement (the callback's budget schedule adapts its
 #: cadence to the cost), until it costs what hundreds of steps do.
@@ -53,33 +52,6 @@ SKETCH_SAVING = 4.0
 DEFAULT_SKETCH = SketchDesign(groups=6, columns_per_group=1)
 #: Accepted values of ``estimator`` (``"auto"``: the cost model decides).
 ESTIMATOR_CHOICES: tuple[str, ...] = ("auto", "exact", "sketch")
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What the cost model needs to know about one layer.
-
-    Attributes:
-        name: The layer's name.
-        dimension: ``D_b``.
-        outputs: ``O_b``, the output features of a ``Linear``/convolution (``D_b`` else).
-        positions: ``T_b``, positions the weight is applied at (1 for a plain ``Linear``).
-        forward_flops: Floating-point operations of the layer's forward for one sample.
-        outer_product: Whether its factors are outer products (BackPACK, ``Linear`` on
-            ``(N, I)``): Gram matrices then cost ``R²·O_b``, not ``R²·D_b``.
-        weight_sharing: Whether its factors are weight-sharing sums over positions
-            (BackPACK, convolutions and sequence ``Linear``): every quantity is formed in the
-            cheaper of two forms (:func:`~fisher_monitor.curvature.factors.
-            weight_sharing_costs`), never as the ``R × D`` matrix.
-    """
-
-    name: str
-    dimension: int
-    outputs: int
-    positions: int
-    forward_flops: float
-    outer_product: bool
-    weight_sharing: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,8 +78,12 @@ class CostPlan:
         step_flops: Work of one plain training step (forward and backward).
         exact: Work of the exact measurement.
         estimated: Work of the sketched measurement.
+        structures: The structures this measurement runs (under a sketch, those with an
+            estimator, each told about the sketch).
+        skipped: Structures asked for that this measurement leaves out (no estimator).
         reason: Why the exact path was left (or kept despite its cost), for the notes.
         forced: Whether the caller chose (``estimator="exact"`` or ``"sketch"``).
+        notes: What the measurement's notes should say about the plan.
     """
 
     sketch: SketchDesign | None
@@ -116,6 +92,8 @@ class CostPlan:
     step_flops: float
     exact: Work
     estimated: Work
+    structures: list[Structure] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     reason: str = ""
     forced: bool = False
     notes: list[str] = field(default_factory=list)
@@ -129,17 +107,14 @@ class CostPlan:
         """``work`` in plain training steps."""
         return work.flops / self.step_flops if self.step_flops > 0 else math.inf
 
-    def layer_estimators(self, structures: list[str], estimated: list[str]) -> dict[str, str]:
-        """Per structure, how a layer is measured: ``"exact"``, ``"sketch"`` or ``None``.
+    def layer_estimators(self, structures: list[str]) -> dict[str, str | None]:
+        """Per structure asked for, how a layer is measured: ``"exact"``, ``"sketch"`` or ``None``.
 
-        Args:
-            structures: The structures asked for.
-            estimated: Those that have an estimator (the others are not measured under a
-                sketch: ``None``).
+        ``None`` for a structure this measurement leaves out (no estimator under a sketch).
         """
         if self.sketch is None:
             return dict.fromkeys(structures, "exact")
-        return {s: ("sketch" if s in estimated else None) for s in structures}
+        return {s: (None if s in self.skipped else "sketch") for s in structures}
 
     def as_dict(self) -> dict:
         """Plain data for :attr:`Measurement.settings` (only when estimating)."""
@@ -156,134 +131,6 @@ class CostPlan:
         }
 
 
-# --------------------------------------------------------------------------- shapes
-_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def layer_shapes(prepared: Backend, inputs) -> tuple[list[LayerShape], int]:
-    """Layer shapes and ``R_n`` from one forward pass of one sample (cached per input shape).
-
-    Args:
-        prepared: The prepared backend.
-        inputs: The probe batch's inputs (only the first sample is used).
-
-    Returns:
-        The measured layers' shapes and the exact factor's columns per sample.
-    """
-    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    key = tuple(tuple(t.shape[1:]) for t in tensors)
-    cache = _SHAPES.setdefault(prepared, {})
-    if key not in cache:
-        cache[key] = _profile(prepared, inputs)
-    return cache[key]
-
-
-def _profile(prepared: Backend, inputs) -> tuple[list[LayerShape], int]:
-    outputs_seen: dict[str, int] = {}
-    hooks = []
-    for info, module in prepared.layers:
-        try:
-            copy = prepared.copy_of(module)
-        except KeyError:
-            continue
-
-        def hook(_module, _args, output, name=info.name):
-            if isinstance(output, Tensor):
-                outputs_seen[name] = output[:1].numel()
-
-        hooks.append((copy, hook))
-    output = memory.one_sample_forward(prepared, inputs, hooks)
-    sample_shape = tuple(output.shape[1:]) if isinstance(output, Tensor) else (1,)
-    columns = max(prepared.likelihood.fisher_columns(sample_shape), 1)
-    structured = prepared.backend == "backpack"
-    shapes = []
-    for info, module in prepared.layers:
-        weight = getattr(module, "weight", None)
-        weighted = isinstance(weight, Tensor) and weight.dim() >= 2
-        outputs = int(weight.shape[0]) if weighted else info.dimension
-        elements = outputs_seen.get(info.name, outputs)
-        positions = max(1, elements // max(outputs, 1)) if weighted else 1
-        flops = 2.0 * info.dimension * positions if weighted else 2.0 * elements
-        outer = structured and isinstance(module, nn.Linear) and positions == 1
-        sharing = structured and weighted and not outer and isinstance(module, _SHARING_TYPES)
-        shapes.append(
-            LayerShape(info.name, info.dimension, outputs, positions, flops, outer, sharing)
-        )
-    return shapes, columns
-
-
-# --------------------------------------------------------------------------- work
-def _structure_flops(
-    shape: LayerShape, samples: int, columns: int, settings: MeasureSettings, exact: bool
-) -> float:
-    """Work of the structures on one layer with ``columns`` Fisher columns per sample."""
-    if shape.weight_sharing:
-        return _weight_sharing_flops(shape, samples, columns, settings, exact)
-    d, o, t = float(shape.dimension), float(shape.outputs), float(shape.positions)
-    inputs = d / o
-    n, r = float(samples), float(columns * samples)
-    length = o if shape.outer_product else d
-    flops = 0.0
-    if not shape.outer_product:  # factors materialised from positions, or per-sample pullbacks
-        flops += 2.0 * (r + n) * d * t
-    flops += 2.0 * (r * length + n * o * inputs)  # diagonals
-    if Structure.BLOCK in settings.structures:
-        if exact and d <= r:  # dense blocks and their eigendecomposition
-            flops += 2.0 * r * d * d + 10.0 * d**3
-        else:
-            flops += 2.0 * (r * r + 2.0 * n * r) * length
-            if exact:
-                flops += _factorisation_flops(r, settings)
-    if Structure.KRON in settings.structures:  # factors, their eigendecompositions, K_U
-        flops += 10.0 * (o**3 + inputs**3) + 2.0 * r * o * o * t + 2.0 * n * t * inputs**2
-        flops += 2.0 * n * n * length
-    return flops
-
-
-def _factorisation_flops(r: float, settings: MeasureSettings) -> float:
-    """Work of the Cholesky or eigendecomposition of ``λI + K_V`` with its solves.
-
-    LAPACK runs at a fraction of a matrix product's speed: counted as ``2R³`` per damping.
-    """
-    return 2.0 * min(len(settings.dampings), 4) * r**3
-
-
-def _weight_sharing_flops(
-    shape: LayerShape, samples: int, columns: int, settings: MeasureSettings, exact: bool
-) -> float:
-    """Work on a weight-sharing layer, each quantity in the cheaper of its two forms."""
-    d, o, t = shape.dimension, shape.outputs, shape.positions
-    inputs = max(1, d // max(o, 1))
-    n, r = samples, columns * samples
-    flops = 2.0 * min(weight_sharing_diagonal_costs(columns + 1, n, t, o, inputs))
-    if Structure.BLOCK in settings.structures:
-        for left, right in ((columns, columns), (1, columns), (1, 1)):  # K_V, K_UV, K_U
-            flops += 2.0 * min(weight_sharing_costs(left, right, n, t, o, inputs))
-        if exact:
-            flops += _factorisation_flops(float(r), settings)
-    if Structure.KRON in settings.structures:  # factors through their roots where wide
-        rank = min(inputs, n * t)
-        flops += 10.0 * (min(o, r * t) ** 3 + rank**3) + 2.0 * (r + n) * t * (o + inputs) * rank
-    return flops
-
-
-def _work(
-    prepared: Backend,
-    settings: MeasureSettings,
-    shapes: list[LayerShape],
-    samples: int,
-    columns: int,
-    pass_columns: int,
-    exact: bool,
-) -> Work:
-    forward = samples * sum(s.forward_flops for s in shapes)
-    flops = forward * (1.0 + 2.0 * pass_columns)
-    flops += sum(_structure_flops(s, samples, columns, settings, exact) for s in shapes)
-    peak = memory.estimate_peak_bytes(prepared, settings, samples, pass_columns)
-    return Work(flops, int(peak))
-
-
-# --------------------------------------------------------------------------- decision
 def check_estimator(estimator: str) -> str:
     """Validate an ``estimator=`` argument.
 
@@ -295,10 +142,39 @@ def check_estimator(estimator: str) -> str:
     return estimator
 
 
+def structures_for(names: Sequence[str], sketch: SketchDesign | None) -> list[Structure]:
+    """The structures of a measurement: all of ``names``, or under a sketch those with one."""
+    if sketch is None:
+        return [STRUCTURES[name]() for name in names]
+    return [
+        STRUCTURES[name](sketch=sketch)
+        for name in names
+        if STRUCTURES[name].sketch_unavailable is not None
+    ]
+
+
+def work(
+    prepared: Backend, structures: Sequence[Structure], profile: NetworkProfile, size: PassSize
+) -> Work:
+    """The work and peak memory of one measurement with these structures and this pass.
+
+    The pass runs the forward once and backpropagates every loss-side column (about two
+    forward passes each); each layer's representation forms its diagonals, and each
+    structure does its own work on the layer.
+    """
+    forward = size.samples * profile.forward_flops
+    flops = forward * (1.0 + 2.0 * size.pass_columns)
+    for shape in profile.layers:
+        flops += form_of(shape).pass_flops(shape, size)
+        flops += sum(structure.flops(shape, size) for structure in structures)
+    peak = memory.estimate_peak_bytes(prepared, structures, profile, size)
+    return Work(flops, int(peak))
+
+
 def plan(
     prepared: Backend,
     settings: MeasureSettings,
-    inputs,
+    profile: NetworkProfile,
     samples: int,
     *,
     estimator: str = "auto",
@@ -311,7 +187,8 @@ def plan(
     Args:
         prepared: The prepared backend.
         settings: Validated settings (``fisher="mc"`` is measured as asked: no estimator).
-        inputs: The probe batch's inputs.
+        profile: The network's one-sample profile (:func:`~fisher_monitor.engine.profile.
+            profile`).
         samples: ``N``.
         estimator: ``"auto"`` (this cost model), ``"exact"`` or ``"sketch"``.
         memory_budget: Peak bytes a measurement may use (``None``: half the available
@@ -326,26 +203,46 @@ def plan(
     """
     check_estimator(estimator)
     sketch = DEFAULT_SKETCH if sketch is None else sketch
-    shapes, columns = layer_shapes(prepared, inputs)
+    names = settings.structure_names
     design = SketchDesign(
         sketch.groups,
         sketch.columns_per_group,
         relative_damping=settings.damping_mode is DampingMode.RELATIVE,
     )
-    forward = samples * sum(s.forward_flops for s in shapes)
-    step = 3.0 * forward
+    columns = profile.fisher_columns(prepared)
+    dampings, itemsize = len(settings.dampings), profile.itemsize
+    step = 3.0 * samples * profile.forward_flops
+    exact_structures = structures_for(names, None)
     if settings.fisher is FisherType.MC:
-        pass_columns = settings.mc_samples + 1
-        work = _work(prepared, settings, shapes, samples, settings.mc_samples, pass_columns, False)
-        return CostPlan(None, pass_columns, samples, step, work, work)
-    exact = _work(prepared, settings, shapes, samples, columns, columns, True)
-    estimated = _work(
-        prepared, settings, shapes, samples, design.columns, design.columns + 1, False
+        size = PassSize(samples, settings.mc_samples, False, dampings, itemsize)
+        cost = work(prepared, exact_structures, profile, size)
+        mc_columns = settings.mc_samples + 1
+        return CostPlan(None, mc_columns, samples, step, cost, cost, exact_structures)
+    exact = work(
+        prepared, exact_structures, profile, PassSize(samples, columns, True, dampings, itemsize)
     )
-    result = CostPlan(None, columns, samples, step, exact, estimated)
+    sketched = structures_for(names, design)
+    estimated = work(
+        prepared, sketched, profile, PassSize(samples, design.columns, False, dampings, itemsize)
+    )
+    result = CostPlan(None, columns, samples, step, exact, estimated, exact_structures)
     budget = (
         memory_budget if memory_budget is not None else memory.available_memory(prepared.device)
     )
+    return _decide(result, design, sketched, names, estimator, budget, exact_only)
+
+
+def _decide(
+    result: CostPlan,
+    design: SketchDesign,
+    sketched: list[Structure],
+    names: Sequence[str],
+    estimator: str,
+    budget: int | None,
+    exact_only: str | None,
+) -> CostPlan:
+    """Choose between the exact plan ``result`` and the sketch (see the module docstring)."""
+    exact, estimated, step = result.exact, result.estimated, result.step_flops
     too_large = budget is not None and exact.peak_bytes > budget
     too_slow = exact.flops > max(
         EXACT_BUDGET_STEPS * step, EXACT_FLOOR_FLOPS, SKETCH_SAVING * estimated.flops
@@ -353,36 +250,37 @@ def plan(
     if estimator == "exact":
         result.forced = True
         return result
+    if estimator != "sketch" and not (too_large or too_slow):
+        return result
     if estimator == "sketch":
         if exact_only is not None:
             raise ValueError(f"estimator='sketch' cannot be used here: {exact_only}.")
-        result.sketch, result.forced = design, True
-        result.reason = "estimator='sketch' was asked for"
-        return result
-    if not (too_large or too_slow):
-        return result
-    why = []
-    if too_slow:
-        steps = result.steps(exact)
-        amount = f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
-        why.append(f"about {amount} training steps of work")
-    if too_large:
-        why.append(f"{exact.peak_bytes / 2**30:,.1f} GiB (budget {budget / 2**30:,.1f} GiB)")
-    cost = " and ".join(why)
-    if exact_only is not None:
-        result.reason = f"measured exactly although it needs {cost}: {exact_only}"
-        result.notes.append(result.reason)
-        return result
-    result.sketch = design
-    result.reason = (
-        f"the exact Fisher has {columns:,} square-root columns per sample ({columns * samples:,} "
-        f"for {samples} samples) and would need {cost}"
-    )
+        result.forced, result.reason = True, "estimator='sketch' was asked for"
+    else:
+        why = []
+        if too_slow:
+            steps = result.steps(exact)
+            amount = f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
+            why.append(f"about {amount} training steps of work")
+        if too_large:
+            why.append(f"{exact.peak_bytes / 2**30:,.1f} GiB (budget {budget / 2**30:,.1f} GiB)")
+        cost = " and ".join(why)
+        if exact_only is not None:
+            result.reason = f"measured exactly although it needs {cost}: {exact_only}"
+            result.notes.append(result.reason)
+            return result
+        columns, samples = result.exact_columns, result.samples
+        result.reason = (
+            f"the exact Fisher has {columns:,} square-root columns per sample "
+            f"({columns * samples:,} for {samples} samples) and would need {cost}"
+        )
+    result.sketch, result.structures = design, sketched
+    result.skipped = [name for name in names if name not in {s.name for s in sketched}]
     return result
 
 
-def estimator_notes(plan: CostPlan, structures: list[str]) -> list[str]:
-    """What the measurement's notes say about a sketched Fisher."""
+def estimator_notes(plan: CostPlan) -> list[str]:
+    """What the measurement's notes say about the plan (a sketched Fisher, a forced exact)."""
     if plan.sketch is None:
         return list(plan.notes)
     sketch = plan.sketch
@@ -392,16 +290,17 @@ def estimator_notes(plan: CostPlan, structures: list[str]) -> list[str]:
         f"{plan.steps(plan.estimated):,.0f} training steps; standard errors under the "
         "'…_se' keys; docs/theory.md#estimators)"
     ]
-    if "block" in structures:
-        inverse = ", ".join(sorted(FISHER_INVERSE_METRICS))
+    for structure in plan.structures:
+        if structure.sketch_unavailable:
+            missing = ", ".join(sorted(structure.sketch_unavailable))
+            notes.append(
+                f"{structure.name}: {missing} need (F + λI)⁻¹ of the exact Fisher and are not "
+                "estimated from a sketch; fisher='mc' measures those of the Monte-Carlo "
+                "Fisher, and a smaller probe_size lets the exact path fit"
+            )
+    for name in plan.skipped:
         notes.append(
-            f"block: {inverse} need (F + λI)⁻¹ of the exact Fisher and are not estimated "
-            "from a sketch; fisher='mc' measures those of the Monte-Carlo Fisher, and a "
-            "smaller probe_size lets the exact path fit"
-        )
-    if "kron" in structures:
-        notes.append(
-            "kron: the Kronecker factors need the exact Fisher's square-root columns; no kron "
+            f"{name}: this structure needs the exact Fisher's square-root columns; no {name} "
             "metrics in this measurement"
         )
     return notes
@@ -414,10 +313,10 @@ __all__ = [
     "EXACT_FLOOR_FLOPS",
     "SKETCH_SAVING",
     "CostPlan",
-    "LayerShape",
     "Work",
     "check_estimator",
     "estimator_notes",
-    "layer_shapes",
     "plan",
+    "structures_for",
+    "work",
 ]

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fisher_monitor.batching import batch_on_device, take_samples
-from fisher_monitor.curvature.backends import (
+from fisher_monitor.audit import update_cosines
+from fisher_monitor.backends import (
     BACKENDS,
     Backend,
     UnsupportedNetworkError,
@@ -26,15 +26,18 @@ from fisher_monitor.curvature.backends import (
     is_backpack_failure,
     prepare,
 )
-from fisher_monitor.curvature.layers import is_lazy
-from fisher_monitor.curvature.passes import seed_from
+from fisher_monitor.backends.pass_context import seed_from
+from fisher_monitor.batching import batch_on_device, take_samples
 from fisher_monitor.engine import cost, memory
 from fisher_monitor.engine.pipeline import (
     MAX_KEPT_BLOCK,
     MeasureOptions,
-    exact_only_reason,
     measure_once,
+    plan_measurement,
 )
+from fisher_monitor.engine.profile import profile
+from fisher_monitor.factors import PassSize
+from fisher_monitor.layers import is_lazy
 from fisher_monitor.likelihoods import Likelihood, resolve_loss
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.settings import FisherType, MeasureSettings
@@ -80,7 +83,6 @@ class Measurer:
         self.backend = check_backend(backend)
         self.memory_budget = memory.check_memory_budget(memory_budget)
         self.estimator = cost.check_estimator(estimator)
-        self._columns_cache: dict[tuple, int] = {}
         self._prepared: Backend | None = None
 
     @property
@@ -163,8 +165,6 @@ class Measurer:
             )
             measurement = self._measure(inputs, targets, options)
         if update is not None:
-            from fisher_monitor.audit import update_cosines
-
             measurement.scalars.update(update_cosines(measurement, update))
         measurement.scalars["probe/seconds"] = time.perf_counter() - start
         return measurement
@@ -176,15 +176,16 @@ class Measurer:
             inputs, targets, prepared.device, prepared.parameter_dtype
         )
         size = targets.shape[0]
-        columns = self._pass_columns(inputs, size, options)
-        fitting = self._fitting_batch_size(size, columns)
+        plan = self._plan(inputs, size, options)
+        fitting = self._fitting_batch_size(inputs, size, plan)
         if fitting < size:
-            estimate = memory.estimate_peak_bytes(prepared, self.settings, size, columns)
+            estimate = self._peak_bytes(inputs, size, plan)
             notes.append(
                 f"probe sub-sampled from {size} to {fitting} samples to fit the memory budget "
                 f"({estimate / 2**30:.1f} GiB estimated for {size})"
             )
             size = fitting
+            plan = self._plan(inputs, size, options)
         while True:
             try:
                 measurement = measure_once(
@@ -193,6 +194,7 @@ class Measurer:
                     take_samples(inputs, size),
                     targets[:size],
                     options,
+                    plan,
                 )
                 break
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
@@ -202,51 +204,64 @@ class Measurer:
                     torch.cuda.empty_cache()
                 notes.append(f"ran out of memory with {size} samples; retried with {size // 2}")
                 size //= 2
+                plan = self._plan(inputs, size, options)
         measurement.notes[:0] = notes
         return measurement
 
-    def _columns(self, inputs) -> int:
-        key = tuple(
-            tuple(t.shape[1:]) for t in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))
-        )
-        if key not in self._columns_cache:  # one forward of one sample, once per input shape
-            self._columns_cache[key] = memory.output_columns(self.prepared, self.settings, inputs)
-        return self._columns_cache[key]
+    def _plan(self, inputs, size: int, options: MeasureOptions) -> cost.CostPlan:
+        """The cost model's plan for ``size`` samples: the exact Fisher or an estimator.
 
-    def _pass_columns(self, inputs, size: int, options: MeasureOptions) -> int:
-        """Loss-side columns per sample of the pass the cost model chooses for ``size`` samples.
-
-        The exact Fisher's ``R_n`` when it fits, else the estimator's ``k + 1``: the probe is
-        only sub-sampled when even the estimator does not fit the budget.
+        Made once per measurement (again only when the probe is cut to fit the memory).
         """
-        if self.settings.fisher is FisherType.MC:
-            return self._columns(inputs)
-        plan = cost.plan(
-            self.prepared,
-            self.settings,
-            inputs,
-            size,
-            estimator=options.estimator,
-            memory_budget=options.memory_budget,
-            exact_only=exact_only_reason(options, [s.value for s in self.settings.structures]),
-            sketch=options.sketch,
-        )
-        return plan.pass_columns
+        return plan_measurement(self.prepared, self.settings, inputs, size, options)
 
-    def _fitting_batch_size(self, size: int, columns: int) -> int:
-        prepared = self.prepared
+    def _pass_size(self, inputs, size: int, plan: cost.CostPlan) -> PassSize:
+        """The pass the plan implies for ``size`` samples."""
+        fisher = self.settings.fisher is FisherType.EXACT and plan.sketch is None
+        if plan.sketch is not None:
+            columns = plan.sketch.columns
+        elif fisher:
+            columns = plan.exact_columns
+        else:
+            columns = self.settings.mc_samples
+        itemsize = profile(self.prepared, inputs).itemsize
+        return PassSize(size, columns, fisher, len(self.settings.dampings), itemsize)
+
+    def _peak_bytes(self, inputs, size: int, plan: cost.CostPlan) -> int:
+        return memory.estimate_peak_bytes(
+            self.prepared,
+            plan.structures,
+            profile(self.prepared, inputs),
+            self._pass_size(inputs, size, plan),
+        )
+
+    def _fitting_batch_size(self, inputs, size: int, plan: cost.CostPlan) -> int:
+        """The largest probe the memory budget allows with this plan (the budget's note)."""
         budget = (
             self.memory_budget
             if self.memory_budget is not None
-            else memory.available_memory(prepared.device)
+            else memory.available_memory(self.prepared.device)
         )
         if budget is None:
             return size
-        return memory.fitting_batch_size(prepared, self.settings, size, columns, budget)
+        return memory.fitting_batch_size(
+            lambda count: self._peak_bytes(inputs, count, plan), size, budget
+        )
 
-    def estimate_peak_bytes(self, size: int, columns_per_sample: int) -> int:
-        """Estimated peak memory of a measurement (see :func:`memory.estimate_peak_bytes`)."""
-        return memory.estimate_peak_bytes(self.prepared, self.settings, size, columns_per_sample)
+    def estimate_peak_bytes(self, inputs, size: int | None = None) -> int:
+        """Estimated peak memory of measuring ``size`` samples shaped like ``inputs``.
+
+        Args:
+            inputs: A probe batch (its first sample is run once to profile the network).
+            size: Probe samples (default: the batch's size).
+        """
+        prepared = self.prepared
+        first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        batch = torch.zeros(first.shape[0] if first.dim() else 1)
+        inputs = batch_on_device(inputs, batch, prepared.device, prepared.parameter_dtype)[0]
+        size = batch.shape[0] if size is None else size
+        options = MeasureOptions(seed=0, estimator=self.estimator, memory_budget=self.memory_budget)
+        return self._peak_bytes(inputs, size, self._plan(inputs, size, options))
 
     def close(self) -> None:
         """Remove BackPACK's hooks from the shadow copy and drop it."""

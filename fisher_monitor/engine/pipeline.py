@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fisher_monitor import keys
-from fisher_monitor.curvature.backends import Backend
-from fisher_monitor.curvature.factors import LayerFactors
-from fisher_monitor.curvature.layers import LayerInfo
-from fisher_monitor.curvature.passes import PassResult
+from fisher_monitor.backends import Backend
+from fisher_monitor.backends.pass_context import PassResult
 from fisher_monitor.engine import cost
-from fisher_monitor.engine.packing import Diagonals, reduce_diagonals
+from fisher_monitor.engine.distributed_diagonals import Diagonals, reduce_diagonals
+from fisher_monitor.engine.profile import profile
 from fisher_monitor.estimators import (
     Replicates,
     SketchDesign,
     add_estimated_metrics,
-    sketching,
     sum_replicates,
 )
+from fisher_monitor.factors import LayerFactors
+from fisher_monitor.layers import LayerInfo
+from fisher_monitor.likelihoods import SketchedLikelihood
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.metrics import LayerStatistics, finalize, sum_statistics
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
@@ -154,15 +154,46 @@ class LayerCollector:
         self.results[structure.name][layer.info.name] = result
 
 
+def plan_measurement(
+    prepared: Backend, settings: MeasureSettings, inputs, size: int, options: MeasureOptions
+) -> cost.CostPlan:
+    """The cost model's plan for ``size`` samples shaped like ``inputs`` (once per measurement).
+
+    Args:
+        prepared: The prepared backend.
+        settings: Validated settings.
+        inputs: The probe batch's inputs (its first sample profiles the network, once per
+            input shape).
+        size: ``N``.
+        options: The measurement's options (estimator, memory budget, sketch design).
+    """
+    return cost.plan(
+        prepared,
+        settings,
+        profile(prepared, inputs),
+        size,
+        estimator=options.estimator,
+        memory_budget=options.memory_budget,
+        exact_only=exact_only_reason(options, list(settings.structure_names)),
+        sketch=options.sketch,
+    )
+
+
 def measure_once(
-    prepared: Backend, settings: MeasureSettings, inputs, targets: Tensor, options: MeasureOptions
+    prepared: Backend,
+    settings: MeasureSettings,
+    inputs,
+    targets: Tensor,
+    options: MeasureOptions,
+    plan: cost.CostPlan,
 ) -> Measurement:
     """One measurement on a probe batch already on the network's device.
 
-    The pipeline: the cost model's plan (the exact Fisher or an estimator) → the backend's
-    pass, whose per-layer callback runs the structures that need the factors → the
-    data-parallel reduction of the diagonals → the structures that need only the
-    diagonals → the scalars (per layer, summed to ``all``) → the :class:`Measurement`.
+    The pipeline: the cost model's plan (the exact Fisher or an estimator, made by the
+    caller) → the backend's pass, whose per-layer callback runs the structures that need
+    the factors → the data-parallel reduction of the diagonals → the structures that need
+    only the diagonals → the scalars (per layer, summed to ``all``) → the
+    :class:`Measurement`.
 
     Args:
         prepared: The prepared backend.
@@ -170,23 +201,15 @@ def measure_once(
         inputs: Input tensor (or tuple of tensors passed as positional arguments).
         targets: Targets for the loss; the first dimension is the batch.
         options: What to return besides the metrics.
+        plan: The cost model's plan for this probe (:func:`~fisher_monitor.engine.cost.
+            plan`), with the structures to run.
 
     Returns:
         The measurement (without ``probe/seconds``, which the caller adds).
     """
     _check_options(prepared, settings, options)
-    names = [s.value for s in settings.structures]
-    plan = cost.plan(
-        prepared,
-        settings,
-        inputs,
-        targets.shape[0],
-        estimator=options.estimator,
-        memory_budget=options.memory_budget,
-        exact_only=exact_only_reason(options, names),
-        sketch=options.sketch,
-    )
-    structures = _structures(names, plan)
+    names = list(settings.structure_names)
+    structures = plan.structures
     collector = LayerCollector(settings, options, structures)
     result = _run_pass(prepared, settings, inputs, targets, options, plan, collector)
     reduced = _reduce(prepared, collector, result, options)
@@ -203,15 +226,13 @@ def measure_once(
         },
         settings=_measured_settings(settings, plan),
         notes=_notes(prepared, result.notes, result.measured, collector)
-        + cost.estimator_notes(plan, names),
+        + cost.estimator_notes(plan),
         blocks={
             info.name: collector.blocks[info.name]
             for info in reduced.layers
             if info.name in collector.blocks
         },
-        coverage=_coverage(
-            prepared, result.measured, plan.layer_estimators(names, [s.name for s in structures])
-        ),
+        coverage=_coverage(prepared, result.measured, plan.layer_estimators(names)),
         gradient=reduced.gradients,
         directions=_directions(collector, reduced.layers) if options.keep_directions else {},
     )
@@ -219,7 +240,7 @@ def measure_once(
 
 def _check_options(prepared: Backend, settings: MeasureSettings, options: MeasureOptions) -> None:
     """Refuse options this measurement cannot honour, before any work."""
-    if options.all_reduce is not None and settings.structures != (keys.STRUCTURES[0],):
+    if options.all_reduce is not None and settings.structure_names != ("diag",):
         raise ValueError("all_reduce is only supported for structures=('diag',).")
     if options.keep_blocks:
         _check_kept_blocks(prepared)
@@ -239,16 +260,17 @@ def _run_pass(
     The exact Fisher's columns (``fisher="exact"``) or ``mc_samples`` sampled labels per
     sample; under the plan's sketch, the sketch's columns instead.
     """
-    with sketching(prepared) if plan.sketch is not None else nullcontext():
-        return prepared.run(
-            inputs,
-            targets,
-            exact=settings.fisher is FisherType.EXACT and plan.sketch is None,
-            mc_samples=settings.mc_samples if plan.sketch is None else plan.sketch.columns,
-            seed=options.seed,
-            on_layer=collector,
-            dtype=options.dtype,
-        )
+    sketched = plan.sketch is not None
+    return prepared.run(
+        inputs,
+        targets,
+        exact=settings.fisher is FisherType.EXACT and not sketched,
+        mc_samples=plan.sketch.columns if sketched else settings.mc_samples,
+        seed=options.seed,
+        on_layer=collector,
+        dtype=options.dtype,
+        likelihood=SketchedLikelihood(prepared.likelihood) if sketched else None,
+    )
 
 
 @dataclass
@@ -325,31 +347,13 @@ def exact_only_reason(options: MeasureOptions, names: list[str]) -> str | None:
         options: The measurement's options.
         names: The structures asked for.
     """
-    if not any(hasattr(STRUCTURES[name], "estimate_from") for name in names):
+    if not any(STRUCTURES[name].sketch_unavailable is not None for name in names):
         return f"no estimator for {', '.join(names)}"
     if options.keep_blocks:
         return "keep_blocks=True returns the exact dense blocks"
     if options.all_reduce is not None:
         return "data-parallel diagonals are reduced across processes exactly"
     return None
-
-
-def _structures(names: list[str], plan: cost.CostPlan) -> list[Structure]:
-    """The structures of this measurement, told whether the Fisher side is sketched.
-
-    Under a sketch, structures without an estimator (``kron``) are left out (the notes say
-    so).
-    """
-    structures = []
-    for name in names:
-        structure = STRUCTURES[name]()
-        if plan.sketch is not None:
-            estimate_from = getattr(structure, "estimate_from", None)
-            if estimate_from is None:
-                continue
-            estimate_from(plan.sketch)
-        structures.append(structure)
-    return structures
 
 
 def _check_kept_blocks(prepared: Backend) -> None:
@@ -387,15 +391,13 @@ def _add_results(
     settings: MeasureSettings,
 ) -> None:
     """Metrics of one layer or of a sum of layers; with standard errors where estimated."""
-    estimated = [r.replicates for r in results if getattr(r, "replicates", None) is not None]
+    estimated = [r.replicates for r in results if r.replicates is not None]
     if not estimated:
         total = sum_statistics([r.statistics for r in results])
         _add_metrics(scalars, structure, layer, total, settings)
         return
     groups = estimated[0].groups
-    replicates = [
-        getattr(r, "replicates", None) or Replicates.fixed(r.statistics, groups) for r in results
-    ]
+    replicates = [r.replicates or Replicates.fixed(r.statistics, groups) for r in results]
     add_estimated_metrics(scalars, structure, layer, sum_replicates(replicates), settings.dampings)
 
 
@@ -511,4 +513,5 @@ __all__ = [
     "exact_only_reason",
     "layer_dampings",
     "measure_once",
+    "plan_measurement",
 ]

@@ -18,6 +18,7 @@ from fisher_monitor.likelihoods.base import (
 from fisher_monitor.likelihoods.bernoulli import Bernoulli
 from fisher_monitor.likelihoods.categorical import Categorical, complement_basis
 from fisher_monitor.likelihoods.gaussian import Gaussian
+from fisher_monitor.likelihoods.sketched import SketchedLikelihood, rademacher
 
 #: Every supported likelihood, by its short name.
 LIKELIHOODS: dict[str, type[Likelihood]] = {
@@ -77,8 +78,10 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "LossSide",
+    "SketchedLikelihood",
     "UnsupportedLossError",
     "complement_basis",
     "loss_side",
+    "rademacher",
     "resolve_loss",
 ]

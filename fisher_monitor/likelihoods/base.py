@@ -142,6 +142,30 @@ class Likelihood(ABC):
         draw is reproducible and free of in-transform randomness.
         """
 
+    # ------------------------------------------------------------------ sketches
+
+    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:
+        """Shape of the Rademacher signs :meth:`sketch_columns` takes for ``k`` columns.
+
+        ``(N, k, R_n)`` by default (one sign per column of ``S_n``); a likelihood with a
+        closed-form sketch takes signs in its output coordinates, ``(N, k, *sample_shape)``.
+        """
+        return (outputs.shape[0], columns, self.fisher_columns(outputs.shape[1:]))
+
+    def sketch_columns(self, outputs: Tensor, signs: Tensor) -> Tensor:
+        """``S_n w_{n,j}/√k`` for Rademacher signs ``w``: ``(N, K, k)``, ``E[ssᵀ] = H_n``.
+
+        The default forms ``S_n`` (:meth:`sqrt_hessian`) and combines its columns;
+        subclasses with a closed form override it (see
+        :mod:`~fisher_monitor.likelihoods.sketched` for the estimator).
+
+        Args:
+            outputs: ``(N, *sample_shape)`` network outputs (float64).
+            signs: Signs of the shape :meth:`sketch_sign_shape` gives.
+        """
+        roots = self.sqrt_hessian(outputs)  # (N, K, R_n)
+        return torch.einsum("nkr,njr->nkj", roots, signs) * signs.shape[1] ** -0.5
+
 
 @dataclass
 class LossSide:

@@ -75,3 +75,14 @@ class Bernoulli(Likelihood):
         drawn = (noise < torch.sigmoid(logits)).to(outputs.dtype)
         residual = drawn * -torch.sigmoid(-logits) + (1 - drawn) * torch.sigmoid(logits)
         return residual.reshape(n, samples, -1).transpose(1, 2) / samples**0.5
+
+    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:  # noqa: D102
+        return (outputs.shape[0], columns, *outputs.shape[1:])
+
+    def sketch_columns(self, outputs: Tensor, signs: Tensor) -> Tensor:
+        """``√(σ(1 − σ)) w/√k`` per output entry: ``(N, K, k)``."""
+        n, k = signs.shape[:2]
+        logits = outputs.unsqueeze(1)
+        root = torch.nn.functional.logsigmoid(logits) + torch.nn.functional.logsigmoid(-logits)
+        columns = (0.5 * root).exp().mul_(k**-0.5) * signs
+        return columns.reshape(n, k, -1).transpose(1, 2)

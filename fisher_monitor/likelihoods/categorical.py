@@ -126,6 +126,23 @@ class Categorical(Likelihood):
         residual = _residual(log_probs.exp().expand_as(drawn), drawn, class_dim=2)
         return residual.reshape(n, samples, -1).transpose(1, 2) / samples**0.5
 
+    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:  # noqa: D102
+        return (outputs.shape[0], columns, *outputs.shape[1:])
+
+    def sketch_columns(self, outputs: Tensor, signs: Tensor) -> Tensor:
+        """``τ ⊙ (w − τ(τᵀw))/√k`` per position, without forming ``S``: ``(N, K, k)``.
+
+        With ``τ = √p``, ``S = diag(τ) Q`` and ``QQᵀ = I − ττᵀ``, so signs ``w`` in the class
+        coordinates give ``E[ssᵀ] = diag(p) − ppᵀ`` in ``O(C)`` per position; computed as
+        ``t − p Σ_c t_c`` with ``t = τ ⊙ w/√k`` (three passes over ``N·k·C``).
+        """
+        n, k = signs.shape[:2]
+        log_probs = outputs.log_softmax(dim=1).unsqueeze(1)  # (N, 1, C, ...)
+        columns = (0.5 * log_probs).exp().mul_(k**-0.5) * signs
+        projection = columns.sum(dim=2, keepdim=True)
+        columns.addcmul_(log_probs.exp(), projection, value=-1.0)
+        return columns.reshape(n, k, -1).transpose(1, 2)
+
 
 def _residual(probs: Tensor, observed: Tensor, class_dim: int = 1) -> Tensor:
     """``p − e_y`` with the ``y`` entry formed as ``−Σ_{c≠y} p_c`` (no ``p_y − 1`` cancellation)."""

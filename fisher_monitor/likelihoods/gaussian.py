@@ -61,3 +61,12 @@ class Gaussian(Likelihood):
         n, samples = noise.shape[:2]
         scale = -(self.curvature(outputs) ** 0.5) / samples**0.5
         return scale * noise.reshape(n, samples, -1).transpose(1, 2)
+
+    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:  # noqa: D102
+        return (outputs.shape[0], columns, *outputs.shape[1:])
+
+    def sketch_columns(self, outputs: Tensor, signs: Tensor) -> Tensor:
+        """``√c w/√k`` (``S = √c I``): ``(N, K, k)``."""
+        n, k = signs.shape[:2]
+        columns = (k**-0.5 * self.curvature(outputs) ** 0.5) * signs
+        return columns.reshape(n, k, -1).transpose(1, 2)

@@ -1,11 +1,22 @@
 """The structure contract: turn one layer's factors into additive statistics.
 
-A structure (``diag``, ``block``, ``kron``) restricts F and EF to a set of entries and
+A structure (``diag``, ``block``, ``kron``, …) restricts F and EF to a set of entries and
 reduces a layer to :class:`~fisher_monitor.metrics.LayerStatistics`, which add up over
-layers and are finalised into metrics by the engine. Adding a structure is adding a
-module with a :class:`Structure` subclass, registering it in
-:data:`fisher_monitor.structures.STRUCTURES`, and naming it in
-:data:`fisher_monitor.keys.STRUCTURES` (the key format).
+layers and are finalised into metrics by the engine. A structure lives in its own folder
+(``structures/<name>/``: the :class:`Structure` subclass, its statistics and routes, its
+sketched estimator) and answers its own questions:
+
+- :meth:`Structure.layer`: the statistics of one layer (and, on request, the damped
+  directions ``A⁻¹g`` and ``B⁻¹g``);
+- :meth:`Structure.flops` and :meth:`Structure.peak_bytes`: its work and memory on a
+  layer of a given :class:`~fisher_monitor.factors.LayerShape` in a pass of a given
+  :class:`~fisher_monitor.factors.PassSize`, which the cost and memory models add up;
+- :attr:`Structure.sketch_unavailable`: whether it can be estimated from a sketched pass,
+  and which metrics it then cannot give.
+
+Adding a structure is adding its folder and registering the class
+(:func:`fisher_monitor.structures.register`, one line in
+:data:`fisher_monitor.structures.STRUCTURES` for the built-in ones).
 """
 
 from __future__ import annotations
@@ -15,13 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from fisher_monitor.curvature.factors import LayerFactors
-from fisher_monitor.curvature.layers import LayerInfo
+from fisher_monitor.estimators import Replicates, SketchDesign
+from fisher_monitor.factors import LayerFactors, LayerShape, PassSize
+from fisher_monitor.layers import LayerInfo
+from fisher_monitor.linalg import eigen_solve
 from fisher_monitor.metrics import LayerStatistics
-from fisher_monitor.metrics.lowrank import EmpiricalSolve, NumericalHealth, empirical_solves
+from fisher_monitor.structures.empirical import EmpiricalSolve, empirical_solves
 
 #: Per damping value: ``(A⁻¹g, B⁻¹g)`` of one layer in ``named_parameters`` order.
 Directions = list[tuple[Tensor, Tensor]]
@@ -29,6 +41,38 @@ Directions = list[tuple[Tensor, Tensor]]
 
 class StructureUnavailable(Exception):
     """A structure has no form for this layer (e.g. no Kronecker factors for BatchNorm)."""
+
+
+@dataclass
+class NumericalHealth:
+    """How far rounding may have moved a layer's damped statistics.
+
+    ``relative_error`` is a first-order estimate of the relative error of the damped
+    statistics, propagated from the resolution of what the route factorised:
+
+    - Gram route: every eigenvalue of ``K_V`` and ``K_U`` uncertain by
+      ``τ ≈ ε √D max_i K_ii``; the estimate covers ``‖A⁻¹g‖²``, ``gᵀA⁻¹g``, ``‖B⁻¹g‖²``,
+      ``gᵀB⁻¹g`` and ``(1/N) Σ_n g_nᵀB⁻¹g_n``;
+    - joint basis: the same, plus the coordinates of ``g`` uncertain by ``√τ`` and the
+      directions dropped below the Gram's resolution (where ``g`` may hide that much);
+    - root route: every singular value uncertain by ``δσ ≈ ε √k ‖V‖`` and every
+      coordinate of ``g`` by about as much (much less through coefficients); the estimate
+      covers the vectors ``A⁻¹g`` and ``B⁻¹g`` and the projections.
+
+    The largest over those and over the dampings is reported. Cosines move by about as
+    much (absolutely). The KL divergence, a difference of terms, is not covered. The
+    estimate is pessimistic, often by a factor 10–100 on the Gram route, because rounding
+    errors partly cancel; below ``1e-3`` the metrics are good to the digits a report
+    shows. Above it, compute the layer by the root route where affordable, or note it.
+
+    Attributes:
+        route: ``"gram"``, ``"root"`` or ``"joint"`` (see the module docstring).
+        relative_error: The estimate (0-d tensor, on the statistics' device: reading it
+            costs one synchronisation, so read it together with the statistics).
+    """
+
+    route: str
+    relative_error: Tensor
 
 
 @dataclass
@@ -86,25 +130,48 @@ class LayerResult:
     """A structure's result for one layer.
 
     Attributes:
-        statistics: The additive statistics.
+        statistics: The additive statistics (of the full estimate, when estimated).
         directions: ``(A⁻¹g, B⁻¹g)`` per damping when asked for, else ``None``.
         health: How far rounding may have moved the damped statistics (a relative error
-            estimate; see :class:`~fisher_monitor.metrics.lowrank.NumericalHealth`), where
-            the structure knows it.
+            estimate, :class:`NumericalHealth`), where the structure knows it.
+        replicates: When the layer was measured from a sketched pass, the replicate
+            statistics its standard errors come from
+            (:mod:`~fisher_monitor.estimators.jackknife`); else ``None``.
     """
 
     statistics: LayerStatistics
     directions: Directions | None = None
     health: NumericalHealth | None = None
+    replicates: Replicates | None = None
 
 
 class Structure(ABC):
-    """One restriction of F and EF (see the module docstring)."""
+    """One restriction of F and EF (see the module docstring).
+
+    Args:
+        sketch: The sketch of the pass when the Fisher's factor is estimated (only for
+            structures with an estimator, :attr:`sketch_unavailable` not ``None``).
+
+    Raises:
+        ValueError: For a sketch given to a structure without an estimator.
+    """
 
     #: Name in keys and settings.
     name: ClassVar[str]
-    #: Whether the structure needs the layer's factors (``False``: diagonals suffice).
-    needs_factors: ClassVar[bool] = True
+    #: Metrics (without damping suffix) a sketched pass cannot give for this structure;
+    #: ``None`` when the structure has no estimator at all (it is left out of sketched
+    #: measurements, with a note).
+    sketch_unavailable: ClassVar[frozenset[str] | None] = None
+
+    def __init__(self, sketch: SketchDesign | None = None) -> None:
+        if sketch is not None and self.sketch_unavailable is None:
+            raise ValueError(f"The {self.name!r} structure has no estimator for a sketch.")
+        self.sketch = sketch
+
+    @property
+    def needs_factors(self) -> bool:
+        """Whether the structure needs the layer's factors (``False``: diagonals suffice)."""
+        return True
 
     @abstractmethod
     def layer(self, layer: LayerInput, directions: bool = False) -> LayerResult:
@@ -114,32 +181,17 @@ class Structure(ABC):
             StructureUnavailable: If the structure has no form for this layer.
         """
 
+    @abstractmethod
+    def flops(self, shape: LayerShape, size: PassSize) -> float:
+        """Floating-point work of :meth:`layer` on a layer of this shape.
 
-def eigen_solve(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
-    """``(λI + K)⁻¹ rhs`` through the eigendecomposition of a PSD Gram matrix ``K``."""
-    return damped_solver(gram, [damping])(0, rhs)
+        The factors' own work (diagonals, mean gradient) is the representation's
+        (:meth:`~fisher_monitor.factors.LayerFactors.pass_flops`), counted once per layer.
+        """
 
-
-def damped_solver(gram: Tensor, dampings: Sequence[float]):
-    """``solve(i, rhs) = (λ_i I + K)⁻¹ rhs`` for a PSD Gram ``K``, factorised once.
-
-    One eigendecomposition serves several dampings; a single damping takes a Cholesky
-    factorisation (several times cheaper), with the eigendecomposition as the fallback
-    when rounding makes ``λI + K`` numerically indefinite.
-    """
-    if len(dampings) == 1:
-        shifted = gram.clone()
-        shifted.diagonal().add_(dampings[0])
-        factor, info = torch.linalg.cholesky_ex(shifted)
-        if int(info) == 0:
-            return lambda index, rhs: torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
-    eigenvalues, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
-    eigenvalues = eigenvalues.clamp_min(0.0)
-
-    def solve(index: int, rhs: Tensor) -> Tensor:
-        return vectors @ ((vectors.T @ rhs) / (eigenvalues + dampings[index]))
-
-    return solve
+    @abstractmethod
+    def peak_bytes(self, shape: LayerShape, size: PassSize) -> int:
+        """Bytes :meth:`layer` holds at its peak on a layer of this shape, factors excluded."""
 
 
 def dense_directions(
@@ -155,9 +207,8 @@ __all__ = [
     "Directions",
     "LayerInput",
     "LayerResult",
+    "NumericalHealth",
     "Structure",
     "StructureUnavailable",
-    "damped_solver",
     "dense_directions",
-    "eigen_solve",
 ]

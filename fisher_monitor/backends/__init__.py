@@ -1,0 +1,31 @@
+"""Backends: a prepared copy of the caller's network that delivers per-layer factors.
+
+- :mod:`~fisher_monitor.backends.base`: the contract (:class:`Backend`);
+- :mod:`~fisher_monitor.backends.registry`: the registry and ``backend="auto"``;
+- :mod:`~fisher_monitor.backends.backpack`, :mod:`~fisher_monitor.backends.functorch`:
+  the backends;
+- :mod:`~fisher_monitor.backends.model_copy`: the hook-free copy they all start from;
+- :mod:`~fisher_monitor.backends.pass_context`: RNG, precision and checks of one pass.
+"""
+
+from fisher_monitor.backends.base import Backend, LayerCallback, UnsupportedNetworkError
+from fisher_monitor.backends.registry import (
+    BACKENDS,
+    REGISTRY,
+    check_backend,
+    fallback,
+    is_backpack_failure,
+    prepare,
+)
+
+__all__ = [
+    "BACKENDS",
+    "REGISTRY",
+    "Backend",
+    "LayerCallback",
+    "UnsupportedNetworkError",
+    "check_backend",
+    "fallback",
+    "is_backpack_failure",
+    "prepare",
+]

@@ -1,0 +1,169 @@
+"""Factors of a ``Linear`` layer on ``(N, I)`` inputs: every column is an outer product.
+
+``g_n = vec(δ_n x̃_nᵀ)`` and ``v_{r,n} = vec(s_{r,n} x̃_nᵀ)``, so Gram matrices are Hadamard
+products of small Grams, ``K_U = (ΔΔᵀ ⊙ XXᵀ)/N``, and nothing of size ``N × D`` is formed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fisher_monitor.factors.base import (
+    KroneckerFactors,
+    LayerFactors,
+    OuterSamples,
+    to_parameter_order,
+)
+from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+
+
+class OuterProductFactors(LayerFactors):
+    """Factors of a ``Linear`` layer on ``(N, I)`` inputs, kept as outer products.
+
+    Args:
+        inputs: ``(N, I)`` augmented inputs ``x̃_n`` (see :func:`augment`).
+        output_grads: ``(N, O)`` per-sample output gradients ``δ_n`` with
+            ``g_n = vec(δ_n x̃_nᵀ)``.
+        sqrt: ``(R_n, N, O)`` square-root factors at the output, ``v_{r,n} = vec(s_{r,n} x̃_nᵀ)``.
+        weight_columns: Number of weight columns in ``inputs`` (0: frozen weight).
+        has_bias: Whether ``inputs`` ends with the bias column.
+        dtype: Floating-point type of Gram matrices, dense blocks and Kronecker factors.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        output_grads: Tensor,
+        sqrt: Tensor,
+        weight_columns: int,
+        has_bias: bool,
+        dtype: torch.dtype = torch.float64,
+    ):
+        self.raw = (inputs, output_grads, sqrt)
+        self.dtype = dtype
+        self.weight_columns = weight_columns
+        self.has_bias = has_bias
+        self.num_samples, self.in_features = inputs.shape
+        self.out_features = output_grads.shape[1]
+        self.num_columns = sqrt.shape[0] * sqrt.shape[1]
+        self.dimension = self.in_features * self.out_features
+        self._casted_factors: tuple[Tensor, Tensor, Tensor] | None = None
+        self._input_gram: Tensor | None = None
+
+    @property
+    def inputs(self) -> Tensor:
+        """``x̃`` in ``dtype``."""
+        return self._casted()[0]
+
+    @property
+    def output_grads(self) -> Tensor:
+        """``δ`` in ``dtype``."""
+        return self._casted()[1]
+
+    @property
+    def sqrt(self) -> Tensor:
+        """``s`` in ``dtype``."""
+        return self._casted()[2]
+
+    def _casted(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._casted_factors is None:
+            self._casted_factors = tuple(t.to(self.dtype) for t in self.raw)  # type: ignore[assignment]
+        return self._casted_factors  # type: ignore[return-value]
+
+    def _order(self, matrix: Tensor) -> Tensor:
+        return to_parameter_order(matrix, self.weight_columns, self.has_bias)
+
+    def input_gram(self) -> Tensor:
+        """``X̃X̃ᵀ`` (``N × N``), shared by every Gram matrix."""
+        if self._input_gram is None:
+            self._input_gram = self.inputs @ self.inputs.T
+        return self._input_gram
+
+    def _flat_sqrt(self) -> Tensor:
+        return self.sqrt.reshape(-1, self.out_features)  # column (r, n) at r * N + n
+
+    def mean_gradient(self) -> Tensor:  # noqa: D102
+        return self._order(self.output_grads.T @ self.inputs / self.num_samples)
+
+    def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        inputs, _, sqrt = self.raw
+        fisher = sqrt.square().sum(dim=0).T @ inputs.square()  # in the network's type
+        empirical = (self.output_grads.square().T @ self.inputs.square()) / self.num_samples
+        return self._order(fisher).to(self.dtype), self._order(empirical)
+
+    def gram_u(self) -> Tensor:  # noqa: D102
+        return (self.output_grads @ self.output_grads.T) * self.input_gram() / self.num_samples
+
+    def gram_v(self) -> Tensor:  # noqa: D102
+        s = self._flat_sqrt()
+        columns, n = self.sqrt.shape[0], self.num_samples
+        gram = (s @ s.T).view(columns, n, columns, n)
+        gram *= self.input_gram().view(1, n, 1, n)  # broadcast instead of tiling X̃X̃ᵀ
+        return gram.view(columns * n, columns * n)
+
+    def gram_uv(self) -> Tensor:  # noqa: D102
+        s = self._flat_sqrt()
+        columns, n = self.sqrt.shape[0], self.num_samples
+        gram = (self.output_grads @ s.T).view(n, columns, n)
+        gram *= self.input_gram().view(n, 1, n) / n**0.5
+        return gram.view(n, columns * n)
+
+    def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
+        per_sample = self._order(self.output_grads.unsqueeze(2) * self.inputs.unsqueeze(1))
+        x = self.inputs.unsqueeze(0).expand(self.sqrt.shape[0], -1, -1)
+        sqrt = self._order(self.sqrt.unsqueeze(3) * x.unsqueeze(2)).reshape(-1, self.dimension)
+        return (
+            sqrt.T @ sqrt,
+            per_sample.T @ per_sample / self.num_samples,
+            per_sample.mean(dim=0),
+        )
+
+    def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
+        w = weights.to(self.dtype).view(self.sqrt.shape[0], self.num_samples)
+        matrix = torch.einsum("rno,rn,ni->oi", self.sqrt, w, self.inputs)
+        return self._order(matrix)
+
+    def u_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
+        w = weights.to(self.dtype) / self.num_samples**0.5
+        return self._order((self.output_grads * w.unsqueeze(1)).T @ self.inputs)
+
+    def kronecker(self) -> KroneckerFactors:  # noqa: D102
+        s = self._flat_sqrt()
+        root = self.inputs / self.num_samples**0.5
+        return KroneckerFactors(
+            input_factor=root.T @ root,
+            output_factor=s.T @ s,
+            samples=OuterSamples(self.output_grads, self.inputs),
+            input_root=root,
+            output_root=s,
+            order=self._order,
+        )
+
+    @classmethod
+    def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        # squared output-side columns against squared inputs: outer products, no D × R
+        o, n, r = float(shape.outputs), float(size.samples), float(size.rank)
+        return 2.0 * (r * o + n * shape.dimension)
+
+    @classmethod
+    def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        n, r = float(size.samples), float(size.rank)
+        return 2.0 * (r * r + 2.0 * n * r) * shape.outputs
+
+    @classmethod
+    def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102
+        d, n, rn = CURVATURE_BYTES, size.samples, size.pass_columns
+        t, i, o = shape.positions, shape.inputs, shape.outputs
+        # diagonals; captured inputs (then with the bias column) and float64 output-side
+        # factors (the cast columns, a contiguous copy, the per-sample output gradients)
+        total = 4 * shape.dimension * d + 2 * n * t * i * size.itemsize
+        total += (2 * rn + 1) * n * t * o * d
+        return total + (n * i + size.rank * o) * d  # their float64 copies
+
+    @classmethod
+    def gram_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102
+        return 0  # Hadamard products of small Grams: nothing beyond the results
+
+
+__all__ = ["OuterProductFactors"]

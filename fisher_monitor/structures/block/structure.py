@@ -1,0 +1,247 @@
+"""``block``: the exact per-layer blocks of F and EF, through small Gram matrices.
+
+With ``U = [g_1 … g_N]/√N`` and ``V`` the Fisher's square-root factor, ``EF_b = UUᵀ`` and
+``F_b = VVᵀ``; no ``D × D`` matrix is formed unless the layer is smaller than the factors'
+rank. For the exact Fisher the per-sample gradients are combinations of ``V``'s columns,
+``U = VB``, with closed-form coefficients, and the statistics use that identity (no
+``1/λ`` cancellation). Three routes compute the statistics, one module each:
+
+- the *root route* (:mod:`~.root_route`), from singular value decompositions of the
+  factors written in a small orthonormal basis: it keeps twice the digits of a Gram
+  matrix, so a layer whose curvature spans many orders of magnitude (near-duplicate
+  samples, inputs far below the bias' constant 1) stays right; taken wherever it is cheap
+  (small layers, ``Linear`` layers with few inputs or outputs);
+- the *dense route* (:mod:`~.dense_route`), from the ``D × D`` blocks, where they are
+  smaller than the Gram matrices (a layer with fewer parameters than factor columns);
+- the *Gram route* (:mod:`~.gram_route`) otherwise, with a numerical-health estimate: when
+  rounding may have moved the damped statistics by more than 10⁻³, the measurement's notes
+  name the layer.
+
+When the cost model (:mod:`fisher_monitor.engine.cost`) replaces the exact factor by a
+sketch (:attr:`Block.sketch` set), the layer's statistics come with replicates for the
+standard errors, from :func:`~.sketched.sketched_block_replicates`
+(``docs/theory.md#estimators``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fisher_monitor.factors import (
+    CURVATURE_BYTES,
+    LayerFactors,
+    LayerShape,
+    MaterializedFactors,
+    OuterProductFactors,
+    PassSize,
+    form_of,
+)
+from fisher_monitor.linalg import damped_solver
+from fisher_monitor.structures.base import (
+    Directions,
+    LayerInput,
+    LayerResult,
+    Structure,
+    dense_directions,
+)
+from fisher_monitor.structures.block.dense_route import dense_statistics
+from fisher_monitor.structures.block.gram_route import coefficient_grams, gram_block_statistics
+from fisher_monitor.structures.block.root_route import (
+    outer_product_roots,
+    prefer_root_route,
+    root_block_statistics,
+)
+from fisher_monitor.structures.block.sketched import (
+    FISHER_INVERSE_METRICS,
+    sketched_block_replicates,
+)
+from fisher_monitor.structures.block.sums import BlockStatistics
+
+#: ``R × R`` matrices alive in the Gram route (Grams, factorisations, solves).
+GRAM_COPIES = 8
+#: ``D × D`` matrices alive in the dense route.
+DENSE_COPIES = 6
+
+
+class Block(Structure):
+    """Exact per-layer blocks of F and EF (see the module docstring).
+
+    Args:
+        sketch: The sketch of the pass when the Fisher's factor is estimated, else ``None``.
+    """
+
+    name = "block"
+    sketch_unavailable = FISHER_INVERSE_METRICS
+
+    def layer(self, layer: LayerInput, directions: bool = False) -> LayerResult:  # noqa: D102
+        factors = layer.require_factors()
+        if self.sketch is not None:
+            return _sketched(layer, factors, self.sketch)
+        block = _root_route(layer, factors)
+        if block is not None:
+            # the R × R Gram matrices are formed only if the directions need them
+            found = _root_route_directions(layer, factors) if directions else None
+            return LayerResult(block.statistics, found, block.health)
+        if factors.prefers_dense():
+            fisher, empirical, gradient = layer.dense_blocks()
+            statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
+            found = None
+            if directions:
+                found = dense_directions(fisher, empirical, gradient, layer.dampings)
+            return LayerResult(statistics, found)
+        grams = _grams(layer, factors)
+        block = gram_block_statistics(
+            *grams,
+            factors.dimension,
+            layer.dampings,
+            coefficients=factors.coefficient_matrix(),
+            empirical=layer.empirical_solves(),
+        )
+        found = None
+        if directions:
+            found = _lowrank_directions(layer, factors, grams, block.natural)
+        return LayerResult(block.statistics, found, block.health)
+
+    def flops(self, shape: LayerShape, size: PassSize) -> float:
+        """The dense route where ``D × D`` blocks are smaller, else Gram matrices and their solves.
+
+        Cholesky factorisations run at a fraction of a matrix product's speed: counted as
+        ``2R³`` per damping (at most four; more share one eigendecomposition).
+        """
+        d, r = float(shape.dimension), float(size.rank)
+        if size.exact and size.prefers_dense(shape):
+            return 2.0 * max(r, size.samples) * d * d + 10.0 * d**3
+        flops = form_of(shape).gram_flops(shape, size)
+        if size.exact:
+            flops += 2.0 * min(size.dampings, 4) * r**3
+        return flops
+
+    def peak_bytes(self, shape: LayerShape, size: PassSize) -> int:  # noqa: D102
+        d, dim, n, r = CURVATURE_BYTES, shape.dimension, size.samples, size.rank
+        if size.prefers_dense(shape):  # the dense blocks and the materialised columns
+            return DENSE_COPIES * dim * dim * d + (r + n) * dim * d
+        return GRAM_COPIES * r * r * d + form_of(shape).gram_bytes(shape, size)
+
+
+def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Tensor]:
+    """``(K_U, K_V, K_UV)``, with ``K_U = BᵀK_VB`` and ``K_UV = BᵀK_V`` when ``U = VB``.
+
+    Cached on the layer (kron's EF side uses the same ``K_U``).
+    """
+
+    def compute() -> tuple[Tensor, Tensor, Tensor]:
+        gram_v = factors.gram_v()
+        coefficients = factors.coefficient_matrix()
+        if coefficients is None:
+            return layer.gram_u(), gram_v, factors.gram_uv()
+        gram_u, gram_uv = coefficient_grams(factors, gram_v, coefficients)
+        layer.cached("gram_u", lambda: gram_u)
+        return gram_u, gram_v, gram_uv
+
+    return layer.cached("grams", compute)
+
+
+#: Multiply-adds up to which a materialised factor (``D × R``, already formed) takes the root
+#: route: its SVD costs about twice what forming the Gram matrix ``VᵀV`` does.
+MATERIALIZED_ROOT_WORK = 2e9
+
+
+def _root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
+    """The root route's statistics where its SVD is cheap, else ``None``.
+
+    ``Linear`` layers on ``(N, I)`` inputs are written in the ``min(N, I)·min(O, R)``
+    coordinates of :func:`~fisher_monitor.structures.block.root_route.outer_product_roots`;
+    materialised layers (the ``torch.func`` backend, BackPACK's other layer types) in their
+    own parameters, while ``D·R·min(D, R)`` stays below :data:`MATERIALIZED_ROOT_WORK`.
+    """
+    coefficients = factors.coefficient_matrix()
+    columns = factors.num_columns + (0 if coefficients is not None else factors.num_samples)
+    if isinstance(factors, OuterProductFactors):
+        rows = min(factors.num_samples, factors.in_features) * min(factors.out_features, columns)
+        if not prefer_root_route(rows, columns):
+            return None
+        grads = factors.output_grads if coefficients is None else None
+        v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
+    elif isinstance(factors, MaterializedFactors):
+        rows = factors.dimension
+        if rows * columns * min(rows, columns) > MATERIALIZED_ROOT_WORK:
+            return None
+        per_sample, sqrt = factors.columns()
+        v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5
+    else:
+        return None
+    if coefficients is not None:
+        return root_block_statistics(
+            v_root, factors.dimension, layer.dampings, coefficients=coefficients
+        )
+    return root_block_statistics(v_root, factors.dimension, layer.dampings, u_root=u_root)
+
+
+def _sketched(layer: LayerInput, factors: LayerFactors, sketch) -> LayerResult:
+    """Replicate statistics from a sketched factor; no ``A⁻¹g`` (it needs the exact Fisher)."""
+    replicates, _ = sketched_block_replicates(
+        factors, _gram_u(layer, factors), layer.dampings, sketch.groups, sketch.relative_damping
+    )
+    return LayerResult(replicates.full, None, replicates=replicates)
+
+
+def _gram_u(layer: LayerInput, factors: LayerFactors) -> Tensor:
+    """``K_U = UᵀU``, without converting a materialised factor's sketched columns.
+
+    ``MaterializedFactors.gram_u`` casts ``U`` and ``V`` to float64 together; under a sketch
+    only ``U`` (already float64: the per-sample gradients) is needed.
+    """
+
+    def compute() -> Tensor:
+        if isinstance(factors, MaterializedFactors):
+            u = factors.per_sample.to(factors.dtype)
+            return u @ u.T / factors.num_samples
+        return factors.gram_u()
+
+    return layer.cached("gram_u", compute)
+
+
+def _root_route_directions(layer: LayerInput, factors: LayerFactors) -> Directions:
+    """Directions beside the root route's statistics.
+
+    Dense solves where the layer is smaller than the factors' rank (a logistic regression
+    on many samples), else through the Gram matrices.
+    """
+    if factors.prefers_dense():
+        return dense_directions(*layer.dense_blocks(), layer.dampings)
+    return _lowrank_directions(layer, factors, _grams(layer, factors))
+
+
+def _lowrank_directions(
+    layer: LayerInput,
+    factors: LayerFactors,
+    grams: tuple[Tensor, Tensor, Tensor],
+    natural: list[Tensor] | None = None,
+) -> Directions:
+    """``(A⁻¹g, B⁻¹g)`` per damping as explicit vectors.
+
+    ``A⁻¹g = V(λI + K_V)⁻¹Ba`` when ``U = VB`` (push-through identity), else
+    ``(g − V(λI + K_V)⁻¹Vᵀg)/λ`` (Woodbury); ``B⁻¹g = U(λI + K_U)⁻¹a``. The statistics'
+    own ``(λI + K_V)⁻¹Ba`` (``natural``) is used where they computed it; otherwise one
+    factorisation of ``K_V`` serves every damping
+    (:func:`~fisher_monitor.linalg.damped_solver`).
+    """
+    _, gram_v, gram_uv = grams
+    coefficients = factors.coefficient_matrix()
+    n = factors.num_samples
+    a = torch.full((n,), n**-0.5, dtype=gram_v.dtype, device=gram_v.device)
+    rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
+    if natural is not None and coefficients is not None:
+        solved = list(natural)  # (λI + K_V)⁻¹Ba per damping, from the statistics
+    else:
+        solve = damped_solver(gram_v, layer.dampings)
+        solved = [solve(index, rhs) for index in range(len(layer.dampings))]
+    found = []
+    for c, damping, empirical in zip(solved, layer.dampings, layer.empirical_solves(), strict=True):
+        if coefficients is not None:
+            direction = factors.v_combination(c)
+        else:
+            direction = (layer.gradient - factors.v_combination(c)) / damping
+        found.append((direction, factors.u_combination(empirical.coefficients)))
+    return found

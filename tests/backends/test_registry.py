@@ -1,0 +1,67 @@
+"""The backend registry: choice, structured refusals, and falling back when BackPACK fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fisher_monitor import measure
+from fisher_monitor.backends import (
+    BACKENDS,
+    UnsupportedNetworkError,
+    check_backend,
+    prepare,
+)
+from fisher_monitor.likelihoods import Categorical
+
+
+def pooled_double_network():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)
+    ).double()
+
+
+def test_backpack_dtype_failure_falls_back_to_torch_func():
+    """A float64 network with AvgPool2d under float32 default dtype: BackPACK's pooling
+    Jacobian fails ("expected scalar type Double but found Float"); auto measures with
+    torch.func instead, says why, and gets the torch.func numbers."""
+    assert torch.get_default_dtype() == torch.float32
+    model = pooled_double_network()
+    inputs = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    targets = torch.randint(0, 3, (6,))
+    auto = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert any(
+        note.startswith("BackPACK failed on this network") and "torch.func" in note
+        for note in auto.notes
+    )
+    assert {entry["backend"] for entry in auto.coverage} == {"functorch"}
+    forced = measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="functorch")
+    for key, value in forced.scalars.items():
+        if key != "probe/seconds":
+            assert auto[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    with pytest.raises(RuntimeError, match="BackPACK failed on this network.*backend='auto'"):
+        measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
+
+
+def test_unsupported_network_error_lists_the_modules():
+    model = nn.Sequential(nn.Linear(3, 4), nn.RReLU(), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedNetworkError) as caught:
+        prepare(model, Categorical("mean"), "backpack")
+    error = caught.value
+    assert error.backend == "backpack"
+    assert error.modules == ["'1' (RReLU)"]
+    assert "Supported module types:" in str(error) and "Linear" in error.fix
+    assert isinstance(error, NotImplementedError)  # what callers caught before
+    network = prepare(model, Categorical("mean"), "auto")
+    assert network.backend == "functorch"
+    assert network.preparation_notes[0].startswith("BackPACK cannot handle module(s) '1' (RReLU)")
+    network.close()
+
+
+def test_backend_names_are_validated():
+    assert BACKENDS == ("auto", "backpack", "functorch")
+    assert check_backend("functorch") == "functorch"
+    with pytest.raises(ValueError, match=r"Invalid backend: 'jax'. Supported: \('auto'"):
+        check_backend("jax")
