@@ -342,7 +342,7 @@ def test_shared_buffer_zero_size_parameter_and_syncbatchnorm():
     assert any("norm: BatchNorm in train mode measured in eval mode" in n for n in m.notes)
 
 
-def test_layer_named_all_and_tuple_outputs_get_clear_messages():
+def test_layer_named_all_and_outputs_that_are_not_one_tensor():
     class Bad(nn.Module):
         def __init__(self):
             super().__init__()
@@ -362,8 +362,30 @@ def test_layer_named_all_and_tuple_outputs_get_clear_messages():
         def forward(self, x):
             return self.fc(x), x
 
-    with pytest.raises(TypeError, match=r"must return one tensor.*got a tuple.*network="):
-        measure(Pair(), nn.CrossEntropyLoss(), torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    # a tuple's first element is the loss's input, as for most models returning extras
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    model = Pair()
+    pair = measure(model, nn.CrossEntropyLoss(), x, y, structures=("diag",))
+    plain = measure(model.fc, nn.CrossEntropyLoss(), x, y, structures=("diag",))
+    assert pair.coverage[0]["backend"] == "functorch"  # BackPACK cannot follow the selection
+    assert pair["diag/trace_ratio/all"] == pytest.approx(plain["diag/trace_ratio/all"])
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"scores": self.fc(x)}
+
+    named = Named()
+    named.fc.load_state_dict(model.fc.state_dict())
+    with pytest.raises(TypeError, match=r"one tensor.*got a dict.*outputs=lambda out"):
+        measure(named, nn.CrossEntropyLoss(), x, y)
+    picked = measure(
+        named, nn.CrossEntropyLoss(), x, y, structures=("diag",), outputs=lambda o: o["scores"]
+    )
+    assert picked["diag/trace_ratio/all"] == pytest.approx(plain["diag/trace_ratio/all"])
 
 
 def test_lazy_modules_and_configure_model_in_the_callback():

@@ -10,22 +10,28 @@
 
 from fisher_monitor.backends.base import Backend, LayerCallback, UnsupportedNetworkError
 from fisher_monitor.backends.registry import (
+    AUTO_ORDER,
     BACKENDS,
+    LABELS,
     REGISTRY,
     check_backend,
     fallback,
+    is_backend_failure,
     is_backpack_failure,
     prepare,
 )
 
 __all__ = [
+    "AUTO_ORDER",
     "BACKENDS",
+    "LABELS",
     "REGISTRY",
     "Backend",
     "LayerCallback",
     "UnsupportedNetworkError",
     "check_backend",
     "fallback",
+    "is_backend_failure",
     "is_backpack_failure",
     "prepare",
 ]

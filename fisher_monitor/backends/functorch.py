@@ -26,12 +26,16 @@ from torch.func import functional_call, vjp, vmap
 
 from fisher_monitor.backends.base import Backend, LayerCallback
 from fisher_monitor.backends.pass_context import (
+    OutputAdapter,
     PassResult,
+    call_network,
     check_loss,
     check_outputs,
     forked_rng,
     full_precision,
+    select_logits,
 )
+from fisher_monitor.batching import ModelInputs, is_batched, map_tensors, model_inputs
 from fisher_monitor.factors import ColumnSplit, MaterializedFactors, PassSize
 from fisher_monitor.likelihoods import LOSS_SIDE_DTYPE, Likelihood, loss_side
 from fisher_monitor.likelihoods.base import SATURATED_NOTE, coefficients_are_finite
@@ -54,8 +58,14 @@ class FunctorchNetwork(Backend):
 
     backend = "functorch"
 
-    def __init__(self, model: nn.Module, likelihood: Likelihood, chunk_size: int | None = None):
-        super().__init__(model, likelihood)
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood,
+        outputs: OutputAdapter | None = None,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(model, likelihood, outputs)
         self.network = self.copy_root
         self.loss_module = likelihood.make_module()
         self.chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
@@ -73,15 +83,14 @@ class FunctorchNetwork(Backend):
         likelihood: Likelihood | None = None,
     ) -> PassResult:
         likelihood = self.likelihood if likelihood is None else likelihood
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        inputs = model_inputs(inputs)
         batch_size = targets.shape[0]
         notes: list[str] = []
         with forked_rng(self.device, seed), full_precision(self.device, notes):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # vmap's notes on in-place and randomness
                 with torch.no_grad():
-                    outputs = self.network(*args)
-                    check_outputs(outputs)
+                    outputs = call_network(self.network, inputs, self.outputs)
                     likelihood.check_batch(outputs, targets)
                     loss = self.loss_module(outputs, targets)
                 check_loss(loss)
@@ -90,7 +99,7 @@ class FunctorchNetwork(Backend):
                 if exact and observed:
                     notes.append(SATURATED_NOTE)
                 per_parameter, coefficients, fisher_columns = self._pullbacks(
-                    likelihood, args, targets, exact, noise, observed
+                    likelihood, inputs, targets, exact, noise, observed
                 )
         if self._loop_reason is not None:
             notes.append(self._loop_reason)
@@ -126,7 +135,7 @@ class FunctorchNetwork(Backend):
     def _pullbacks(
         self,
         likelihood: Likelihood,
-        args,
+        inputs: ModelInputs,
         targets: Tensor,
         exact: bool,
         noise: Tensor | None,
@@ -143,11 +152,20 @@ class FunctorchNetwork(Backend):
         trainable = {n: p.detach() for n, p in network.named_parameters() if p.requires_grad}
         frozen = {n: p.detach() for n, p in network.named_parameters() if not p.requires_grad}
         buffers = dict(network.named_buffers())
+        select = self.outputs or select_logits
+        # keyword arguments without the batch dimension (masks of shape (1, T), flags, None)
+        # are the same for every sample
+        static = {k: v for k, v in inputs.kwargs.items() if not is_batched(v, batch_size)}
+        args = (inputs.args, {k: v for k, v in inputs.kwargs.items() if k not in static})
 
         def one_sample(params, sample_args, target, sample_noise):
             def output_of(p):
-                batched = tuple(a.unsqueeze(0) for a in sample_args)
-                return functional_call(network, ({**p, **frozen}, buffers), batched)
+                positional = tuple(a.unsqueeze(0) for a in sample_args[0])
+                keywords = {**static, **{k: v.unsqueeze(0) for k, v in sample_args[1].items()}}
+                raw = functional_call(network, ({**p, **frozen}, buffers), positional, keywords)
+                selected = select(raw)
+                check_outputs(selected, raw)
+                return selected
 
             output, pullback = vjp(output_of, params)
             side = loss_side(
@@ -166,7 +184,7 @@ class FunctorchNetwork(Backend):
         chunks, betas = [], []
         for start in range(0, batch_size, self.chunk_size):
             stop = min(start + self.chunk_size, batch_size)
-            chunk_args = tuple(a[start:stop] for a in args)
+            chunk_args = map_tensors(args, lambda t, start=start, stop=stop: t[start:stop])
             chunk_noise = (
                 noise[start:stop]
                 if noise is not None
@@ -194,13 +212,14 @@ class FunctorchNetwork(Backend):
                 if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
                     raise  # the caller retries on fewer samples
                 self._loop_reason = (
-                    "torch.func could not vectorise the forward pass over samples "
-                    f"({str(error).splitlines()[0][:120]}); samples are processed one at a time"
+                    "torch.func cannot batch this network's forward over samples (an in-place "
+                    "operation, data-dependent control flow or a shape that depends on the "
+                    "batch), so samples are measured one at a time: same numbers, slower"
                 )
         results = [
             one_sample(
                 trainable,
-                tuple(a[i] for a in chunk_args),
+                map_tensors(chunk_args, lambda t, i=i: t[i]),
                 chunk_targets[i],
                 chunk_noise[i],
             )

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from fisher_monitor.backends.pass_context import OutputAdapter
 from fisher_monitor.layers import LayerInfo, find_layers, is_compiled, named_modules
 from fisher_monitor.likelihoods import Likelihood
 
@@ -133,6 +134,8 @@ class ModelCopy:
     Args:
         model: The caller's network (left untouched).
         likelihood: The likelihood of the loss.
+        outputs: The loss's input from the network's raw output (``None``:
+            :func:`~fisher_monitor.backends.pass_context.select_logits`).
 
     Attributes:
         preparation_notes: What the user should know about how the network is measured
@@ -141,9 +144,12 @@ class ModelCopy:
 
     backend = "none"
 
-    def __init__(self, model: nn.Module, likelihood: Likelihood):
+    def __init__(
+        self, model: nn.Module, likelihood: Likelihood, outputs: OutputAdapter | None = None
+    ):
         self.source = model
         self.likelihood = likelihood
+        self.outputs = outputs
         self.preparation_notes: list[str] = []
         self.layers = find_layers(model)
         self._source_params = list(model.parameters())

@@ -1,14 +1,17 @@
-"""What every forward/backward pass of a backend shares: RNG, precision, output checks, result."""
+"""What every pass of a backend shares: the forward call, RNG, precision, output checks, result."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from fisher_monitor.batching import ModelInputs
 
 AUTOCAST_NOTE = "autocast (mixed precision) was active: measured in full precision"
 
@@ -30,13 +33,52 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
 
-def check_outputs(outputs) -> None:
-    """Raise a clear error unless the network returned one tensor (the loss input)."""
+#: ``outputs(raw)``: the loss's input from what the network's ``forward`` returns.
+OutputAdapter = Callable[[Any], Tensor]
+
+
+def select_logits(raw: Any) -> Any:
+    """The loss's input from a network's output, as most models return it.
+
+    A tensor is the input itself; otherwise the ``logits`` of a Hugging Face ``ModelOutput``
+    (or of any object with a ``logits`` attribute, or a mapping with a ``"logits"`` key),
+    else the first element of a tuple or list.
+    """
+    if isinstance(raw, Tensor):
+        return raw
+    logits = getattr(raw, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(raw, Mapping) and isinstance(raw.get("logits"), Tensor):
+        return raw["logits"]
+    if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], Tensor):
+        return raw[0]
+    return raw
+
+
+def call_network(network, inputs: ModelInputs, outputs: OutputAdapter | None = None) -> Tensor:
+    """Run ``network`` on ``inputs`` and return the loss's input (checked to be a tensor).
+
+    Args:
+        network: The (prepared) network.
+        inputs: Its positional and keyword arguments.
+        outputs: The loss's input from the raw output (``None``: :func:`select_logits`).
+    """
+    raw = network(*inputs.args, **inputs.kwargs)
+    selected = (outputs or select_logits)(raw)
+    check_outputs(selected, raw)
+    return selected
+
+
+def check_outputs(outputs, raw=None) -> None:
+    """Raise a clear error unless the loss's input is one tensor."""
     if not isinstance(outputs, Tensor):
+        kind = type(raw if raw is not None else outputs).__name__
         raise TypeError(
-            "The measured network must return one tensor, the input of the loss, got a "
-            f"{type(outputs).__name__}. Measure the sub-network that produces the logits "
-            "(FisherMonitor(network='...') or measure(model.net, ...))."
+            "The measured network must give the loss one tensor (its logits or predictions), "
+            f"got a {kind}. Pass `outputs=lambda out: ...` to measure() (FisherMonitor: "
+            "`outputs=`) to pick the loss's input from it, or measure the sub-network that "
+            "produces the logits (FisherMonitor(network='...') or measure(model.net, ...))."
         )
 
 
@@ -82,10 +124,13 @@ def seed_from(generator: torch.Generator | None) -> int:
 
 __all__ = [
     "AUTOCAST_NOTE",
+    "OutputAdapter",
     "PassResult",
+    "call_network",
     "check_loss",
     "check_outputs",
     "forked_rng",
     "full_precision",
     "seed_from",
+    "select_logits",
 ]

@@ -16,18 +16,24 @@ module with a :class:`~fisher_monitor.backends.base.Backend` subclass and a line
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fisher_monitor.backends.backpack import BackpackNetwork
 from fisher_monitor.backends.base import Backend, UnsupportedNetworkError
 from fisher_monitor.backends.functorch import FunctorchNetwork
+from fisher_monitor.backends.pass_context import OutputAdapter
 from fisher_monitor.likelihoods import Likelihood
 
-#: Every backend by its name (``backend=``), in the order ``"auto"`` tries them.
+#: Every backend by its name (``backend=``).
 REGISTRY: dict[str, type[Backend]] = {
     "backpack": BackpackNetwork,
     "functorch": FunctorchNetwork,
 }
+#: The order in which ``backend="auto"`` tries them.
+AUTO_ORDER: tuple[str, ...] = ("backpack", "functorch")
+#: How notes name each backend.
+LABELS: dict[str, str] = {"backpack": "BackPACK", "functorch": "torch.func"}
 
 #: Names accepted by ``backend=``.
 BACKENDS: tuple[str, ...] = ("auto", *REGISTRY)
@@ -44,34 +50,91 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def prepare(model: nn.Module, likelihood: Likelihood, backend: str = "auto") -> Backend:
-    """Prepare ``model`` with the named backend (``"auto"``: BackPACK, else ``torch.func``).
+def prepare(
+    model: nn.Module,
+    likelihood: Likelihood,
+    backend: str = "auto",
+    outputs: OutputAdapter | None = None,
+) -> Backend:
+    """Prepare ``model`` with the named backend.
+
+    ``"auto"`` takes the first of :data:`AUTO_ORDER` that can handle the network, with a
+    note for each one passed over.
 
     Args:
         model: The caller's network.
         likelihood: The likelihood of the loss.
-        backend: ``"auto"``, ``"backpack"`` or ``"functorch"``.
+        backend: ``"auto"`` or a name of :data:`REGISTRY`.
+        outputs: The loss's input from the network's raw output (``None``: its logits).
 
     Returns:
         The prepared backend.
 
     Raises:
         UnsupportedNetworkError: If the named backend cannot handle the network (with
-            ``"auto"``: if neither can).
+            ``"auto"``: if none can).
     """
     if backend != "auto":
-        return REGISTRY[check_backend(backend)](model, likelihood)
-    try:
-        return REGISTRY["backpack"](model, likelihood)
-    except UnsupportedNetworkError as error:
-        return fallback(model, likelihood, f"BackPACK {error.reason}")
+        return REGISTRY[check_backend(backend)](model, likelihood, outputs)
+    return fallback(model, likelihood, None, "", outputs)
 
 
-def fallback(model: nn.Module, likelihood: Likelihood, why: str) -> Backend:
-    """Prepare the ``torch.func`` backend, noting why BackPACK is not used."""
-    network = REGISTRY["functorch"](model, likelihood)
-    network.preparation_notes.insert(0, f"{why}: measured with torch.func instead")
-    return network
+def fallback(
+    model: nn.Module,
+    likelihood: Likelihood,
+    after: str | None,
+    why: str,
+    outputs: OutputAdapter | None = None,
+) -> Backend:
+    """Prepare the first backend of :data:`AUTO_ORDER` after ``after`` that handles ``model``.
+
+    Args:
+        model: The caller's network.
+        likelihood: The likelihood of the loss.
+        after: The backend that failed (``None``: start from the first).
+        why: Why it failed (the start of the note), e.g. ``"BackPACK cannot trace …"``.
+        outputs: The loss's input from the network's raw output.
+
+    Raises:
+        UnsupportedNetworkError: The last backend's, when none of the rest can.
+    """
+    order = list(AUTO_ORDER)
+    remaining = order[order.index(after) + 1 :] if after is not None else order
+    reasons = [why] if why else []
+    for index, name in enumerate(remaining):
+        try:
+            network = REGISTRY[name](model, likelihood, outputs)
+        except UnsupportedNetworkError as error:
+            if index == len(remaining) - 1:
+                raise
+            reasons.append(f"{LABELS[name]} {error.reason}")
+            continue
+        if reasons:
+            network.preparation_notes.insert(
+                0, f"{'; '.join(reasons)}: measured with {LABELS[name]} instead"
+            )
+        return network
+    raise UnsupportedNetworkError(after or "auto", "has no backend left to try")
+
+
+def is_backend_failure(error: BaseException) -> bool:
+    """Whether a run-time error may be the backend's own limitation, worth the next backend.
+
+    Not: non-finite values (:class:`FloatingPointError`), running out of memory, or a
+    loss or batch the likelihood refuses (``ValueError``) — another backend would fail
+    alike. Anything else (a backend that cannot follow the network, a graph converter's
+    module that rejects an argument, a shape error inside BackPACK) is.
+    """
+    if isinstance(error, UnsupportedNetworkError):
+        return True
+    if isinstance(error, (FloatingPointError, MemoryError, torch.OutOfMemoryError)):
+        return False
+    if isinstance(error, ValueError):
+        return False
+    text = str(error)
+    if "out of memory" in text or "can't allocate memory" in text:
+        return False
+    return isinstance(error, (RuntimeError, TypeError, AssertionError, IndexError, KeyError))
 
 
 def is_backpack_failure(error: BaseException) -> bool:
@@ -93,10 +156,13 @@ def is_backpack_failure(error: BaseException) -> bool:
 
 
 __all__ = [
+    "AUTO_ORDER",
     "BACKENDS",
+    "LABELS",
     "REGISTRY",
     "check_backend",
     "fallback",
+    "is_backend_failure",
     "is_backpack_failure",
     "prepare",
 ]

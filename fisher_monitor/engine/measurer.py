@@ -18,16 +18,19 @@ from torch import Tensor, nn
 
 from fisher_monitor.audit import update_cosines
 from fisher_monitor.backends import (
+    AUTO_ORDER,
     BACKENDS,
+    LABELS,
     Backend,
     UnsupportedNetworkError,
     check_backend,
     fallback,
+    is_backend_failure,
     is_backpack_failure,
     prepare,
 )
-from fisher_monitor.backends.pass_context import seed_from
-from fisher_monitor.batching import batch_on_device, take_samples
+from fisher_monitor.backends.pass_context import OutputAdapter, seed_from
+from fisher_monitor.batching import batch_on_device, model_inputs, take_samples
 from fisher_monitor.engine import cost, memory
 from fisher_monitor.engine.pipeline import (
     MAX_KEPT_BLOCK,
@@ -62,6 +65,7 @@ class Measurer:
             ``"2GB"`` or ``"512MiB"``); ``None`` for half the memory available (80% of the
             free GPU memory on CUDA).
         estimator: ``"auto"``, ``"exact"`` or ``"sketch"`` (see :func:`measure`).
+        outputs: The loss's input from the network's output (see :func:`measure`).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class Measurer:
         backend: str = "auto",
         memory_budget: int | str | None = None,
         estimator: str = "auto",
+        outputs: OutputAdapter | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -83,6 +88,12 @@ class Measurer:
         self.backend = check_backend(backend)
         self.memory_budget = memory.check_memory_budget(memory_budget)
         self.estimator = cost.check_estimator(estimator)
+        if outputs is not None and not callable(outputs):
+            raise TypeError(
+                f"Invalid outputs: {outputs!r}. Pass a function from the network's output to "
+                "the loss's input, e.g. `outputs=lambda out: out.logits`, or None."
+            )
+        self.outputs = outputs
         self._prepared: Backend | None = None
 
     @property
@@ -97,7 +108,7 @@ class Measurer:
                     f"({', '.join(lazy[:3])}): their shapes are only known after a first "
                     "forward pass. Measure after it."
                 )
-            self._prepared = prepare(self.model, self.likelihood, self.backend)
+            self._prepared = prepare(self.model, self.likelihood, self.backend, self.outputs)
         return self._prepared
 
     def __call__(
@@ -113,7 +124,8 @@ class Measurer:
         """Measure on one probe batch, sub-sampled first if it would not fit in memory.
 
         Args:
-            inputs: Input tensor (or tuple of tensors passed as positional arguments).
+            inputs: The network's inputs (a tensor, a tuple of positional ones, a mapping of
+                keyword ones, or :class:`~fisher_monitor.batching.ModelInputs`).
             targets: Targets for the loss; the first dimension is the batch.
             generator: Generator for label sampling and dropout masks (``None``: a fresh
                 seed from the operating system; the global RNG is never consumed).
@@ -144,30 +156,41 @@ class Measurer:
             estimator=self.estimator,
             memory_budget=self.memory_budget,
         )
-        try:
-            measurement = self._measure(inputs, targets, options)
-        except Exception as error:
-            on_backpack = self._prepared is not None and self._prepared.backend == "backpack"
-            if not (on_backpack and is_backpack_failure(error)):
-                raise
-            if self.backend == "backpack":
+        while True:
+            try:
+                measurement = self._measure(inputs, targets, options)
+                break
+            except Exception as error:
+                self._next_backend(error)
+        if update is not None:
+            measurement.scalars.update(update_cosines(measurement, update))
+        measurement.scalars["probe/seconds"] = time.perf_counter() - start
+        return measurement
+
+    def _next_backend(self, error: Exception) -> None:
+        """After a backend failed at run time, prepare the next one (``backend="auto"``).
+
+        Raises:
+            Exception: ``error`` itself when it is not the backend's own failure (bad input,
+                non-finite values, memory) or no other backend may be tried.
+        """
+        failed = self._prepared.backend if self._prepared is not None else None
+        if failed is None or not is_backend_failure(error) or failed == AUTO_ORDER[-1]:
+            raise error
+        if self.backend != "auto":
+            if failed == "backpack" and is_backpack_failure(error):
                 raise RuntimeError(
                     f"BackPACK failed on this network ({error}). BackPACK computes some "
                     "Jacobians (average pooling, embeddings) in the default dtype, which fails "
                     "for a float64 network under a float32 default. Use backend='auto' or "
                     "'functorch', or torch.set_default_dtype(torch.float64)."
                 ) from error
-            # BackPACK's own limitation on this network: measure it with torch.func from now on
-            self.close()
-            first_line = str(error).strip().splitlines()[0][:160]
-            self._prepared = fallback(
-                self.model, self.likelihood, f"BackPACK failed on this network ({first_line})"
-            )
-            measurement = self._measure(inputs, targets, options)
-        if update is not None:
-            measurement.scalars.update(update_cosines(measurement, update))
-        measurement.scalars["probe/seconds"] = time.perf_counter() - start
-        return measurement
+            raise error
+        # the backend's own limitation on this network: the next one measures it from now on
+        self.close()
+        reason = error.reason if isinstance(error, UnsupportedNetworkError) else _first_line(error)
+        why = f"{LABELS[failed]} failed on this network ({reason})"
+        self._prepared = fallback(self.model, self.likelihood, failed, why, self.outputs)
 
     def _measure(self, inputs, targets: Tensor, options: MeasureOptions) -> Measurement:
         prepared = self.prepared
@@ -175,7 +198,7 @@ class Measurer:
         inputs, targets = batch_on_device(
             inputs, targets, prepared.device, prepared.parameter_dtype
         )
-        size = targets.shape[0]
+        size = batch = targets.shape[0]
         plan = self._plan(inputs, size, options)
         fitting = self._fitting_batch_size(inputs, size, plan)
         if fitting < size:
@@ -191,7 +214,7 @@ class Measurer:
                 measurement = measure_once(
                     prepared,
                     self.settings,
-                    take_samples(inputs, size),
+                    take_samples(inputs, size, batch),
                     targets[:size],
                     options,
                     plan,
@@ -256,8 +279,7 @@ class Measurer:
             size: Probe samples (default: the batch's size).
         """
         prepared = self.prepared
-        first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-        batch = torch.zeros(first.shape[0] if first.dim() else 1)
+        batch = torch.zeros(model_inputs(inputs).batch_size() or 1)
         inputs = batch_on_device(inputs, batch, prepared.device, prepared.parameter_dtype)[0]
         size = batch.shape[0] if size is None else size
         options = MeasureOptions(seed=0, estimator=self.estimator, memory_budget=self.memory_budget)
@@ -268,6 +290,12 @@ class Measurer:
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+
+
+def _first_line(error: BaseException) -> str:
+    """``"Type: first line of the message"``, cut to 160 characters (for a note)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:160]
 
 
 def measure(
@@ -289,6 +317,7 @@ def measure(
     update: Mapping[str, Tensor] | None = None,
     memory_budget: int | str | None = None,
     estimator: str = "auto",
+    outputs: OutputAdapter | None = None,
 ) -> Measurement:
     """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
 
@@ -304,8 +333,12 @@ def measure(
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``), or ``"cross_entropy"``, ``"mse"``,
             ``"bce_with_logits"``.
-        inputs: Input batch (a tensor, or a tuple of tensors passed as arguments).
-        targets: Targets of the batch.
+        inputs: Input batch: a tensor, a tuple of tensors (positional arguments), a mapping
+            (keyword arguments, e.g. ``{"input_ids": ..., "attention_mask": ...}``) or
+            :class:`~fisher_monitor.batching.ModelInputs`. Tensors whose first dimension is
+            the batch are split per sample; others are passed to every sample as they are.
+        targets: Targets of the batch, one row per sample (e.g. ``(N, T)`` token labels for
+            ``(N, C, T)`` logits).
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
         backend: ``"auto"`` uses BackPACK when it can handle the network (single-input
             modules it lacks, such as LayerNorm or GELU, are pulled back by ``torch.func``
@@ -338,6 +371,10 @@ def measure(
             of it (random combinations of its square-root columns, with standard errors
             under ``…_se`` keys) when many classes would make it too slow or too large;
             ``"exact"`` or ``"sketch"`` force one (``docs/theory.md#estimators``).
+        outputs: The loss's input from what the network returns, e.g.
+            ``lambda out: out.logits.transpose(1, 2)`` for a language model's ``(N, T, C)``
+            logits. ``None`` takes a tensor as it is, the ``logits`` of a ``ModelOutput`` or
+            of a mapping, or the first element of a tuple.
 
     Returns:
         The :class:`Measurement`.
@@ -359,6 +396,7 @@ def measure(
         backend=backend,
         memory_budget=memory_budget,
         estimator=estimator,
+        outputs=outputs,
     )
     try:
         return measurer(

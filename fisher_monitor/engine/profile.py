@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from fisher_monitor.backends import Backend
-from fisher_monitor.backends.pass_context import forked_rng, full_precision
-from fisher_monitor.batching import take_samples
+from fisher_monitor.backends.pass_context import call_network, forked_rng, full_precision
+from fisher_monitor.batching import model_inputs, take_samples
 from fisher_monitor.factors import LayerShape
 from fisher_monitor.layers import LayerInfo
 
@@ -73,16 +73,15 @@ def profile(prepared: Backend, inputs) -> NetworkProfile:
         prepared: The prepared backend.
         inputs: The probe batch's inputs (only the first sample is run).
     """
-    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    key = tuple(tuple(t.shape[1:]) for t in tensors)
+    key = model_inputs(inputs).signature()
     cache = _PROFILES.setdefault(prepared, {})
     if key not in cache:
         cache[key] = _record(prepared, inputs)
     return cache[key]
 
 
-def one_sample_forward(prepared: Backend, inputs, hooks: list[tuple[nn.Module, Any]]) -> object:
-    """The network's output for the first sample of ``inputs``, with forward ``hooks``.
+def one_sample_forward(prepared: Backend, inputs, hooks: list[tuple[nn.Module, Any]]) -> Tensor:
+    """The loss's input for the first sample of ``inputs``, with forward ``hooks``.
 
     Runs without gradients, on the monitor's own random stream and in full precision, and
     removes the hooks afterwards.
@@ -92,8 +91,8 @@ def one_sample_forward(prepared: Backend, inputs, hooks: list[tuple[nn.Module, A
         inputs: The probe batch's inputs (only the first sample is used).
         hooks: ``(module, hook)`` pairs registered with ``register_forward_hook``.
     """
-    first = take_samples(inputs, 1)
-    args = first if isinstance(first, (tuple, list)) else (first,)
+    arguments = model_inputs(inputs)
+    first = take_samples(arguments, 1, arguments.batch_size())
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
     notes: list[str] = []
     try:
@@ -102,7 +101,7 @@ def one_sample_forward(prepared: Backend, inputs, hooks: list[tuple[nn.Module, A
             forked_rng(prepared.device, 0),
             full_precision(prepared.device, notes),
         ):
-            return prepared.network(*args)
+            return call_network(prepared.network, first, prepared.outputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -151,3 +151,54 @@ def test_keep_blocks_returns_the_dense_reference_blocks():
     big = torch.nn.Linear(100, 100)
     with pytest.raises(ValueError, match=r"limited to D ≤ 8192; too large: \(root\) \(D=10100\)"):
         measure(big, "mse", torch.randn(3, 100), torch.randn(3, 100), keep_blocks=True)
+
+
+def test_keyword_inputs_and_a_language_model_output_are_measured_as_their_positional_twin():
+    """A forward taking ``input_ids``/``attention_mask`` keywords (and a ``(1, T)`` position
+    index shared by all samples) returning a ``ModelOutput``-like object with ``(N, T, C)``
+    logits: measured through ``outputs=`` exactly like a positional twin returning
+    ``(N, C, T)`` logits."""
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class KeywordLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 4)
+            self.position = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 6)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            hidden = torch.tanh(self.embed(input_ids) + self.position(position_ids))
+            hidden = hidden * attention_mask.unsqueeze(-1)
+            return Output(self.head(hidden))
+
+    class PositionalTwin(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            out = self.lm(input_ids, attention_mask=attention_mask, position_ids=positions)
+            return out.logits.transpose(1, 2)
+
+    torch.manual_seed(0)
+    lm = KeywordLM().double()
+    ids, labels = torch.randint(0, 11, (6, 5)), torch.randint(0, 6, (6, 5))
+    mask = torch.ones(6, 5, dtype=torch.float64)
+    mask[0, 3:] = 0.0
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(5)[None]}
+    keyword = measure(
+        lm, nn.CrossEntropyLoss(), inputs, labels, outputs=lambda out: out.logits.transpose(1, 2)
+    )
+    twin = measure(PositionalTwin(lm), nn.CrossEntropyLoss(), (ids, mask), labels)
+    assert keyword["probe/batch_size"] == 6
+    renamed = {
+        key.replace("/lm.", "/"): value for key, value in twin.scalars.items() if "seconds" not in key
+    }
+    assert_matches(keyword.scalars, renamed)
+    with pytest.raises(ValueError, match="No keyword input has the targets' batch size 4"):
+        measure(lm, nn.CrossEntropyLoss(), {"input_ids": ids}, labels[:4])

@@ -39,12 +39,15 @@ from fisher_monitor.backends.backpack.pullbacks import attach_twin, takes_one_in
 from fisher_monitor.backends.base import Backend, LayerCallback, UnsupportedNetworkError
 from fisher_monitor.backends.model_copy import weight_recomputing_hooks
 from fisher_monitor.backends.pass_context import (
+    OutputAdapter,
     PassResult,
     check_loss,
     check_outputs,
     forked_rng,
     full_precision,
+    select_logits,
 )
+from fisher_monitor.batching import ModelInputs, model_inputs
 from fisher_monitor.factors import (
     ColumnSplit,
     LayerFactors,
@@ -93,9 +96,13 @@ class BackpackNetwork(Backend):
     backend = "backpack"
 
     def __init__(
-        self, model: nn.Module, likelihood: Likelihood, use_converter: bool | str = "auto"
+        self,
+        model: nn.Module,
+        likelihood: Likelihood,
+        outputs: OutputAdapter | None = None,
+        use_converter: bool | str = "auto",
     ):
-        super().__init__(model, likelihood)
+        super().__init__(model, likelihood, outputs)
         copy_root = self.copy_root
         names_of_copy = {id(m): (n or "(root)") for n, m in copy_root.named_modules()}
         self._check_reparametrised(names_of_copy)
@@ -256,6 +263,7 @@ class BackpackNetwork(Backend):
         likelihood: Likelihood | None = None,
     ) -> PassResult:
         likelihood = self.likelihood if likelihood is None else likelihood
+        inputs = model_inputs(inputs)
         extension = FactorCapture(self._torch_func_types)
         measured: list[str] = []
         notes: list[str] = []
@@ -269,7 +277,6 @@ class BackpackNetwork(Backend):
             measured.append(info.name)
             on_layer(info, factors)
 
-        args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
         try:
             with (
                 forked_rng(self.device, seed),
@@ -278,8 +285,7 @@ class BackpackNetwork(Backend):
             ):
                 warnings.filterwarnings("ignore", message=_BACKWARD_HOOK_WARNING)
                 with torch.enable_grad():
-                    outputs = self.network(*args)
-                    check_outputs(outputs)
+                    outputs = self._loss_input(inputs)
                     likelihood.check_batch(outputs, targets)
                     loss = self.loss_module(outputs, targets)
                     check_loss(loss)
@@ -299,6 +305,28 @@ class BackpackNetwork(Backend):
                 p.grad = None
         batch_size = targets.shape[0]
         return PassResult(float(loss.detach()), batch_size, measured, notes)
+
+    def _loss_input(self, inputs: ModelInputs) -> Tensor:
+        """The network's output, which BackPACK's backward pass must start from unchanged.
+
+        Raises:
+            UnsupportedNetworkError: If the loss's input is not the network's output tensor
+                (a ``ModelOutput``, a slice of it): BackPACK cannot follow the selection, and
+                ``backend="auto"`` measures with the next backend.
+        """
+        raw = self.network(*inputs.args, **inputs.kwargs)
+        selected = (self.outputs or select_logits)(raw)
+        check_outputs(selected, raw)
+        if selected is not raw:
+            raise UnsupportedNetworkError(
+                "backpack",
+                f"cannot follow the loss's input out of the network's output (a "
+                f"{type(raw).__name__}): BackPACK's backward pass starts from the network's "
+                "output tensor itself",
+                [],
+                "backend='auto' measures such networks with another backend.",
+            )
+        return selected
 
     def _factors(self, module: nn.Module, split: ColumnSplit, dtype: torch.dtype) -> LayerFactors:
         structured: StructuredCapture | None = pop_structured(module)
