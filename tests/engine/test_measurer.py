@@ -197,7 +197,9 @@ def test_keyword_inputs_and_a_language_model_output_are_measured_as_their_positi
     twin = measure(PositionalTwin(lm), nn.CrossEntropyLoss(), (ids, mask), labels)
     assert keyword["probe/batch_size"] == 6
     renamed = {
-        key.replace("/lm.", "/"): value for key, value in twin.scalars.items() if "seconds" not in key
+        key.replace("/lm.", "/"): value
+        for key, value in twin.scalars.items()
+        if "seconds" not in key
     }
     assert_matches(keyword.scalars, renamed)
     with pytest.raises(ValueError, match="No keyword input has the targets' batch size 4"):
