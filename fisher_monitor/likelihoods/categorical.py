@@ -143,6 +143,12 @@ class Categorical(Likelihood):
         columns.addcmul_(log_probs.exp(), projection, value=-1.0)
         return columns.reshape(n, k, -1).transpose(1, 2)
 
+    def hessian_product(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        """``p ⊙ u − p (pᵀu)`` per position (``H = diag(p) − ppᵀ``), in ``O(C)``."""
+        probs = outputs.softmax(dim=1)
+        weighted = probs * vectors
+        return weighted - probs * weighted.sum(dim=1, keepdim=True)
+
 
 def _residual(probs: Tensor, observed: Tensor, class_dim: int = 1) -> Tensor:
     """``p − e_y`` with the ``y`` entry formed as ``−Σ_{c≠y} p_c`` (no ``p_y − 1`` cancellation)."""
