@@ -30,11 +30,20 @@ the conjugate-gradient iterate's own value, an underestimate by
 ``r_mᵀ(F + σI)⁻¹r_m ≤ ‖r_m^σ‖²/σ``. Stochastic Lanczos quadrature (Ubaru, Chen & Saad,
 2017) applies this to Rademacher vectors ``z`` (``E[zᵀXz] = tr X``).
 
-**Stopping.** Each right-hand side has its own tolerance and stops once
-``‖r^σ‖ ≤ tol · ‖b‖`` at every shift; stopped right-hand sides leave the batch, so later
-products cost less. A relative residual ``ρ`` bounds the solution's relative error by
-``ρ ‖b‖/(σ ‖x^σ‖) ≤ ρ κ`` (:func:`true_residuals` recomputes the residual to check it), and
-the error of a Gauss quadrature of ``1/(t + σ)`` by ``ρ² ‖b‖²/σ``.
+**Stopping.** Each right-hand side has a tolerance and one of three rules, met at every
+shift; stopped right-hand sides leave the batch, so later products cost less.
+
+- :data:`RESIDUAL`: ``‖r^σ‖ ≤ tol ‖b‖``. The solution's error is then at most
+  ``‖r^σ‖/σ`` (:func:`true_residuals` recomputes the residual to check it).
+- :data:`ENERGY`: ``‖r^σ‖²/σ ≤ tol · bᵀx^σ``. The Gauss quadrature of ``1/(t + σ)``,
+  ``bᵀx^σ``, underestimates ``bᵀ(F + σI)⁻¹b`` by ``r^σᵀ(F + σI)⁻¹r^σ ≤ ‖r^σ‖²/σ``: a
+  relative error of at most ``tol``.
+- :data:`TRACE`: ``‖r^σ‖² ≤ tol · (‖b‖² − σ bᵀx^σ)``: the same bound, relative to
+  ``bᵀF(F + σI)⁻¹b`` (for probes of ``tr(F(F + σI)⁻¹)`` and the log-determinant, whose
+  Gauss quadrature converges faster than that of ``1/(t + σ)``).
+
+``bᵀx^σ`` follows from scalar recurrences (``bᵀx^σ += α^σ bᵀp^σ``,
+``bᵀp^σ ← ζ^σ bᵀr + β^σ bᵀp^σ``), so no solution vector is needed for the rules.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from torch import Tensor
 
 #: ``apply(V)``: the products ``F V`` for a batch ``V`` of shape ``(m, D)``.
 Operator = Callable[[Tensor], Tensor]
+#: Stopping rules (module docstring).
+RESIDUAL, ENERGY, TRACE = 0, 1, 2
 
 
 @dataclass
@@ -61,6 +72,7 @@ class KrylovResult:
         off_diagonals: Per right-hand side, the off-diagonal (``(m_j − 1,)``).
         norms: ``‖b_j‖``, ``(m,)``.
         residuals: ``‖r^σ‖`` (as the recursion has it) at the last iteration, ``(m, S)``.
+        energies: ``bᵀx^σ`` (the Gauss quadrature of ``1/(t + σ)``), ``(m, S)``.
         iterations: Products each right-hand side took part in, ``(m,)``.
         converged: Whether each right-hand side met its tolerance, ``(m,)``.
         products: Vectors multiplied by ``F`` in all (the work).
@@ -72,6 +84,7 @@ class KrylovResult:
     off_diagonals: list[Tensor]
     norms: Tensor
     residuals: Tensor
+    energies: Tensor
     iterations: Tensor
     converged: Tensor
     products: int
@@ -105,6 +118,7 @@ class _Lanes:
     """The state of every right-hand side during the iteration (see the module docstring)."""
 
     def __init__(self, starts: Tensor, shifts: Tensor, keep: int):
+        self.starts = starts
         m, d = starts.shape
         dtype, device = starts.dtype, starts.device
         self.shifts, self.offsets = shifts, shifts - shifts.min()
@@ -115,12 +129,15 @@ class _Lanes:
         count = shifts.shape[0]
         self.x = torch.zeros(keep, count, d, dtype=dtype, device=device)
         self.p_shift = starts[:keep].unsqueeze(1).repeat(1, count, 1)
+        self.bp = self.rho.unsqueeze(1).repeat(1, count)  # bᵀp^σ
+        self.bx = torch.zeros_like(self.bp)  # bᵀx^σ
         self.zeta = torch.ones(m, count, dtype=dtype, device=device)
         self.zeta_old = torch.ones_like(self.zeta)
         self.alpha_old = torch.ones(m, dtype=dtype, device=device)
         self.beta_old = torch.zeros(m, dtype=dtype, device=device)
-        self.alphas: list[list[float]] = [[] for _ in range(m)]
-        self.betas: list[list[float]] = [[] for _ in range(m)]
+        # per iteration, every lane's α and β (NaN once a lane has left the batch)
+        self.alphas: list[Tensor] = []
+        self.betas: list[Tensor] = []
         self.keep = keep
 
     def step(self, lanes: Tensor, product: Tensor) -> None:
@@ -135,9 +152,10 @@ class _Lanes:
         self._shift_step(lanes, alpha, beta, r)
         self.r[lanes], self.rho[lanes] = r, rho_new
         self.p[lanes] = r + beta.unsqueeze(1) * p
-        for index, lane in enumerate(lanes.tolist()):
-            self.alphas[lane].append(float(alpha[index]))
-            self.betas[lane].append(float(beta[index]))
+        for history, values in ((self.alphas, alpha), (self.betas, beta)):
+            row = torch.full_like(self.rho, float("nan"))
+            row[lanes] = values
+            history.append(row)
 
     def _shift_step(self, lanes: Tensor, alpha: Tensor, beta: Tensor, r: Tensor) -> None:
         zeta, zeta_old = self.zeta[lanes], self.zeta_old[lanes]
@@ -150,15 +168,18 @@ class _Lanes:
         # a shift whose residual underflowed has converged: it stays at zero
         zeta_new = torch.where(zeta == 0, torch.zeros_like(zeta_new), zeta_new)
         ratio = torch.where(zeta == 0, torch.zeros_like(zeta), zeta_new / zeta)
+        alpha_shift, beta_shift = a * ratio, ratio.square() * beta.unsqueeze(1)
+        bp = self.bp[lanes]
+        self.bx[lanes] += alpha_shift * bp
+        br = (self.starts[lanes] * r).sum(dim=1, keepdim=True)
+        self.bp[lanes] = zeta_new * br + beta_shift * bp
         kept = lanes < self.keep
         if bool(kept.any()):
             index = lanes[kept]
-            alpha_shift = (a * ratio)[kept]
-            beta_shift = (ratio.square() * beta.unsqueeze(1))[kept]
-            self.x[index] += alpha_shift.unsqueeze(2) * self.p_shift[index]
+            self.x[index] += alpha_shift[kept].unsqueeze(2) * self.p_shift[index]
             self.p_shift[index] = (
                 zeta_new[kept].unsqueeze(2) * r[kept].unsqueeze(1)
-                + beta_shift.unsqueeze(2) * self.p_shift[index]
+                + beta_shift[kept].unsqueeze(2) * self.p_shift[index]
             )
         self.zeta_old[lanes], self.zeta[lanes] = zeta, zeta_new
         self.alpha_old[lanes], self.beta_old[lanes] = alpha, beta
@@ -167,16 +188,37 @@ class _Lanes:
         """``‖r^σ‖ = |ζ^σ| ‖r‖``, ``(m, S)``."""
         return self.zeta.abs() * self.rho.sqrt().unsqueeze(1)
 
-    def done(self, tolerances: Tensor) -> Tensor:
-        """Which lanes meet their relative-residual tolerance at every shift."""
-        bound = (tolerances * self.norms).unsqueeze(1)
+    def done(self, tolerances: Tensor, rules: Tensor) -> Tensor:
+        """Which lanes meet their stopping rule at every shift (module docstring)."""
+        residuals = self.residuals()
+        tolerance = tolerances.unsqueeze(1)
+        squares = residuals.square()
+        norm_sq = self.norms.square().unsqueeze(1)
+        met = torch.where(
+            (rules == RESIDUAL).unsqueeze(1),
+            residuals <= tolerance * self.norms.unsqueeze(1),
+            torch.where(
+                (rules == ENERGY).unsqueeze(1),
+                squares <= tolerance * self.shifts * self.bx,
+                squares <= tolerance * (norm_sq - self.shifts * self.bx).clamp_min(0.0),
+            ),
+        )
         # a lane whose residual vanished exactly (b = 0, or an invariant subspace) is done
-        return (self.residuals() <= bound).all(dim=1) | (self.rho == 0)
+        return met.all(dim=1) | (self.rho == 0)
 
-    def tridiagonal(self, lane: int) -> tuple[Tensor, Tensor]:
-        """The Lanczos matrix of ``F`` of one lane: diagonal and off-diagonal."""
-        alphas = torch.tensor(self.alphas[lane], dtype=self.r.dtype)
-        betas = torch.tensor(self.betas[lane], dtype=self.r.dtype)
+    def tridiagonals(self, iterations: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every lane's Lanczos matrix of ``F``: diagonal and off-diagonal (on the CPU)."""
+        if not self.alphas:
+            empty = torch.zeros(0, dtype=self.r.dtype)
+            return [(empty, empty) for _ in range(self.rho.shape[0])]
+        alphas = torch.stack(self.alphas).cpu()
+        betas = torch.stack(self.betas).cpu()
+        return [
+            self._tridiagonal(alphas[:count, lane], betas[:count, lane])
+            for lane, count in enumerate(iterations.tolist())
+        ]
+
+    def _tridiagonal(self, alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
         if alphas.numel() == 0:
             return alphas, alphas
         diagonal = 1.0 / alphas
@@ -192,6 +234,7 @@ def shifted_conjugate_gradients(
     keep: int = 1,
     tolerances: Sequence[float] | Tensor | float = 1e-6,
     max_iterations: int = 1000,
+    rules: Sequence[int] | Tensor | int = RESIDUAL,
 ) -> KrylovResult:
     """Solve ``(F + σI) x = b`` for every shift and right-hand side, by one Krylov run each.
 
@@ -200,9 +243,11 @@ def shifted_conjugate_gradients(
         starts: Right-hand sides ``b_j``, ``(m, D)``; the first ``keep`` get solution vectors.
         shifts: ``σ_s > 0``.
         keep: How many leading right-hand sides keep their solution vectors.
-        tolerances: Relative residual at which each right-hand side stops (one value for
-            all, or one per right-hand side).
+        tolerances: Tolerance of each right-hand side's stopping rule (one value for all,
+            or one per right-hand side).
         max_iterations: Products per right-hand side at most.
+        rules: Stopping rule of each right-hand side (:data:`RESIDUAL`, :data:`ENERGY` or
+            :data:`TRACE`; one for all, or one per right-hand side).
 
     Returns:
         The solutions, Lanczos matrices and convergence record.
@@ -215,11 +260,12 @@ def shifted_conjugate_gradients(
         raise ValueError(f"Every shift must be positive, got {shifts.tolist()!r}.")
     tolerances = torch.as_tensor(tolerances, dtype=starts.dtype, device=starts.device)
     tolerances = tolerances.expand(starts.shape[0])
+    rules = torch.as_tensor(rules, device=starts.device).expand(starts.shape[0])
     lanes = _Lanes(starts, shifts, keep)
     active = torch.arange(starts.shape[0], device=starts.device)
     iterations = torch.zeros(starts.shape[0], dtype=torch.long)
     products = 0
-    active = active[~lanes.done(tolerances)[active]]
+    active = active[~lanes.done(tolerances, rules)[active]]
     for _ in range(max_iterations):
         if active.numel() == 0:
             break
@@ -227,9 +273,9 @@ def shifted_conjugate_gradients(
         products += active.numel()
         iterations[active.cpu()] += 1
         lanes.step(active, product)
-        active = active[~lanes.done(tolerances)[active]]
-    converged = lanes.done(tolerances)
-    tridiagonals = [lanes.tridiagonal(j) for j in range(starts.shape[0])]
+        active = active[~lanes.done(tolerances, rules)[active]]
+    converged = lanes.done(tolerances, rules)
+    tridiagonals = lanes.tridiagonals(iterations)
     return KrylovResult(
         shifts=shifts,
         solutions=lanes.x,
@@ -237,6 +283,7 @@ def shifted_conjugate_gradients(
         off_diagonals=[t[1] for t in tridiagonals],
         norms=lanes.norms,
         residuals=lanes.residuals(),
+        energies=lanes.bx,
         iterations=iterations,
         converged=converged,
         products=products,
@@ -265,6 +312,9 @@ def rademacher(count: int, size: int, generator: torch.Generator, like: Tensor) 
 
 
 __all__ = [
+    "ENERGY",
+    "RESIDUAL",
+    "TRACE",
     "KrylovResult",
     "Operator",
     "gauss_rule",

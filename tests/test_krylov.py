@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from fisher_monitor.krylov import (
+    ENERGY,
+    TRACE,
     gauss_rule,
     rademacher,
     shifted_conjugate_gradients,
@@ -149,3 +151,25 @@ def test_rademacher_signs():
     signs = rademacher(3, 1000, torch.Generator().manual_seed(0), torch.zeros(1, dtype=DTYPE))
     assert signs.dtype == DTYPE and set(signs.unique().tolist()) == {-1.0, 1.0}
     assert abs(float(signs.mean())) < 0.1
+
+
+def test_energy_and_trace_rules_bound_the_quadrature_error():
+    """ENERGY: bᵀx^σ within ``tol`` of bᵀ(F + σI)⁻¹b; TRACE: ‖b‖² − σbᵀx^σ within ``tol`` of
+    bᵀF(F + σI)⁻¹b; both stop earlier than a residual rule that would guarantee as much."""
+    fisher = low_rank_psd(dimension=200, rank=100, decay=2.0, seed=12)
+    shifts = [1e-3, 3e-3]
+    b = torch.randn(2, 200, generator=torch.Generator().manual_seed(13), dtype=DTYPE)
+    rules = torch.tensor([ENERGY, TRACE])
+    result = shifted_conjugate_gradients(
+        lambda v: v @ fisher, b, shifts, keep=0, tolerances=1e-4, rules=rules
+    )
+    assert bool(result.converged.all())
+    for index, shift in enumerate(shifts):
+        inverse = dense_quadratic(fisher, b[0], lambda t, s=shift: 1 / (t + s))
+        energy = float(result.energies[0, index])
+        assert 0 <= (inverse - energy) / inverse <= 1e-4
+        ratio = dense_quadratic(fisher, b[1], lambda t, s=shift: t / (t + s))
+        found = float(b[1] @ b[1]) - shift * float(result.energies[1, index])
+        assert 0 <= (found - ratio) / ratio <= 1e-4
+    strict = shifted_conjugate_gradients(lambda v: v @ fisher, b[:1], shifts, tolerances=1e-8)
+    assert int(result.iterations[0]) < int(strict.iterations[0])
