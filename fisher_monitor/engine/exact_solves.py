@@ -52,6 +52,7 @@ from fisher_monitor.krylov import (
     shifted_conjugate_gradients,
     true_residuals,
 )
+from fisher_monitor.linalg import single_threaded
 from fisher_monitor.structures import LayerResult
 from fisher_monitor.structures.fisher_solves import (
     DeferredResult,
@@ -61,6 +62,10 @@ from fisher_monitor.structures.fisher_solves import (
     SolveRequest,
 )
 
+#: Layers whose products touch at most this many numbers per batched call are solved on one
+#: CPU thread: their many small operations are dominated by the thread pool's latency (a
+#: 1000-class head: six times faster on two cores).
+SINGLE_THREAD_ELEMENTS = 2**22
 #: A recomputed residual may exceed the recursion's by this factor (rounding drift).
 RESIDUAL_DRIFT = 10.0
 #: Planning figures of the cost model: products per right-hand side of a solve to
@@ -92,6 +97,9 @@ class SolveSettings:
         lane_bytes: Bytes one batched product may use for its vectors.
         dense_limit: Layers with at most this many parameters form ``F_b`` from ``D_b``
             products and are solved exactly (fewer products than the Krylov solves).
+        exact_head: Solve a softmax head (the network's last ``Linear`` layer, read by a
+            cross-entropy) exactly by its block structure
+            (:mod:`~fisher_monitor.engine.softmax_head`) instead of by products.
     """
 
     tolerance: float = 1e-6
@@ -103,6 +111,7 @@ class SolveSettings:
     floor_flops: float = 1e11
     lane_bytes: int = LANE_BYTES
     dense_limit: int = 2048
+    exact_head: bool = True
 
     def right_hand_sides(self, samples: int) -> tuple[int, int]:
         """``(1, quadratures)``: the right-hand side ``g`` and the trace terms' ones."""
@@ -187,16 +196,36 @@ def solve_deferred(
     function = NetworkFunction(prepared, inputs, seed)
     report.notes += function.notes
     generator = torch.Generator().manual_seed(seed % 2**63)
-    for structure, name, result in deferred:
-        request = result.request
-        if request is None:
-            continue
-        operator = function.operator(request.info.parameter_names, settings.lane_bytes)
-        solutions, bound = solve_layer(operator, request, settings, generator)
-        results[structure][name] = result.complete(solutions)
-        _record(report, f"{structure}/{name}", solutions, bound)
+    try:
+        for structure, name, result in deferred:
+            request = result.request
+            if request is None:
+                continue
+            lanes = sum(settings.right_hand_sides(request.per_sample.shape[0]))
+            work = (function.outputs.numel() + request.gradient.numel()) * lanes
+            with single_threaded(function.device, work <= SINGLE_THREAD_ELEMENTS):
+                solutions, bound = _solve(function, request, settings, generator)
+            results[structure][name] = result.complete(solutions)
+            _record(report, f"{structure}/{name}", solutions, bound)
+    finally:
+        function.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _solve(
+    function: NetworkFunction,
+    request: SolveRequest,
+    settings: SolveSettings,
+    generator: torch.Generator,
+) -> tuple[LayerSolutions, float]:
+    """A softmax head exactly (:mod:`~fisher_monitor.engine.softmax_head`), else by products."""
+    names = function.names_of(request.info.parameter_names)
+    head = function.softmax_head(settings.lane_bytes) if settings.exact_head else None
+    if head is not None and head.covers(names) is not None:
+        return head.solve(request, names), 0.0
+    operator = function.operator(request.info.parameter_names, settings.lane_bytes)
+    return solve_layer(operator, request, settings, generator)
 
 
 def _record(report: SolveReport, where: str, solutions: LayerSolutions, bound: float) -> None:

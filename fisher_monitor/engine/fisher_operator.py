@@ -36,15 +36,21 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, linearize, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fisher_monitor.backends import Backend
 from fisher_monitor.backends.model_copy import copy_model
 from fisher_monitor.backends.pass_context import check_outputs, forked_rng, select_logits
 from fisher_monitor.batching import map_tensors, model_inputs
+from fisher_monitor.engine.folded_head import FoldedHead, fold_head
+from fisher_monitor.engine.softmax_head import SoftmaxHead, softmax_head
 from fisher_monitor.krylov import Operator
 
 #: Bytes the vectors of one ``vmap`` call may take (outputs and tangents of all lanes).
 LANE_BYTES = 2**29
+#: Relative difference up to which folded and plain products count as the same (float64;
+#: 1e-4 for a network that runs in its own, lower precision).
+FOLD_AGREEMENT = 1e-9
 #: The note of a network whose products could not run in float64.
 NATIVE_PRECISION_NOTE = (
     "exact-Fisher solves: the network cannot run in float64 ({error}), so its Fisher-vector "
@@ -59,10 +65,16 @@ class NetworkFunction:
         prepared: The prepared backend (its network is copied without hooks).
         inputs: The probe batch's inputs.
         seed: Seed of every forward pass (dropout masks are the same in every product).
+        fold: Fold the loss-Hessian through the network's last linear layer where that
+            gives the same products (:mod:`~fisher_monitor.engine.folded_head`).
     """
 
-    def __init__(self, prepared: Backend, inputs, seed: int):
+    def __init__(self, prepared: Backend, inputs, seed: int, fold: bool = True):
         self.network, _ = copy_model(prepared.copy_root)
+        self.fold = fold
+        self._head: FoldedHead | None | bool = False
+        self._softmax: SoftmaxHead | None | bool = False
+        self._traceable = True
         self.likelihood = prepared.likelihood
         self.select = prepared.outputs or select_logits
         self.device = prepared.device
@@ -70,6 +82,7 @@ class NetworkFunction:
         self.notes: list[str] = []
         named = dict(self.network.named_parameters())
         self.canonical = {id(p): name for name, p in named.items()}
+        self.params_of = named  # the copy's parameter objects, by name
         self._source = (named, dict(self.network.named_buffers()), model_inputs(inputs))
         try:
             self._cast(torch.float64)
@@ -98,10 +111,18 @@ class NetworkFunction:
 
     @contextmanager
     def context(self) -> Iterator[None]:
-        """The measurement's RNG, full precision, no ``vmap`` warnings."""
+        """The measurement's RNG, full precision, no ``vmap`` warnings, plain attention.
+
+        Attention runs by its plain arithmetic: the fused ``scaled_dot_product_attention``
+        kernels have no forward-mode derivative, and the math backend computes the same
+        function.
+        """
         with forked_rng(self.device, self.seed), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with torch.autocast(device_type=self.device.type, enabled=False):
+            with (
+                torch.autocast(device_type=self.device.type, enabled=False),
+                sdpa_kernel([SDPBackend.MATH]),
+            ):
                 yield
 
     def forward(self, overrides: dict[str, Tensor]) -> Tensor:
@@ -123,6 +144,10 @@ class NetworkFunction:
     def operator(self, parameter_names: Sequence[str], lane_bytes: int = LANE_BYTES) -> Operator:
         """``V ↦ F_b V`` for the layer with these parameters (module docstring).
 
+        Below a foldable head (:mod:`~fisher_monitor.engine.folded_head`) the products stop
+        at the head's input, where they agree with the plain products on a random vector
+        (checked once per layer); otherwise they run through the whole network.
+
         Args:
             parameter_names: The layer's parameters, in the order of its coordinates.
             lane_bytes: Bytes one ``vmap`` call may use for its vectors.
@@ -131,25 +156,75 @@ class NetworkFunction:
             A function of ``(m, D_b)`` float64 vectors returning ``(m, D_b)`` float64.
         """
         names = self.names_of(parameter_names)
+        likelihood, outputs = self.likelihood, self.outputs64
+
+        def hessian(u: Tensor) -> Tensor:
+            return likelihood.hessian_product(outputs, u.to(torch.float64)).to(u.dtype)
+
+        plain = self._operator(names, self.forward, hessian, outputs.numel(), lane_bytes)
+        head = self.folded_head(lane_bytes)
+        if head is None or any(id(self.params_of[n]) in head.parameters for n in names):
+            return plain
+        inputs = head.curvature[..., 0].numel()
+        folded = self._operator(names, head.head_input, head.weigh, inputs, lane_bytes)
+        size = sum(self.params[n].numel() for n in names)
+        probe = torch.randn(
+            1, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        )
+        probe = probe.to(self.device)
+        expected, found = plain(probe), folded(probe)
+        agreement = FOLD_AGREEMENT if self.dtype == torch.float64 else 1e-4
+        if float((expected - found).norm()) <= agreement * float(expected.norm()):
+            return folded
+        return plain
+
+    def folded_head(self, lane_bytes: int = LANE_BYTES) -> FoldedHead | None:
+        """The network's folded head (built on first use), or ``None``."""
+        if self._head is False:
+            self._head = fold_head(self, lane_bytes) if self.fold else None
+        return self._head  # type: ignore[return-value]
+
+    def softmax_head(self, lane_bytes: int = LANE_BYTES) -> SoftmaxHead | None:
+        """The head as a verified softmax head (exact solves, :mod:`~.softmax_head`) or ``None``."""
+        if self._softmax is False:
+            head = self.folded_head(lane_bytes)
+            self._softmax = None
+            if head is not None:
+                module = head.module
+                names = {
+                    "weight": self.canonical.get(id(module.weight)),
+                    "bias": self.canonical.get(id(module.bias))
+                    if module.bias is not None
+                    else None,
+                }
+                self._softmax = softmax_head(head, self.likelihood, names)
+        return self._softmax  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Remove what was attached to the copy (the folded head's hooks)."""
+        if self._head:
+            self._head.close()  # type: ignore[union-attr]
+        self._head = None
+
+    def _operator(
+        self, names, function, weigh, lane_elements: int, lane_bytes: int, trace: bool = True
+    ) -> Operator:
+        """``V ↦ (1/N) Jᵀ W J V`` for ``J`` the Jacobian of ``function`` in these parameters."""
         primal = {name: self.params[name] for name in names}
         sizes = [t.numel() for t in primal.values()]
         shapes = [t.shape for t in primal.values()]
         with self.context():
-            _, pullback = vjp(self.forward, primal)
-            push = self._linearized(primal)
-        outputs, samples = self.outputs64, self.outputs.shape[0]
-        likelihood, dtype = self.likelihood, self.dtype
+            _, pullback = vjp(function, primal)
+            push = self._linearized(function, primal, trace)
+        dtype, samples = self.dtype, self.outputs.shape[0]
 
         def one(flat: Tensor) -> Tensor:
             parts = flat.to(dtype).split(sizes)
             tangent = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes, strict=True)}
-            pushed = push(tangent)
-            weighted = likelihood.hessian_product(outputs, pushed.to(torch.float64))
-            pulled = pullback(weighted.to(pushed.dtype))[0]
+            pulled = pullback(weigh(push(tangent)))[0]
             return torch.cat([pulled[n].reshape(-1) for n in names]).to(torch.float64)
 
-        per_lane = 8 * (4 * outputs.numel() + 4 * sum(sizes))
-        chunk = max(1, lane_bytes // per_lane)
+        chunk = max(1, lane_bytes // (8 * (4 * lane_elements + 4 * sum(sizes))))
 
         def apply(vectors: Tensor) -> Tensor:
             parts = []
@@ -160,13 +235,33 @@ class NetworkFunction:
 
         return apply
 
-    def _linearized(self, primal: dict[str, Tensor]):
-        """``tangent ↦ J_b tangent``: a ``linearize`` trace where possible, else ``jvp``."""
+    def _linearized(self, function, primal: dict[str, Tensor], trace: bool = True):
+        """``tangent ↦ J tangent``: a ``linearize`` trace, else ``jvp`` itself.
+
+        The trace is used where it works under ``vmap`` and agrees with ``jvp`` (checked on
+        two random tangents); after one failure the network is not traced again.
+        """
+
+        def pushed(tangent):
+            return jvp(function, (primal,), (tangent,))[1]
+
+        if not (trace and self._traceable):
+            return pushed
+        generator = torch.Generator().manual_seed(1)
+        tangents = {
+            n: torch.randn(2, *p.shape, generator=generator, dtype=p.dtype).to(p.device)
+            for n, p in primal.items()
+        }
         try:
-            _, push = linearize(self.forward, primal)
-            return push
+            _, traced = linearize(function, primal)
+            found = vmap(traced, randomness="same")(tangents)
+            expected = vmap(pushed, randomness="same")(tangents)
+            if torch.allclose(found, expected, rtol=1e-6, atol=1e-12 * float(expected.abs().max())):
+                return traced
         except Exception:  # noqa: BLE001 - any tracing failure: the untraced route works
-            return lambda tangent: jvp(self.forward, (primal,), (tangent,))[1]
+            pass
+        self._traceable = False
+        return pushed
 
 
 def _first_line(error: BaseException) -> str:
@@ -181,4 +276,4 @@ def dense_layer_fisher(function: NetworkFunction, parameter_names: Sequence[str]
     return function.operator(parameter_names)(eye)
 
 
-__all__ = ["LANE_BYTES", "NetworkFunction", "dense_layer_fisher"]
+__all__ = ["FOLD_AGREEMENT", "LANE_BYTES", "NetworkFunction", "dense_layer_fisher"]
