@@ -57,6 +57,7 @@ def layer_slices(model: nn.Module) -> dict[str, slice]:
         if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
             owned += list(module.parametrizations.named_parameters(prefix="parametrizations"))
         own = [f"{mod_name}.{n}" if mod_name else n for n, p in owned if p.requires_grad]
+        own = [n for n in own if n in offsets]  # a tied parameter: its first holder's layer
         if own:
             first = min(offsets[n][0] for n in own)
             last = max(offsets[n][1] for n in own)

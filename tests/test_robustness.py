@@ -269,7 +269,7 @@ def test_coverage_is_logged_as_text_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = TinyClassifier()
-    model.net[1] = nn.RReLU()  # BackPACK cannot: the torch.func backend measures
+    model.net[1] = nn.RReLU()  # BackPACK cannot: the autograd backend measures
     monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
     torch.manual_seed(0)
     trainer = pl.Trainer(
@@ -288,8 +288,8 @@ def test_coverage_is_logged_as_text_once(tmp_path):
     texts = events.Tensors("~fisher/settings/text_summary")
     assert len(texts) == 1
     text = texts[0].tensor_proto.string_val[0].decode()
-    assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | functorch | measured |" in text
-    assert "measured with torch.func" in text
+    assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | autograd | measured |" in text
+    assert "measured with autograd with module hooks" in text
 
 
 # ---------------------------------------------------------------- unusual networks
@@ -367,7 +367,7 @@ def test_layer_named_all_and_outputs_that_are_not_one_tensor():
     model = Pair()
     pair = measure(model, nn.CrossEntropyLoss(), x, y, structures=("diag",))
     plain = measure(model.fc, nn.CrossEntropyLoss(), x, y, structures=("diag",))
-    assert pair.coverage[0]["backend"] == "functorch"  # BackPACK cannot follow the selection
+    assert pair.coverage[0]["backend"] == "autograd"  # BackPACK cannot follow the selection
     assert pair["diag/trace_ratio/all"] == pytest.approx(plain["diag/trace_ratio/all"])
 
     class Named(nn.Module):

@@ -125,11 +125,11 @@ def test_unsupported_module_is_named(batch):
         match=r"'1' \(RReLU\).*Supported module types: .*Linear",
     ):
         measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
-    m = measure(model, nn.CrossEntropyLoss(), inputs, targets)  # "auto" falls back to torch.func
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets)  # "auto": the next backend
     assert any(
-        "cannot handle module(s) '1' (RReLU)" in note and "torch.func" in note for note in m.notes
+        "cannot handle module(s) '1' (RReLU)" in note and "autograd" in note for note in m.notes
     )
-    assert {entry["backend"] for entry in m.coverage} == {"functorch"}
+    assert {entry["backend"] for entry in m.coverage} == {"autograd"}
 
 
 def test_functional_call_the_converter_cannot_follow_is_named(batch):
@@ -150,15 +150,17 @@ def test_functional_call_the_converter_cannot_follow_is_named(batch):
         measure(Net(), nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
 
 
-def test_tied_weights_are_rejected(batch):
+def test_tied_weights_are_one_layer_measured_by_the_autograd_backend(batch):
     _, inputs, targets = batch
     first, second = nn.Linear(3, 3), nn.Linear(3, 3)
     second.weight = first.weight
     model = nn.Sequential(first, nn.Tanh(), second, nn.Linear(3, 2))
-    with pytest.raises(
-        ValueError, match=r"Parameter '2.weight' is shared with layer '0' \(tied weights\)"
-    ):
-        measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    m = measure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert [info.name for info in m.layers] == ["0", "2", "3"]
+    assert m.layers[0].parameter_names == ("0.weight", "0.bias")
+    assert m.layers[0].shared_with == ("2",) and m.layers[1].parameter_names == ("2.bias",)
+    assert {entry["backend"] for entry in m.coverage} == {"autograd"}
+    assert any("BackPACK" in note and "tied weights" in note for note in m.notes)
 
 
 def test_network_without_trainable_parameters(batch):

@@ -122,7 +122,8 @@ class FunctorchNetwork(Backend):
             factors.coefficients = coefficients
             on_layer(info, factors)
             del flat, sqrt
-        return PassResult(float(loss), batch_size, measured, notes)
+        methods = dict.fromkeys(measured, "pull-backs through the whole network (torch.func)")
+        return PassResult(float(loss), batch_size, measured, notes, methods)
 
     def pass_bytes(
         self, size: PassSize, activations: int, largest_activation: int, dimension: int

@@ -1,17 +1,21 @@
 """The registry of backends, and the choice between them (``backend="auto"``).
 
-Two backends are registered (:data:`BACKENDS`):
+Three backends are registered (:data:`REGISTRY`):
 
 - ``"backpack"``: BackPACK backpropagates the loss side through supported modules and
   keeps compact per-layer factors (fast; ``Linear`` and convolutions as outer products);
-- ``"functorch"``: ``torch.func`` vector-Jacobian products per sample, for any
-  differentiable network (attention, multi-input modules, functional forward code).
+  it must follow the whole network module by module;
+- ``"autograd"``: module hooks and batched backward passes, for any forward code between
+  the layers, with the same compact factors for ``Linear``, convolutions and ``Conv1D``,
+  ``torch.func`` pull-backs per module for other layers, and tied weights;
+- ``"functorch"``: ``torch.func`` vector-Jacobian products per sample through the whole
+  network, for anything differentiable.
 
-``"auto"`` prepares BackPACK and falls back to ``torch.func`` when BackPACK cannot handle
-the network (:class:`~fisher_monitor.backends.base.UnsupportedNetworkError`) or fails on it
-at run time (e.g. BackPACK's dtype bugs), with a note that says why. Adding a backend is a
-module with a :class:`~fisher_monitor.backends.base.Backend` subclass and a line in
-:data:`REGISTRY`.
+``"auto"`` tries them in :data:`AUTO_ORDER`: a backend that cannot handle the network
+(:class:`~fisher_monitor.backends.base.UnsupportedNetworkError`) or fails on it at run time
+passes it on to the next, with a note that says why. Adding a backend is a module with a
+:class:`~fisher_monitor.backends.base.Backend` subclass, a line in :data:`REGISTRY` and its
+place in :data:`AUTO_ORDER`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fisher_monitor.backends.autograd import AutogradNetwork
 from fisher_monitor.backends.backpack import BackpackNetwork
 from fisher_monitor.backends.base import Backend, UnsupportedNetworkError
 from fisher_monitor.backends.functorch import FunctorchNetwork
@@ -28,12 +33,17 @@ from fisher_monitor.likelihoods import Likelihood
 #: Every backend by its name (``backend=``).
 REGISTRY: dict[str, type[Backend]] = {
     "backpack": BackpackNetwork,
+    "autograd": AutogradNetwork,
     "functorch": FunctorchNetwork,
 }
 #: The order in which ``backend="auto"`` tries them.
-AUTO_ORDER: tuple[str, ...] = ("backpack", "functorch")
+AUTO_ORDER: tuple[str, ...] = ("backpack", "autograd", "functorch")
 #: How notes name each backend.
-LABELS: dict[str, str] = {"backpack": "BackPACK", "functorch": "torch.func"}
+LABELS: dict[str, str] = {
+    "backpack": "BackPACK",
+    "autograd": "autograd with module hooks",
+    "functorch": "torch.func",
+}
 
 #: Names accepted by ``backend=``.
 BACKENDS: tuple[str, ...] = ("auto", *REGISTRY)

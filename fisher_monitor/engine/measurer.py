@@ -161,14 +161,17 @@ class Measurer:
                 measurement = self._measure(inputs, targets, options)
                 break
             except Exception as error:
-                self._next_backend(error)
+                self._next_backend(error, options)
         if update is not None:
             measurement.scalars.update(update_cosines(measurement, update))
         measurement.scalars["probe/seconds"] = time.perf_counter() - start
         return measurement
 
-    def _next_backend(self, error: Exception) -> None:
+    def _next_backend(self, error: Exception, options: MeasureOptions) -> None:
         """After a backend failed at run time, prepare the next one (``backend="auto"``).
+
+        Never under data parallelism (``all_reduce``): every process must enter the same
+        collectives, and one process retrying alone would break their order.
 
         Raises:
             Exception: ``error`` itself when it is not the backend's own failure (bad input,
@@ -176,6 +179,8 @@ class Measurer:
         """
         failed = self._prepared.backend if self._prepared is not None else None
         if failed is None or not is_backend_failure(error) or failed == AUTO_ORDER[-1]:
+            raise error
+        if options.all_reduce is not None:
             raise error
         if self.backend != "auto":
             if failed == "backpack" and is_backpack_failure(error):

@@ -110,6 +110,7 @@ class LayerCollector:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     damping_fallback: set[str] = field(default_factory=set)
+    skipped_names: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         for structure in self.structures:
@@ -128,7 +129,7 @@ class LayerCollector:
 
     def __call__(self, info: LayerInfo, factors: LayerFactors) -> None:
         """The backend's per-layer callback."""
-        fisher, empirical = factors.diagonals()
+        fisher, empirical = factors.cached_diagonals()
         gradient = factors.mean_gradient()
         # one reduction instead of elementwise checks: NaN and ±inf survive a sum
         if not bool(torch.isfinite(fisher.sum() + empirical.sum() + gradient.sum())):
@@ -150,8 +151,13 @@ class LayerCollector:
             result = structure.layer(layer, directions=self.options.keep_directions)
         except StructureUnavailable:
             self.skipped[structure.name].append(f"{layer.info.name} ({layer.info.module_type})")
+            self.skipped_names.setdefault(structure.name, set()).add(layer.info.name)
             return
         self.results[structure.name][layer.info.name] = result
+
+    def skipped_layers(self, structure: str) -> set[str]:
+        """The layers a structure had no form for in this measurement."""
+        return self.skipped_names.get(structure, set())
 
 
 def plan_measurement(
@@ -232,7 +238,7 @@ def measure_once(
             for info in reduced.layers
             if info.name in collector.blocks
         },
-        coverage=_coverage(prepared, result.measured, plan.layer_estimators(names)),
+        coverage=_coverage(prepared, result, plan.layer_estimators(names), collector),
         gradient=reduced.gradients,
         directions=_directions(collector, reduced.layers) if options.keep_directions else {},
     )
@@ -472,8 +478,17 @@ def _health_notes(collector: LayerCollector) -> list[str]:
 
 
 def _coverage(
-    prepared: Backend, measured: list[str], estimators: dict[str, str | None]
+    prepared: Backend,
+    result: PassResult,
+    estimators: dict[str, str | None],
+    collector: LayerCollector,
 ) -> list[dict]:
+    """Per layer: how it was measured (backend, factors) and, per structure, by what.
+
+    A structure that has no form for a layer (``kron`` of a layer without Kronecker
+    factors) is ``None`` for it, as is one left out of the whole measurement.
+    """
+    measured = result.measured
     return [
         {
             "layer": info.name,
@@ -481,9 +496,17 @@ def _coverage(
             "parameters": list(info.parameter_names),
             "dimension": info.dimension,
             "backend": prepared.backend,
+            "factors": result.methods.get(info.name),
             "measured": info.name in measured,
             "reason": None if info.name in measured else "no gradient reached it in this pass",
-            "estimator": dict(estimators) if info.name in measured else None,
+            "estimator": (
+                {
+                    structure: None if info.name in collector.skipped_layers(structure) else how
+                    for structure, how in estimators.items()
+                }
+                if info.name in measured
+                else None
+            ),
         }
         for info, _ in prepared.layers
     ]

@@ -192,6 +192,11 @@ class LayerFactors(ABC):
     dtype: torch.dtype
     #: ``β`` (``N × R_n``) with ``g_n/√N = Σ_r β_{n,r} v_{r,n}`` (exact Fisher), else ``None``
     coefficients: Tensor | None = None
+    #: Whether the weight is stored as ``(I, O)`` (Hugging Face's ``Conv1D``): only the
+    #: order of per-parameter vectors changes, every metric is invariant.
+    transposed_weight: bool = False
+    #: How the representation forms the layer's columns, for the measurement's coverage.
+    method: str = "per-sample columns"
 
     def coefficient_matrix(self) -> CoefficientMatrix | None:
         """``B`` (``R × N``) with ``U = VB``, from :attr:`coefficients`; ``None`` if unknown.
@@ -222,6 +227,13 @@ class LayerFactors(ABC):
     @abstractmethod
     def diagonals(self) -> tuple[Tensor, Tensor]:
         """``(diag F, diag EF)`` (each ``D``, ``named_parameters`` order, ``dtype``)."""
+
+    def cached_diagonals(self) -> tuple[Tensor, Tensor]:
+        """:meth:`diagonals`, computed once per factors object."""
+        cached = self.__dict__.get("_cached_diagonals")
+        if cached is None:
+            cached = self.__dict__["_cached_diagonals"] = self.diagonals()
+        return cached
 
     @abstractmethod
     def gram_u(self) -> Tensor:
@@ -289,7 +301,9 @@ def augment(inputs: Tensor, weight: bool, bias: bool) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def to_parameter_order(matrix: Tensor, weight_columns: int, has_bias: bool) -> Tensor:
+def to_parameter_order(
+    matrix: Tensor, weight_columns: int, has_bias: bool, transposed: bool = False
+) -> Tensor:
     """Flatten ``(..., O, I)`` augmented matrices into ``named_parameters`` order.
 
     The augmented layout puts the bias as the last column; PyTorch's order is the
@@ -299,13 +313,16 @@ def to_parameter_order(matrix: Tensor, weight_columns: int, has_bias: bool) -> T
         matrix: ``(..., O, weight_columns + has_bias)``.
         weight_columns: Number of weight input columns (0 when the weight is frozen).
         has_bias: Whether the last column is the bias.
+        transposed: Whether the module stores its weight as ``(I, O)`` (Hugging Face's
+            ``Conv1D``).
 
     Returns:
         ``(..., O * weight_columns + O * has_bias)``.
     """
     parts = []
     if weight_columns:
-        parts.append(matrix[..., :weight_columns].flatten(start_dim=-2))
+        weight = matrix[..., :weight_columns]
+        parts.append((weight.mT if transposed else weight).flatten(start_dim=-2))
     if has_bias:
         parts.append(matrix[..., weight_columns])
     return torch.cat(parts, dim=-1)

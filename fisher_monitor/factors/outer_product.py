@@ -31,6 +31,8 @@ class OuterProductFactors(LayerFactors):
         dtype: Floating-point type of Gram matrices, dense blocks and Kronecker factors.
     """
 
+    method = "outer products"
+
     def __init__(
         self,
         inputs: Tensor,
@@ -72,7 +74,9 @@ class OuterProductFactors(LayerFactors):
         return self._casted_factors  # type: ignore[return-value]
 
     def _order(self, matrix: Tensor) -> Tensor:
-        return to_parameter_order(matrix, self.weight_columns, self.has_bias)
+        return to_parameter_order(
+            matrix, self.weight_columns, self.has_bias, self.transposed_weight
+        )
 
     def input_gram(self) -> Tensor:
         """``X̃X̃ᵀ`` (``N × N``), shared by every Gram matrix."""

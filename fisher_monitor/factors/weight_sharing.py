@@ -110,6 +110,8 @@ class WeightSharingFactors(LayerFactors):
         dtype: Floating-point type of Gram matrices, dense blocks and Kronecker factors.
     """
 
+    method = "weight-sharing outer products"
+
     def __init__(
         self,
         inputs: Tensor,
@@ -135,7 +137,9 @@ class WeightSharingFactors(LayerFactors):
     # ------------------------------------------------------------------ helpers
 
     def _order(self, matrix: Tensor) -> Tensor:
-        return to_parameter_order(matrix, self.weight_columns, self.has_bias)
+        return to_parameter_order(
+            matrix, self.weight_columns, self.has_bias, self.transposed_weight
+        )
 
     def _ordered(self, matrix: Tensor, scale: float = 1.0) -> Tensor:
         """``scale · matrix`` (``O × I``) in ``named_parameters`` order and :attr:`dtype`.
@@ -143,10 +147,13 @@ class WeightSharingFactors(LayerFactors):
         One allocation and one converting copy (large fresh allocations cost page faults).
         """
         o, columns = self.out_features, self.weight_columns
-        if not self.has_bias and matrix.dtype == self.dtype and matrix.is_contiguous():
+        plain = not (self.has_bias or self.transposed_weight)
+        if plain and matrix.dtype == self.dtype and matrix.is_contiguous():
             return matrix.view(-1).mul_(scale) if scale != 1.0 else matrix.view(-1)
         result = torch.empty(self.dimension, dtype=self.dtype, device=matrix.device)
-        if columns:
+        if columns and self.transposed_weight:
+            result[: o * columns].view(columns, o).copy_(matrix[:, :columns].T)
+        elif columns:
             result[: o * columns].view(o, columns).copy_(matrix[:, :columns])
         if self.has_bias:
             result[o * columns :].copy_(matrix[:, columns])
