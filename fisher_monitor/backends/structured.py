@@ -118,6 +118,7 @@ def structured_factors(
             augmented, output_grads, sqrt, weight_columns, has_bias, dtype
         )
     factors.transposed_weight = transposed
+    factors.coefficients = split.coefficients
     return factors
 
 
