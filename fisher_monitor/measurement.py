@@ -38,7 +38,7 @@ class Measurement:
             ``named_parameters`` order, on the network's device).
         directions: With ``keep_directions=True``: per structure name, one dict per damping
             value (in the order of the settings' dampings) mapping each layer name to
-            ``(A⁻¹g, B⁻¹g)`` with ``A = F_S + λI`` and ``B = EF_S + λI`` restricted to
+            ``(F̃⁻¹g, ẼF⁻¹g)`` with ``F̃ = F_S + λI`` and ``ẼF = EF_S + λI`` restricted to
             the layer (float64, ``D_b`` each, ``named_parameters`` order); else empty.
     """
 
