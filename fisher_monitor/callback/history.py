@@ -107,7 +107,7 @@ class History:
         for j, (_, values) in enumerate(self.records):
             for i, layer in enumerate(layers):
                 grid[i, j] = values.get(keys.metric_key(structure, metric, layer), np.nan)
-        title = f"{structure}: cos(F̃⁻¹g, ẼF⁻¹g), the natural gradient against the EF step"
+        title = f"{structure}: natural gradient vs EF step, cos(F̃⁻¹g, ẼF⁻¹g)"
         return steps, layers, grid, title
 
     def series(self) -> dict[str, list[tuple[int, float]]]:
