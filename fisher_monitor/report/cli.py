@@ -24,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="fisher-monitor",
-        description="Turn FisherMonitor's TensorBoard logs into a readable verdict: where and "
-        "when was the empirical Fisher a poor stand-in for the Fisher?",
+        description="Turn FisherMonitor's logs (TensorBoard, CSVLogger or an MLflow file store) "
+        "into a readable verdict: where and when was the empirical Fisher a poor stand-in for "
+        "the Fisher, and what does it mean for your training?",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
             "runs",
             nargs="+",
             metavar="RUN",
-            help="TensorBoard log directory: a run (e.g. lightning_logs/version_0) or a parent "
-            "holding several runs (one that cannot be read is reported and skipped)",
+            help="log directory of TensorBoard, Lightning's CSVLogger or an MLflow file store: "
+            "a run (e.g. lightning_logs/version_0, mlruns/0/<run id>) or a parent holding "
+            "several runs (one that cannot be read is reported and skipped)",
         )
         command.add_argument(
             "--strict",
