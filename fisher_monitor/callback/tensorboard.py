@@ -390,7 +390,8 @@ def guide_markdown(prefix: str, info: RunInfo) -> str:
         "",
         "**Few points.** The monitor measures at a few dozen steps at most; TensorBoard's "
         "default smoothing (0.6) shifts and flattens such curves: set **Smoothing to 0** in "
-        "the left panel of Scalars and Time Series (Custom Scalars too), and untick *Ignore "
+        "the left panel of Scalars and Time Series (Custom Scalars too; or open "
+        "`#custom_scalars&_smoothingWeight=0` on the server's address), and untick *Ignore "
         "outliers in chart scaling* so that no point is cut off.",
         "",
         f"**Per layer**: the `{prefix}: <structure> by layer` categories, one chart per layer. "

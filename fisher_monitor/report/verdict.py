@@ -275,7 +275,8 @@ def _noise_variance(a: Assessment) -> str:
         )
     return text + (
         " A ratio far from 1 then says your residuals' variance is not the one the loss "
-        "implies, not that the data are badly scaled."
+        "implies, not that the data are badly scaled: compare your residuals' variance with "
+        "the loss's, not the data's scaling."
     )
 
 
@@ -287,9 +288,9 @@ def _scale_cause(a: Assessment, outcome: str) -> str:
     if outcome == "low":
         classifier = "For a classifier" if a.loss_name else "For a classifier (cross-entropy)"
         return (
-            f" {classifier} this is expected once it fits its training data: the EF sees the "
+            f" {classifier} this is expected once it fits its training data (the EF sees the "
             "small gradients of labels it already predicts, the Fisher the model's own label "
-            "noise."
+            "noise), so use the Fisher's scale wherever you need one."
         )
     return (
         " Outliers, mislabelled samples or a loss scaled beyond its likelihood (a weight, a "
@@ -348,10 +349,9 @@ def _scale(a: Assessment) -> Verdict:
         return Verdict("scale", "mixed", [text], numbers, links)
     factor = m.median if m.median > 1 else 1 / m.median
     text += (
-        f"the EF {direction} the curvature scale (by a factor of about {factor:.3g})."
-        + _scale_cause(a, outcome)
-        + " Do not set damping, Adam's ε or learning rates from EF magnitudes, nor the scale of "
-        "a Laplace approximation."
+        f"the EF {direction} the curvature scale (by a factor of about {factor:.3g}); do not "
+        "set damping, Adam's ε, learning rates or a Laplace approximation's scale from EF "
+        "magnitudes." + _scale_cause(a, outcome)
     )
     return Verdict("scale", "bad", [text], numbers, links)
 
