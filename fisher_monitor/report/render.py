@@ -337,18 +337,22 @@ def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _markdown_verdicts(run: dict) -> list[str]:
+    """The headline, then one bullet per verdict."""
+    headline_level = LEVEL_LABELS[run["headline"].level]
+    lines = [f"**In short ({headline_level})**: {_verdict_markdown(run['headline'])}", ""]
+    for verdict in run["verdicts"]:
+        label = LEVEL_LABELS[verdict.level]
+        lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
+    return lines
+
+
 def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
     """``report.md``: the same verdicts and tables, figures as PNG files next to it."""
     context = _context(runs, title)
     lines = [f"# {markdown_text(title)}", ""]
     for run in context["runs"]:
-        lines += [f"## {markdown_text(run['name'])}", ""]
-        lines += [f"**In short ({LEVEL_LABELS[run['headline'].level]})**: "]
-        lines[-1] += _verdict_markdown(run["headline"])
-        lines.append("")
-        for verdict in run["verdicts"]:
-            label = LEVEL_LABELS[verdict.level]
-            lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
+        lines += [f"## {markdown_text(run['name'])}", "", *_markdown_verdicts(run)]
         if run["advice"]:
             lines += ["", "What to change:", ""]
             lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
