@@ -170,9 +170,9 @@ def _adam(a: Assessment) -> Verdict:
     if follows == "fisher" or (a.diag_outcome == "agree" and follows == "ef"):
         text = (
             f"For {subject}: {scaling}, and the EF's diagonal {verb} diagonal ({diag_numbers}): "
-            f"the EF's shortcomings do not reach {name}'s steps; no change needed for training "
-            f"— but do not reuse {name}'s squared gradients as curvature (uncertainty, pruning, "
-            "damping)."
+            f"the EF's mismatch with the Fisher is not what shapes {name}'s steps; no change "
+            f"needed for training — but do not reuse {name}'s squared gradients as curvature "
+            "(uncertainty, pruning, damping)."
         )
         return Verdict("headline", "good", [text], numbers, links)
     scaling = f"; {scaling}" if scaling else ""

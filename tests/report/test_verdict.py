@@ -218,7 +218,7 @@ def test_following_the_fisher_is_not_told_as_a_contradiction():
     assert "couplings between parameters" in verdict.text
     assert "leave the natural gradient; check" not in verdict.text
     line = headline(run)
-    assert line.level == "good" and "the EF's shortcomings do not reach Adam's steps" in line.text
+    assert line.level == "good" and "is not what shapes Adam's steps" in line.text
 
 
 def test_no_update_keys_no_optimizer_verdict():
