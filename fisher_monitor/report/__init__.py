@@ -18,6 +18,7 @@ _EXPORTS = {
     "summary": "fisher_monitor.report.render",
     "write_report": "fisher_monitor.report.render",
     "Verdict": "fisher_monitor.report.verdict",
+    "headline": "fisher_monitor.report.verdict",
     "verdicts": "fisher_monitor.report.verdict",
 }
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fisher_monitor.report.load import ReportError, Run, load_runs
     from fisher_monitor.report.render import summary, write_report
     from fisher_monitor.report.thresholds import THRESHOLDS
-    from fisher_monitor.report.verdict import Verdict, verdicts
+    from fisher_monitor.report.verdict import Verdict, headline, verdicts
 
 
 def __getattr__(name: str) -> Any:
@@ -46,6 +47,7 @@ __all__ = [
     "ReportError",
     "Run",
     "Verdict",
+    "headline",
     "load_runs",
     "summary",
     "verdicts",

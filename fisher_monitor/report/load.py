@@ -383,7 +383,20 @@ def _unique_names(runs: Sequence[Run]) -> None:
 def load_runs(
     paths: Iterable[str | Path], strict: bool = False, progress: Progress | None = None
 ) -> list[Run]:
-    """Find and load every run under ``paths``.
+    """Find and load every run under ``paths``: TensorBoard, CSVLogger and MLflow logs.
+
+    Paths holding TensorBoard event files are read by :func:`load_tensorboard_runs`; CSV
+    and MLflow runs by :mod:`fisher_monitor.report.loggers`, which dispatches.
+    """
+    from fisher_monitor.report.loggers import load_any  # it builds on this module's Run
+
+    return load_any(paths, strict, progress or Progress(), load_tensorboard_runs)
+
+
+def load_tensorboard_runs(
+    paths: Iterable[str | Path], strict: bool = False, progress: Progress | None = None
+) -> list[Run]:
+    """Find and load every TensorBoard run under ``paths``.
 
     A run the user named itself must load. Under a parent directory, a run that cannot be
     read is reported (one warning line) and skipped; the others are loaded.

@@ -26,7 +26,7 @@ from fisher_monitor.report.load import ReportError, Run
 from fisher_monitor.report.progress import Progress
 from fisher_monitor.report.text import markdown_code, markdown_text
 from fisher_monitor.report.thresholds import THRESHOLDS
-from fisher_monitor.report.verdict import Code, Verdict, advice, verdicts, worst_step
+from fisher_monitor.report.verdict import Code, Verdict, advice, headline, verdicts, worst_step
 
 FORMATS = ("html", "md", "json")
 #: Metrics explained in the reports' "how to read" table, in that order.
@@ -45,6 +45,7 @@ LEVEL_LABELS = {
     "bad": "bad",
     "mixed": "mixed",
     "good": "good",
+    "info": "note",
     "insufficient": "insufficient evidence",
 }
 
@@ -188,6 +189,7 @@ def run_summary(run: Run, found: list[Verdict] | None = None) -> dict:
             "steps": run.steps,
             "last_step": last,
             "worst_step": worst,
+            "headline": headline(run).as_dict(),
             "verdicts": [v.as_dict() for v in found],
             "advice": advice(run, found),
             "layers": layers,
@@ -230,19 +232,27 @@ def _fit_rows(run: Run) -> dict[str, str]:
 
 
 def _verdict_html(verdict: Verdict) -> markupsafe.Markup:
-    return markupsafe.Markup("").join(
+    text = markupsafe.Markup("").join(
         markupsafe.Markup("<code>{}</code>").format(part)
         if isinstance(part, Code)
         else markupsafe.escape(part)
         for part in verdict.parts
     )
+    if not verdict.links:
+        return text
+    links = markupsafe.Markup(" and ").join(
+        markupsafe.Markup('<code class="doc">{}</code>').format(link) for link in verdict.links
+    )
+    return text + markupsafe.Markup(' <span class="links">(See {}.)</span>').format(links)
 
 
 def _verdict_markdown(verdict: Verdict) -> str:
-    return "".join(
+    text = "".join(
         markdown_code(part) if isinstance(part, Code) else markdown_text(part)
         for part in verdict.parts
     )
+    links = " and ".join(markdown_code(link) for link in verdict.links)
+    return f"{text} (See {links}.)" if links else text
 
 
 def _context(runs: Sequence[Run], title: str) -> dict:
@@ -273,6 +283,7 @@ def _context(runs: Sequence[Run], title: str) -> dict:
                 "name": run.name,
                 "settings": {key: setting_text(run.settings[key]) for key in run.settings},
                 "fit": _fit_rows(run),
+                "headline": headline(run),
                 "verdicts": found,
                 "advice": advice(run, found),
                 "measurements": len(run.steps),
@@ -326,15 +337,22 @@ def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _markdown_verdicts(run: dict) -> list[str]:
+    """The headline, then one bullet per verdict."""
+    headline_level = LEVEL_LABELS[run["headline"].level]
+    lines = [f"**In short ({headline_level})**: {_verdict_markdown(run['headline'])}", ""]
+    for verdict in run["verdicts"]:
+        label = LEVEL_LABELS[verdict.level]
+        lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
+    return lines
+
+
 def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
     """``report.md``: the same verdicts and tables, figures as PNG files next to it."""
     context = _context(runs, title)
     lines = [f"# {markdown_text(title)}", ""]
     for run in context["runs"]:
-        lines += [f"## {markdown_text(run['name'])}", ""]
-        for verdict in run["verdicts"]:
-            label = LEVEL_LABELS[verdict.level]
-            lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
+        lines += [f"## {markdown_text(run['name'])}", "", *_markdown_verdicts(run)]
         if run["advice"]:
             lines += ["", "What to change:", ""]
             lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
@@ -381,6 +399,9 @@ def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigu
         f"error {thresholds['rel_error_limit']}; the scale is off outside trace ratio "
         f"{thresholds['trace_ratio_range']}; fewer than {thresholds['min_measurements']} "
         "measurements, or none after a training step, are insufficient evidence.",
+        "",
+        "Notation: F̃ = F + λI and ẼF = EF + λI (damped with the logged λ). Terms: "
+        "`docs/glossary.md`; what to do about each verdict: `docs/guide/acting.md`.",
         "",
     ]
     return "\n".join(lines)
