@@ -430,11 +430,15 @@ def _notes(
     for structure, skipped in collector.skipped.items():
         if not skipped:
             continue
-        if prepared.backend == "functorch" and structure == "kron":
-            why = "the torch.func backend forms no Kronecker factors"
-        else:
-            why = "no Kronecker factorisation for " + ", ".join(skipped)
         covered = collector.results.get(structure)
+        if not covered and prepared.backend == "functorch" and structure == "kron":
+            notes.append(
+                "kron: not measured: the torch.func backend forms no Kronecker factors (this "
+                "network runs on torch.func; see the backend note), so this measurement has no "
+                "kron keys. Use structures=('diag', 'block') to avoid this note."
+            )
+            continue
+        why = "no Kronecker factorisation for " + ", ".join(skipped)
         rest = (
             f"{structure}/all covers the other layers"
             if covered
