@@ -144,3 +144,20 @@ def test_a_forced_sketch_refuses_what_it_cannot_estimate():
         measure(model, "cross_entropy", x, y, structures=("kron",), estimator="sketch")
     with pytest.raises(ValueError, match="keep_blocks=True returns the exact dense blocks"):
         measure(model, "cross_entropy", x, y, estimator="sketch", keep_blocks=True)
+
+
+def test_a_small_convolution_on_many_samples_stays_exact():
+    """A 12-parameter ``Conv1d`` on 3000 samples: its D × D dense route costs almost nothing;
+    the cost model used to charge it the R³ factorisation of the Gram route (3.2e+07 steps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Flatten(), nn.Linear(18, 2))
+    model[2].requires_grad_(False)
+    inputs = torch.randn(3000, 1, 8)
+    prepared = prepare(model, resolve_loss("cross_entropy"), "backpack")
+    try:
+        plan = cost.plan(
+            prepared, MeasureSettings.create(("diag", "block")), profile(prepared, inputs), 3000
+        )
+        assert plan.sketch is None and plan.steps(plan.exact) < 100
+    finally:
+        prepared.close()
