@@ -298,7 +298,7 @@ def heatmap_image(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from fisher_monitor.plotting import draw_cosine_heatmap
+    from fisher_monitor.report.plotting import draw_cosine_heatmap
 
     dpi = 100
     row = 0.22 if len(layers) <= 30 else 0.12

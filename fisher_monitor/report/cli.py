@@ -20,7 +20,7 @@ USES = ("adam", "sgd", "kfac", "laplace")  # the same as report.headline.USES
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fisher_monitor import __version__
+    from fisher_monitor.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fisher-monitor",

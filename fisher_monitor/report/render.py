@@ -256,7 +256,7 @@ def _verdict_markdown(verdict: Verdict) -> str:
 
 
 def _context(runs: Sequence[Run], title: str) -> dict:
-    from fisher_monitor import __version__
+    from fisher_monitor.version import __version__
 
     entries = []
     setting_keys: list[str] = []
