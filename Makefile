@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint format bench demo tensorboard report wheel docs clean
+.PHONY: help venv test test-fast lint format bench demo tensorboard report wheel docs clean
 
 help:
 	@echo "make demo   - create .venv, train on digits with FisherMonitor, write TensorBoard logs and a report"
 	@echo "make test   - create .venv and run the test suite"
+	@echo "make test-fast - the suite without the tests marked slow (for the edit loop)"
 	@echo "make lint   - ruff check and format check"
 	@echo "make bench  - measurement cost against a plain training step (prints and saves a table)"
 	@echo "make tensorboard - open the demo's runs in TensorBoard (LOGDIR=runs)"
@@ -30,6 +31,10 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the tests marked `slow` (CI runs `make test`)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fisher_monitor tests examples benchmarks

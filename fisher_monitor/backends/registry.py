@@ -45,8 +45,58 @@ LABELS: dict[str, str] = {
     "functorch": "torch.func",
 }
 
-#: Names accepted by ``backend=``.
+#: Names of the built-in backends accepted by ``backend=`` (see :func:`backend_names`).
 BACKENDS: tuple[str, ...] = ("auto", *REGISTRY)
+_AUTO: list[str] = list(AUTO_ORDER)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name ``backend=`` accepts now: ``"auto"`` and the registered backends."""
+    return ("auto", *REGISTRY)
+
+
+def auto_order() -> tuple[str, ...]:
+    """The order ``backend="auto"`` tries the backends in, registered ones included."""
+    return tuple(_AUTO)
+
+
+def register_backend(
+    cls: type[Backend], label: str | None = None, before: str | None = "functorch"
+) -> type[Backend]:
+    """Register a backend under ``cls.backend`` (usable as a class decorator).
+
+    Args:
+        cls: A :class:`~fisher_monitor.backends.base.Backend` subclass.
+        label: How notes name it (default: its registry name).
+        before: Its place in ``backend="auto"``'s order: before this backend (``None``:
+            not tried by ``"auto"``, only when asked for by name).
+
+    Raises:
+        TypeError: If ``cls`` is not a ``Backend`` subclass.
+        ValueError: If its name is taken or ``before`` names no registered backend.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"Only Backend subclasses can be registered, got {cls!r}.")
+    name = getattr(cls, "backend", None)
+    existing = REGISTRY.get(name, cls) if isinstance(name, str) else None
+    again = existing is not None and (existing.__module__, existing.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
+    if not isinstance(name, str) or name == "auto" or not again:
+        raise ValueError(
+            f"Invalid backend name {name!r}: set a new `backend` class attribute (taken: "
+            f"{backend_names()})."
+        )
+    if before is not None and before not in _AUTO:
+        raise ValueError(f"Invalid before: {before!r}. Supported: {auto_order()} or None.")
+    REGISTRY[name] = cls
+    LABELS[name] = label or name
+    if name in _AUTO:
+        _AUTO.remove(name)
+    if before is not None:
+        _AUTO.insert(_AUTO.index(before), name)
+    return cls
 
 
 def check_backend(backend: str) -> str:
@@ -55,8 +105,8 @@ def check_backend(backend: str) -> str:
     Raises:
         ValueError: Naming the bad value and the supported ones.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
+    if backend not in backend_names():
+        raise ValueError(f"Invalid backend: {backend!r}. Supported: {backend_names()}.")
     return backend
 
 
@@ -108,7 +158,7 @@ def fallback(
     Raises:
         UnsupportedNetworkError: The last backend's, when none of the rest can.
     """
-    order = list(AUTO_ORDER)
+    order = list(_AUTO)
     remaining = order[order.index(after) + 1 :] if after is not None else order
     reasons = [why] if why else []
     for index, name in enumerate(remaining):
@@ -167,6 +217,9 @@ def is_backpack_failure(error: BaseException) -> bool:
 
 __all__ = [
     "AUTO_ORDER",
+    "auto_order",
+    "backend_names",
+    "register_backend",
     "BACKENDS",
     "LABELS",
     "REGISTRY",

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from fisher_monitor.audit import update_cosines
 from fisher_monitor.backends import (
-    AUTO_ORDER,
     BACKENDS,
     LABELS,
     Backend,
     UnsupportedNetworkError,
+    auto_order,
     check_backend,
     fallback,
     is_backend_failure,
@@ -178,7 +178,8 @@ class Measurer:
                 non-finite values, memory) or no other backend may be tried.
         """
         failed = self._prepared.backend if self._prepared is not None else None
-        if failed is None or not is_backend_failure(error) or failed == AUTO_ORDER[-1]:
+        order = auto_order()
+        if failed is None or not is_backend_failure(error) or failed not in order[:-1]:
             raise error
         if options.all_reduce is not None:
             raise error
