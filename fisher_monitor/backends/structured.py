@@ -1,7 +1,8 @@
 """Compact factors of a layer whose per-sample gradients are sums of outer products.
 
-``Linear`` layers, convolutions (their inputs unfolded) and Hugging Face's ``Conv1D`` (a
-``Linear`` storing its weight transposed) all have per-sample gradients
+``Linear`` layers, convolutions (their inputs unfolded), Hugging Face's ``Conv1D`` (a
+``Linear`` storing its weight transposed) and embeddings (a ``Linear`` on one-hot inputs,
+weight stored transposed) all have per-sample gradients
 ``g_n = vec(Σ_t δ_{n,t} x̃_{n,t}ᵀ)`` and Fisher columns ``v_{r,n} = vec(Σ_t s_{r,n,t} x̃_{n,t}ᵀ)``.
 From the layer's inputs and the loss-side columns backpropagated to its output, any backend
 builds the same :class:`~fisher_monitor.factors.OuterProductFactors` (one position) or
@@ -37,9 +38,24 @@ def is_transposed_linear(module: nn.Module) -> bool:
     )
 
 
+def is_plain_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose gradient is a sum over its lookups.
+
+    Not with ``max_norm`` (the lookup rewrites the weight) or ``scale_grad_by_freq`` (the
+    gradient depends on the whole batch's token counts).
+    """
+    return (
+        isinstance(module, nn.Embedding)
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    )
+
+
 def has_structured_rule(module: nn.Module) -> bool:
     """Whether a module's factors can be formed from its inputs and output columns."""
     if isinstance(module, nn.Linear) or is_transposed_linear(module):
+        return True
+    if is_plain_embedding(module):
         return True
     if isinstance(module, CONVOLUTIONS):
         return module.groups == 1 and module.padding_mode == "zeros"
@@ -68,10 +84,23 @@ def unfold_convolution_input(module: nn.Module, inputs: Tensor) -> Tensor:
     return patches.permute(order).reshape(n, count, -1)
 
 
+def one_hot_lookups(module: nn.Embedding, indices: Tensor) -> Tensor:
+    """``(N, T, V)``: each lookup as a one-hot row, in the weight's type.
+
+    The row of a ``padding_idx`` lookup is zero: that row of the weight gets no gradient.
+    """
+    hot = nn.functional.one_hot(indices.reshape(indices.shape[0], -1), module.num_embeddings)
+    if module.padding_idx is not None:
+        hot[..., module.padding_idx] = 0
+    return hot.to(module.weight.dtype)
+
+
 def structured_inputs(module: nn.Module, inputs: Tensor) -> Tensor:
-    """The layer inputs as ``(N, T, I)`` (convolutions unfolded, no bias column)."""
+    """The layer inputs as ``(N, T, I)`` (convolutions unfolded, lookups one-hot, no bias)."""
     if isinstance(module, CONVOLUTIONS):
         return unfold_convolution_input(module, inputs)
+    if isinstance(module, nn.Embedding):
+        return one_hot_lookups(module, inputs)
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 
 
@@ -108,8 +137,8 @@ def structured_factors(
     augmented = augment(x, has_weight, has_bias)
     weight_columns = x.shape[-1] if has_weight else 0
     sqrt, output_grads = split.fisher(s), split.per_sample(s)
-    transposed = is_transposed_linear(module)
-    if inputs.dim() == 2 and not isinstance(module, CONVOLUTIONS):
+    transposed = is_transposed_linear(module) or isinstance(module, nn.Embedding)
+    if x.shape[1] == 1 and not isinstance(module, CONVOLUTIONS):
         factors: LayerFactors = OuterProductFactors(
             augmented[:, 0], output_grads[:, 0], sqrt[:, :, 0], weight_columns, has_bias, dtype
         )
@@ -134,7 +163,7 @@ def structured_pullbacks(module: nn.Module, inputs: Tensor, columns: Tensor) -> 
     weight = getattr(module, "weight", None)
     if isinstance(weight, Tensor):
         matrices = torch.einsum("rnto,nti->rnoi", s, x)  # O × I per column and sample
-        if is_transposed_linear(module):
+        if is_transposed_linear(module) or isinstance(module, nn.Embedding):
             matrices = matrices.transpose(-1, -2)
         found["weight"] = matrices.reshape(*s.shape[:2], *weight.shape)
     if isinstance(getattr(module, "bias", None), Tensor):

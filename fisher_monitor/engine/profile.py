@@ -147,8 +147,12 @@ def layer_shape(prepared: Backend, info: LayerInfo, module: nn.Module, output) -
     weight = getattr(module, "weight", None)
     weighted = isinstance(weight, Tensor) and weight.dim() >= 2
     outputs = int(weight.shape[0]) if weighted else info.dimension
+    if isinstance(module, nn.Embedding):  # a lookup: O = embedding_dim, I = num_embeddings
+        outputs = module.embedding_dim
     positions = max(1, elements // max(outputs, 1)) if weighted else 1
     flops = 2.0 * info.dimension * positions if weighted else 2.0 * elements
+    if isinstance(module, nn.Embedding):
+        flops = float(elements)
     return LayerShape(
         name=info.name,
         form=prepared.factor_form(module, output),

@@ -191,7 +191,35 @@ def test_a_transformer_block_gets_compact_factors_for_its_projections():
         model, nn.CrossEntropyLoss(), tokens, targets, structures=("diag", "block", "kron")
     )
     assert "kron/trace_ratio/block.qkv" in m.scalars  # weight-sharing factors: Kronecker too
-    assert "kron/trace_ratio/embed" not in m.scalars  # pulled back per module: no Kronecker
+    assert "kron/trace_ratio/embed" in m.scalars  # lookups as one-hot inputs: Kronecker too
+    assert "kron/trace_ratio/block.norm" not in m.scalars  # a normalisation has none
+    methods = {entry["layer"]: entry["factors"] for entry in m.coverage}
+    assert methods["embed"] == "weight-sharing outer products"
+
+
+def test_embeddings_with_padding_and_one_lookup_per_sample():
+    torch.manual_seed(7)
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(9, 3, padding_idx=0)
+            self.label = nn.Embedding(4, 3)
+            self.head = nn.Linear(3, 5)
+
+        def forward(self, tokens, label):
+            return self.head(self.tokens(tokens).mean(1) + self.label(label))
+
+    model = Lookup().double()
+    tokens = torch.randint(0, 9, (6, 4))
+    tokens[:, -1] = 0  # padding
+    label = torch.randint(0, 4, (6,))
+    m = agrees_with_torch_func(
+        model, nn.CrossEntropyLoss(), (tokens, label), torch.randint(0, 5, (6,))
+    )
+    methods = {entry["layer"]: entry["factors"] for entry in m.coverage}
+    assert methods["tokens"] == "weight-sharing outer products"
+    assert methods["label"] == "outer products"
 
 
 def test_hugging_face_gpt2_with_its_tied_head():
