@@ -161,3 +161,21 @@ def test_a_small_convolution_on_many_samples_stays_exact():
         assert plan.sketch is None and plan.steps(plan.exact) < 100
     finally:
         prepared.close()
+
+
+def test_the_sketch_estimate_counts_only_what_the_sketch_runs():
+    """With kron asked for, the sketched measurement leaves kron out, and so does its cost
+    (it used to count kron's factorisations of the exact R, orders of magnitude too high)."""
+    model, inputs, targets = wide_classifier(classes=600, n=48)
+    prepared = prepare(model, resolve_loss(nn.CrossEntropyLoss()), "backpack")
+    try:
+        network = profile(prepared, inputs)
+        plans = [
+            cost.plan(prepared, MeasureSettings.create(names), network, 48)
+            for names in (("diag", "block"), ("diag", "block", "kron"))
+        ]
+    finally:
+        prepared.close()
+    assert all(plan.sketch is not None for plan in plans)
+    assert plans[0].estimated.flops == plans[1].estimated.flops
+    assert plans[1].skipped == ["kron"]
