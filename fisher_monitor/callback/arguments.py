@@ -100,6 +100,20 @@ def check_whole(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+#: The largest seed ``torch.Generator.manual_seed`` accepts.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(value: Any) -> int:
+    """An ``int`` from 0 to :data:`MAX_SEED` (what ``torch.Generator`` can be seeded with)."""
+    if not is_whole_number(value, minimum=0) or value > MAX_SEED:
+        raise ValueError(
+            f"Invalid seed: {value!r}. Use an integer ≥ 0 and below 2**64 (the range of "
+            "torch.Generator.manual_seed)."
+        )
+    return value
+
+
 def check_prog_bar(value: Any, settings: MeasureSettings, prefix: str) -> list[str]:
     """Keys (without the prefix) the monitor logs, to show on the progress bar."""
     given = [value] if isinstance(value, str) else list(value or [])
