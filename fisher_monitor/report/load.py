@@ -29,6 +29,7 @@ from fisher_monitor.report.events import (
     read_directory,
 )
 from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.text import encodable
 
 HISTOGRAM_GROUP = "histograms/log10_ef_over_f"
 
@@ -106,13 +107,17 @@ class Run:
 
     @cached_property
     def dampings(self) -> list[str]:
-        """Damping suffixes present (``[""]`` with one damping, else ``["@0.001", ...]``)."""
-        suffixes = []
-        for parsed in self.parsed.values():
-            if parsed.metric == "direction_cosine" and not parsed.stderr:
-                suffix = f"@{parsed.damping}" if parsed.damping else ""
-                if suffix not in suffixes:
-                    suffixes.append(suffix)
+        """Damping suffixes present (``[""]`` with one damping, else ``["@0.001", ...]``).
+
+        From any damped metric, the direction cosine's first: a run may lack it (a
+        sketched Fisher side, a diagonal-only run) and still be measured at several λ.
+        """
+        suffixes: list[str] = []
+        damped = [p for p in self.parsed.values() if p.metric in keys.DAMPED_METRICS]
+        for parsed in sorted(damped, key=lambda p: p.metric != "direction_cosine"):
+            suffix = f"@{parsed.damping}" if parsed.damping else ""
+            if not parsed.stderr and suffix not in suffixes:
+                suffixes.append(suffix)
         return suffixes or [""]
 
     @cached_property
@@ -128,8 +133,17 @@ class Run:
 
     @cached_property
     def steps(self) -> list[int]:
-        """Steps with a measurement (of the primary structure's whole-network cosine)."""
-        return [int(step) for step in self.series(self.key("direction_cosine"))[0]]
+        """Steps with a measurement: those where any metric of the primary structure was logged.
+
+        Not only the direction cosine: a measurement may hold any subset of the metrics
+        (a sketched Fisher side has no block direction cosine; a diagonal-only or
+        Kronecker-only run has its own), and each of its steps counts.
+        """
+        structure = self.primary_structure
+        found = [self.scalars[key][0] for key, p in self.parsed.items() if p.structure == structure]
+        if not found:
+            return []
+        return [int(step) for step in np.unique(np.concatenate(found))]
 
     @cached_property
     def has_update_audit(self) -> bool:
@@ -252,7 +266,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[tuple[str, Path, bool]]:
         for directory in directories:
             relative = directory.relative_to(path)
             name = str(Path(path.name) / relative) if str(relative) != "." else path.name
-            runs.append((name or str(path), directory, directory == path))
+            # a directory name that is not UTF-8 cannot be drawn or written: show its escapes
+            runs.append((encodable(name or str(path)), directory, directory == path))
     return runs
 
 
@@ -354,7 +369,11 @@ def load_run(
     if not any(report.records for report in data.files):
         problems = "; ".join(r.message() or f"{r.path}: empty" for r in data.files)
         raise ReportError(f"{directory}: no readable event record ({problems})")
-    runs = _runs_from_events(name, directory, data, runinfo.read(directory))
+    try:
+        info = runinfo.read(directory)
+    except runinfo.RunFileError as error:  # the file and the field, in one line
+        raise ReportError(str(error)) from None
+    runs = _runs_from_events(name, directory, data, info)
     for report in data.files:  # once per file, and only for a run that is reported
         if (message := report.message()) is not None:
             progress.warn(message)
