@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fisher_monitor import validation
 from fisher_monitor.batching import batch_on_device, take_samples
 from fisher_monitor.curvature.backends import (
     BACKENDS,
@@ -71,8 +72,8 @@ class Measurer:
         memory_budget: int | str | None = None,
         estimator: str = "auto",
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        validation.check_model(model)
+        dtype = validation.check_dtype(dtype)
         self.model = model
         self.likelihood = resolve_loss(loss_fn)
         self.settings = settings
@@ -132,6 +133,7 @@ class Measurer:
             estimated peak memory exceeds the budget, and a measurement that runs out of
             memory is retried on half the samples (with a note).
         """
+        validation.check_generator(generator)
         start = time.perf_counter()
         options = MeasureOptions(
             seed=seed_from(generator),
@@ -335,6 +337,7 @@ def measure(
         FloatingPointError: For a non-finite loss or gradient, or a metric outside its
             mathematical range by more than rounding (``NumericalError``).
     """
+    validation.check_generator(generator)
     settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
     measurer = Measurer(
         model,
