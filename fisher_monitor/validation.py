@@ -78,15 +78,14 @@ def check_model(model: Any) -> None:
                 f"Invalid model: parameter {name!r} is {parameter.dtype}. The Fisher is "
                 "measured over real parameters: measure a real-valued network."
             )
-    if parameters and not any(p.requires_grad and p.is_floating_point() for _, p in parameters):
-        name, parameter = next(
-            ((n, p) for n, p in parameters if not p.is_floating_point()), parameters[0]
-        )
+    integer = [(n, p) for n, p in parameters if not p.is_floating_point() and not p.is_complex()]
+    if integer and not any(p.requires_grad and p.is_floating_point() for _, p in parameters):
+        name, parameter = integer[0]
         raise ValueError(
-            f"Invalid model: no trainable floating-point parameter (e.g. {name!r} is "
-            f"{parameter.dtype}, requires_grad={parameter.requires_grad}). The Fisher is "
-            "defined over the trained parameters: measure the floating-point model you "
-            "train (model.float()), with requires_grad=True on what it trains."
+            f"Invalid model: no trainable floating-point parameter ({name!r} is "
+            f"{parameter.dtype}). The Fisher is defined over trained, floating-point "
+            "parameters: measure the floating-point model you train (e.g. model.float() "
+            "before quantising it)."
         )
 
 

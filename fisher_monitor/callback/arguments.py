@@ -68,9 +68,9 @@ def check_probe_data(value: Any) -> Any:
         return value
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(
-            f"Invalid probe_data: {_kind(value)}. Pass a DataLoader (its first batch is taken "
-            "once), an (inputs, targets) pair of tensors, or None to measure on the training "
-            "batch."
+            f"Invalid probe_data: a {type(value).__name__}. Pass a DataLoader (its first batch "
+            "is taken once), an (inputs, targets) pair of tensors, or None to measure on the "
+            "training batch."
         )
     inputs, targets = value
     if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
