@@ -59,12 +59,15 @@ def _structures(structures) -> tuple[Structure, ...]:
     allowed = tuple(s.value for s in Structure)
     if isinstance(structures, str):
         structures = (structures,)
-    elif not isinstance(structures, Iterable) or isinstance(structures, Mapping):
+    try:
+        if isinstance(structures, Mapping):
+            raise TypeError(structures)
+        structures = tuple(structures)
+    except TypeError:  # not iterable (None, a number, a 0-d tensor)
         raise ValueError(
             f"Invalid structures: {structures!r}. Use one of {allowed} or a sequence of them, "
             "e.g. ('diag', 'block')."
-        )
-    structures = tuple(structures)
+        ) from None
     if not structures:
         raise ValueError(f"Invalid structures: (). Choose at least one of {allowed}.")
     parsed = tuple(_choice(Structure, s, "structure") for s in structures)

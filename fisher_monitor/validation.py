@@ -89,4 +89,27 @@ def check_model(model: Any) -> None:
         )
 
 
-__all__ = ["COMPUTE_DTYPES", "check_dtype", "check_generator", "check_model"]
+def check_memory_budget(value: Any) -> int | None:
+    """:func:`fisher_monitor.engine.memory.check_memory_budget`, with sizes too large refused.
+
+    A size such as ``"1111…1GB"`` parses to an infinite float; it is refused with the
+    argument's message instead of an ``OverflowError``.
+    """
+    from fisher_monitor.engine.memory import check_memory_budget as parse
+
+    try:
+        return parse(value)
+    except OverflowError:
+        raise ValueError(
+            f"Invalid memory_budget: {value!r} is too large to be a number of bytes. Use a "
+            "size such as '1GB' or '512MiB', an int ≥ 1, or None for half the available memory."
+        ) from None
+
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "check_dtype",
+    "check_generator",
+    "check_memory_budget",
+    "check_model",
+]

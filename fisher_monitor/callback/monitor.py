@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
-from fisher_monitor import distributed, keys
+from fisher_monitor import distributed, keys, validation
 from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
@@ -43,7 +43,6 @@ from fisher_monitor.callback.writers import (
 )
 from fisher_monitor.engine import BACKENDS, Measurer
 from fisher_monitor.engine.cost import check_estimator
-from fisher_monitor.engine.memory import check_memory_budget
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.report.text import terminal_safe
@@ -233,7 +232,7 @@ class FisherMonitor(*_BASES):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
-        self.memory_budget = check_memory_budget(memory_budget)
+        self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
         self.log_prefix = arguments.check_prefix(log_prefix)
         self.log_histograms = arguments.check_flag("log_histograms", log_histograms)

@@ -79,7 +79,7 @@ class Measurer:
         self.settings = settings
         self.dtype = dtype
         self.backend = check_backend(backend)
-        self.memory_budget = memory.check_memory_budget(memory_budget)
+        self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = cost.check_estimator(estimator)
         self._columns_cache: dict[tuple, int] = {}
         self._prepared: Backend | None = None
