@@ -173,35 +173,37 @@ def write_run(
                 chunk.append(_image(tag, image_bytes, step, wall, rng))
             stream.write(b"".join(chunk))
             records += len(chunk)
-    runinfo.write(
-        directory,
-        {
-            "prefix": PREFIX,
-            "settings": {
-                "structures": list(STRUCTURES),
-                "fisher": "exact",
-                "mc_samples": 1,
-                "damping": 0.001,
-                "damping_mode": "relative",
-                "schedule": "every(10)",
-                "optimizer": "AdamW",
-            },
-            "layers": [
-                {
-                    "layer": name,
-                    "type": "Linear",
-                    "parameters": [f"{name}.weight", f"{name}.bias"],
-                    "dimension": 4160,
-                    "backend": "backpack",
-                    "measured": True,
-                    "reason": None,
-                }
-                for name in names
-            ],
-            "notes": [],
-        },
-    )
+    runinfo.write(directory, _run_info(names))
     return {"bytes": path.stat().st_size, "events": records}
+
+
+def _run_info(names: list[str]) -> dict:
+    """The run file of a synthetic run with these layer names."""
+    return {
+        "prefix": PREFIX,
+        "settings": {
+            "structures": list(STRUCTURES),
+            "fisher": "exact",
+            "mc_samples": 1,
+            "damping": 0.001,
+            "damping_mode": "relative",
+            "schedule": "every(10)",
+            "optimizer": "AdamW",
+        },
+        "layers": [
+            {
+                "layer": name,
+                "type": "Linear",
+                "parameters": [f"{name}.weight", f"{name}.bias"],
+                "dimension": 4160,
+                "backend": "backpack",
+                "measured": True,
+                "reason": None,
+            }
+            for name in names
+        ],
+        "notes": [],
+    }
 
 
 def write_runs(root: Path, count: int, seed: int = 0) -> dict:

@@ -16,8 +16,11 @@ parallelism, rank zero can diagnose and report a failure that happened on anothe
 from __future__ import annotations
 
 import errno
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
@@ -167,6 +170,25 @@ def _reason(cause: str) -> str:
     return _NUMBER.sub("#", cause)
 
 
+def never_raises(hook: Callable[..., None]) -> Callable[..., None]:
+    """A Lightning hook of the monitor (``self._policy`` its policy): errors become warnings.
+
+    The hooks handle the failures they expect (preparing, measuring, writing); this is
+    the last line, so that nothing the monitor does can stop ``Trainer.fit``. Strict mode
+    (``raise_on_error=True``) raises.
+    """
+
+    @functools.wraps(hook)
+    def guarded(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, trainer, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - the policy decides (strict mode raises)
+            step = getattr(trainer, "global_step", None)
+            self._policy.handle([describe(error)], step, hook.__name__, error)
+
+    return guarded
+
+
 class FailurePolicy:
     """Warn once per cause, retry transient causes, switch off on permanent ones.
 
@@ -289,6 +311,8 @@ class FailurePolicy:
         then = (
             "The monitor is off for the rest of this fit; training continues."
             if off
+            else "Training continues (later failures for the same reason are not repeated)."
+            if stage.startswith("on_") or stage == "teardown"
             else "It tries again at the next scheduled step (later failures for the same "
             "reason are not repeated); training continues."
         )

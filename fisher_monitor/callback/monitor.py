@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
 from fisher_monitor.callback.discovery import find_loss, find_network, network_name
-from fisher_monitor.callback.failures import FailurePolicy, describe
+from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
 from fisher_monitor.callback.timing import Ledger
@@ -63,25 +62,6 @@ try:  # the same class also serves `lightning.pytorch.Trainer` when that package
     _BASES: tuple[type, ...] = (Callback, _LightningCallback)
 except ImportError:  # pragma: no cover - `lightning` is optional
     _BASES = (Callback,)
-
-
-def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
-    """A Lightning hook of the monitor: an unexpected error becomes one warning.
-
-    The hooks handle the failures they expect (preparing, measuring, writing); this is
-    the last line, so that nothing the monitor does can stop ``Trainer.fit``. Strict mode
-    (``raise_on_error=True``) raises.
-    """
-
-    @functools.wraps(hook)
-    def guarded(self: FisherMonitor, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            hook(self, trainer, *args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - the policy decides (strict mode raises)
-            step = getattr(trainer, "global_step", None)
-            self._policy.handle([describe(error)], step, hook.__name__, error)
-
-    return guarded
 
 
 class FisherMonitor(*_BASES):
@@ -281,7 +261,7 @@ class FisherMonitor(*_BASES):
             )
 
     @override
-    @_never_raises
+    @never_raises
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after configure_model() and the move to the device, before the first batch
         self._trainer = trainer
@@ -364,7 +344,7 @@ class FisherMonitor(*_BASES):
     # ------------------------------------------------------------------ training
 
     @override
-    @_never_raises
+    @never_raises
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the fit's length for the guaranteed measurements, once the training data loader
         # exists (asking in on_fit_start would load it early, before the module's own
@@ -374,7 +354,7 @@ class FisherMonitor(*_BASES):
             expect_steps(_fit_length(trainer))
 
     @override
-    @_never_raises
+    @never_raises
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -514,7 +494,7 @@ class FisherMonitor(*_BASES):
     # ------------------------------------------------------------------ end
 
     @override
-    @_never_raises
+    @never_raises
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the heat map with every measurement, unless the last one already drew it; one
         # column says nothing the scalars do not (and drawing costs a tenth of a second)
@@ -526,7 +506,7 @@ class FisherMonitor(*_BASES):
         self._charge(self._ledger.clock() - started, measurement=False, one_time=True)
 
     @override
-    @_never_raises
+    @never_raises
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recorder.disarm()
         if not trainer.is_global_zero or self._info is None:
@@ -554,7 +534,7 @@ class FisherMonitor(*_BASES):
         summary.show(result)
 
     @override
-    @_never_raises
+    @never_raises
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._recorder.disarm()
         self._trainer = None

@@ -183,3 +183,4 @@ def test_an_unexpected_error_in_a_hook_is_one_warning(tmp_path, monkeypatch):
     _, found, _ = run_fit(tmp_path, lambda _: None, monitor)
     (warning,) = found
     assert "failed in `on_fit_end` (RuntimeError: drawing the summary failed)" in warning
+    assert "Training continues" in warning and "tries again" not in warning
