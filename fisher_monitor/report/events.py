@@ -240,12 +240,19 @@ class _Collector:
 
     def result(self) -> tuple[dict, dict]:
         scalars = {}
+        shared: dict[bytes, np.ndarray] = {}  # the tags of a run mostly share their steps
         for tag, (steps, values) in self.scalars.items():
-            steps_array = np.frombuffer(steps, dtype=np.int64)
-            values_array = np.frombuffer(values, dtype=np.float64)
-            if not all(map(operator.lt, steps, itertools.islice(steps, 1, None))):
-                keep = _last_per_step(steps_array)  # out of order or repeated (a resume)
-                steps_array, values_array = steps_array[keep], values_array[keep]
+            if all(map(operator.lt, steps, itertools.islice(steps, 1, None))):
+                raw = steps.tobytes()
+                steps_array = shared.get(raw)
+                if steps_array is None:  # read-only, as it may be shared
+                    steps_array = shared[raw] = np.frombuffer(raw, dtype=np.int64)
+                values_array = np.frombuffer(values, dtype=np.float64).copy()
+            else:  # out of order or repeated (a resumed run)
+                steps_array = np.frombuffer(steps, dtype=np.int64)
+                keep = _last_per_step(steps_array)
+                steps_array = steps_array[keep]
+                values_array = np.frombuffer(values, dtype=np.float64)[keep]
             scalars[tag] = (steps_array, values_array)
         histograms = {}
         for tag, (steps, offsets, counts, edges) in self.histograms.items():
