@@ -171,13 +171,14 @@ class _Collector:
 
     def add(self, data: bytes) -> None:
         event = self.decode(data)
-        step = event.step
+        step, scalars = event.step, self.scalars
         for value in event.summary.value:
             kind = value.WhichOneof("value")
             if kind == "simple_value":
-                series = self.scalars.get(value.tag)
+                tag = value.tag
+                series = scalars.get(tag)
                 if series is None:
-                    series = self.scalars[value.tag] = (array("q"), array("d"))
+                    series = scalars[tag] = (array("q"), array("d"))
                 series[0].append(step)
                 series[1].append(value.simple_value)
             elif kind == "histo":

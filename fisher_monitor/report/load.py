@@ -12,6 +12,8 @@ directory are two runs. Nothing here needs the model or torch.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,6 +34,10 @@ from fisher_monitor.report.progress import Progress
 from fisher_monitor.report.text import encodable
 
 HISTOGRAM_GROUP = "histograms/log10_ef_over_f"
+
+
+#: :func:`fisher_monitor.keys.parse_key`, remembered: the runs of a sweep share their tags.
+_parse_key = functools.lru_cache(maxsize=2**16)(keys.parse_key)
 
 
 class ReportError(Exception):
@@ -89,7 +95,7 @@ class Run:
     @cached_property
     def parsed(self) -> dict[str, keys.ParsedKey]:
         """The parts of each structure or optimizer key."""
-        return {key: p for key in self.scalars if (p := keys.parse_key(key)) is not None}
+        return {key: p for key in self.scalars if (p := _parse_key(key)) is not None}
 
     @cached_property
     def structures(self) -> list[str]:
@@ -196,13 +202,26 @@ class Run:
         return float("nan")
 
     def values_at(self, step: int) -> dict[str, float]:
-        """Every key's value at ``step`` (keys not logged at that step are left out)."""
-        found = {}
-        for key in self.scalars:
-            value = self.value(key, step)
-            if not np.isnan(value):
-                found[key] = value
-        return found
+        """Every key's value at ``step`` (keys not logged at that step are left out).
+
+        The tags of a run mostly share one steps array (:mod:`~fisher_monitor.report.
+        events`): the step is looked up once per distinct array, and the result is kept
+        per step (the report asks for the last and the worst step several times).
+        """
+        cache = self.__dict__.setdefault("_values_at", {})
+        if step not in cache:
+            found: dict[str, float] = {}
+            where: dict[int, int] = {}  # id of a steps array -> index of ``step`` (or -1)
+            for key, (steps, values) in self.scalars.items():
+                index = where.get(id(steps))
+                if index is None:
+                    index = int(np.searchsorted(steps, step))
+                    found_step = index < len(steps) and steps[index] == step
+                    index = where[id(steps)] = index if found_step else -1
+                if index >= 0 and not math.isnan(value := float(values[index])):
+                    found[key] = value
+            cache[step] = found
+        return dict(cache[step])
 
     @cached_property
     def dimensions(self) -> dict[str, float]:
@@ -277,7 +296,7 @@ def _prefixes(tags: Iterable[str]) -> dict[str, str]:
     for tag in tags:
         position = tag.find("/")
         while position > 0:
-            if keys.parse_key(tag[position + 1 :]) is not None:
+            if _parse_key(tag[position + 1 :]) is not None:
                 found[tag] = tag[:position]
                 break
             position = tag.find("/", position + 1)
