@@ -414,7 +414,7 @@ def _unique_names(runs: Sequence[Run]) -> None:
             other[-depth:] == parts[index][-depth:] for other in others
         ):
             depth += 1
-        suffix = str(Path(*parts[index][-depth:]))
+        suffix = encodable(Path(*parts[index][-depth:]))  # as in find_runs: valid UTF-8
         run.name = suffix if not run.name.endswith("]") else f"{suffix} {run.name.split()[-1]}"
 
 

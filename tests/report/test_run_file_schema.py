@@ -201,3 +201,17 @@ def test_a_run_directory_whose_name_is_not_utf8(tmp_path, capsys):
     assert document["runs"][0]["name"] == "run\\udcff\\udcfename"
     assert main(["summary", str(run), "--quiet"]) == 0
     assert "run\\udcff\\udcfename" in capsys.readouterr().out
+
+
+def test_runs_told_apart_by_parents_that_are_not_utf8(tmp_path):
+    runs = []
+    for parent in (b"a\xff", b"b\xfe"):
+        written = fisher_run(tmp_path / "plain")
+        run = tmp_path / os.fsdecode(parent) / "version_0"
+        run.parent.mkdir()
+        written.rename(run)
+        runs.append(str(run))
+    out = tmp_path / "out"
+    assert main(["report", *runs, "-o", str(out), "--quiet"]) == 0
+    names = [run["name"] for run in json.loads((out / "summary.json").read_text())["runs"]]
+    assert names == ["a\\udcff/version_0", "b\\udcfe/version_0"]
