@@ -457,15 +457,21 @@ class FisherMonitor(*_BASES):
         notes: list[str],
         seconds: float,
     ) -> None:
-        """The optimizer audit of the measurement at ``step`` (inside ``optimizer.step()``)."""
-        self._charge(seconds, measurement=False)
-        scalars = encodable_keys(scalars)
-        self._history.extend(step, scalars)
-        if self._info is not None and self._info.add_notes(notes):
-            self._write_info()
-        self._writers.call("log_scalars", time_series(scalars, self._constants), step)
-        for group, values in histograms.items():
-            self._writers.call("log_histograms", group, encodable_keys(values), step)
+        """The optimizer audit of the measurement at ``step``.
+
+        Called inside the optimizer's ``step()``: nothing may escape, the policy decides.
+        """
+        try:
+            self._charge(seconds, measurement=False)
+            scalars = encodable_keys(scalars)
+            self._history.extend(step, scalars)
+            if self._info is not None and self._info.add_notes(notes):
+                self._write_info()
+            self._writers.call("log_scalars", time_series(scalars, self._constants), step)
+            for group, values in histograms.items():
+                self._writers.call("log_histograms", group, encodable_keys(values), step)
+        except Exception as error:  # noqa: BLE001 - strict mode raises
+            self._audit_failed(step, error)
 
     def _audit_failed(self, step: int, error: BaseException) -> None:
         self._policy.handle([f"{type(error).__name__}: {error}"], step, "measure", error)
