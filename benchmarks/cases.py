@@ -11,7 +11,9 @@ A *case* is one subprocess of the harness, named ``{model}/{what}``:
 - ``{model}/backpack-{extension}``: BackPACK's own extensions on the same batch, the floor
   the exact and Monte-Carlo structures build on (models BackPACK handles);
 - ``report/{layers}x{measurements}``: ``fisher-monitor report`` on a synthetic run
-  (``benchmarks/report_scale.py``).
+  (``benchmarks/report_scale.py``);
+- ``report/{count}runs``: ``fisher-monitor report`` on a parent directory of ``count``
+  small synthetic runs (a sweep): a table of every run, figures for the runs that matter.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ MODELS: dict[str, ModelSpec] = {
 #: Models of a full run, in order (``tiny`` is only for the harness's test).
 DEFAULT_MODELS = ("mlp", "mlp-fitted", "mlp-c100", "mlp-c1000", "resnet18", "transformer")
 #: Report-at-scale cases of a full run and of ``--quick``.
-REPORT_CASES = ("50x2000",)
+REPORT_CASES = ("50x2000", "2000runs")
 QUICK_REPORT_CASES = ("10x100",)
 #: ``--quick``: the MLP's configurations, its callback and a small report.
 QUICK_CASES = (
@@ -274,8 +276,12 @@ def parse_case(name: str) -> Case:
     model, _, what = name.partition("/")
     if model == "report":
         layers, _, measurements = what.partition("x")
-        if not (layers.isdigit() and measurements.isdigit()):
-            raise ValueError(f"Invalid report case: {name!r}. Use 'report/{{layers}}x{{steps}}'.")
+        many = what.endswith("runs") and what[: -len("runs")].isdigit()
+        if not (many or (layers.isdigit() and measurements.isdigit())):
+            raise ValueError(
+                f"Invalid report case: {name!r}. Use 'report/{{layers}}x{{steps}}' or "
+                "'report/{count}runs'."
+            )
         return Case(name, "report", "report", what)
     if model not in MODELS:
         raise ValueError(f"Invalid model in case {name!r}. Supported: {tuple(MODELS)}.")
@@ -369,4 +375,5 @@ TARGETS: tuple[Target, ...] = (
     Target("ResNet-18 32×32 batch 32, default, no sub-sampling", "resnet18/default", 30, True),
     Target("transformer LM, vocabulary 8000, default", "transformer/default", 30),
     Target("report, 50 layers × 2000 measurements", "report/50x2000", 60, megabytes=1024),
+    Target("report, 2000 small runs (a sweep)", "report/2000runs", 60, megabytes=1024),
 )

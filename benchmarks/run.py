@@ -367,6 +367,8 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
 
 
 def report_table(rows: list[dict]) -> list[str]:
+    from benchmarks.report_scale import report_label
+
     lines = [
         "## Report at scale (`benchmarks/report_scale.py`)",
         "",
@@ -375,7 +377,6 @@ def report_table(rows: list[dict]) -> list[str]:
     ]
     goals = {t.case: t for t in TARGETS}
     for result in rows:
-        layers, _, measurements = result["what"].partition("x")
         report = result.get("report") or {}
         target = goals.get(result["name"])
         if report:
@@ -398,9 +399,7 @@ def report_table(rows: list[dict]) -> list[str]:
             ]
         else:
             cells = [problem(result), "", "", "", "✗" if target else ""]
-        lines.append(
-            f"| {layers} layers × {measurements} measurements | " + " | ".join(cells) + " |"
-        )
+        lines.append(f"| {report_label(result['what'])} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

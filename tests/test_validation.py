@@ -39,7 +39,7 @@ def batch():
         (dict(damping=float("nan")), ValueError, "Invalid damping: nan"),
         (dict(damping=[]), ValueError, r"Invalid damping: \[\]"),
         (dict(damping=[1e-3, 1e-3]), ValueError, "repeats a value"),
-        (dict(damping="small"), TypeError, "Invalid damping value 's'"),
+        (dict(damping="small"), TypeError, "Invalid damping: .small. is a string"),
         (
             dict(damping_mode="trace"),
             ValueError,

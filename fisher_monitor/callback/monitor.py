@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,12 +17,12 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
-from fisher_monitor import distributed, keys
+from fisher_monitor import distributed, keys, validation
 from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
 from fisher_monitor.callback.discovery import find_loss, find_network, network_name
-from fisher_monitor.callback.failures import FailurePolicy
+from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
 from fisher_monitor.callback.timing import Ledger
@@ -31,12 +32,19 @@ from fisher_monitor.callback.update import (
     has_second_moment,
     measurer_keeps_directions,
 )
-from fisher_monitor.callback.writers import RunInfo, Writer, time_series, writers_for
+from fisher_monitor.callback.writers import (
+    RunInfo,
+    Writer,
+    WriterGroup,
+    encodable_keys,
+    time_series,
+    writers_for,
+)
 from fisher_monitor.engine import BACKENDS, Measurer
 from fisher_monitor.engine.cost import check_estimator
-from fisher_monitor.engine.memory import check_memory_budget
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
+from fisher_monitor.report.text import terminal_safe
 from fisher_monitor.schedules import Schedule, TimedSchedule
 from fisher_monitor.settings import DampingMode, MeasureSettings
 
@@ -65,7 +73,10 @@ class FisherMonitor(*_BASES):
     step's ``optimizer.step()`` it compares the update the optimizer applied with the
     natural-gradient step (the optimizer audit). It never changes training (a shadow copy
     sharing the parameters' storage, its own random generator) and never stops it: a
-    failure becomes one warning naming the cause and the fix (see ``raise_on_error``). One
+    failure becomes one warning naming the cause and the fix (see ``raise_on_error``), and
+    a logger that fails to write (its directory deleted or read-only, a full disk) is
+    dropped with one warning while the others keep receiving every measurement (with no
+    logger left, a single process switches the monitor off). One
     line says what is measured when fitting starts; a table sums up when it ends. The
     definitions are in the documentation's theory page (``docs/theory.md``), the usage in
     the callback guide (``docs/guide/callback.md``).
@@ -201,13 +212,13 @@ class FisherMonitor(*_BASES):
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
-        self.memory_budget = check_memory_budget(memory_budget)
+        self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
         self.log_prefix = arguments.check_prefix(log_prefix)
         self.log_histograms = arguments.check_flag("log_histograms", log_histograms)
         self.log_images = arguments.check_flag("log_images", log_images)
         self.prog_bar = arguments.check_prog_bar(prog_bar, self.settings, self.log_prefix)
-        self.seed = arguments.check_whole("seed", seed, minimum=0)
+        self.seed = arguments.check_seed(seed)
         self.raise_on_error = arguments.check_flag("raise_on_error", raise_on_error)
         self.audit_optimizer = arguments.check_flag("audit_optimizer", audit_optimizer)
         self.optimizer_index = arguments.check_whole("optimizer_index", optimizer_index, 0)
@@ -216,7 +227,7 @@ class FisherMonitor(*_BASES):
         self._ledger = Ledger(clock or time.perf_counter)
         self._generator = torch.Generator().manual_seed(seed)
         self._history = History(*self._heatmap_key())
-        self._policy = FailurePolicy(self.raise_on_error)
+        self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
         self._probe = ProbeSource(self.batch_to_inputs_targets, self.probe_size, self.probe_data)
         self._recorder = UpdateRecorder(self._audited, self._audit_failed, self._ledger.clock)
         self._last_step = -1
@@ -224,7 +235,7 @@ class FisherMonitor(*_BASES):
         self._measured: nn.Module | None = None
         self._layers: int | None = None  # layers with parameters, once prepared
         self._backend_used: str | None = None
-        self._writers: list[Writer] = []
+        self._writers = WriterGroup([], self._write_failed)
         self._info: RunInfo | None = None
         self._trainer: pl.Trainer | None = None
         self.last_measurement: Measurement | None = None
@@ -250,17 +261,19 @@ class FisherMonitor(*_BASES):
             )
 
     @override
+    @never_raises
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after configure_model() and the move to the device, before the first batch
         self._trainer = trainer
         self._ledger.start()
         if isinstance(self.schedule, TimedSchedule):
             self.schedule.start()
-        self._policy = FailurePolicy(self.raise_on_error)
-        self._writers = (
+        self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
+        self._writers = WriterGroup(
             writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
             if trainer.is_global_zero
-            else []
+            else [],
+            self._write_failed,
         )
         started = self._ledger.clock()
         self._prepare_everywhere(pl_module, step=None)
@@ -273,7 +286,8 @@ class FisherMonitor(*_BASES):
                 f"{len(trainer.optimizers)} optimizer(s), so the optimizer audit is off. Pass "
                 "an index below that, or audit_optimizer=False."
             )
-        rank_zero_info(summary.start_line(self._info.settings, self._layers, self.log_prefix))
+        line = summary.start_line(self._info.settings, self._layers, self.log_prefix)
+        rank_zero_info(terminal_safe(line))
 
     def _prepare_everywhere(self, pl_module: pl.LightningModule, step: int | None) -> bool:
         """Find the network and the loss and prepare the measurer, on every process."""
@@ -330,6 +344,7 @@ class FisherMonitor(*_BASES):
     # ------------------------------------------------------------------ training
 
     @override
+    @never_raises
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the fit's length for the guaranteed measurements, once the training data loader
         # exists (asking in on_fit_start would load it early, before the module's own
@@ -339,6 +354,7 @@ class FisherMonitor(*_BASES):
             expect_steps(_fit_length(trainer))
 
     @override
+    @never_raises
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -387,9 +403,10 @@ class FisherMonitor(*_BASES):
         step: int,
         started: float,
     ) -> None:
-        scalars = time_series(measurement.scalars, self._constants)
+        measured = encodable_keys(measurement.scalars)  # layer names go into files and tags
+        scalars = time_series(measured, self._constants)
         scalars[keys.probe_key("overhead")] = self._ledger.share(self._ledger.clock() - started)
-        self._history.add(step, measurement.scalars)
+        self._history.add(step, measured)
         for key in self.prog_bar:
             if key in scalars:
                 pl_module.log(
@@ -406,11 +423,10 @@ class FisherMonitor(*_BASES):
             self._write_info()
         if self._writers:
             ratios = ef_over_f_log_ratios(measurement.diagonals) if self.log_histograms else {}
-            for writer in self._writers:
-                writer.log_scalars(scalars, step)
-                writer.log_histograms("log10_ef_over_f", ratios, step)
-                if len(self._history) % IMAGE_EVERY == 0:
-                    writer.log_heatmap(self._history, step)
+            self._writers.call("log_scalars", scalars, step)
+            self._writers.call("log_histograms", "log10_ef_over_f", encodable_keys(ratios), step)
+            if len(self._history) % IMAGE_EVERY == 0:
+                self._writers.call("log_heatmap", self._history, step)
         optimizer = self._optimizer(trainer)
         if (
             optimizer is not None
@@ -441,16 +457,21 @@ class FisherMonitor(*_BASES):
         notes: list[str],
         seconds: float,
     ) -> None:
-        """The optimizer audit of the measurement at ``step`` (inside ``optimizer.step()``)."""
-        self._charge(seconds, measurement=False)
-        self._history.extend(step, scalars)
-        if self._info is not None and self._info.add_notes(notes):
-            self._write_info()
-        loggable = time_series(scalars, self._constants)
-        for writer in self._writers:
-            writer.log_scalars(loggable, step)
+        """The optimizer audit of the measurement at ``step``.
+
+        Called inside the optimizer's ``step()``: nothing may escape, the policy decides.
+        """
+        try:
+            self._charge(seconds, measurement=False)
+            scalars = encodable_keys(scalars)
+            self._history.extend(step, scalars)
+            if self._info is not None and self._info.add_notes(notes):
+                self._write_info()
+            self._writers.call("log_scalars", time_series(scalars, self._constants), step)
             for group, values in histograms.items():
-                writer.log_histograms(group, values, step)
+                self._writers.call("log_histograms", group, encodable_keys(values), step)
+        except Exception as error:  # noqa: BLE001 - strict mode raises
+            self._audit_failed(step, error)
 
     def _audit_failed(self, step: int, error: BaseException) -> None:
         self._policy.handle([f"{type(error).__name__}: {error}"], step, "measure", error)
@@ -459,8 +480,17 @@ class FisherMonitor(*_BASES):
 
     def _write_info(self) -> None:
         if self._info is not None:
-            for writer in self._writers:
-                writer.write_info(self._info)
+            self._writers.call("write_info", self._info)
+
+    def _write_failed(self, writer: Writer, error: BaseException, remaining: int) -> None:
+        """A logger failed to write: one warning; with none left, a single process stops.
+
+        Under data parallelism every process measures together, and only rank zero
+        writes: it keeps measuring (for the end-of-fit summary) rather than leave the
+        others waiting for it.
+        """
+        switch_off = not remaining and not distributed.is_distributed()
+        self._policy.write_failed(writer.destination, error, remaining, switch_off)
 
     def _charge(self, seconds: float, measurement: bool, one_time: bool = False) -> None:
         self._ledger.charge(seconds)
@@ -470,6 +500,7 @@ class FisherMonitor(*_BASES):
     # ------------------------------------------------------------------ end
 
     @override
+    @never_raises
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the heat map with every measurement, unless the last one already drew it; one
         # column says nothing the scalars do not (and drawing costs a tenth of a second)
@@ -477,16 +508,16 @@ class FisherMonitor(*_BASES):
         if last is None or len(self._history) < 2 or len(self._history) % IMAGE_EVERY == 0:
             return
         started = self._ledger.clock()
-        for writer in self._writers:
-            writer.log_heatmap(self._history, last[0])
+        self._writers.call("log_heatmap", self._history, last[0])
         self._charge(self._ledger.clock() - started, measurement=False, one_time=True)
 
     @override
+    @never_raises
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recorder.disarm()
         if not trainer.is_global_zero or self._info is None:
             return
-        log_dirs = [w.run_directory for w in self._writers if w.run_directory is not None]
+        log_dirs = [path for path in self._writers.run_directories if Path(path).is_dir()]
         result = summary.FitSummary(
             history=self._history,
             monitor_seconds=self._ledger.spent,
@@ -503,9 +534,13 @@ class FisherMonitor(*_BASES):
         )
         self._info.fit = result.as_dict()
         self._write_info()
+        # an event writer fails in its thread: surface that now, before the logger's own
+        # finalize() would raise it, while a failure is still a warning
+        self._writers.call("flush")
         summary.show(result)
 
     @override
+    @never_raises
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._recorder.disarm()
         self._trainer = None

@@ -3,6 +3,11 @@
 Both go out on rank zero only, through Lightning's rank-zero logging; the table is drawn
 with ``rich`` when the output is a terminal. The end-of-fit numbers also go into the run
 file (``"fit"``), where the report reads them.
+
+Paths, versions, layer names and causes come from outside: every cell is printed as
+literal text (never as ``rich`` markup, so ``sweep[lr=0.1]`` stays whole) with control
+characters shown as escapes, and the suggested report command quotes its path for the
+shell.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from fisher_monitor import keys
 from fisher_monitor.callback.history import History
+from fisher_monitor.report.text import terminal_safe
 from fisher_monitor.shell import report_command
 
 #: Headline metrics of the last measurement, in the order shown.
@@ -214,9 +220,13 @@ class FitSummary:
             )
         return rows
 
+    def printable_rows(self) -> list[tuple[str, str]]:
+        """:meth:`rows` with control characters shown as escapes (safe on a terminal)."""
+        return [(terminal_safe(label), terminal_safe(text)) for label, text in self.rows()]
+
     def text(self) -> str:
-        """The table as plain text."""
-        rows = self.rows()
+        """The table as plain text (control characters shown as escapes)."""
+        rows = self.printable_rows()
         width = max(len(label) for label, _ in rows)
         lines = ["FisherMonitor summary"]
         lines += [f"  {label:<{width}}  {text}" for label, text in rows]
@@ -231,7 +241,9 @@ def verdicts_of(
         return history.verdicts(prefix, directory, settings)
     except Exception as error:  # noqa: BLE001 - a summary must not fail the fit
         rank_zero_info(
-            f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
+            terminal_safe(
+                f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
+            )
         )
         return []
 
@@ -253,12 +265,13 @@ def show(summary: FitSummary) -> None:
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title="FisherMonitor summary", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column(overflow="fold")
-        for label, text in summary.rows():
-            table.add_row(label, text)
+        for label, text in summary.printable_rows():
+            table.add_row(Text(label), Text(text))  # literal text, never markup
         Console().print(table)
     else:
         rank_zero_info(summary.text())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fisher_monitor import validation
 from fisher_monitor.audit import update_cosines
 from fisher_monitor.backends import (
     BACKENDS,
@@ -79,14 +80,14 @@ class Measurer:
         estimator: str = "auto",
         outputs: OutputAdapter | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        validation.check_model(model)
+        dtype = validation.check_dtype(dtype)
         self.model = model
         self.likelihood = resolve_loss(loss_fn)
         self.settings = settings
         self.dtype = dtype
         self.backend = check_backend(backend)
-        self.memory_budget = memory.check_memory_budget(memory_budget)
+        self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = cost.check_estimator(estimator)
         if outputs is not None and not callable(outputs):
             raise TypeError(
@@ -146,6 +147,7 @@ class Measurer:
             estimated peak memory exceeds the budget, and a measurement that runs out of
             memory is retried on half the samples (with a note).
         """
+        validation.check_generator(generator)
         start = time.perf_counter()
         options = MeasureOptions(
             seed=seed_from(generator),
@@ -393,6 +395,7 @@ def measure(
         FloatingPointError: For a non-finite loss or gradient, or a metric outside its
             mathematical range by more than rounding (``NumericalError``).
     """
+    validation.check_generator(generator)
     settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
     measurer = Measurer(
         model,

@@ -12,6 +12,8 @@ directory are two runs. Nothing here needs the model or torch.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,8 +31,13 @@ from fisher_monitor.report.events import (
     read_directory,
 )
 from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.text import encodable
 
 HISTOGRAM_GROUP = "histograms/log10_ef_over_f"
+
+
+#: :func:`fisher_monitor.keys.parse_key`, remembered: the runs of a sweep share their tags.
+_parse_key = functools.lru_cache(maxsize=2**16)(keys.parse_key)
 
 
 class ReportError(Exception):
@@ -88,7 +95,7 @@ class Run:
     @cached_property
     def parsed(self) -> dict[str, keys.ParsedKey]:
         """The parts of each structure or optimizer key."""
-        return {key: p for key in self.scalars if (p := keys.parse_key(key)) is not None}
+        return {key: p for key in self.scalars if (p := _parse_key(key)) is not None}
 
     @cached_property
     def structures(self) -> list[str]:
@@ -106,13 +113,17 @@ class Run:
 
     @cached_property
     def dampings(self) -> list[str]:
-        """Damping suffixes present (``[""]`` with one damping, else ``["@0.001", ...]``)."""
-        suffixes = []
-        for parsed in self.parsed.values():
-            if parsed.metric == "direction_cosine" and not parsed.stderr:
-                suffix = f"@{parsed.damping}" if parsed.damping else ""
-                if suffix not in suffixes:
-                    suffixes.append(suffix)
+        """Damping suffixes present (``[""]`` with one damping, else ``["@0.001", ...]``).
+
+        From any damped metric, the direction cosine's first: a run may lack it (a
+        sketched Fisher side, a diagonal-only run) and still be measured at several λ.
+        """
+        suffixes: list[str] = []
+        damped = [p for p in self.parsed.values() if p.metric in keys.DAMPED_METRICS]
+        for parsed in sorted(damped, key=lambda p: p.metric != "direction_cosine"):
+            suffix = f"@{parsed.damping}" if parsed.damping else ""
+            if not parsed.stderr and suffix not in suffixes:
+                suffixes.append(suffix)
         return suffixes or [""]
 
     @cached_property
@@ -128,8 +139,17 @@ class Run:
 
     @cached_property
     def steps(self) -> list[int]:
-        """Steps with a measurement (of the primary structure's whole-network cosine)."""
-        return [int(step) for step in self.series(self.key("direction_cosine"))[0]]
+        """Steps with a measurement: those where any metric of the primary structure was logged.
+
+        Not only the direction cosine: a measurement may hold any subset of the metrics
+        (a sketched Fisher side has no block direction cosine; a diagonal-only or
+        Kronecker-only run has its own), and each of its steps counts.
+        """
+        structure = self.primary_structure
+        found = [self.scalars[key][0] for key, p in self.parsed.items() if p.structure == structure]
+        if not found:
+            return []
+        return [int(step) for step in np.unique(np.concatenate(found))]
 
     @cached_property
     def has_update_audit(self) -> bool:
@@ -182,13 +202,26 @@ class Run:
         return float("nan")
 
     def values_at(self, step: int) -> dict[str, float]:
-        """Every key's value at ``step`` (keys not logged at that step are left out)."""
-        found = {}
-        for key in self.scalars:
-            value = self.value(key, step)
-            if not np.isnan(value):
-                found[key] = value
-        return found
+        """Every key's value at ``step`` (keys not logged at that step are left out).
+
+        The tags of a run mostly share one steps array (:mod:`~fisher_monitor.report.
+        events`): the step is looked up once per distinct array, and the result is kept
+        per step (the report asks for the last and the worst step several times).
+        """
+        cache = self.__dict__.setdefault("_values_at", {})
+        if step not in cache:
+            found: dict[str, float] = {}
+            where: dict[int, int] = {}  # id of a steps array -> index of ``step`` (or -1)
+            for key, (steps, values) in self.scalars.items():
+                index = where.get(id(steps))
+                if index is None:
+                    index = int(np.searchsorted(steps, step))
+                    found_step = index < len(steps) and steps[index] == step
+                    index = where[id(steps)] = index if found_step else -1
+                if index >= 0 and not math.isnan(value := float(values[index])):
+                    found[key] = value
+            cache[step] = found
+        return dict(cache[step])
 
     @cached_property
     def dimensions(self) -> dict[str, float]:
@@ -252,7 +285,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[tuple[str, Path, bool]]:
         for directory in directories:
             relative = directory.relative_to(path)
             name = str(Path(path.name) / relative) if str(relative) != "." else path.name
-            runs.append((name or str(path), directory, directory == path))
+            # a directory name that is not UTF-8 cannot be drawn or written: show its escapes
+            runs.append((encodable(name or str(path)), directory, directory == path))
     return runs
 
 
@@ -262,7 +296,7 @@ def _prefixes(tags: Iterable[str]) -> dict[str, str]:
     for tag in tags:
         position = tag.find("/")
         while position > 0:
-            if keys.parse_key(tag[position + 1 :]) is not None:
+            if _parse_key(tag[position + 1 :]) is not None:
                 found[tag] = tag[:position]
                 break
             position = tag.find("/", position + 1)
@@ -354,7 +388,11 @@ def load_run(
     if not any(report.records for report in data.files):
         problems = "; ".join(r.message() or f"{r.path}: empty" for r in data.files)
         raise ReportError(f"{directory}: no readable event record ({problems})")
-    runs = _runs_from_events(name, directory, data, runinfo.read(directory))
+    try:
+        info = runinfo.read(directory)
+    except runinfo.RunFileError as error:  # the file and the field, in one line
+        raise ReportError(str(error)) from None
+    runs = _runs_from_events(name, directory, data, info)
     for report in data.files:  # once per file, and only for a run that is reported
         if (message := report.message()) is not None:
             progress.warn(message)
@@ -376,7 +414,7 @@ def _unique_names(runs: Sequence[Run]) -> None:
             other[-depth:] == parts[index][-depth:] for other in others
         ):
             depth += 1
-        suffix = str(Path(*parts[index][-depth:]))
+        suffix = encodable(Path(*parts[index][-depth:]))  # as in find_runs: valid UTF-8
         run.name = suffix if not run.name.endswith("]") else f"{suffix} {run.name.split()[-1]}"
 
 

@@ -3,6 +3,12 @@
 Every user-controlled string (run names and paths, layer names, settings, notes) is
 escaped for its output: by Jinja's autoescaping in HTML, by
 :func:`~fisher_monitor.report.text.markdown_text` in Markdown.
+
+With many runs (more than :data:`~fisher_monitor.report.selection.MANY_RUNS`) the HTML
+and Markdown list every run in one table and show figures and details for the runs that
+matter (:mod:`fisher_monitor.report.selection`), and say so. Every file is written to a
+temporary name and renamed (:func:`fisher_monitor.runinfo.atomic_write`): a full disk
+leaves the previous report, never a truncated one.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from pathlib import Path
 import jinja2
 import markupsafe
 
-from fisher_monitor import keys, tables
+from fisher_monitor import keys, runinfo, tables
 from fisher_monitor.report import figures
 from fisher_monitor.report.load import ReportError, Run
 from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.selection import MANY_RUNS, Selection, select_runs
 from fisher_monitor.report.text import markdown_code, markdown_text
 from fisher_monitor.report.thresholds import THRESHOLDS
 from fisher_monitor.report.verdict import Code, Verdict, advice, headline, verdicts, worst_step
@@ -201,12 +208,14 @@ def run_summary(run: Run, found: list[Verdict] | None = None) -> dict:
     )
 
 
-def summary(runs: Sequence[Run]) -> dict:
-    """The ``summary.json`` document."""
+def summary(runs: Sequence[Run], selection: Selection | None = None) -> dict:
+    """The ``summary.json`` document: every run in full (``shown_in_full``: in the report)."""
+    selection = selection or select_runs(runs)
     return {
         "fisher_monitor_report": 2,
         "thresholds": THRESHOLDS,
-        "runs": [run_summary(run) for run in runs],
+        "runs": [run_summary(run, selection.verdicts_of(run)) for run in runs],
+        "shown_in_full": [run.name for run in selection.shown],
     }
 
 
@@ -255,9 +264,12 @@ def _verdict_markdown(verdict: Verdict) -> str:
     return f"{text} (See {links}.)" if links else text
 
 
-def _context(runs: Sequence[Run], title: str) -> dict:
+def _context(runs: Sequence[Run], title: str, selection: Selection | None = None) -> dict:
     from fisher_monitor.version import __version__
 
+    selection = selection or select_runs(runs)
+    every_run = runs
+    runs = selection.shown
     entries = []
     setting_keys: list[str] = []
     for run in runs:
@@ -265,7 +277,7 @@ def _context(runs: Sequence[Run], title: str) -> dict:
             if key not in setting_keys:
                 setting_keys.append(key)
     for run in runs:
-        found = verdicts(run)
+        found = selection.verdicts_of(run)
         last, worst = run.steps[-1], worst_step(run)
         tables_ = [{"title": f"Values at the last measurement (step {last})", "step": last}]
         if worst != last:
@@ -303,6 +315,10 @@ def _context(runs: Sequence[Run], title: str) -> dict:
         "version": __version__,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "runs": entries,
+        "run_count": len(every_run),
+        "many_runs_note": selection.note,
+        "overview_headings": selection.headings,
+        "overview_rows": selection.rows,
         "thresholds": THRESHOLDS,
         "headings": ["layer", *(column.heading for column in tables.LAYER_COLUMNS)],
         "setting_keys": setting_keys,
@@ -323,13 +339,18 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
-def render_html(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
+def render_html(
+    runs: Sequence[Run],
+    title: str,
+    rendered: list[RenderedFigure],
+    selection: Selection | None = None,
+) -> str:
     """The self-contained HTML report (figures embedded as data URIs)."""
     figures_base64 = [
         {"name": f.name, "caption": f.caption, "data": base64.b64encode(f.data).decode()}
         for f in rendered
     ]
-    context = _context(runs, title)
+    context = _context(runs, title, selection)
     return _environment().get_template("report.html.j2").render(**context, figures=figures_base64)
 
 
@@ -347,10 +368,16 @@ def _markdown_verdicts(run: dict) -> list[str]:
     return lines
 
 
-def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
+def render_markdown(
+    runs: Sequence[Run],
+    title: str,
+    rendered: list[RenderedFigure],
+    selection: Selection | None = None,
+) -> str:
     """``report.md``: the same verdicts and tables, figures as PNG files next to it."""
-    context = _context(runs, title)
+    context = _context(runs, title, selection)
     lines = [f"# {markdown_text(title)}", ""]
+    lines += _markdown_overview(context)
     for run in context["runs"]:
         lines += [f"## {markdown_text(run['name'])}", "", *_markdown_verdicts(run)]
         if run["advice"]:
@@ -407,6 +434,24 @@ def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigu
     return "\n".join(lines)
 
 
+def _markdown_overview(context: dict) -> list[str]:
+    """The statement and the table of every run, for a report of many runs."""
+    if not context["many_runs_note"]:
+        return []
+    headings = context["overview_headings"]
+    lines = [markdown_text(context["many_runs_note"]), "", "## Runs", ""]
+    lines += [_md_row([markdown_text(h) for h in headings]), "| --- |" * len(headings)]
+    lines += [_md_row([markdown_text(cell) for cell in row]) for row in context["overview_rows"]]
+    return [*lines, ""]
+
+
+def default_title(runs: Sequence[Run]) -> str:
+    """``"fisher-monitor report: a, b"``; with more than three runs, their number."""
+    if len(runs) > 3:
+        return f"fisher-monitor report: {len(runs)} runs"
+    return "fisher-monitor report: " + ", ".join(run.name for run in runs)
+
+
 def prepare_output_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and check that files can be written in it.
 
@@ -452,26 +497,31 @@ def write_report(
     progress = progress or Progress()
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir)
-    title = title or "fisher-monitor report: " + ", ".join(run.name for run in runs)
-    rendered = render_figures(runs, progress) if {"html", "md"} & set(formats) else []
+    title = title or default_title(runs)
+    if len(runs) > MANY_RUNS:  # a stage worth showing: every run is judged for the table
+        progress.stage(f"judging {len(runs)} runs")
+    selection = select_runs(runs)
+    drawn = selection.shown
+    rendered = render_figures(drawn, progress) if {"html", "md"} & set(formats) else []
     progress.stage("writing " + ", ".join(formats), len(formats), "files")
     written: dict[str, Path] = {}
     try:
         if "html" in formats:
             path = out_dir / "report.html"
-            path.write_text(render_html(runs, title, rendered), encoding="utf-8")
+            _write_text(path, render_html(runs, title, rendered, selection))
             written["html"] = path
             progress.advance()
         if "md" in formats:
             for figure in rendered:
-                (out_dir / f"{figure.name}.png").write_bytes(figure.data)
+                runinfo.atomic_write(out_dir / f"{figure.name}.png", figure.data)
             path = out_dir / "report.md"
-            path.write_text(render_markdown(runs, title, rendered), encoding="utf-8")
+            _write_text(path, render_markdown(runs, title, rendered, selection))
             written["md"] = path
             progress.advance()
         if "json" in formats:
             path = out_dir / "summary.json"
-            path.write_text(json.dumps(summary(runs), indent=2, allow_nan=False), encoding="utf-8")
+            document = summary(runs, selection)
+            _write_text(path, json.dumps(document, indent=2, allow_nan=False))
             written["json"] = path
             progress.advance()
     except OSError as error:
@@ -481,9 +531,15 @@ def write_report(
     return written
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 through a temporary file (never a truncated file)."""
+    runinfo.atomic_write(path, text.encode("utf-8", "backslashreplace"))
+
+
 __all__ = [
     "FORMATS",
     "RenderedFigure",
+    "default_title",
     "layer_table",
     "prepare_output_dir",
     "render_figures",

@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 from fisher_monitor import FisherMonitor, schedules
-from fisher_monitor.engine.memory import check_memory_budget
+from fisher_monitor.validation import check_memory_budget
 
 
 @pytest.mark.parametrize(
