@@ -135,7 +135,7 @@ class History:
         """
         if not self.records:
             return []
-        from fisher_monitor.report.load import Run
+        from fisher_monitor.report.runs import Run
         from fisher_monitor.report.verdict import headline, verdicts
 
         run = Run(

@@ -18,12 +18,14 @@ from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from fisher_monitor import distributed, keys, validation
+from fisher_monitor.backends import check_backend
 from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
 from fisher_monitor.callback.discovery import find_loss, find_network, network_name
 from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
+from fisher_monitor.callback.progress_bar import progress_bar_name
 from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
 from fisher_monitor.callback.timing import Ledger
 from fisher_monitor.callback.update import (
@@ -32,18 +34,19 @@ from fisher_monitor.callback.update import (
     has_second_moment,
     measurer_keeps_directions,
 )
+from fisher_monitor.callback.writer_registry import writers_for
 from fisher_monitor.callback.writers import (
     RunInfo,
     Writer,
     WriterGroup,
     encodable_keys,
     time_series,
-    writers_for,
 )
-from fisher_monitor.engine import BACKENDS, Measurer
+from fisher_monitor.engine import Measurer
 from fisher_monitor.engine.cost import check_estimator
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
+from fisher_monitor.report.headline import check_use
 from fisher_monitor.report.text import terminal_safe
 from fisher_monitor.schedules import Schedule, TimedSchedule
 from fisher_monitor.settings import DampingMode, MeasureSettings
@@ -129,6 +132,10 @@ class FisherMonitor(*_BASES):
             gradient and, for optimizers with a second moment, its preconditioner.
         optimizer_index: Which of ``trainer.optimizers`` to audit (manual optimization with
             several optimizers).
+        use: How you rely on curvature, for the verdicts' headline: ``"adam"`` (an
+            optimizer with a second moment), ``"sgd"``, ``"kfac"`` (a K-FAC/Shampoo-style
+            preconditioner) or ``"laplace"`` (a Laplace approximation, TIC or another
+            uncertainty estimate); ``None`` infers it from the optimizer's class.
 
     Logged keys (``{prefix}`` is ``log_prefix``), at ``trainer.global_step``, on rank zero:
 
@@ -194,6 +201,7 @@ class FisherMonitor(*_BASES):
         raise_on_error: bool = False,
         audit_optimizer: bool = True,
         optimizer_index: int = 0,
+        use: str | None = None,
     ) -> None:
         self.settings = MeasureSettings.create(
             structures, fisher, mc_samples, damping, damping_mode
@@ -209,9 +217,7 @@ class FisherMonitor(*_BASES):
         self.batch_to_inputs_targets = splitter or default_batch_to_inputs_targets
         self.probe_size = arguments.check_probe_size(probe_size)
         self.probe_data = arguments.check_probe_data(probe_data)
-        if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
         self.log_prefix = arguments.check_prefix(log_prefix)
@@ -222,10 +228,14 @@ class FisherMonitor(*_BASES):
         self.raise_on_error = arguments.check_flag("raise_on_error", raise_on_error)
         self.audit_optimizer = arguments.check_flag("audit_optimizer", audit_optimizer)
         self.optimizer_index = arguments.check_whole("optimizer_index", optimizer_index, 0)
+        self.use = check_use(use)
+        self._start_state()
 
+    def _start_state(self) -> None:
+        """The monitor's own state before a fit: clock, generator, history, writers."""
         clock = self.schedule.clock if isinstance(self.schedule, TimedSchedule) else None
         self._ledger = Ledger(clock or time.perf_counter)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._history = History(*self._heatmap_key())
         self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
         self._probe = ProbeSource(self.batch_to_inputs_targets, self.probe_size, self.probe_data)
@@ -338,6 +348,7 @@ class FisherMonitor(*_BASES):
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "audit": optimizer is not None,
             "preconditioner": has_second_moment(optimizer),
+            "use": self.use,
             "seed": self.seed,
         }
 
@@ -410,7 +421,7 @@ class FisherMonitor(*_BASES):
         for key in self.prog_bar:
             if key in scalars:
                 pl_module.log(
-                    f"{self.log_prefix}/{key}",
+                    progress_bar_name(key),
                     scalars[key],
                     prog_bar=True,
                     logger=False,

@@ -5,7 +5,8 @@ understands. :class:`LoggerWriter` serves any Lightning logger (scalars through
 ``log_metrics`` with keys joined by the logger's ``group_separator``, settings through
 ``log_hyperparams``); :class:`~fisher_monitor.callback.tensorboard.TensorBoardWriter`
 adds what only TensorBoard shows. A writer for another service (W&B tables, MLflow
-artifacts) is one more subclass of :class:`Writer`, chosen in :func:`writers_for`.
+artifacts) is one more subclass of :class:`Writer`, registered for its logger class in
+:mod:`~fisher_monitor.callback.writer_registry`.
 
 A destination can fail during the fit (the log directory deleted or read-only, a full
 disk, a service that is down). :class:`WriterGroup` calls the writers for the monitor:
@@ -18,6 +19,7 @@ the fit with a ``UnicodeEncodeError`` in whichever writer encodes it first.
 from __future__ import annotations
 
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fisher_monitor import keys
+from fisher_monitor import keys, runinfo
 from fisher_monitor.callback.history import History
 from fisher_monitor.report.text import encodable
 
@@ -204,11 +206,22 @@ class Writer(ABC):
 
 
 class LoggerWriter(Writer):
-    """Any Lightning logger: scalars through ``log_metrics``, settings as hyperparameters."""
+    """Any Lightning logger: scalars through ``log_metrics``, settings as hyperparameters.
+
+    For a ``CSVLogger`` the run directory is its ``log_dir``, where the run file is
+    written too, so ``fisher-monitor report`` reads it with the notes and layers.
+    """
 
     def __init__(self, logger: Any, prefix: str) -> None:
         super().__init__(logger, prefix)
         self._hyperparameters: set[str] = set()
+
+    @property
+    def run_directory(self) -> str | None:
+        """A ``CSVLogger``'s ``log_dir`` (the report reads its ``metrics.csv``), else ``None``."""
+        if any(cls.__name__ == "CSVLogger" for cls in type(self.logger).__mro__):
+            return str(self.logger.log_dir)
+        return None
 
     def write_info(self, info: RunInfo) -> None:
         """Log the settings and dimensions not logged yet (some services refuse changes)."""
@@ -216,6 +229,8 @@ class LoggerWriter(Writer):
         if new:
             self._hyperparameters.update(new)
             self._log_hyperparameters(new)
+        if self.run_directory is not None:
+            runinfo.write(self.run_directory, info.as_dict())
 
     def _log_hyperparameters(self, params: dict[str, Any]) -> None:
         self.logger.log_hyperparams(params)
@@ -264,6 +279,19 @@ class MLflowWriter(LoggerWriter):
 
     def __init__(self, logger: Any, prefix: str) -> None:
         super().__init__(logger, self._REFUSED.sub("", prefix).strip("/") or "fisher")
+
+    @property
+    def run_directory(self) -> str | None:
+        """The run's folder of a local file store (``mlruns/<experiment>/<run>``), else ``None``."""
+        save_dir = getattr(self.logger, "save_dir", None)
+        try:
+            experiment, run = self.logger.experiment_id, self.logger.run_id
+        except Exception:  # noqa: BLE001 - a remote tracking server: nothing to read locally
+            return None
+        if not save_dir or not experiment or not run:
+            return None
+        folder = os.path.join(save_dir, experiment, run)
+        return folder if os.path.isdir(folder) else None
 
     def _log_hyperparameters(self, params: dict[str, Any]) -> None:
         self.logger.log_hyperparams({self._REFUSED.sub("", k): v for k, v in params.items()})
@@ -330,29 +358,3 @@ class WriterGroup:
 def is_tensorboard(logger: Any) -> bool:
     """Whether ``logger`` is Lightning's ``TensorBoardLogger`` (either namespace)."""
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
-
-
-def writers_for(loggers: Iterable[Any], prefix: str, histograms: bool, images: bool) -> list:
-    """One writer per logger: TensorBoard and MLflow loggers get their own.
-
-    Args:
-        loggers: ``trainer.loggers``.
-        prefix: The logging prefix.
-        histograms: Whether TensorBoard writers log histograms.
-        images: Whether TensorBoard writers log the heat-map image.
-
-    Returns:
-        The writers.
-    """
-    from fisher_monitor.callback.tensorboard import TensorBoardWriter
-
-    writers: list[Writer] = []
-    for logger in loggers:
-        names = {cls.__name__ for cls in type(logger).__mro__}
-        if "TensorBoardLogger" in names:
-            writers.append(TensorBoardWriter(logger, prefix, histograms=histograms, images=images))
-        elif "MLFlowLogger" in names:
-            writers.append(MLflowWriter(logger, prefix))
-        else:
-            writers.append(LoggerWriter(logger, prefix))
-    return writers

@@ -41,32 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Print every verdict and a per-layer table of each run.",
     )
     for command in (report, summary):
-        command.add_argument(
-            "runs",
-            nargs="+",
-            metavar="RUN",
-            help="log directory of TensorBoard, Lightning's CSVLogger or an MLflow file store: "
-            "a run (e.g. lightning_logs/version_0, mlruns/0/<run id>) or a parent holding "
-            "several runs (one that cannot be read is reported and skipped)",
-        )
-        command.add_argument(
-            "--strict",
-            action="store_true",
-            help="refuse event files that end in a damaged or partial record (default: read "
-            "every valid record and say how many bytes were skipped)",
-        )
-        command.add_argument(
-            "-q", "--quiet", action="store_true", help="no progress output (errors still shown)"
-        )
-        command.add_argument(
-            "--use",
-            choices=USES,
-            default=None,
-            help="how you rely on curvature, for the headline's advice: adam (an optimizer "
-            "with a second moment), sgd (none), kfac (a K-FAC/Shampoo-style preconditioner), "
-            "laplace (a Laplace approximation, TIC or other uncertainty); default: from the "
-            "optimizer the callback recorded",
-        )
+        _add_common_arguments(command)
     report.add_argument(
         "-o",
         "--out-dir",
@@ -81,6 +56,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--title", default=None, help="report title")
     return parser
+
+
+def _add_common_arguments(command: argparse.ArgumentParser) -> None:
+    """The arguments ``report`` and ``summary`` share: the runs and how to read them."""
+    command.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="log directory of TensorBoard, Lightning's CSVLogger or an MLflow file store: "
+        "a run (e.g. lightning_logs/version_0, mlruns/0/<run id>) or a parent holding "
+        "several runs (one that cannot be read is reported and skipped)",
+    )
+    command.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse event files that end in a damaged or partial record (default: read "
+        "every valid record and say how many bytes were skipped)",
+    )
+    command.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress output (errors still shown)"
+    )
+    command.add_argument(
+        "--use",
+        choices=USES,
+        default=None,
+        help="how you rely on curvature, for the headline's advice: adam (an optimizer "
+        "with a second moment), sgd (none), kfac (a K-FAC/Shampoo-style preconditioner), "
+        "laplace (a Laplace approximation, TIC or other uncertainty); default: from the "
+        "optimizer the callback recorded",
+    )
 
 
 def _parse_formats(value: str) -> list[str]:

@@ -12,8 +12,8 @@ import csv
 import math
 from pathlib import Path
 
-from fisher_monitor.report.load import ReportError, Run
 from fisher_monitor.report.logruns import make_runs
+from fisher_monitor.report.runs import ReportError, Run
 
 METRICS_FILE = "metrics.csv"
 HPARAMS_FILE = "hparams.yaml"

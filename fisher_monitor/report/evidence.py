@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fisher_monitor import keys
-from fisher_monitor.report.load import Run
+from fisher_monitor.report.runs import Run
 from fisher_monitor.report.thresholds import (
     AGREE_COSINE,
     AGREE_SHARE,

@@ -10,8 +10,8 @@ What only TensorBoard holds (histograms, the heat-map image) is absent; the repo
 its figures from the scalars.
 
 :func:`load_any` splits the paths a user gives: a path holding TensorBoard event files is
-read as before (:func:`fisher_monitor.report.load.load_tensorboard_runs`), a path holding
-only CSV or MLflow runs by :mod:`fisher_monitor.report.csvlogs` and
+read by :func:`fisher_monitor.report.tensorboard_logs.load_tensorboard_runs`, a path
+holding only CSV or MLflow runs by :mod:`fisher_monitor.report.csvlogs` and
 :mod:`fisher_monitor.report.mlflowlogs`. A CSV or MLflow run in a directory that also
 holds event files is left to the TensorBoard reader (Lightning's loggers share
 ``version_N`` directories).
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from fisher_monitor.report import csvlogs, mlflowlogs
-from fisher_monitor.report.load import NoFisherDataError, ReportError, Run
 from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.runs import NoFisherDataError, ReportError, Run
 
 #: Reads one found run: ``reader(display name, directory, strict)``.
 Reader = Callable[[str, Path, bool], list[Run]]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_monitor import keys, runinfo
-from fisher_monitor.report.load import NoFisherDataError, ReportError, Run
+from fisher_monitor.report.runs import NoFisherDataError, ReportError, Run
 
 
 def prefixes(tags: Iterable[str]) -> dict[str, str]:

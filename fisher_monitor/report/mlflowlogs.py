@@ -14,8 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from fisher_monitor.report.load import ReportError, Run
 from fisher_monitor.report.logruns import make_runs
+from fisher_monitor.report.runs import ReportError, Run
 
 
 def is_run(directory: Path) -> bool:

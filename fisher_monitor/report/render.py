@@ -28,8 +28,8 @@ import markupsafe
 
 from fisher_monitor import keys, runinfo, tables
 from fisher_monitor.report import figures
-from fisher_monitor.report.load import ReportError, Run
 from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.runs import ReportError, Run
 from fisher_monitor.report.selection import MANY_RUNS, Selection, select_runs
 from fisher_monitor.report.text import markdown_code, markdown_text
 from fisher_monitor.report.thresholds import THRESHOLDS
@@ -265,57 +265,20 @@ def _verdict_markdown(verdict: Verdict) -> str:
 
 
 def _context(runs: Sequence[Run], title: str, selection: Selection | None = None) -> dict:
+    """What the templates show: the runs shown in full, the overview of all, the legend."""
     from fisher_monitor.version import __version__
 
     selection = selection or select_runs(runs)
-    every_run = runs
-    runs = selection.shown
-    entries = []
-    setting_keys: list[str] = []
-    for run in runs:
-        for key in run.settings:
-            if key not in setting_keys:
-                setting_keys.append(key)
-    for run in runs:
-        found = selection.verdicts_of(run)
-        last, worst = run.steps[-1], worst_step(run)
-        tables_ = [{"title": f"Values at the last measurement (step {last})", "step": last}]
-        if worst != last:
-            tables_.append(
-                {
-                    "title": f"Values at step {worst}, the whole network's worst measurement "
-                    "(lowest direction cosine of 'all')",
-                    "step": worst,
-                }
-            )
-        for table in tables_:
-            table["rows"] = [tables.row_cells(row) for row in layer_table(run, table["step"])]
-        entries.append(
-            {
-                "name": run.name,
-                "settings": {key: setting_text(run.settings[key]) for key in run.settings},
-                "fit": _fit_rows(run),
-                "headline": headline(run),
-                "verdicts": found,
-                "advice": advice(run, found),
-                "measurements": len(run.steps),
-                "first_step": run.steps[0],
-                "last_step": last,
-                "tables": tables_,
-                "notes": run.notes,
-                "read_notes": run.read_notes,
-                "layers": len(run.layers),
-            }
-        )
-    fit_keys: list[str] = []
-    for entry in entries:
-        fit_keys += [key for key in entry["fit"] if key not in fit_keys]
+    shown = selection.shown
+    setting_keys = list(dict.fromkeys(key for run in shown for key in run.settings))
+    entries = [_run_entry(run, selection) for run in shown]
+    fit_keys = list(dict.fromkeys(key for entry in entries for key in entry["fit"]))
     return {
         "title": title,
         "version": __version__,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "runs": entries,
-        "run_count": len(every_run),
+        "run_count": len(runs),
         "many_runs_note": selection.note,
         "overview_headings": selection.headings,
         "overview_rows": selection.rows,
@@ -325,6 +288,38 @@ def _context(runs: Sequence[Run], title: str, selection: Selection | None = None
         "fit_keys": fit_keys,
         "descriptions": [(metric, keys.DESCRIPTIONS[metric]) for metric in EXPLAINED],
         "level_labels": LEVEL_LABELS,
+    }
+
+
+def _run_entry(run: Run, selection: Selection) -> dict:
+    """One run shown in full: verdicts, advice, settings, per-layer tables, notes."""
+    found = selection.verdicts_of(run)
+    last, worst = run.steps[-1], worst_step(run)
+    tables_ = [{"title": f"Values at the last measurement (step {last})", "step": last}]
+    if worst != last:
+        tables_.append(
+            {
+                "title": f"Values at step {worst}, the whole network's worst measurement "
+                "(lowest direction cosine of 'all')",
+                "step": worst,
+            }
+        )
+    for table in tables_:
+        table["rows"] = [tables.row_cells(row) for row in layer_table(run, table["step"])]
+    return {
+        "name": run.name,
+        "settings": {key: setting_text(run.settings[key]) for key in run.settings},
+        "fit": _fit_rows(run),
+        "headline": headline(run),
+        "verdicts": found,
+        "advice": advice(run, found),
+        "measurements": len(run.steps),
+        "first_step": run.steps[0],
+        "last_step": last,
+        "tables": tables_,
+        "notes": run.notes,
+        "read_notes": run.read_notes,
+        "layers": len(run.layers),
     }
 
 
@@ -379,42 +374,46 @@ def render_markdown(
     lines = [f"# {markdown_text(title)}", ""]
     lines += _markdown_overview(context)
     for run in context["runs"]:
-        lines += [f"## {markdown_text(run['name'])}", "", *_markdown_verdicts(run)]
-        if run["advice"]:
-            lines += ["", "What to change:", ""]
-            lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
-        lines += ["", "| setting | value |", "| --- | --- |"]
-        for key, value in [*run["settings"].items(), *run["fit"].items()]:
-            lines.append(_md_row([markdown_text(key), markdown_text(value)]))
-        lines.append(
-            _md_row(
-                [
-                    "measurements",
-                    f"{run['measurements']} (steps {run['first_step']}–{run['last_step']})",
-                ]
-            )
-        )
-        lines.append("")
-        for table in run["tables"]:
-            lines += [
-                f"### {markdown_text(table['title'])}",
-                "",
-                _md_row([markdown_text(h) for h in context["headings"]]),
-                "| --- |" + " ---: |" * (len(context["headings"]) - 1),
-            ]
-            lines += [_md_row([markdown_text(cell) for cell in row]) for row in table["rows"]]
-            lines.append("")
-        if run["notes"]:
-            lines += ["Notes:", "", *[f"- {markdown_text(n, True)}" for n in run["notes"]], ""]
-        if run["read_notes"]:
-            lines += ["Reading the logs:", ""]
-            lines += [f"- {markdown_text(n, True)}" for n in run["read_notes"]] + [""]
+        lines += _markdown_run(run, context["headings"])
     lines += ["## Figures", ""]
     for figure in rendered:
         caption = markdown_text(figure.caption)
         lines += [f"![{caption}]({figure.name}.png)", "", f"*{caption}*", ""]
+    return "\n".join(lines + _markdown_reading(context))
+
+
+def _markdown_run(run: dict, headings: Sequence[str]) -> list[str]:
+    """One run's section: verdicts, what to change, settings, per-layer tables, notes."""
+    lines = [f"## {markdown_text(run['name'])}", "", *_markdown_verdicts(run)]
+    if run["advice"]:
+        lines += ["", "What to change:", ""]
+        lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
+    lines += ["", "| setting | value |", "| --- | --- |"]
+    for key, value in [*run["settings"].items(), *run["fit"].items()]:
+        lines.append(_md_row([markdown_text(key), markdown_text(value)]))
+    steps = f"{run['measurements']} (steps {run['first_step']}–{run['last_step']})"
+    lines += [_md_row(["measurements", steps]), ""]
+    for table in run["tables"]:
+        lines += [
+            f"### {markdown_text(table['title'])}",
+            "",
+            _md_row([markdown_text(h) for h in headings]),
+            "| --- |" + " ---: |" * (len(headings) - 1),
+        ]
+        lines += [_md_row([markdown_text(cell) for cell in row]) for row in table["rows"]]
+        lines.append("")
+    if run["notes"]:
+        lines += ["Notes:", "", *[f"- {markdown_text(n, True)}" for n in run["notes"]], ""]
+    if run["read_notes"]:
+        lines += ["Reading the logs:", ""]
+        lines += [f"- {markdown_text(n, True)}" for n in run["read_notes"]] + [""]
+    return lines
+
+
+def _markdown_reading(context: dict) -> list[str]:
+    """The "how to read this" section: every metric, the thresholds, the notation."""
     thresholds = context["thresholds"]
-    lines += [
+    return [
         "## How to read this",
         "",
         "| metric | meaning |",
@@ -431,7 +430,6 @@ def render_markdown(
         "`docs/glossary.md`; what to do about each verdict: `docs/guide/acting.md`.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _markdown_overview(context: dict) -> list[str]:

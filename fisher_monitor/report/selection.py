@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fisher_monitor.report.load import Run
+from fisher_monitor.report.runs import Run
 from fisher_monitor.report.verdict import LEVELS, TOPICS, Verdict, verdicts
 
 #: Up to this many runs a report shows every run in full; beyond, the runs that matter.

@@ -59,7 +59,7 @@ from fisher_monitor.report.evidence import (
     steps_phrase,
 )
 from fisher_monitor.report.headline import USES, check_use, headline_verdict, infer_use
-from fisher_monitor.report.load import Run
+from fisher_monitor.report.runs import Run
 from fisher_monitor.report.thresholds import (
     AGREE_COSINE,
     AGREE_SHARE,

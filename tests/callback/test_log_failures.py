@@ -100,7 +100,12 @@ def run_fit(tmp_path, how, monitor=None, extra_loggers=()):
 
 
 def delete(directory: Path) -> None:
-    shutil.rmtree(directory)
+    """Delete the run directory (TensorBoard's writer thread may add a file meanwhile)."""
+    for _ in range(20):
+        shutil.rmtree(directory, ignore_errors=True)
+        if not directory.exists():
+            return
+    raise AssertionError(f"could not delete {directory}")
 
 
 FAULTS = {
