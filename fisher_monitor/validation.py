@@ -108,6 +108,18 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
 
 
+def format_bytes(size: float) -> str:
+    """A size for messages: ``"1 byte"``, ``"812 bytes"``, ``"3.2 KiB"``, ``"1.5 GiB"``."""
+    if size < 1024:
+        count = int(size)
+        return f"{count} byte" if count == 1 else f"{count} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:,.1f} {unit}"
+
+
 def check_memory_budget(value: Any) -> int | None:
     """Bytes as an int: from ``None``, an int ≥ 1, or a size such as ``"1GB"`` or ``"512MiB"``.
 
@@ -146,4 +158,5 @@ __all__ = [
     "check_generator",
     "check_memory_budget",
     "check_model",
+    "format_bytes",
 ]

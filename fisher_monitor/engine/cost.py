@@ -38,6 +38,7 @@ from fisher_monitor.estimators import SketchDesign
 from fisher_monitor.factors import PassSize, form_of
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
 from fisher_monitor.structures import STRUCTURES, Structure
+from fisher_monitor.validation import format_bytes
 
 #: The exact path is taken while it costs at most this many plain training steps: an
 #: exact answer is worth a slower measurement (the callback's budget schedule adapts its
@@ -263,7 +264,7 @@ def _decide(
             amount = f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
             why.append(f"about {amount} training steps of work")
         if too_large:
-            why.append(f"{exact.peak_bytes / 2**30:,.1f} GiB (budget {budget / 2**30:,.1f} GiB)")
+            why.append(f"{format_bytes(exact.peak_bytes)} (budget {format_bytes(budget)})")
         cost = " and ".join(why)
         if exact_only is not None:
             result.reason = f"measured exactly although it needs {cost}: {exact_only}"

@@ -213,7 +213,7 @@ class Measurer:
             estimate = self._peak_bytes(inputs, size, plan)
             notes.append(
                 f"probe sub-sampled from {size} to {fitting} samples to fit the memory budget "
-                f"({estimate / 2**30:.1f} GiB estimated for {size})"
+                f"({validation.format_bytes(estimate)} estimated for {size})"
             )
             size = fitting
             plan = self._plan(inputs, size, options)
@@ -276,7 +276,11 @@ class Measurer:
         if budget is None:
             return size
         return memory.fitting_batch_size(
-            lambda count: self._peak_bytes(inputs, count, plan), size, budget
+            lambda count: self._peak_bytes(inputs, count, plan),
+            size,
+            budget,
+            [structure.name for structure in plan.structures],
+            self.settings.fisher.value,
         )
 
     def estimate_peak_bytes(self, inputs, size: int | None = None) -> int:

@@ -39,6 +39,7 @@ from fisher_monitor.backends import Backend
 from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.factors import CURVATURE_BYTES, PassSize, form_of
 from fisher_monitor.structures import Structure
+from fisher_monitor.validation import format_bytes
 
 #: Saved activations per layer output (the layer's, a normalisation's, an activation's).
 ACTIVATION_COPIES = 3
@@ -98,13 +99,17 @@ def estimate_peak_bytes(
     return int(peak + largest_layer)
 
 
-def fitting_batch_size(estimate, size: int, budget: int) -> int:
+def fitting_batch_size(
+    estimate, size: int, budget: int, structures: Sequence[str] = (), fisher: str = "exact"
+) -> int:
     """The largest probe size up to ``size`` whose estimated peak fits ``budget``.
 
     Args:
         estimate: ``estimate(samples)``, the estimated peak bytes for a probe of that size.
         size: The probe's size.
         budget: Bytes allowed.
+        structures: The structures measured (the message suggests only what would change).
+        fisher: ``"exact"`` or ``"mc"`` (likewise).
 
     Raises:
         MemoryError: If not even one sample fits, with what to change.
@@ -119,10 +124,16 @@ def fitting_batch_size(estimate, size: int, budget: int) -> int:
         else:
             high = middle - 1
     if estimate(low) > budget:
+        fixes = [f"raise memory_budget (now {format_bytes(budget)})"]
+        if any(name != "diag" for name in structures):
+            fixes.append("measure fewer structures (structures=('diag',))")
+        if fisher != "mc":
+            fixes.append("use fisher='mc' (one sampled label per sample)")
+        fixes.append("measure a sub-network (measure(model.head, ...))")
         raise MemoryError(
-            f"Even one probe sample needs an estimated {estimate(1) / 2**30:.1f} GiB, above the "
-            f"memory budget of {budget / 2**30:.1f} GiB. Measure fewer structures (e.g. "
-            "structures=('diag',)), fisher='mc', or a sub-network."
+            f"Even one probe sample needs an estimated {format_bytes(estimate(1))}, above the "
+            f"memory budget of {format_bytes(budget)}. To measure it, "
+            f"{', '.join(fixes[:-1])} or {fixes[-1]}."
         )
     return low
 

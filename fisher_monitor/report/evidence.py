@@ -143,12 +143,30 @@ MEASURE_BRIEFLY = (
     f"measure at least {MIN_MEASUREMENTS} times during training: use a larger budget "
     "(schedules.budget(fraction=0.2)), a smaller every_n_steps, or a longer run"
 )
+MAKE_FINITE = (
+    "find out why the other measurements are not finite: the run's notes name the cause "
+    "(a NaN or infinite loss or gradient, an overflow under float16 or bfloat16, a zero "
+    "curvature trace); measuring more often will not help while they stay non-finite"
+)
 
 
-def evidence(steps: np.ndarray) -> str | None:
-    """Why measurements at ``steps`` are not enough evidence (``None`` when they are)."""
+def evidence(steps: np.ndarray, logged: int = 0) -> str | None:
+    """Why measurements at ``steps`` are not enough evidence (``None`` when they are).
+
+    Args:
+        steps: The steps with a finite value.
+        logged: How many measurements logged the metric, finite or not (``0``: as many
+            as ``steps``).
+    """
     if len(steps) == 0:
         return "no measurement"
+    if logged > len(steps) and len(steps) < MIN_MEASUREMENTS:
+        bad = logged - len(steps)
+        return (
+            f"only {len(steps)} of {plural(logged, 'measurement')} gave a finite value "
+            f"({steps_phrase(steps)}; {bad} {'was' if bad == 1 else 'were'} NaN or infinite, "
+            f"and at least {MIN_MEASUREMENTS} finite values are needed)"
+        )
     if not np.any(steps > 0):
         where = "at step 0" if len(steps) == 1 else "all at step 0"
         return f"{plural(len(steps), 'measurement')}, {where}, before any training step"
@@ -174,6 +192,7 @@ class Measured:
         steps: The steps of the finite values.
         values: The finite values.
         instead_of: The run's primary structure when it lacks the metric, else ``None``.
+        logged: How many measurements logged the metric, finite or not.
     """
 
     metric: str
@@ -181,6 +200,7 @@ class Measured:
     steps: np.ndarray
     values: np.ndarray
     instead_of: str | None = None
+    logged: int = 0
 
     @property
     def median(self) -> float:
@@ -190,7 +210,14 @@ class Measured:
     @property
     def why_insufficient(self) -> str | None:
         """Why these measurements are not evidence (``None`` when they are)."""
-        return evidence(self.steps)
+        return evidence(self.steps, self.logged)
+
+    @property
+    def advice(self) -> str:
+        """What to change when :attr:`why_insufficient` is not ``None``."""
+        if self.logged > len(self.steps):
+            return MAKE_FINITE
+        return MEASURE_BRIEFLY
 
     def where(self) -> str:
         """The structure, and why it is not the primary one: ``"diag; block has no …"``."""
@@ -217,10 +244,11 @@ def _suffix(run: Run, structure: str) -> str:
     return first if first in found or not found else found[0]
 
 
-def _finite(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _finite(run: Run, key: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The finite values of ``key``, their steps and how many values were logged."""
     steps, values = run.series(key)
     keep = np.isfinite(values)
-    return steps[keep], values[keep]
+    return steps[keep], values[keep], len(values)
 
 
 def measured(
@@ -239,17 +267,17 @@ def measured(
         The series, or ``None`` when no structure logged a finite value.
     """
     if metric in keys.OPTIMIZER_METRICS:
-        steps, values = _finite(run, keys.optimizer_key(metric, layer))
-        return Measured(metric, keys.OPTIMIZER, steps, values) if len(values) else None
+        steps, values, logged = _finite(run, keys.optimizer_key(metric, layer))
+        found = Measured(metric, keys.OPTIMIZER, steps, values, logged=logged)
+        return found if len(values) else None
     structures = ordered_structures(run)
     for structure in structures if only is None else [s for s in structures if s in only]:
         suffix = _suffix(run, structure) if metric in keys.DAMPED_METRICS else ""
-        steps, values = _finite(run, keys.metric_key(structure, metric, layer, suffix))
+        steps, values, logged = _finite(run, keys.metric_key(structure, metric, layer, suffix))
         if len(values):
             primary = structures[0] if structures else structure
-            return Measured(
-                metric, structure, steps, values, primary if primary != structure else None
-            )
+            instead_of = primary if primary != structure else None
+            return Measured(metric, structure, steps, values, instead_of, logged)
     return None
 
 
@@ -402,6 +430,7 @@ def assess(run: Run) -> Assessment:
 
 __all__ = [
     "LEVELS",
+    "MAKE_FINITE",
     "MEASURE_BRIEFLY",
     "MEASURE_MORE",
     "Assessment",

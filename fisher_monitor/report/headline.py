@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 
 from fisher_monitor.report.evidence import (
-    MEASURE_BRIEFLY,
     Assessment,
+    Measured,
     Verdict,
-    evidence,
     share_phrase,
 )
 from fisher_monitor.report.thresholds import AGREE_COSINE, DISAGREE_COSINE, STEP_COSINE
@@ -104,13 +103,14 @@ def _subject(a: Assessment, use: str) -> str:
     }[use]
 
 
-def _insufficient(why: str, what: str, use: str, links: list[str]) -> Verdict:
+def _insufficient(m: Measured, what: str, use: str, links: list[str]) -> Verdict:
+    why = m.why_insufficient
     text = f"Too few measurements to say what the EF/Fisher gap means {what} ({why}): "
     return Verdict(
         "headline",
         "insufficient",
-        [text + MEASURE_BRIEFLY + "."],
-        {"use": use, "insufficient": why},
+        [text + m.advice + "."],
+        {"use": use, "insufficient": why, "non_finite": m.logged - len(m.steps)},
         links,
     )
 
@@ -156,8 +156,8 @@ def _adam(a: Assessment) -> Verdict:
             "add 'diag' to FisherMonitor(structures=...) to learn whether that matters."
         )
         return Verdict("headline", "insufficient", [text], numbers, links)
-    if (why := evidence(source.steps)) is not None:
-        return _insufficient(why, f"for {subject}", "adam", links)
+    if source.why_insufficient is not None:
+        return _insufficient(source, f"for {subject}", "adam", links)
     verb, diag_numbers = _diagonal_phrase(a)
     scaling = _scaling_phrase(a)
     if a.diag_outcome == "agree" and follows != "ef":
@@ -229,8 +229,8 @@ def _kfac(a: Assessment) -> Verdict:
             "(FisherMonitor(structures=('diag', 'block')))."
         )
         return Verdict("headline", "insufficient", [text], {"use": "kfac"}, links)
-    if (why := m.why_insufficient) is not None:
-        return _insufficient(why, f"for {subject}", "kfac", links)
+    if m.why_insufficient is not None:
+        return _insufficient(m, f"for {subject}", "kfac", links)
     outcome, count = a.direction_outcome, len(m.values)
     numbers = {"use": "kfac", "optimizer": a.optimizer, "direction_outcome": outcome}
     numbers["median_direction_cosine"] = m.median
@@ -274,8 +274,8 @@ def _laplace(a: Assessment) -> Verdict:
     if error is None:
         text = f"{subject}: no structure logged rel_error, so the EF's matrix error is unknown."
         return Verdict("headline", "insufficient", [text], {"use": "laplace"}, links)
-    if (why := error.why_insufficient) is not None:
-        return _insufficient(why, "for a Laplace or uncertainty use", "laplace", links)
+    if error.why_insufficient is not None:
+        return _insufficient(error, "for a Laplace or uncertainty use", "laplace", links)
     matrix, scale = a.matrix_outcome, a.scale_outcome
     numbers = {"use": "laplace", "matrix_outcome": matrix, "scale_outcome": scale}
     numbers["median_rel_error"] = error.median

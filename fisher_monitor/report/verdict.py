@@ -42,7 +42,7 @@ import numpy as np
 from fisher_monitor import keys
 from fisher_monitor.report.evidence import (
     LEVELS,
-    MEASURE_BRIEFLY,
+    MAKE_FINITE,
     MEASURE_MORE,
     Assessment,
     Code,
@@ -77,12 +77,14 @@ HEADLINE = "headline"
 
 
 def _insufficient(
-    topic: str, what: str, why: str, known: list[str], numbers: dict, links: list[str]
+    topic: str, what: str, m: Measured, known: list[str], numbers: dict, links: list[str]
 ) -> Verdict:
+    why = m.why_insufficient
     parts = [f"Insufficient evidence on {what}: {why}"]
     parts += ["; so far ", *known] if known else []
-    parts += [f". To judge, {MEASURE_BRIEFLY}."]
-    return Verdict(topic, "insufficient", parts, {**numbers, "insufficient": why}, links)
+    parts += [f". To judge, {m.advice}."]
+    numbers = {**numbers, "insufficient": why, "non_finite": m.logged - len(m.steps)}
+    return Verdict(topic, "insufficient", parts, numbers, links)
 
 
 def _not_measured(topic: str, what: str, metric: str, links: list[str]) -> Verdict:
@@ -157,9 +159,9 @@ def _preconditioning(a: Assessment) -> Verdict:
         "worst_layer_median_direction_cosine": layer_median,
         "outcome": a.direction_outcome,
     }
-    if (why := m.why_insufficient) is not None:
+    if m.why_insufficient is not None:
         known = [f"the cosine between the natural gradient and the EF step {range_phrase(cosines)}"]
-        return _insufficient("preconditioning", "EF preconditioning", why, known, numbers, links)
+        return _insufficient("preconditioning", "EF preconditioning", m, known, numbers, links)
     where = [", worst in layer ", Code(layer), f" (median {layer_median:.2f})"]
     where = where if layer != keys.ALL else []
     head = f"(median cosine {m.median:.2f}, {m.where()})"
@@ -214,11 +216,11 @@ def _matrix(a: Assessment) -> Verdict:
         "median_kl": median_kl,
         "outcome": a.matrix_outcome,
     }
-    if (why := m.why_insufficient) is not None:
+    if m.why_insufficient is not None:
         known = [f"the relative Frobenius error of the EF {range_phrase(m.values)}"]
         if len(kls):
             known.append(f" and the KL between the Laplace approximations {range_phrase(kls)}")
-        return _insufficient("matrix", "the EF as a matrix", why, known, numbers, links)
+        return _insufficient("matrix", "the EF as a matrix", m, known, numbers, links)
     kl_text = (
         f"; the KL divergence between the two Laplace approximations had median "
         f"{median_kl:.3g} nats"
@@ -318,9 +320,9 @@ def _scale(a: Assessment) -> Verdict:
     }
     if a.loss_name.startswith("MSELoss"):
         links.append("docs/guide/acting.md#gaussian-noise")
-    if (why := m.why_insufficient) is not None:
+    if m.why_insufficient is not None:
         known = [f"tr EF / tr F {range_phrase(m.values)}"]
-        return _insufficient("scale", "the curvature scale", why, known, numbers, links)
+        return _insufficient("scale", "the curvature scale", m, known, numbers, links)
     text = (
         f"tr EF / tr F ({m.where()}) {range_phrase(m.values)}; it left [{low}, {high}] "
         f"{share_phrase(outside, len(m.values))}: "
@@ -369,14 +371,14 @@ def _trace(a: Assessment) -> Verdict | None:
         "scale_outcome": scale,
         "matrix_outcome": matrix,
     }
-    why = ratio.why_insufficient or error.why_insufficient
-    if why is not None:
+    short = ratio if ratio.why_insufficient is not None else error
+    if short.why_insufficient is not None:
         known = [
             f"tr EF / tr F {range_phrase(ratio.values)} and the relative error "
             f"{range_phrase(error.values)}"
         ]
         what = "whether the trace hides a mismatch"
-        return _insufficient("trace", what, why, known, numbers, links)
+        return _insufficient("trace", what, short, known, numbers, links)
     pair = f"(median trace ratio {r:.2f}, median relative error {e:.2f})"
     if scale == "match" and matrix == "differ":
         text = (
@@ -482,12 +484,12 @@ def _optimizer(a: Assessment, use: str | None) -> Verdict | None:
         "median_preconditioner_fisher_cosine": a.with_f.median if a.with_f else None,
         "follows": a.follows,
     }
-    if (why := m.why_insufficient) is not None:
+    if m.why_insufficient is not None:
         known = [
             f"the cosine between {name or 'the optimizer'}'s step and the natural-gradient "
             f"step {range_phrase(m.values)}"
         ]
-        return _insufficient("optimizer", "the optimizer's steps", why, known, numbers, links)
+        return _insufficient("optimizer", "the optimizer's steps", m, known, numbers, links)
     owner = f"{name}'s" if name else "The optimizer's"
     text = (
         f"{owner} steps pointed within 60° of the natural gradient (cosine ≥ {STEP_COSINE}) "
@@ -546,7 +548,15 @@ def advice(run: Run, found: list[Verdict] | None = None) -> list[str]:
     """What to change in the monitor's settings for better evidence (may be empty)."""
     found = verdicts(run) if found is None else found
     tips = []
-    if any(verdict.numbers.get("insufficient") for verdict in found):
+    short = [verdict for verdict in found if verdict.numbers.get("insufficient")]
+    non_finite = [v.topic for v in short if v.numbers.get("non_finite", 0) > 0]
+    if non_finite:
+        tips.append(
+            f"Most values behind the {', '.join(non_finite)} "
+            f"{'verdict was' if len(non_finite) == 1 else 'verdicts were'} NaN or infinite: "
+            f"{MAKE_FINITE}."
+        )
+    if len(non_finite) < len(short):
         steps = measured_steps(run)
         tips.append(
             f"This run has {plural(len(steps), 'measurement')} ({steps_phrase(steps)}): "

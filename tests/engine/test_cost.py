@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from fisher_monitor.engine import cost
 from fisher_monitor.engine.profile import profile
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.settings import MeasureSettings
+from fisher_monitor.validation import format_bytes
 from sketch_cases import classifier_problem, run, sequence_model, wide_classifier
 
 
@@ -62,7 +64,9 @@ def test_memory_budget_prefers_the_sketch_over_sub_sampling():
         assert plan.sketch is None and columns == 39
         tight = plan.estimated.peak_bytes + 1
         plan = cost.plan(prepared, settings, profile(prepared, inputs), 32, memory_budget=tight)
-        assert plan.sketch is not None and "GiB (budget" in plan.reason
+        assert plan.sketch is not None
+        budget = re.escape(f"(budget {format_bytes(tight)})")
+        assert re.search(rf"would need \d+\.\d (KiB|MiB) {budget}", plan.reason), plan.reason
         assert plan.pass_columns == plan.sketch.columns + 1
     finally:
         prepared.close()

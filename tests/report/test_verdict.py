@@ -163,6 +163,31 @@ def test_few_measurements_after_training_are_still_insufficient():
     assert by_topic(run_with([0.1] * 5))["preconditioning"].level == "bad"  # five are enough
 
 
+def test_non_finite_values_are_counted_against_every_measurement_not_as_few_measurements():
+    """12 measurements with 11 NaN trace ratios: the verdict says 1 of 12 gave a finite
+    value and asks why the others are not finite, never to "measure at least 5 times"."""
+    nan = float("nan")
+    cosines = [0.1, 0.2, 0.15, 0.3, 0.2, 0.1, 0.25, 0.2, 0.1, 0.3, 0.2, 0.1]
+    run = run_with(cosines, ratios=[1.05] + [nan] * 11, errors=[0.2] + [nan] * 11)
+    topics = by_topic(run)
+    assert topics["preconditioning"].level == "bad"  # its twelve cosines are evidence
+    scale = topics["scale"]
+    assert scale.level == "insufficient"
+    assert "only 1 of 12 measurements gave a finite value" in scale.text
+    assert "11 were NaN or infinite" in scale.text
+    assert "measure at least" not in scale.text and "not finite" in scale.text
+    assert scale.numbers["non_finite"] == 11
+    tips = advice(run, list(topics.values()))
+    assert any("NaN or infinite" in tip and "notes name the cause" in tip for tip in tips)
+    assert not any("measure more often" in tip for tip in tips)
+    laplace = headline(run, use="laplace")
+    assert laplace.level == "insufficient" and "1 of 12 measurements" in laplace.text
+    assert "measure at least" not in laplace.text
+    # Few measurements, all finite: the advice stays "measure more".
+    few = run_with([0.1, 0.2, 0.15], ratios=[1.03, 1.05, 1.07], errors=[0.2] * 3)
+    assert any("measure more often" in tip for tip in advice(few))
+
+
 def test_small_counts_read_naturally():
     assert share_phrase(1, 3) == "in 1 of 3 measurements"
     assert share_phrase(3, 3) == "in all 3 measurements"
