@@ -98,11 +98,24 @@ class RunInfo:
         return True
 
     def add_notes(self, notes: Iterable[str]) -> bool:
-        """Add the notes not seen yet; whether there were any."""
-        notes = [encodable(note) for note in notes]
-        new = [note for note in dict.fromkeys(notes) if note not in self.notes]
-        self.notes.extend(new)
-        return bool(new)
+        """Add the notes not seen yet; whether the notes changed.
+
+        A note that differs from an earlier one only in its numbers (a sub-sampled probe's
+        sizes, a sketch's columns at this step) replaces it, so that the summary and the
+        run file say each thing once, with the latest numbers.
+        """
+        changed = False
+        for note in dict.fromkeys(encodable(note) for note in notes):
+            if note in self.notes:
+                continue
+            shape = _note_shape(note)
+            same = next((i for i, old in enumerate(self.notes) if _note_shape(old) == shape), None)
+            if same is None:
+                self.notes.append(note)
+            else:
+                self.notes[same] = note
+            changed = True
+        return changed
 
     def hyperparameters(self) -> dict[str, Any]:
         """Settings and constants (each layer's dimension) as flat hyperparameters.
@@ -121,6 +134,15 @@ class RunInfo:
             total = sum(int(layer["dimension"]) for layer in measured)
             flat[f"{self.prefix}/dimension/{keys.ALL}"] = total
         return flat
+
+
+#: A number in running text; digits in names (``layer4.1``, `` `0` ``, ``'fc2'``) are not.
+_NUMBER = re.compile(r"(?<![\w.`'\"])\d[\d,]*(\.\d+)?(e[+-]?\d+)?(?![\w`'\"])")
+
+
+def _note_shape(note: str) -> str:
+    """A note with its numbers replaced: notes of one kind at different steps match."""
+    return _NUMBER.sub("#", note)
 
 
 def _plain(value: Any) -> Any:
