@@ -20,7 +20,7 @@ from fisher_monitor import distributed, keys
 from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
-from fisher_monitor.callback.discovery import find_loss, find_network, network_name
+from fisher_monitor.callback.discovery import LossDiscovery, find_network, loss_text, network_name
 from fisher_monitor.callback.failures import FailurePolicy
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
@@ -88,13 +88,19 @@ class FisherMonitor(*_BASES):
         network: What to measure: ``None`` for the LightningModule (or, when it defines no
             ``forward``, the one submodule holding all trainable parameters), an attribute
             name (dotted paths allowed) such as ``"net"``, or a callable ``module -> nn.Module``.
-        loss_fn: The negative log-likelihood: ``None`` finds the attribute of the module
-            holding a ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or such a
-            module; or ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``.
-        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)``; ``None`` handles
-            ``(inputs, targets, ...)`` tuples and dicts with the usual keys. A tuple of inputs
-            is passed to ``forward`` as positional arguments: for ``(x, mask, y)`` batches,
-            ``lambda batch: ((batch[0], batch[1]), batch[2])``.
+        loss_fn: The negative log-likelihood: ``None`` finds the loss ``training_step``
+            computes by recording the first measured step (functional losses and loss
+            modules; see the callback guide), else a loss module attribute; or a
+            ``CrossEntropyLoss``, ``NLLLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or
+            ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"bce_with_logits"``.
+        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)`` (inputs: a tensor,
+            a tuple of positional or a dict of keyword arguments; targets per sample, e.g.
+            ``(N, T)``); ``None`` derives it from the recorded step, else splits
+            ``(inputs, targets, ...)`` tuples and dicts with the usual keys.
+        outputs: The loss's input from the network's output, classes on dimension 1, e.g.
+            ``lambda out: out.logits[:, :-1].transpose(1, 2)``; ``None`` derives it from
+            the recorded step, else takes a tensor, a ``ModelOutput``'s ``logits`` or a
+            tuple's first element.
         probe_size: Measure on at most this many samples of the batch (per process).
         probe_data: A fixed probe set instead of the training batch: a ``DataLoader`` (its
             first batch, taken once) or an ``(inputs, targets)`` pair.
@@ -170,6 +176,7 @@ class FisherMonitor(*_BASES):
         network: str | Callable[[Any], nn.Module] | None = None,
         loss_fn: nn.Module | str | None = None,
         batch_to_inputs_targets: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        outputs: Callable[[Any], Tensor] | None = None,
         probe_size: int | None = None,
         probe_data: Any = None,
         backend: str = "auto",
@@ -196,8 +203,10 @@ class FisherMonitor(*_BASES):
             "batch_to_inputs_targets", batch_to_inputs_targets, "lambda batch: (inputs, targets)"
         )
         self.batch_to_inputs_targets = splitter or default_batch_to_inputs_targets
+        self.outputs = arguments.check_callable("outputs", outputs, "lambda out: out.logits")
         self.probe_size = arguments.check_probe_size(probe_size)
         self.probe_data = arguments.check_probe_data(probe_data)
+        self._discovery = LossDiscovery(loss_fn, splitter is not None, probe_data, outputs)
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
         self.backend = backend
@@ -257,6 +266,7 @@ class FisherMonitor(*_BASES):
         if isinstance(self.schedule, TimedSchedule):
             self.schedule.start()
         self._policy = FailurePolicy(self.raise_on_error)
+        self._discovery.reset()
         self._writers = (
             writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
             if trainer.is_global_zero
@@ -291,7 +301,12 @@ class FisherMonitor(*_BASES):
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         network = find_network(pl_module, self.network)
-        likelihood = find_loss(pl_module, self.loss_fn)
+        self._layers, self._backend_used = None, None
+        if self._discovery.pending:  # the loss is found in the first measured step
+            self._measurer, self._measured = None, network
+            self._layers = self._discovery.layers(network)
+            return
+        network, likelihood, outputs = self._discovery.resolve(pl_module, network, self._probe)
         measurer = Measurer(
             network,
             likelihood,
@@ -299,9 +314,9 @@ class FisherMonitor(*_BASES):
             backend=self.backend,
             memory_budget=self.memory_budget,
             estimator=self.estimator,
+            outputs=outputs,
         )
         self._probe.prepare()
-        self._layers, self._backend_used = None, None
         if not any(is_lazy(p) for p in network.parameters()):
             prepared = measurer.prepared  # checks the network now, not at the first step
             self._layers, self._backend_used = len(prepared.layers), prepared.backend
@@ -320,7 +335,7 @@ class FisherMonitor(*_BASES):
             "backend_used": self._backend_used,
             "estimator": self.estimator,
             "network": network_name(pl_module, self._measured) if self._measured else None,
-            "loss": _loss_text(measurer.likelihood) if measurer is not None else None,
+            "loss": loss_text(measurer.likelihood) if measurer else self._discovery.pending_text,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "audit": optimizer is not None,
             "preconditioner": has_second_moment(optimizer),
@@ -346,11 +361,45 @@ class FisherMonitor(*_BASES):
         if self._policy.off or step == self._last_step or not self._due(step):
             return
         self._last_step = step
+        if self._discovery.pending:  # record this step; measure it before its backward
+            if self._measured is not None or self._prepare_everywhere(pl_module, step):
+                self._discovery.start(
+                    pl_module, self._measured, self.network is not None, batch, step
+                )
+            return
         started = self._ledger.clock()
         measurement = self._attempt(pl_module, batch, step, started)
         if measurement is not None:
             self._record(trainer, pl_module, measurement, step, started)
         self._charge(self._ledger.clock() - started, measurement=True)
+
+    @override
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:  # noqa: D102
+        self._finish_recording(trainer, pl_module, measure=True)
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
+
+    def _finish_recording(self, trainer, pl_module, measure: bool) -> None:
+        """Measure the recorded step before its backward pass (or prepare for the next)."""
+        recording = self._discovery.stop()
+        if recording is None:
+            return
+        started, step = self._ledger.clock(), recording.step
+        with self._discovery.buffers_at_start(recording):  # as at the step's start
+            measurement = (
+                self._attempt(pl_module, recording.batch, step, started) if measure else None
+            )
+        if measurement is not None:
+            self._record(trainer, pl_module, measurement, step, started)
+        elif not measure:
+            self._prepare_everywhere(pl_module, step)
+        note = self._discovery.announce(pl_module, self._measured, self._measurer, self._info)
+        if note is not None:  # which loss was found and how: a line, a note, the settings
+            rank_zero_info(f"FisherMonitor: {note}.")
+            self._write_info()
+        self._charge(self._ledger.clock() - started, measurement=measure)
 
     def _due(self, step: int) -> bool:
         decision = bool(self.schedule(step))
@@ -506,7 +555,12 @@ class FisherMonitor(*_BASES):
         summary.show(result)
 
     @override
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102
+        self._discovery.close()  # a step that failed while recorded leaves no hooks behind
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._discovery.close()
         self._recorder.disarm()
         self._trainer = None
         if self._measurer is not None:
@@ -543,9 +597,3 @@ def _fit_length(trainer: pl.Trainer) -> int | None:
     except Exception:  # noqa: BLE001 - e.g. an iterable dataset without a length
         return None
     return int(total) if total is not None and math.isfinite(total) else None
-
-
-def _loss_text(likelihood: Any) -> str:
-    module = getattr(likelihood, "module_class", None)
-    name = module.__name__ if module is not None else type(likelihood).__name__
-    return f"{name}(reduction={getattr(likelihood, 'reduction', 'mean')!r})"
