@@ -271,7 +271,8 @@ def _recipe(
     targets, dropped = None, ()
     if need_targets:
         targets = _targets(recording, loss, candidate)
-        if call.index in loss.inside:  # the network computed the loss from this argument
+        if call.index in loss.inside and not _needs_labels(call.module):
+            # the network computed the loss from this argument: the probe leaves it out
             source = fetch(recording.batch, targets.path)
             dropped = tuple(name for name, value in call.kwargs.items() if value is source)
     args, kwargs = argument_readings(recording, call, count, frozenset(dropped))
@@ -288,6 +289,14 @@ def _recipe(
         nested=bool(loss.inside),
         dropped=dropped,
     )
+
+
+def _needs_labels(module: nn.Module) -> bool:
+    """Whether the network needs its labels to run (``labels=`` then stays in the probe).
+
+    A Hugging Face encoder-decoder builds its decoder's inputs from them.
+    """
+    return bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
 
 
 def _targets(recording: Recording, loss: LossCall, candidate: Tensor) -> TargetReading:

@@ -18,6 +18,7 @@ once the recipe is derived from them (:mod:`fisher_monitor.callback.recipe`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -167,7 +168,7 @@ class Recording:
 
 
 def walk_tensors(value: Any, path: Path = (), depth: int = 0) -> Iterator[tuple[Path, Tensor]]:
-    """Every tensor in a (nested) mapping, tuple or list, with its path; three levels deep."""
+    """Every tensor with its path, three levels into mappings, tuples, lists, dataclasses."""
     if isinstance(value, Tensor):
         yield path, value
         return
@@ -179,6 +180,10 @@ def walk_tensors(value: Any, path: Path = (), depth: int = 0) -> Iterator[tuple[
     elif isinstance(value, (tuple, list)):
         for index, item in enumerate(value):
             yield from walk_tensors(item, (*path, ("index", index)), depth + 1)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            attribute = getattr(value, item.name, None)
+            yield from walk_tensors(attribute, (*path, ("attr", item.name)), depth + 1)
 
 
 def fetch(value: Any, path: Path) -> Any:
@@ -300,7 +305,10 @@ class StepRecorder:
         """One torch call of the step, after it ran."""
         recording = self.recording
         assert recording is not None
-        name = _LOSSES.get(func)
+        try:
+            name = _LOSSES.get(func)
+        except TypeError:  # an unhashable callable: not a loss function
+            name = None
         if name is not None:
             self._loss(name, args, kwargs, result)
             return
