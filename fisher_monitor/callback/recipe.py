@@ -308,16 +308,21 @@ def output_candidates(raw: Any) -> Iterator[tuple[Path, Tensor]]:
 
 
 def _position_options(full: int, needed: int) -> Iterator[Positions]:
-    """Readings of a position axis of ``full`` entries that leave ``needed`` of them."""
+    """Readings of a position axis of ``full`` entries that leave ``needed`` of them.
+
+    A slice drops ``full − needed`` positions at the end or at the start (the causal-LM
+    shift), so that it holds for sequences of any length; one position is an index (the
+    first, the last, any other), tried before a slice that happens to leave one.
+    """
     if needed == full:
         yield None
-    elif 0 < needed < full:
-        yield slice(None, needed - full)
-        yield slice(full - needed, None)
-    if needed == 1 and full > 1:  # one position: the first, the last, any other
+    if needed == 1 and full > 1:
         yield 0
         yield -1
         yield from range(1, full - 1)
+    if 0 < needed < full:
+        yield slice(None, needed - full)
+        yield slice(full - needed, None)
 
 
 def _numel(shape) -> int:
