@@ -36,6 +36,7 @@ from fisher_monitor.callback.recording import (
     fetch,
 )
 from fisher_monitor.likelihoods import (
+    FUNCTIONAL_LOSSES,
     Likelihood,
     UnsupportedLossError,
     functional_loss_module,
@@ -103,14 +104,14 @@ def derive(
     if not found:
         raise RecipeError("; ".join(dict.fromkeys(reasons)))
     wanted = likelihood.module_class if likelihood is not None else prefer
-    preferred = [item for item in found if item[1].module_class is wanted]
-    first = (preferred or found)[0]
+    matching = [item for item in found if item[0].loss_module is wanted]
+    first = (matching or found)[0]
     different = [
         recipe
-        for recipe, found_likelihood in found
-        if found_likelihood != first[1] and _is_training(recording, recipe)
+        for recipe, _ in found
+        if recipe.loss_module is not first[0].loss_module and _is_training(recording, recipe)
     ]
-    if different and not preferred:
+    if different and not matching:
         texts = sorted({first[0].loss_text, *(recipe.loss_text for recipe in different)})
         raise RecipeError(
             f"training_step computes several losses ({', '.join(texts)}); pass the negative "
@@ -147,6 +148,7 @@ def _derive_one(
                     misses.append(str(error))
                     continue
                 recipe.options, recipe.reading = options, how
+                recipe.loss_module = _loss_module(loss.function, activation)
                 return recipe, likelihood
     if misses:
         raise RecipeError(misses[0])
@@ -165,6 +167,15 @@ def _derive_one(
         "network, whole, sliced along its positions, flattened or with its classes moved "
         f"({shapes or 'the network was not called'}){hint}"
     )
+
+
+def _loss_module(function: str, activation: str | None) -> type[nn.Module]:
+    """The loss module a call is read as (``F.nll_loss`` on log_softmax: cross-entropy)."""
+    if activation == "log_softmax":
+        return nn.CrossEntropyLoss
+    if activation == "sigmoid":
+        return nn.BCEWithLogitsLoss
+    return FUNCTIONAL_LOSSES[function]
 
 
 def _options(loss: LossCall) -> dict[str, Any]:

@@ -214,6 +214,8 @@ class Recipe:
         nested: Whether the network computed the loss in its own ``forward``.
         dropped: Keyword arguments left out of the network's call (the labels of a loss
             the network computes itself).
+        loss_module: The loss module the call is read as (``nn.CrossEntropyLoss`` for
+            ``F.cross_entropy`` and for ``F.nll_loss`` on ``log_softmax``).
     """
 
     network: nn.Module
@@ -228,6 +230,7 @@ class Recipe:
     reading: str | None = None
     nested: bool = False
     dropped: tuple[str, ...] = field(default_factory=tuple)
+    loss_module: type[nn.Module] | None = None
 
     @property
     def outputs(self) -> Callable[[Any], Any] | None:
@@ -257,7 +260,7 @@ def labelled_only(inputs: Any, targets: Tensor, likelihood: Any) -> tuple[Any, T
     it keeps it out of ``N`` too, so that the measurement equals one without it.
     """
     kept = getattr(likelihood, "kept", None)
-    if kept is None or not isinstance(targets, Tensor) or not targets.dim():
+    if kept is None or not isinstance(targets, Tensor) or not targets.numel():
         return inputs, targets
     labelled = kept(targets).reshape(targets.shape[0], -1).any(dim=1)
     if bool(labelled.all()):

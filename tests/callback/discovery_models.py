@@ -205,3 +205,24 @@ class ObjectClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TwoHeads(pl.LightningModule):
+    """A classification head and a regression head, two losses, no loss module."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.classes, self.value = nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x):
+        features = torch.tanh(self.body(x))
+        return self.classes(features), self.value(features)
+
+    def training_step(self, batch, batch_idx):
+        logits, value = self(batch[0])
+        regression = F.mse_loss(value.squeeze(1), batch[0][:, 0])
+        return F.cross_entropy(logits, batch[1]) + regression
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)

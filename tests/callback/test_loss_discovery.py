@@ -480,3 +480,25 @@ def test_outputs_that_do_not_give_the_loss_input_are_refused():
     monitor = FisherMonitor(every_n_steps=1, raise_on_error=True, outputs=lambda out: out * 2)
     with pytest.raises(ValueError, match="cannot measure its loss.*outputs="):
         fit(monitor, steps=1, model=lambda: Written(FORMS["F.cross_entropy"][0]))
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "found", "measured"),
+    [
+        (nn.MSELoss(), "F.mse_loss(…) on output[1]", "MSELoss(reduction='mean')"),
+        (
+            nn.CrossEntropyLoss(),
+            "F.cross_entropy(…) on output[0]",
+            "CrossEntropyLoss(reduction='mean', ignore_index=-100)",
+        ),
+    ],
+)
+def test_loss_fn_says_which_of_several_losses_is_the_likelihood(loss_fn, found, measured):
+    monitor = FisherMonitor(every_n_steps=1, raise_on_error=True, loss_fn=loss_fn)
+    _, _, logger = fit(monitor, steps=1, model=models.TwoHeads)
+    assert logger.steps_with("~fisher/block/direction_cosine/all") == [0]
+    (note,) = [note for note in monitor._info.notes if note.startswith("loss found")]
+    assert found in note
+    assert monitor._info.settings["loss"] == measured
+    with pytest.raises(ValueError, match="several losses"):
+        fit(FisherMonitor(raise_on_error=True), steps=1, model=models.TwoHeads)

@@ -231,3 +231,5 @@ def test_samples_without_a_label_leave_the_probe():
     assert kept_inputs["shared"] is inputs["shared"]
     same = labelled_only(inputs, targets[[0, 2]], Gaussian())  # no ignored targets: as is
     assert same[0] is inputs
+    empty = labelled_only(inputs, targets[:0], Categorical())  # the engine names it
+    assert empty[0] is inputs and empty[1].shape == (0, 3)
