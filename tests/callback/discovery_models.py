@@ -171,6 +171,14 @@ class BertClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class BertLogits(BertClassifier):
+    """The same classifier with the cross-entropy on ``out.logits`` in ``training_step``."""
+
+    def training_step(self, batch, batch_idx):
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return F.cross_entropy(out.logits, batch["labels"])
+
+
 @dataclass
 class Output:
     """What many models return: an object holding the logits and more."""

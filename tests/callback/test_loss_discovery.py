@@ -22,7 +22,14 @@ from fisher_monitor import FisherMonitor, measure, schedules
 from lightning_helpers import SpyLogger, TinyClassifier, dataset, fit, loader
 from reference_checks import assert_matches
 
-HEADLINE = ("direction_cosine", "nat_grad_cosine", "kl", "nat_projection", "rel_error")
+HEADLINE = (
+    "direction_cosine",
+    "nat_grad_cosine",
+    "kl",
+    "nat_projection",
+    "rel_error",
+    "trace_ratio",
+)
 
 
 def headline_keys(structures=("diag", "block")) -> list[str]:
@@ -368,15 +375,18 @@ def test_hugging_face_gpt2_computing_its_own_loss_from_labels():
     assert_same_measurement(logger, expected)
 
 
-def test_hugging_face_bert_classifier_on_dict_batches():
+@pytest.mark.parametrize("module", [models.BertClassifier, models.BertLogits])
+def test_hugging_face_bert_classifier_on_dict_batches(module):
+    """``model(**batch).loss`` (the loss inside transformers) or ``F.cross_entropy`` on
+    ``out.logits`` in training_step, with attention masks."""
     torch.manual_seed(0)
-    model = models.BertClassifier()
+    model = module()
     initial = copy.deepcopy(model.model)
     data = DataLoader(models.Sentences(), batch_size=4)
-    _fit_lm(model, data)
+    _, logger = _fit_lm(model, data)
     batch = next(iter(data))
     expected = _lm_expected(initial, batch, batch["labels"], lambda out: out.logits)
-    assert expected["probe/batch_size"] == 4
+    assert_same_measurement(logger, expected)
 
 
 def test_a_model_returning_an_object_with_logits():
