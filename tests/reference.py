@@ -76,12 +76,15 @@ def _flatten(tree: dict[str, Tensor]) -> Tensor:
 def sample_nll(loss_fn: nn.Module) -> nn.Module:
     """The per-sample negative log-likelihood ℓ_n, applied to a batch of one sample.
 
-    A cross-entropy or binary cross-entropy sample's NLL is the sum over all its output
-    positions whatever the reduction (``"mean"`` would divide by their number T, a constant
-    that F and EF must not see). ``MSELoss("mean")`` on one sample is ‖f − y‖²/K, the NLL
+    A cross-entropy (or NLL, or binary cross-entropy) sample's NLL is the sum over all its
+    output positions (those whose target is ``ignore_index`` left out) whatever the
+    reduction (``"mean"`` would divide by their number T, a constant that F and EF must not
+    see). ``MSELoss("mean")`` on one sample is ‖f − y‖²/K, the NLL
     of a Gaussian with variance K/2; ``"sum"``, ‖f − y‖² (variance ½).
     """
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)):
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return type(loss_fn)(reduction="sum", ignore_index=loss_fn.ignore_index)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         return type(loss_fn)(reduction="sum")
     return loss_fn
 

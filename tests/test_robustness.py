@@ -399,9 +399,11 @@ def test_lazy_modules_and_configure_model_in_the_callback():
 
     with pytest.raises(ValueError, match="uninitialised lazy parameters"):
         measure(Lazy().net, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.randint(0, 3, (4,)))
-    with pytest.warns(UserWarning, match="skipped the measurement at step 0 .*lazy"):
-        _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), model=Lazy(), steps=3)
-    assert logger.steps_with("~fisher/diag/kl/all") == [1, 2]
+    # the first measured step is recorded to find the loss: its forward pass gives the lazy
+    # modules their shapes before it is measured (tests/callback/test_failures.py has the
+    # retry when everything is told and the first step is measured at its start)
+    _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), model=Lazy(), steps=3)
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2]
 
     class Configured(TinyClassifier):
         def __init__(self):

@@ -56,15 +56,16 @@ def test_invalid_settings(batch, kwargs, error, match):
 @pytest.mark.parametrize(
     "loss_fn, match",
     [
-        (nn.NLLLoss(), r"Unsupported loss 'NLLLoss'.*Supported: \('CrossEntropyLoss', 'MSELoss'"),
+        (nn.L1Loss(), r"Unsupported loss 'L1Loss'.*Supported: \('CrossEntropyLoss', 'MSELoss'"),
         (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing=0.1"),
         (nn.CrossEntropyLoss(weight=torch.ones(2)), "class `weight`"),
-        (nn.CrossEntropyLoss(ignore_index=0), "ignore_index=0"),
+        (nn.NLLLoss(weight=torch.ones(2)), "NLLLoss with class `weight`"),
         (nn.CrossEntropyLoss(reduction="none"), "reduction='none'"),
         (nn.BCEWithLogitsLoss(pos_weight=torch.ones(1)), "pos_weight"),
         (
             "hinge",
-            r"Unknown loss name 'hinge'. Supported: \('cross_entropy', 'mse', 'bce_with_logits'\)",
+            r"Unknown loss name 'hinge'. Supported: \('cross_entropy', 'mse', 'bce_with_logits', "
+            r"'nll'\)",
         ),
     ],
 )
@@ -89,9 +90,9 @@ def test_loss_names_are_accepted(batch):
             nn.CrossEntropyLoss(),
             2,
             torch.tensor([0, 1, 2, 0, 1]),
-            r"class indices in \[0, 2\), found 2",
+            r"class indices in \[0, 2\) or ignore_index \(-100\), found 2",
         ),
-        (nn.CrossEntropyLoss(), 2, torch.tensor([0, 1, -100, 0, 1]), "ignore_index"),
+        (nn.CrossEntropyLoss(ignore_index=0), 2, torch.tensor([0, 1, -100, 0, 1]), "ignore_index"),
         (nn.MSELoss(), 1, torch.randn(5), r"targets \(5,\).*Reshape the targets to \(5, 1\)"),
         (nn.MSELoss(), 2, torch.randint(0, 2, (5, 2)), "floating-point targets"),
         (nn.BCEWithLogitsLoss(), 1, torch.rand(5, 1), "binary"),

@@ -22,25 +22,20 @@ from fisher_monitor.backends import check_backend
 from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
-from fisher_monitor.callback.discovery import find_loss, find_network, network_name
+from fisher_monitor.callback.discovery import LossDiscovery, find_network, loss_text, network_name
 from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
-from fisher_monitor.callback.progress_bar import progress_bar_name
-from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
+from fisher_monitor.callback.results import IMAGE_EVERY, ResultSink
 from fisher_monitor.callback.timing import Ledger
 from fisher_monitor.callback.update import (
     UpdateRecorder,
-    audited_optimizer,
     has_second_moment,
     measurer_keeps_directions,
 )
 from fisher_monitor.callback.writer_registry import writers_for
 from fisher_monitor.callback.writers import (
     RunInfo,
-    Writer,
     WriterGroup,
-    encodable_keys,
-    time_series,
 )
 from fisher_monitor.engine import Measurer
 from fisher_monitor.engine.cost import check_estimator
@@ -49,11 +44,8 @@ from fisher_monitor.measurement import Measurement
 from fisher_monitor.report.headline import check_use
 from fisher_monitor.report.text import terminal_safe
 from fisher_monitor.schedules import Schedule, TimedSchedule
-from fisher_monitor.settings import DampingMode, MeasureSettings
+from fisher_monitor.settings import MeasureSettings
 
-#: The heat-map image is drawn at every this many measurements (the 10th, 20th, …) and at
-#: the end of fitting: a map of one or two columns says nothing, and drawing it is not free.
-IMAGE_EVERY = 10
 #: Default logging prefix. TensorBoard's Time Series and Scalars pages list tag groups in
 #: character order and open only the first two; "~" sorts after letters, digits and "_", so
 #: the user's own curves come first and the monitor's group last (checked in Chromium).
@@ -67,7 +59,7 @@ except ImportError:  # pragma: no cover - `lightning` is optional
     _BASES = (Callback,)
 
 
-class FisherMonitor(*_BASES):
+class FisherMonitor(ResultSink, *_BASES):
     r"""Log how far the empirical Fisher (EF) is from the Fisher (F) as training goes.
 
     At the steps its schedule chooses, at ``on_train_batch_start`` (the parameters and the
@@ -102,13 +94,19 @@ class FisherMonitor(*_BASES):
         network: What to measure: ``None`` for the LightningModule (or, when it defines no
             ``forward``, the one submodule holding all trainable parameters), an attribute
             name (dotted paths allowed) such as ``"net"``, or a callable ``module -> nn.Module``.
-        loss_fn: The negative log-likelihood: ``None`` finds the attribute of the module
-            holding a ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or such a
-            module; or ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``.
-        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)``; ``None`` handles
-            ``(inputs, targets, ...)`` tuples and dicts with the usual keys. A tuple of inputs
-            is passed to ``forward`` as positional arguments: for ``(x, mask, y)`` batches,
-            ``lambda batch: ((batch[0], batch[1]), batch[2])``.
+        loss_fn: The negative log-likelihood: ``None`` finds the loss ``training_step``
+            computes by recording the first measured step (functional losses and loss
+            modules; see the callback guide), else a loss module attribute; or a
+            ``CrossEntropyLoss``, ``NLLLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or
+            ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"bce_with_logits"``.
+        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)`` (inputs: a tensor,
+            a tuple of positional or a dict of keyword arguments; targets per sample, e.g.
+            ``(N, T)``); ``None`` derives it from the recorded step, else splits
+            ``(inputs, targets, ...)`` tuples and dicts with the usual keys.
+        outputs: The loss's input from the network's output, classes on dimension 1, e.g.
+            ``lambda out: out.logits[:, :-1].transpose(1, 2)``; ``None`` derives it from
+            the recorded step, else takes a tensor, a ``ModelOutput``'s ``logits`` or a
+            tuple's first element.
         probe_size: Measure on at most this many samples of the batch (per process).
         probe_data: A fixed probe set instead of the training batch: a ``DataLoader`` (its
             first batch, taken once) or an ``(inputs, targets)`` pair.
@@ -188,6 +186,7 @@ class FisherMonitor(*_BASES):
         network: str | Callable[[Any], nn.Module] | None = None,
         loss_fn: nn.Module | str | None = None,
         batch_to_inputs_targets: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        outputs: Callable[[Any], Tensor] | None = None,
         probe_size: int | None = None,
         probe_data: Any = None,
         backend: str = "auto",
@@ -215,8 +214,10 @@ class FisherMonitor(*_BASES):
             "batch_to_inputs_targets", batch_to_inputs_targets, "lambda batch: (inputs, targets)"
         )
         self.batch_to_inputs_targets = splitter or default_batch_to_inputs_targets
+        self.outputs = arguments.check_callable("outputs", outputs, "lambda out: out.logits")
         self.probe_size = arguments.check_probe_size(probe_size)
         self.probe_data = arguments.check_probe_data(probe_data)
+        self._discovery = LossDiscovery(loss_fn, splitter is not None, probe_data, outputs)
         self.backend = check_backend(backend)
         self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
@@ -279,6 +280,7 @@ class FisherMonitor(*_BASES):
         if isinstance(self.schedule, TimedSchedule):
             self.schedule.start()
         self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
+        self._discovery.reset()
         self._writers = WriterGroup(
             writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
             if trainer.is_global_zero
@@ -315,7 +317,12 @@ class FisherMonitor(*_BASES):
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         network = find_network(pl_module, self.network)
-        likelihood = find_loss(pl_module, self.loss_fn)
+        self._layers, self._backend_used = None, None
+        if self._discovery.pending:  # the loss is found in the first measured step
+            self._measurer, self._measured = None, network
+            self._layers = self._discovery.layers(network)
+            return
+        network, likelihood, outputs = self._discovery.resolve(pl_module, network, self._probe)
         measurer = Measurer(
             network,
             likelihood,
@@ -323,9 +330,9 @@ class FisherMonitor(*_BASES):
             backend=self.backend,
             memory_budget=self.memory_budget,
             estimator=self.estimator,
+            outputs=outputs,
         )
         self._probe.prepare()
-        self._layers, self._backend_used = None, None
         if not any(is_lazy(p) for p in network.parameters()):
             prepared = measurer.prepared  # checks the network now, not at the first step
             self._layers, self._backend_used = len(prepared.layers), prepared.backend
@@ -344,7 +351,7 @@ class FisherMonitor(*_BASES):
             "backend_used": self._backend_used,
             "estimator": self.estimator,
             "network": network_name(pl_module, self._measured) if self._measured else None,
-            "loss": _loss_text(measurer.likelihood) if measurer is not None else None,
+            "loss": loss_text(measurer.likelihood) if measurer else self._discovery.pending_text,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "audit": optimizer is not None,
             "preconditioner": has_second_moment(optimizer),
@@ -373,11 +380,47 @@ class FisherMonitor(*_BASES):
         if self._policy.off or step == self._last_step or not self._due(step):
             return
         self._last_step = step
+        if self._discovery.pending:  # record this step; measure it before its backward
+            if self._measured is not None or self._prepare_everywhere(pl_module, step):
+                self._discovery.start(
+                    pl_module, self._measured, self.network is not None, batch, step
+                )
+            return
         started = self._ledger.clock()
         measurement = self._attempt(pl_module, batch, step, started)
         if measurement is not None:
             self._record(trainer, pl_module, measurement, step, started)
         self._charge(self._ledger.clock() - started, measurement=True)
+
+    @override
+    @never_raises
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:  # noqa: D102
+        self._finish_recording(trainer, pl_module, measure=True)
+
+    @override
+    @never_raises
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
+
+    def _finish_recording(self, trainer, pl_module, measure: bool) -> None:
+        """Measure the recorded step before its backward pass (or prepare for the next)."""
+        recording = self._discovery.stop()
+        if recording is None:
+            return
+        started, step = self._ledger.clock(), recording.step
+        with self._discovery.buffers_at_start(recording):  # as at the step's start
+            measurement = (
+                self._attempt(pl_module, recording.batch, step, started) if measure else None
+            )
+        if measurement is not None:
+            self._record(trainer, pl_module, measurement, step, started)
+        elif not measure:
+            self._prepare_everywhere(pl_module, step)
+        note = self._discovery.announce(pl_module, self._measured, self._measurer, self._info)
+        if note is not None:  # which loss was found and how: a line, a note, the settings
+            rank_zero_info(f"FisherMonitor: {note}.")
+            self._write_info()
+        self._charge(self._ledger.clock() - started, measurement=measure)
 
     def _due(self, step: int) -> bool:
         decision = bool(self.schedule(step))
@@ -405,108 +448,6 @@ class FisherMonitor(*_BASES):
         outcome.measurement.scalars[keys.probe_key("seconds")] = self._ledger.clock() - started
         self.last_measurement = outcome.measurement
         return outcome.measurement
-
-    def _record(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        measurement: Measurement,
-        step: int,
-        started: float,
-    ) -> None:
-        measured = encodable_keys(measurement.scalars)  # layer names go into files and tags
-        scalars = time_series(measured, self._constants)
-        scalars[keys.probe_key("overhead")] = self._ledger.share(self._ledger.clock() - started)
-        self._history.add(step, measured)
-        for key in self.prog_bar:
-            if key in scalars:
-                pl_module.log(
-                    progress_bar_name(key),
-                    scalars[key],
-                    prog_bar=True,
-                    logger=False,
-                    on_step=True,
-                    on_epoch=False,
-                )
-        if self._info is not None and (
-            self._info.add_coverage(measurement.coverage) | self._info.add_notes(measurement.notes)
-        ):
-            self._write_info()
-        if self._writers:
-            ratios = ef_over_f_log_ratios(measurement.diagonals) if self.log_histograms else {}
-            self._writers.call("log_scalars", scalars, step)
-            self._writers.call("log_histograms", "log10_ef_over_f", encodable_keys(ratios), step)
-            if len(self._history) % IMAGE_EVERY == 0:
-                self._writers.call("log_heatmap", self._history, step)
-        optimizer = self._optimizer(trainer)
-        if (
-            optimizer is not None
-            and trainer.is_global_zero
-            and self._measured is not None
-            and measurement.directions  # a measurer without them (a user's subclass): no audit
-        ):
-            self._recorder.arm(optimizer, self._measured, measurement, step)
-
-    @property
-    def _constants(self) -> tuple[str, ...]:
-        """Metrics that are settings, not time series (λ too when it is absolute)."""
-        absolute = self.settings.damping_mode is DampingMode.ABSOLUTE
-        return (*keys.CONSTANT_METRICS, *(("damping",) if absolute else ()))
-
-    # ------------------------------------------------------------------ optimizer audit
-
-    def _optimizer(self, trainer: pl.Trainer | None) -> torch.optim.Optimizer | None:
-        """The audited optimizer (``None``: no audit)."""
-        optimizers = trainer.optimizers if trainer is not None else []
-        return audited_optimizer(optimizers, self.optimizer_index, self.audit_optimizer)
-
-    def _audited(
-        self,
-        step: int,
-        scalars: dict[str, float],
-        histograms: dict[str, dict[str, Any]],
-        notes: list[str],
-        seconds: float,
-    ) -> None:
-        """The optimizer audit of the measurement at ``step``.
-
-        Called inside the optimizer's ``step()``: nothing may escape, the policy decides.
-        """
-        try:
-            self._charge(seconds, measurement=False)
-            scalars = encodable_keys(scalars)
-            self._history.extend(step, scalars)
-            if self._info is not None and self._info.add_notes(notes):
-                self._write_info()
-            self._writers.call("log_scalars", time_series(scalars, self._constants), step)
-            for group, values in histograms.items():
-                self._writers.call("log_histograms", group, encodable_keys(values), step)
-        except Exception as error:  # noqa: BLE001 - strict mode raises
-            self._audit_failed(step, error)
-
-    def _audit_failed(self, step: int, error: BaseException) -> None:
-        self._policy.handle([f"{type(error).__name__}: {error}"], step, "measure", error)
-
-    # ------------------------------------------------------------------ run information
-
-    def _write_info(self) -> None:
-        if self._info is not None:
-            self._writers.call("write_info", self._info)
-
-    def _write_failed(self, writer: Writer, error: BaseException, remaining: int) -> None:
-        """A logger failed to write: one warning; with none left, a single process stops.
-
-        Under data parallelism every process measures together, and only rank zero
-        writes: it keeps measuring (for the end-of-fit summary) rather than leave the
-        others waiting for it.
-        """
-        switch_off = not remaining and not distributed.is_distributed()
-        self._policy.write_failed(writer.destination, error, remaining, switch_off)
-
-    def _charge(self, seconds: float, measurement: bool, one_time: bool = False) -> None:
-        self._ledger.charge(seconds)
-        if isinstance(self.schedule, TimedSchedule):
-            self.schedule.charge(seconds, measurement=measurement, one_time=one_time)
 
     # ------------------------------------------------------------------ end
 
@@ -552,7 +493,13 @@ class FisherMonitor(*_BASES):
 
     @override
     @never_raises
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102
+        self._discovery.close()  # a step that failed while recorded leaves no hooks behind
+
+    @override
+    @never_raises
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._discovery.close()
         self._recorder.disarm()
         self._trainer = None
         if self._measurer is not None:
@@ -589,9 +536,3 @@ def _fit_length(trainer: pl.Trainer) -> int | None:
     except Exception:  # noqa: BLE001 - e.g. an iterable dataset without a length
         return None
     return int(total) if total is not None and math.isfinite(total) else None
-
-
-def _loss_text(likelihood: Any) -> str:
-    module = getattr(likelihood, "module_class", None)
-    name = module.__name__ if module is not None else type(likelihood).__name__
-    return f"{name}(reduction={getattr(likelihood, 'reduction', 'mean')!r})"

@@ -31,12 +31,17 @@ def test_start_line_and_end_table_of_a_fit(tmp_path, said):
     logger = TensorBoardLogger(tmp_path)
     monitor = FisherMonitor(every_n_steps=2, structures=("diag", "block"), probe_size=8)
     fit(monitor, steps=5, logger=logger)
-    start, table = said
+    start, found, table = said
     assert start == (
         "FisherMonitor: comparing F and EF (diag + block; exact Fisher, 0.001 relative damping) "
-        "of TinyClassifier, 2 layers with CrossEntropyLoss(reduction='mean'), backend backpack, "
-        "on the training batch (at most 8 samples), schedule every(2, offset=0); logged under "
-        "'~fisher/'."
+        "of TinyClassifier, 2 layers with the loss training_step computes (found at the first "
+        "measured step), backend auto, on the training batch (at most 8 samples), schedule "
+        "every(2, offset=0); logged under '~fisher/'."
+    )
+    assert found == (
+        "FisherMonitor: loss found in training_step at step 0: F.cross_entropy(…) on output, "
+        "targets batch[1]; the probe calls TinyClassifier(batch[0]); measured as "
+        "Categorical(reduction='mean', ignore_index=-100)."
     )
     lines = table.splitlines()
     assert lines[0] == "FisherMonitor summary"

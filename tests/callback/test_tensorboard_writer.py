@@ -159,7 +159,7 @@ def test_hyperparameters_and_the_run_file(tensorboard_run):
     assert info["settings"]["structures"] == ["diag", "block"]
     assert info["settings"]["schedule"] == "every(2, offset=0)"
     assert info["settings"]["optimizer"] == "SGD"
-    assert info["settings"]["loss"] == "CrossEntropyLoss(reduction='mean')"
+    assert info["settings"]["loss"] == "CrossEntropyLoss(reduction='mean', ignore_index=-100)"
     assert info["settings"]["network"] == "TinyClassifier"
     assert info["settings"]["fixed_probe"] is False
     assert [layer["layer"] for layer in info["layers"]] == ["net.0", "net.3"]
