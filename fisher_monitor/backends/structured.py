@@ -51,14 +51,29 @@ def is_plain_embedding(module: nn.Module) -> bool:
     )
 
 
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` is a ``base`` that computes what ``base`` computes.
+
+    A subclass may rescale the output, pad differently, standardise the weight or read
+    other inputs.
+    """
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
 def has_structured_rule(module: nn.Module) -> bool:
-    """Whether a module's factors can be formed from its inputs and output columns."""
-    if isinstance(module, nn.Linear) or is_transposed_linear(module):
+    """Whether a module's factors can be formed from its inputs and output columns.
+
+    Only for the modules' own ``forward``: a subclass that overrides it (a scaled
+    embedding, a positional embedding that builds its own indices, a convolution with
+    "same" padding of its own) is measured by its module's pull-back instead.
+    """
+    if _own_forward(module, nn.Linear) or is_transposed_linear(module):
         return True
     if is_plain_embedding(module):
-        return True
-    if isinstance(module, CONVOLUTIONS):
-        return module.groups == 1 and module.padding_mode == "zeros"
+        return _own_forward(module, nn.Embedding)
+    for convolution in CONVOLUTIONS:
+        if _own_forward(module, convolution):
+            return module.groups == 1 and module.padding_mode == "zeros"
     return False
 
 

@@ -222,6 +222,57 @@ def test_embeddings_with_padding_and_one_lookup_per_sample():
     assert methods["label"] == "outer products"
 
 
+class ScaledEmbedding(nn.Embedding):
+    """A lookup times a constant (BART's and Gemma's scaled word embeddings)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.5
+
+
+class LearnedPositions(nn.Embedding):
+    """A lookup of positions it builds itself from its input's shape (BART's): its input
+    is not the indices it looks up, and may be a float tensor."""
+
+    def forward(self, hidden):
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        return super().forward(positions + 2).expand(hidden.shape[0], -1, -1)
+
+
+class Rescaled(nn.Linear):
+    """A Linear whose output is rescaled in its own forward."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_subclasses_with_their_own_forward_are_measured_as_they_compute():
+    """Compact factors assume the base class's forward; a subclass that overrides it is
+    measured by its module's pull-back, with the same numbers as torch.func."""
+    torch.manual_seed(3)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = ScaledEmbedding(9, 4)
+            self.positions = LearnedPositions(8, 4)
+            self.mix = Rescaled(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            x = self.tokens(ids)
+            x = x + self.positions(x)
+            return self.head(torch.tanh(self.mix(x)).mean(1))
+
+    model = Encoder().double()
+    ids = torch.randint(0, 9, (6, 5))
+    m = agrees_with_torch_func(model, nn.CrossEntropyLoss(), ids, torch.randint(0, 3, (6,)))
+    methods = {entry["layer"]: entry["factors"] for entry in m.coverage}
+    assert methods["head"] == "outer products"
+    for layer in ("tokens", "positions", "mix"):
+        assert methods[layer] != "weight-sharing outer products", layer
+    assert {entry["backend"] for entry in m.coverage} == {"autograd"}
+
+
 def test_hugging_face_gpt2_with_its_tied_head():
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
