@@ -329,6 +329,7 @@ def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, ta
     layer output and J_z the Jacobian of the network output w.r.t. it (KFC / KFAC-expand).
     """
     model = copy.deepcopy(model)
+    nll = sample_nll(loss_fn)  # ℓ_n sums a sample's positions, as for F and EF
     result = {}
     n = inputs.shape[0]
     for name, module in _layer_modules(model).items():
@@ -361,7 +362,7 @@ def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, ta
                     for k in range(flat_out.numel())
                 ]
             )
-            H = hessian(lambda f: loss_fn(f.reshape(out.shape), targets[i : i + 1]))(
+            H = hessian(lambda f: nll(f.reshape(out.shape), targets[i : i + 1]))(
                 flat_out.detach()
             )
             ggn = J.T @ H @ J  # (T·O) × (T·O) in the output's memory layout
