@@ -141,6 +141,7 @@ def small_vision_transformer() -> nn.Module:
 
 
 @pytest.mark.parametrize("make", [small_vision_transformer, UNet], ids=["vit", "unet"])
+@pytest.mark.slow
 def test_vision_models_match_the_reference_in_float64(make):
     torch.manual_seed(1)
     model = make().double().eval()
@@ -335,6 +336,7 @@ class Shifted(nn.Module):
         return self.lm(ids)[:, :-1].transpose(1, 2)
 
 
+@pytest.mark.slow
 def test_tied_gpt_first_measurement_matches_the_reference_in_float64():
     """A float64 fit's first measurement equals F and EF from their definitions, with the
     tied embedding one layer whose gradient sums both uses."""

@@ -273,6 +273,7 @@ def test_subclasses_with_their_own_forward_are_measured_as_they_compute():
     assert {entry["backend"] for entry in m.coverage} == {"autograd"}
 
 
+@pytest.mark.slow
 def test_hugging_face_gpt2_with_its_tied_head():
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

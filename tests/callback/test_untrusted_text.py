@@ -48,6 +48,7 @@ def said(monkeypatch) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_a_layer_name_that_is_not_utf8_is_logged_as_its_escapes(tmp_path, capsys):
     logger = TensorBoardLogger(tmp_path, name="odd")
     monitor = FisherMonitor(every_n_steps=1, structures=("diag", "block", "kron"))

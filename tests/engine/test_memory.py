@@ -53,6 +53,7 @@ def run_probe(*arguments: str) -> dict:
 @pytest.mark.parametrize(
     ("structures", "fisher"), [("diag", "exact"), ("diag,block", "exact"), ("kron", "exact")]
 )
+@pytest.mark.slow
 def test_estimate_is_within_a_factor_of_the_measured_peak_on_a_small_cnn(structures, fisher):
     """A VGG-style CNN on 32 × 32 images, 32 samples (peaks of 70–230 MiB): measured in a
     fresh process as the rise of the resident-set high-water mark during the measurement."""

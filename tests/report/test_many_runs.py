@@ -50,6 +50,7 @@ class Text(HTMLParser):
         self.text.append(data)
 
 
+@pytest.mark.slow
 def test_many_runs_get_a_table_and_figures_for_the_runs_that_matter(tmp_path, capsys):
     root = sweep(tmp_path / "sweep")
     out = tmp_path / "out"
