@@ -247,6 +247,32 @@ class LayerFactors(ABC):
     def gram_uv(self) -> Tensor:
         """``K_UV = UᵀV`` (``N × R``)."""
 
+    # ---------------------------------------------------- mixed precision (the Gram route)
+    #: Whether :meth:`gram_v_in` and :meth:`gram_v_product` are implemented: the Gram route
+    #: may then factorise ``K_V`` in float32 and refine its solves in float64.
+    mixed_precision: bool = False
+
+    def gram_v_in(self, dtype: torch.dtype, out: Tensor) -> Tensor:
+        """``K_V`` formed in ``dtype`` (float32: half the work) into ``out`` (``R × R``)."""
+        raise NotImplementedError
+
+    def gram_v_product(self, weights: Tensor) -> Tensor:
+        """``K_V w`` in float64 for ``R`` or ``R × k`` weights, without forming ``K_V``."""
+        raise NotImplementedError
+
+    def gram_v_diagonal(self) -> Tensor:
+        """``(K_V)_ii = ‖v_i‖²`` in float64 (``R``)."""
+        raise NotImplementedError
+
+    def gram_length(self) -> int:
+        """Length of the dot products :meth:`gram_v_in` accumulates (its rounding grows with it)."""
+        return self.dimension
+
+    @classmethod
+    def product_flops(cls, shape: LayerShape, size: PassSize) -> float:
+        """Work of one :meth:`gram_v_product` with one column."""
+        return 4.0 * size.rank * shape.dimension
+
     @abstractmethod
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(F, EF, g)``: ``D × D`` blocks and the mean gradient, all in ``dtype``."""

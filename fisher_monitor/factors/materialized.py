@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fisher_monitor.factors.base import LayerFactors
 from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.linalg import symmetric_product
 
 
 class MaterializedFactors(LayerFactors):
@@ -60,6 +61,18 @@ class MaterializedFactors(LayerFactors):
     def gram_uv(self) -> Tensor:  # noqa: D102
         u, v = self._casted()
         return u @ v.T / self.num_samples**0.5
+
+    mixed_precision = True
+
+    def gram_v_in(self, dtype: torch.dtype, out: Tensor) -> Tensor:  # noqa: D102
+        return symmetric_product(self.sqrt.to(dtype), out)
+
+    def gram_v_product(self, weights: Tensor) -> Tensor:  # noqa: D102
+        _, v = self._casted()
+        return v @ (v.T @ weights.to(self.dtype))
+
+    def gram_v_diagonal(self) -> Tensor:  # noqa: D102
+        return self._casted()[1].square().sum(dim=1)
 
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
         u, v = self._casted()

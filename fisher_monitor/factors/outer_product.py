@@ -16,6 +16,7 @@ from fisher_monitor.factors.base import (
     to_parameter_order,
 )
 from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.linalg import symmetric_product
 
 
 class OuterProductFactors(LayerFactors):
@@ -112,6 +113,38 @@ class OuterProductFactors(LayerFactors):
         gram = (self.output_grads @ s.T).view(n, columns, n)
         gram *= self.input_gram().view(n, 1, n) / n**0.5
         return gram.view(n, columns * n)
+
+    mixed_precision = True
+
+    def gram_v_in(self, dtype: torch.dtype, out: Tensor) -> Tensor:  # noqa: D102
+        # the output side in dtype (the network's float32 columns as they are), the input
+        # Gram in float64 first: (s·s')(x̃·x̃') is exact to dtype's rounding of the first dot
+        s = self.raw[2].reshape(-1, self.out_features).to(dtype)
+        columns, n = self.raw[2].shape[0], self.num_samples
+        symmetric_product(s, out)
+        out.view(columns, n, columns, n).mul_(self.input_gram().to(dtype).view(1, n, 1, n))
+        return out
+
+    def gram_v_product(self, weights: Tensor) -> Tensor:  # noqa: D102
+        # (K_V w)_{r,n} = s_{r,n}·Σ_m (x̃_n·x̃_m) Σ_r' w_{r',m} s_{r',m}: 2N²O + 4RO per column
+        vector = weights.dim() == 1
+        w = weights.reshape(self.sqrt.shape[0], self.num_samples, -1).to(self.dtype)
+        combined = torch.einsum("rno,rnk->nko", self.sqrt, w)
+        mixed = (self.input_gram() @ combined.flatten(1)).view_as(combined)
+        out = torch.einsum("rno,nko->rnk", self.sqrt, mixed).reshape(-1, w.shape[-1])
+        return out.squeeze(1) if vector else out
+
+    def gram_v_diagonal(self) -> Tensor:  # noqa: D102
+        sqrt_sq = self.sqrt.square().sum(dim=-1)  # (R_n, N)
+        return (sqrt_sq * torch.diagonal(self.input_gram())).reshape(-1)
+
+    def gram_length(self) -> int:  # noqa: D102
+        return self.out_features
+
+    @classmethod
+    def product_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        n, o = float(size.samples), float(shape.outputs)
+        return 2.0 * n * n * o + 4.0 * size.rank * o
 
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
         per_sample = self._order(self.output_grads.unsqueeze(2) * self.inputs.unsqueeze(1))

@@ -47,6 +47,7 @@ from fisher_monitor.structures.base import (
 )
 from fisher_monitor.structures.block.dense_route import dense_statistics
 from fisher_monitor.structures.block.gram_route import coefficient_grams, gram_block_statistics
+from fisher_monitor.structures.block.mixed import mixed_gram_statistics
 from fisher_monitor.structures.block.root_route import (
     outer_product_roots,
     prefer_root_route,
@@ -90,14 +91,19 @@ class Block(Structure):
             if directions:
                 found = dense_directions(fisher, empirical, gradient, layer.dampings)
             return LayerResult(statistics, found)
-        grams = _grams(layer, factors)
-        block = gram_block_statistics(
-            *grams,
-            factors.dimension,
-            layer.dampings,
-            coefficients=factors.coefficient_matrix(),
-            empirical=layer.empirical_solves(),
-        )
+        block = mixed_gram_statistics(layer, factors)
+        if block is not None:
+            grams = (layer.gram_u(), None, factors.gram_uv())
+        else:
+            grams = _grams(layer, factors)
+            block = gram_block_statistics(
+                *grams,
+                factors.dimension,
+                layer.dampings,
+                coefficients=factors.coefficient_matrix(),
+                empirical=layer.empirical_solves(),
+                length=factors.gram_length(),
+            )
         found = None
         if directions:
             found = _lowrank_directions(layer, factors, grams, block.natural)
