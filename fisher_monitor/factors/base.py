@@ -33,6 +33,7 @@ Monte-Carlo Fisher the observed residual travels as one extra column.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,6 +278,15 @@ class LayerFactors(ABC):
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(F, EF, g)``: ``D × D`` blocks and the mean gradient, all in ``dtype``."""
 
+    def fisher_block(self) -> Tensor:
+        """``F = VVᵀ`` as a ``D × D`` matrix in ``dtype`` (the dense route)."""
+        return self.dense_blocks()[0]
+
+    def sample_columns(self) -> Tensor:
+        """``U`` (``D × N``, columns ``g_n/√N`` in ``named_parameters`` order, ``dtype``)."""
+        weights = torch.eye(self.num_samples, dtype=self.dtype)
+        return torch.stack([self.u_combination(w) for w in weights], dim=1)
+
     def kronecker(self) -> KroneckerFactors | None:
         """Kronecker factors, or ``None`` where the layer type has none."""
         return None
@@ -327,6 +337,42 @@ def augment(inputs: Tensor, weight: bool, bias: bool) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def ordered_copy(
+    matrix: Tensor,
+    weight_columns: int,
+    has_bias: bool,
+    transposed: bool,
+    dtype: torch.dtype,
+    scale: float = 1.0,
+) -> Tensor:
+    """``scale · matrix`` (``O × I`` augmented) in ``named_parameters`` order and ``dtype``.
+
+    One allocation and one converting copy (:func:`to_parameter_order` concatenates).
+    """
+    o = matrix.shape[0]
+    result = torch.empty(o * (weight_columns + has_bias), dtype=dtype, device=matrix.device)
+    if weight_columns and transposed:
+        result[: o * weight_columns].view(weight_columns, o).copy_(matrix[:, :weight_columns].T)
+    elif weight_columns:
+        result[: o * weight_columns].view(o, weight_columns).copy_(matrix[:, :weight_columns])
+    if has_bias:
+        result[o * weight_columns :].copy_(matrix[:, weight_columns])
+    return result.mul_(scale) if scale != 1.0 else result
+
+
+def power_of_two_scale(values: Tensor, target: int = 40) -> float:
+    """A power of two ``2^k`` that brings ``max |values|`` to about ``2^(target/2)``.
+
+    Squares of the scaled values then stay near ``2^target``: far from float32's overflow
+    (``2^128``) and its denormals (below ``2^-126``) even for output gradients of ``1e-20``
+    (a fitted sample), and scaling by a power of two is exact.
+    """
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if not math.isfinite(largest) or largest == 0.0:
+        return 1.0
+    return 2.0 ** (target // 2 - math.frexp(largest)[1])
+
+
 def to_parameter_order(
     matrix: Tensor, weight_columns: int, has_bias: bool, transposed: bool = False
 ) -> Tensor:
@@ -361,5 +407,7 @@ __all__ = [
     "LayerFactors",
     "OuterSamples",
     "augment",
+    "ordered_copy",
+    "power_of_two_scale",
     "to_parameter_order",
 ]

@@ -78,6 +78,13 @@ class MaterializedFactors(LayerFactors):
         u, v = self._casted()
         return v.T @ v, u.T @ u / self.num_samples, u.mean(dim=0)
 
+    def fisher_block(self) -> Tensor:  # noqa: D102
+        v = self._casted()[1]
+        return v.T @ v
+
+    def sample_columns(self) -> Tensor:  # noqa: D102
+        return self._casted()[0].T / self.num_samples**0.5
+
     def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
         return weights.to(self.dtype) @ self._casted()[1]
 

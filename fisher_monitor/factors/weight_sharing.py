@@ -363,6 +363,13 @@ class WeightSharingFactors(LayerFactors):
         u = self._materialised("u")  # columns g_n/√N
         return v.T @ v, u.T @ u, u.sum(dim=0) / self.num_samples**0.5
 
+    def fisher_block(self) -> Tensor:  # noqa: D102
+        v = self._materialised("v")
+        return v.T @ v
+
+    def sample_columns(self) -> Tensor:  # noqa: D102
+        return self._materialised("u").T
+
     def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
         w = weights.to(self.dtype).view(self.fisher_columns, self.num_samples)
         combined = torch.einsum("rnto,rn->nto", self.sqrt_at_output.to(self.dtype), w)

@@ -45,8 +45,15 @@ from fisher_monitor.structures.base import (
     Structure,
     dense_directions,
 )
-from fisher_monitor.structures.block.dense_route import dense_statistics
-from fisher_monitor.structures.block.gram_route import coefficient_grams, gram_block_statistics
+from fisher_monitor.structures.block.dense_route import (
+    dense_statistics,
+    factored_dense_statistics,
+)
+from fisher_monitor.structures.block.gram_route import (
+    SPECTRAL_MIN_DAMPINGS,
+    coefficient_grams,
+    gram_block_statistics,
+)
 from fisher_monitor.structures.block.mixed import mixed_gram_statistics
 from fisher_monitor.structures.block.root_route import (
     outer_product_roots,
@@ -85,12 +92,7 @@ class Block(Structure):
             found = _root_route_directions(layer, factors) if directions else None
             return LayerResult(block.statistics, found, block.health)
         if factors.prefers_dense():
-            fisher, empirical, gradient = layer.dense_blocks()
-            statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
-            found = None
-            if directions:
-                found = dense_directions(fisher, empirical, gradient, layer.dampings)
-            return LayerResult(statistics, found)
+            return _dense_route(layer, factors, directions)
         block = mixed_gram_statistics(layer, factors)
         if block is not None:
             grams = (layer.gram_u(), None, factors.gram_uv())
@@ -128,6 +130,31 @@ class Block(Structure):
         if size.prefers_dense(shape):  # the dense blocks and the materialised columns
             return DENSE_COPIES * dim * dim * d + (r + n) * dim * d
         return GRAM_COPIES * r * r * d + form_of(shape).gram_bytes(shape, size)
+
+
+def _dense_route(layer: LayerInput, factors: LayerFactors, directions: bool) -> LayerResult:
+    """``D × D`` blocks: Cholesky with the ``N × N`` EF side where ``N < D`` and few dampings."""
+    if factors.num_samples < factors.dimension and len(layer.dampings) < SPECTRAL_MIN_DAMPINGS:
+        samples = factors.sample_columns()
+        found = factored_dense_statistics(
+            factors.fisher_block(),
+            samples,
+            layer.gradient,
+            layer.dampings,
+            layer.empirical_solves(),
+            layer.gram_u(),
+        )
+        if found is not None:
+            statistics, natural = found
+            pairs = None
+            if directions:
+                solves = zip(natural, layer.empirical_solves(), strict=True)
+                pairs = [(nat, samples @ ef.coefficients) for nat, ef in solves]
+            return LayerResult(statistics, pairs)
+    fisher, empirical, gradient = layer.dense_blocks()
+    statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
+    found = dense_directions(fisher, empirical, gradient, layer.dampings) if directions else None
+    return LayerResult(statistics, found)
 
 
 def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,7 +263,7 @@ def _lowrank_directions(
     _, gram_v, gram_uv = grams
     coefficients = factors.coefficient_matrix()
     n = factors.num_samples
-    a = torch.full((n,), n**-0.5, dtype=gram_v.dtype, device=gram_v.device)
+    a = torch.full((n,), n**-0.5, dtype=gram_uv.dtype, device=gram_uv.device)
     rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
     if natural is not None and coefficients is not None:
         solved = list(natural)  # (λI + K_V)⁻¹Ba per damping, from the statistics
