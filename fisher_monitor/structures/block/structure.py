@@ -94,6 +94,11 @@ class Block(Structure):
         if factors.prefers_dense():
             return _dense_route(layer, factors, directions)
         block = mixed_gram_statistics(layer, factors)
+        if block is None:
+            block = _checked_root_route(layer, factors)
+            if block is not None:
+                found = _root_route_directions(layer, factors) if directions else None
+                return LayerResult(block.statistics, found, block.health)
         if block is not None:
             grams = (layer.gram_u(), None, factors.gram_uv())
         else:
@@ -176,17 +181,50 @@ def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Te
 
 
 #: Multiply-adds up to which a materialised factor (``D × R``, already formed) takes the root
-#: route: its SVD costs about twice what forming the Gram matrix ``VᵀV`` does.
+#: route directly: its SVD costs several times forming the Gram matrix ``VᵀV``, so larger
+#: layers take the Gram route and fall back to their SVD only where its rounding estimate
+#: exceeds :data:`ROOT_RETRY_HEALTH` (while ``D·R·min(D, R)`` stays below
+#: :data:`MATERIALIZED_ROOT_WORK`).
+MATERIALIZED_CHEAP_ROOT = 2**24
+#: Multiply-adds up to which a materialised factor's SVD is affordable at all.
 MATERIALIZED_ROOT_WORK = 2e9
+#: A Gram route whose rounding estimate exceeds this is redone by the root route where
+#: affordable (the root route keeps twice the digits).
+ROOT_RETRY_HEALTH = 1e-6
 
 
-def _root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
+def _checked_root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
+    """The float64 Gram route of a materialised layer, or its root route where that is safer.
+
+    ``None`` for other layers (the caller's Gram route then runs).
+    """
+    if not isinstance(factors, MaterializedFactors) or factors.prefers_dense():
+        return None
+    grams = _grams(layer, factors)
+    block = gram_block_statistics(
+        *grams,
+        factors.dimension,
+        layer.dampings,
+        coefficients=factors.coefficient_matrix(),
+        empirical=layer.empirical_solves(),
+        length=factors.gram_length(),
+    )
+    if not float(block.health.relative_error) > ROOT_RETRY_HEALTH:
+        return block
+    root = _root_route(layer, factors, MATERIALIZED_ROOT_WORK)
+    return root if root is not None else block
+
+
+def _root_route(
+    layer: LayerInput, factors: LayerFactors, materialised_work: float = MATERIALIZED_CHEAP_ROOT
+) -> BlockStatistics | None:
     """The root route's statistics where its SVD is cheap, else ``None``.
 
     ``Linear`` layers on ``(N, I)`` inputs are written in the ``min(N, I)·min(O, R)``
     coordinates of :func:`~fisher_monitor.structures.block.root_route.outer_product_roots`;
     materialised layers (the ``torch.func`` backend, BackPACK's other layer types) in their
-    own parameters, while ``D·R·min(D, R)`` stays below :data:`MATERIALIZED_ROOT_WORK`.
+    own parameters, while ``D·R·min(D, R)`` stays below ``materialised_work``
+    (:data:`MATERIALIZED_CHEAP_ROOT`; larger ones go through :func:`_checked_root_route`).
     """
     coefficients = factors.coefficient_matrix()
     columns = factors.num_columns + (0 if coefficients is not None else factors.num_samples)
@@ -198,7 +236,7 @@ def _root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | N
         v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
     elif isinstance(factors, MaterializedFactors):
         rows = factors.dimension
-        if rows * columns * min(rows, columns) > MATERIALIZED_ROOT_WORK:
+        if rows * columns * min(rows, columns) > materialised_work:
             return None
         per_sample, sqrt = factors.columns()
         v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5
