@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fisher_monitor.factors.shape import LayerShape, PassSize
+from fisher_monitor.factors.shape import RATES, LayerShape, PassSize
 
 
 @dataclass
@@ -299,6 +299,9 @@ class LayerFactors(ABC):
     # The cost and memory models (fisher_monitor.engine) ask the representation a layer will
     # have, from its shape alone, before anything is computed.
 
+    # Work is counted in the units of :class:`~fisher_monitor.factors.Rates` (float32
+    # matrix-product operations); float64 products are weighted by ``RATES.gemm64``.
+
     @classmethod
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:
         """Work of forming the layer's diagonals and mean gradient from its factors."""
@@ -306,8 +309,18 @@ class LayerFactors(ABC):
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:
-        """Work of the three Gram matrices ``K_V``, ``K_UV`` and ``K_U``."""
+        """Work of the three Gram matrices ``K_V``, ``K_UV`` and ``K_U`` (float64)."""
         raise NotImplementedError
+
+    @classmethod
+    def gram_v_flops(cls, shape: LayerShape, size: PassSize) -> float:
+        """Operations of forming ``K_V`` alone (unweighted: the caller knows the precision)."""
+        return 2.0 * size.rank * size.rank * shape.dimension
+
+    @classmethod
+    def fisher_block_flops(cls, shape: LayerShape, size: PassSize) -> float:
+        """Work of :meth:`fisher_block` and :meth:`sample_columns` (the dense route)."""
+        return RATES.gemm64 * 2.0 * size.rank * shape.dimension**2
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors.base import LayerFactors
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
 from fisher_monitor.linalg import symmetric_product
 
 
@@ -95,12 +95,13 @@ class MaterializedFactors(LayerFactors):
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         # the per-sample pull-backs (per position), then the squares of every column
         d, n, r = float(shape.dimension), float(size.samples), float(size.rank)
-        return 2.0 * (r + n) * d * shape.positions + 2.0 * (r + n) * d
+        pulls = 2.0 * (r + n) * d * shape.positions + 2.0 * (r + n) * d
+        return pulls + 4.0 * RATES.entry * d + RATES.entry * (r + n) * d / 8.0
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, r = float(size.samples), float(size.rank)
-        return 2.0 * (r * r + 2.0 * n * r) * shape.dimension
+        return RATES.gemm64 * 2.0 * (r * r + 2.0 * n * r) * shape.dimension
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102

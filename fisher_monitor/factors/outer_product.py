@@ -17,7 +17,7 @@ from fisher_monitor.factors.base import (
     power_of_two_scale,
     to_parameter_order,
 )
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
 from fisher_monitor.linalg import Workspace, current_workspace, symmetric_product
 
 #: Samples per matrix product of the fused diagonals: longer sums are split into chunks of
@@ -256,14 +256,24 @@ class OuterProductFactors(LayerFactors):
 
     @classmethod
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
-        # squared output-side columns against squared inputs: outer products, no D × R
+        # two fused float32 products over the samples (6ND), the output side's squares, and
+        # the float64 diagonals and gradient written out (fresh pages)
         o, n, r = float(shape.outputs), float(size.samples), float(size.rank)
-        return 2.0 * (r * o + n * shape.dimension)
+        return 6.0 * n * shape.dimension + 2.0 * r * o + 4.0 * RATES.entry * shape.dimension
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, r = float(size.samples), float(size.rank)
-        return 2.0 * (r * r + 2.0 * n * r) * shape.outputs
+        return RATES.gemm64 * 2.0 * (r * r + 2.0 * n * r) * shape.outputs
+
+    @classmethod
+    def gram_v_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        return 2.0 * float(size.rank) ** 2 * shape.outputs
+
+    @classmethod
+    def fisher_block_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        n, o, i = float(size.samples), float(shape.outputs), float(shape.inputs)
+        return RATES.gemm64 * (2.0 * n * o * o * i * i + 2.0 * n * shape.dimension)
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102

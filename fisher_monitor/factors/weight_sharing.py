@@ -15,7 +15,7 @@ from fisher_monitor.factors.base import (
     OuterSamples,
     to_parameter_order,
 )
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
 
 #: Largest intermediate tensor (bytes) a weight-sharing layer forms at once; larger work is
 #: done in chunks (the memory model counts this bound).
@@ -403,15 +403,21 @@ class WeightSharingFactors(LayerFactors):
     @classmethod
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, t, o, i = size.samples, shape.positions, shape.outputs, shape.inputs
-        return 2.0 * min(weight_sharing_diagonal_costs(size.columns + 1, n, t, o, i))
+        work = 2.0 * RATES.gemm64 * min(weight_sharing_diagonal_costs(size.columns + 1, n, t, o, i))
+        return work + 4.0 * RATES.entry * shape.dimension
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, t, o, i, c = size.samples, shape.positions, shape.outputs, shape.inputs, size.columns
-        return sum(  # K_V, K_UV, K_U, each in its cheaper form
+        return RATES.gemm64 * sum(  # K_V, K_UV, K_U, each in its cheaper form
             2.0 * min(weight_sharing_costs(left, right, n, t, o, i))
             for left, right in ((c, c), (1, c), (1, 1))
         )
+
+    @classmethod
+    def gram_v_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        n, t, o, i, c = size.samples, shape.positions, shape.outputs, shape.inputs, size.columns
+        return 2.0 * min(weight_sharing_costs(c, c, n, t, o, i))
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fisher_monitor.factors import (
     CURVATURE_BYTES,
+    RATES,
     LayerFactors,
     LayerShape,
     MaterializedFactors,
@@ -50,11 +51,12 @@ from fisher_monitor.structures.block.dense_route import (
     factored_dense_statistics,
 )
 from fisher_monitor.structures.block.gram_route import (
+    SHADOW_MAX_COLUMNS,
     SPECTRAL_MIN_DAMPINGS,
     coefficient_grams,
     gram_block_statistics,
 )
-from fisher_monitor.structures.block.mixed import mixed_gram_statistics
+from fisher_monitor.structures.block.mixed import MIXED_MIN_COLUMNS, mixed_gram_statistics
 from fisher_monitor.structures.block.root_route import (
     outer_product_roots,
     prefer_root_route,
@@ -117,24 +119,68 @@ class Block(Structure):
         return LayerResult(block.statistics, found, block.health)
 
     def flops(self, shape: LayerShape, size: PassSize) -> float:
-        """The dense route where ``D × D`` blocks are smaller, else Gram matrices and their solves.
+        """The route the layer will take, in the units of :class:`~fisher_monitor.factors.Rates`.
 
-        Cholesky factorisations run at a fraction of a matrix product's speed: counted as
-        ``2R³`` per damping (at most four; more share one eigendecomposition).
+        The dense route where ``D × D`` blocks are smaller (Cholesky factorisations of
+        ``F + λI`` with the ``N × N`` EF side, or two eigendecompositions), the root route's
+        SVDs where they are small, else the Gram route: ``K_V`` (in float32 where
+        :func:`~.mixed.mixed_precision_applies` would let it), one Cholesky factorisation
+        and triangular inverse per damping (one eigendecomposition for five or more), and
+        the rounding probe's rerun up to :data:`~.gram_route.SHADOW_MAX_COLUMNS` columns.
         """
-        d, r = float(shape.dimension), float(size.rank)
+        d, r, n = float(shape.dimension), float(size.rank), float(size.samples)
+        form = form_of(shape)
         if size.exact and size.prefers_dense(shape):
-            return 2.0 * max(r, size.samples) * d * d + 10.0 * d**3
-        flops = form_of(shape).gram_flops(shape, size)
-        if size.exact:
-            flops += 2.0 * min(size.dampings, 4) * r**3
-        return flops
+            return _dense_flops(shape, size)
+        if size.exact and _cheap_root(shape, size):
+            columns, rows = r, min(n, float(shape.inputs)) * min(float(shape.outputs), r)
+            if shape.form != "outer":
+                rows = d
+            big, small = max(rows, columns), min(rows, columns)
+            return 2.0 * RATES.svd64 * big * small * small
+        kv = form.gram_v_flops(shape, size)
+        rest = form.gram_flops(shape, size) - RATES.gemm64 * kv  # K_UV and K_U
+        if size.dampings >= SPECTRAL_MIN_DAMPINGS:
+            return RATES.gemm64 * kv + rest + RATES.eigh64 * r**3
+        if size.exact and form.mixed_precision and r >= MIXED_MIN_COLUMNS:
+            refine = 8.0 * RATES.gemm64 * form.product_flops(shape, size) + 24.0 * r * r
+            factor = RATES.cholesky32 * r**3 / 3 + RATES.inverse32 * 2 * r**3 / 3
+            return kv + rest + size.dampings * (factor + refine + 12.0 * RATES.entry * r * r)
+        factor = RATES.cholesky64 * r**3 / 3 + RATES.inverse64 * 2 * r**3 / 3
+        if r <= SHADOW_MAX_COLUMNS:  # the rounding probe reruns it in float32
+            factor += RATES.cholesky32 * r**3 / 3 + RATES.inverse32 * 2 * r**3 / 3
+        return RATES.gemm64 * kv + rest + size.dampings * (factor + 12.0 * RATES.entry * r * r)
 
     def peak_bytes(self, shape: LayerShape, size: PassSize) -> int:  # noqa: D102
         d, dim, n, r = CURVATURE_BYTES, shape.dimension, size.samples, size.rank
         if size.prefers_dense(shape):  # the dense blocks and the materialised columns
             return DENSE_COPIES * dim * dim * d + (r + n) * dim * d
         return GRAM_COPIES * r * r * d + form_of(shape).gram_bytes(shape, size)
+
+
+def _dense_flops(shape: LayerShape, size: PassSize) -> float:
+    """Work of the dense route (see :func:`_dense_route`)."""
+    d, r, n = float(shape.dimension), float(size.rank), float(size.samples)
+    if n < d and size.dampings < SPECTRAL_MIN_DAMPINGS:
+        factor = RATES.cholesky64 * d**3 / 3 + RATES.inverse64 * 2 * d**3 / 3
+        per_damping = factor + RATES.gemm64 * 2.0 * d * d * n
+        empirical = RATES.gemm64 * n * n * d + RATES.cholesky64 * n**3
+        return (
+            form_of(shape).fisher_block_flops(shape, size) + empirical + size.dampings * per_damping
+        )
+    return RATES.gemm64 * 2.0 * (max(r, n) + n) * d * d + 2.0 * RATES.eigh64 * d**3
+
+
+def _cheap_root(shape: LayerShape, size: PassSize) -> bool:
+    """Whether the root route's SVD is taken directly (see :func:`_root_route`)."""
+    columns = size.rank
+    if shape.form == "outer":
+        rows = min(size.samples, shape.inputs) * min(shape.outputs, columns)
+        return prefer_root_route(rows, columns)
+    if shape.form == "materialised":
+        rows = shape.dimension
+        return rows * columns * min(rows, columns) <= MATERIALIZED_CHEAP_ROOT
+    return False
 
 
 def _dense_route(layer: LayerInput, factors: LayerFactors, directions: bool) -> LayerResult:
