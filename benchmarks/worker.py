@@ -567,14 +567,14 @@ def fit_case(what: str, result: Result) -> None:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    def fit(monitor: FisherMonitor | None) -> float:
+    def fit(monitor: FisherMonitor | None, steps: int = spec.steps) -> float:
         torch.manual_seed(0)
         net = spec.build()
         generator = torch.Generator().manual_seed(0)
         loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=generator)
         with tempfile.TemporaryDirectory(prefix="fisher-bench-fit-") as directory:
             trainer = pl.Trainer(
-                max_steps=spec.steps,
+                max_steps=steps,
                 accelerator="cpu",
                 devices=1,
                 callbacks=[monitor] if monitor is not None else [],
@@ -588,6 +588,9 @@ def fit_case(what: str, result: Result) -> None:
             trainer.fit(Module(net), loader)
             return time.perf_counter() - started
 
+    result.save("short fits (warm-up: imports, first calls)")
+    fit(None, 20)
+    fit(FisherMonitor(), 20)
     result.save("fit without the monitor")
     plain = fit(None)
     result["fit"] = {"title": spec.title, "steps": spec.steps, "plain_seconds": plain}
