@@ -300,7 +300,7 @@ class Measurer:
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
-        self.workspace = Workspace()
+            self.workspace = Workspace()
 
 
 def _first_line(error: BaseException) -> str:

@@ -150,9 +150,9 @@ class OuterProductFactors(LayerFactors):
             inputs, inputs, out=workspace.take("diagonal-x", inputs.shape, precision, device)
         )
         squares = workspace.take("diagonal-squares", (2 * o, inputs.shape[1]), precision, device)
-        _chunked_product(left, x_sq.to(precision), self.dtype, squares)
+        squares = _chunked_product(left, x_sq.to(precision), self.dtype, squares)
         mean = workspace.take("diagonal-mean", (o, inputs.shape[1]), precision, device)
-        _chunked_product(delta, inputs.to(precision), self.dtype, mean)
+        mean = _chunked_product(delta, inputs.to(precision), self.dtype, mean)
         order = (self.weight_columns, self.has_bias, self.transposed_weight, self.dtype)
         return (
             ordered_copy(squares[:o], *order, scale=sqrt_scale**-2),

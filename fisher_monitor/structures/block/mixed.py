@@ -25,7 +25,7 @@ from fisher_monitor.structures.block.factored import (
     frobenius_error,
 )
 from fisher_monitor.structures.block.sums import BlockStatistics, assemble_undamped, worst_error
-from fisher_monitor.structures.empirical import mean_weights
+from fisher_monitor.structures.empirical import empirical_solves, mean_weights
 
 #: Fisher columns from which the Gram route tries float32 (an ``R × R`` factorisation of
 #: ``R = 256`` takes about a millisecond in float64).
@@ -74,10 +74,12 @@ def _attempt(layer: LayerInput, factors: LayerFactors, workspace) -> BlockStatis
     gram_v = factors.gram_v_in(
         torch.float32, workspace.take("gram-v", (r, r), torch.float32, device)
     )
-    gram_u, gram_uv = layer.gram_u(), factors.gram_uv()
+    # K_U formed directly (not as BᵀK_VB from a float32 K_V); cached on the layer only if
+    # float32 is kept, so that a refused layer's float64 route is the plain float64 one
+    gram_u, gram_uv = factors.gram_u(), factors.gram_uv()
     diagonal = factors.gram_v_diagonal()
     length = factors.gram_length()
-    empirical = layer.empirical_solves()
+    empirical = empirical_solves(gram_u, layer.dampings, layer.info.dimension)
     factored = factored_statistics(
         gram_v,
         gram_uv,
@@ -113,6 +115,8 @@ def _attempt(layer: LayerInput, factors: LayerFactors, workspace) -> BlockStatis
     errors = factored.errors + [
         ef.relative_error for ef in empirical if ef.relative_error is not None
     ]
+    layer.cached("gram_u", lambda: gram_u)
+    layer.cached("empirical", lambda: empirical)
     return BlockStatistics(
         statistics=LayerStatistics(**undamped, damped=factored.damped),
         health=NumericalHealth("gram-float32", worst_error(errors, gram_uv)),
