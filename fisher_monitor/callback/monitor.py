@@ -376,6 +376,7 @@ class FisherMonitor(ResultSink, *_BASES):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._ledger.step_started()  # the steps a measurement slows down are charged too
         step = trainer.global_step
         if self._policy.off or step == self._last_step or not self._due(step):
             return
@@ -391,6 +392,20 @@ class FisherMonitor(ResultSink, *_BASES):
         if measurement is not None:
             self._record(trainer, pl_module, measurement, step, started)
         self._charge(self._ledger.clock() - started, measurement=True)
+        self._ledger.measured()
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        excess = self._ledger.step_finished()
+        if excess > 0:
+            self._charge(excess, measurement=False)
 
     @override
     @never_raises

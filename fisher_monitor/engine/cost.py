@@ -31,11 +31,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from fisher_monitor.backends import Backend
 from fisher_monitor.engine import memory
 from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.estimators import SketchDesign
-from fisher_monitor.factors import PassSize, form_of
+from fisher_monitor.factors import RATES, PassSize, form_of
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
 from fisher_monitor.structures import STRUCTURES, Structure
 from fisher_monitor.validation import format_bytes
@@ -49,6 +51,10 @@ EXACT_BUDGET_STEPS = 250.0
 EXACT_FLOOR_FLOPS = 2e10
 #: The exact path is kept unless it costs more than this many times the estimator.
 SKETCH_SAVING = 4.0
+#: Forward passes' worth of work in a measurement's pass besides the loss-side columns
+#: (the forward, the loss's own backward, the captures), and per backpropagated column (the
+#: columns travel together, batched): fitted to BackPACK's pass on the benchmarks' MLP.
+PASS_BASE, PASS_PER_COLUMN = 3.2, 0.85
 #: The default sketch: replicate groups × sketched columns per sample in each group.
 DEFAULT_SKETCH = SketchDesign(groups=6, columns_per_group=1)
 #: Accepted values of ``estimator`` (``"auto"``: the cost model decides).
@@ -117,6 +123,24 @@ class CostPlan:
             return dict.fromkeys(structures, "exact")
         return {s: (None if s in self.skipped else "sketch") for s in structures}
 
+    def taken(self) -> Work:
+        """The work of the path this plan takes (the sketch's or the exact one)."""
+        return self.exact if self.sketch is None else self.estimated
+
+    def cost_dict(self) -> dict:
+        """The model's estimate of this measurement, for :attr:`Measurement.settings`.
+
+        ``steps``: plain training steps of the same network and batch; ``seconds``: the
+        same in seconds on this machine class (:data:`~fisher_monitor.factors.RATES`,
+        at the current thread count); ``peak_bytes``: the memory model's peak.
+        """
+        work = self.taken()
+        return {
+            "steps": round(self.steps(work), 2),
+            "seconds": round(seconds(work.flops), 6),
+            "peak_bytes": int(work.peak_bytes),
+        }
+
     def as_dict(self) -> dict:
         """Plain data for :attr:`Measurement.settings` (only when estimating)."""
         if self.sketch is None:
@@ -130,6 +154,12 @@ class CostPlan:
             "estimated_cost_steps": round(self.steps(self.estimated), 1),
             "forced": self.forced,
         }
+
+
+def seconds(units: float, threads: int | None = None) -> float:
+    """Work in the units of :class:`~fisher_monitor.factors.Rates` as seconds on this machine."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return units / (RATES.gemm32_rate * max(threads, 1) ** 0.85)
 
 
 def check_estimator(estimator: str) -> str:
@@ -159,17 +189,25 @@ def work(
 ) -> Work:
     """The work and peak memory of one measurement with these structures and this pass.
 
-    The pass runs the forward once and backpropagates every loss-side column (about two
-    forward passes each); each layer's representation forms its diagonals, and each
-    structure does its own work on the layer.
+    The pass runs the forward and the loss's backward (:data:`PASS_BASE` forward passes)
+    and backpropagates every loss-side column, batched (:data:`PASS_PER_COLUMN` forward
+    passes each); each layer's representation forms its diagonals, and each structure does
+    its own work on the layer. All in the units of :class:`~fisher_monitor.factors.Rates`
+    (float32 matrix-product operations), as the training step is counted.
     """
     forward = size.samples * profile.forward_flops
-    flops = forward * (1.0 + 2.0 * size.pass_columns)
+    flops = forward * (PASS_BASE + PASS_PER_COLUMN * size.pass_columns) + RATES.measurement
     for shape in profile.layers:
         flops += form_of(shape).pass_flops(shape, size)
-        flops += sum(structure.flops(shape, size) for structure in structures)
+        flops += sum(structure.flops(shape, size) + RATES.layer for structure in structures)
     peak = memory.estimate_peak_bytes(prepared, structures, profile, size)
     return Work(flops, int(peak))
+
+
+def step_work(profile: NetworkProfile, samples: int) -> float:
+    """A plain training step's work: three forward passes of products and its overheads."""
+    layers = len(profile.layers)
+    return 3.0 * samples * profile.forward_flops + RATES.step + RATES.step_layer * layers
 
 
 def plan(
@@ -212,7 +250,7 @@ def plan(
     )
     columns = profile.fisher_columns(prepared)
     dampings, itemsize = len(settings.dampings), profile.itemsize
-    step = 3.0 * samples * profile.forward_flops
+    step = step_work(profile, samples)
     exact_structures = structures_for(names, None)
     if settings.fisher is FisherType.MC:
         size = PassSize(samples, settings.mc_samples, False, dampings, itemsize)
@@ -318,6 +356,8 @@ __all__ = [
     "check_estimator",
     "estimator_notes",
     "plan",
+    "seconds",
+    "step_work",
     "structures_for",
     "work",
 ]

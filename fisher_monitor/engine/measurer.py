@@ -43,6 +43,7 @@ from fisher_monitor.engine.profile import profile
 from fisher_monitor.factors import PassSize
 from fisher_monitor.layers import is_lazy
 from fisher_monitor.likelihoods import Likelihood, resolve_loss
+from fisher_monitor.linalg import Workspace, using_workspace
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.settings import FisherType, MeasureSettings
 
@@ -96,6 +97,9 @@ class Measurer:
             )
         self.outputs = outputs
         self._prepared: Backend | None = None
+        #: Buffers reused by every measurement of the prepared network (Gram matrices,
+        #: factorisations): no allocation of their size in the hot path.
+        self.workspace = Workspace()
 
     @property
     def prepared(self) -> Backend:
@@ -160,7 +164,8 @@ class Measurer:
         )
         while True:
             try:
-                measurement = self._measure(inputs, targets, options)
+                with using_workspace(self.workspace):
+                    measurement = self._measure(inputs, targets, options)
                 break
             except Exception as error:
                 self._next_backend(error, options)
@@ -298,10 +303,11 @@ class Measurer:
         return self._peak_bytes(inputs, size, self._plan(inputs, size, options))
 
     def close(self) -> None:
-        """Remove BackPACK's hooks from the shadow copy and drop it."""
+        """Remove BackPACK's hooks from the shadow copy and drop it (and the workspace)."""
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+            self.workspace = Workspace()
 
 
 def _first_line(error: BaseException) -> str:

@@ -341,6 +341,7 @@ def _probe_scalars(reduced: _Reduced) -> dict[str, float]:
 def _measured_settings(settings: MeasureSettings, plan: cost.CostPlan) -> dict:
     """The settings as measured: with the estimator's design where the plan sketched."""
     measured_settings = settings.as_dict()
+    measured_settings["cost"] = plan.cost_dict()  # the cost model's estimate of this call
     if plan.sketch is not None:
         measured_settings["estimator"] = plan.as_dict()
     return measured_settings

@@ -15,7 +15,7 @@ from fisher_monitor.factors.base import (
     OuterSamples,
     to_parameter_order,
 )
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
 
 #: Largest intermediate tensor (bytes) a weight-sharing layer forms at once; larger work is
 #: done in chunks (the memory model counts this bound).
@@ -363,6 +363,13 @@ class WeightSharingFactors(LayerFactors):
         u = self._materialised("u")  # columns g_n/√N
         return v.T @ v, u.T @ u, u.sum(dim=0) / self.num_samples**0.5
 
+    def fisher_block(self) -> Tensor:  # noqa: D102
+        v = self._materialised("v")
+        return v.T @ v
+
+    def sample_columns(self) -> Tensor:  # noqa: D102
+        return self._materialised("u").T
+
     def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
         w = weights.to(self.dtype).view(self.fisher_columns, self.num_samples)
         combined = torch.einsum("rnto,rn->nto", self.sqrt_at_output.to(self.dtype), w)
@@ -396,15 +403,21 @@ class WeightSharingFactors(LayerFactors):
     @classmethod
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, t, o, i = size.samples, shape.positions, shape.outputs, shape.inputs
-        return 2.0 * min(weight_sharing_diagonal_costs(size.columns + 1, n, t, o, i))
+        work = 2.0 * RATES.gemm64 * min(weight_sharing_diagonal_costs(size.columns + 1, n, t, o, i))
+        return work + 4.0 * RATES.entry * shape.dimension
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, t, o, i, c = size.samples, shape.positions, shape.outputs, shape.inputs, size.columns
-        return sum(  # K_V, K_UV, K_U, each in its cheaper form
+        return RATES.gemm64 * sum(  # K_V, K_UV, K_U, each in its cheaper form
             2.0 * min(weight_sharing_costs(left, right, n, t, o, i))
             for left, right in ((c, c), (1, c), (1, 1))
         )
+
+    @classmethod
+    def gram_v_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        n, t, o, i, c = size.samples, shape.positions, shape.outputs, shape.inputs, size.columns
+        return 2.0 * min(weight_sharing_costs(c, c, n, t, o, i))
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102
