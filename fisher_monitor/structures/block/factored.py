@@ -165,11 +165,7 @@ def factored_statistics(
         trace_u = beta_sq - damping * projected
         trace_v = r - damping * factor.trace_inverse()
         kl = 0.5 * (trace_u - trace_v + factor.logdet_ratio - ef.logdet_ratio)
-        if mixed or probe:  # float64 solutions of the refined system
-            nat_projection = b @ c
-        else:  # (L⁻¹b)·(L⁻¹K_Vb): half solves, without the amplification of a full one
-            half = factor.half_solve(rhs)
-            nat_projection = half[:, 0] @ half[:, 1]
+        nat_projection = _nat_projection(factor, rhs, b, c, refined=mixed or probe)
         nat_sq = c0 @ c
         nat_ef = c @ (coefficients @ ef.coefficients)
         damped.append(
@@ -177,11 +173,7 @@ def factored_statistics(
         )
         natural.append(c0)
         scale = (diagonal + damping).sqrt()
-        jacobi = _jacobi(factor, scale)
-        kl_error = 0.5 * (
-            zeta * (2.0 * jacobi.frobenius + jacobi.spectral * damping * projected)
-            + torch.finfo(precision).eps * (beta_sq + damping * projected)
-        )
+        kl_error = _kl_error(factor, scale, zeta, precision, damping, projected, beta_sq)
         if mixed and bool(relative(kl_error, kl) > MIXED_TOLERANCE):
             return None
         errors.append(relative(kl_error, kl))
@@ -190,10 +182,32 @@ def factored_statistics(
         if measured is None:
             ef_direction = coefficients @ ef.coefficients  # B⁻¹g = V(Be)
             errors += _solve_errors(factor, scale, c0, ef_direction, zeta64, damping, damped[-1])
-        else:  # the float32 solve's error, measured, scaled to float64's rounding
-            eps_ratio = torch.finfo(torch.float64).eps / torch.finfo(precision).eps
-            errors.append(torch.as_tensor(REFINED_MARGIN * eps_ratio * measured, dtype=kl.dtype))
+        else:
+            errors.append(_refined_error(measured, precision, kl.dtype))
     return Factored(damped, errors, natural, precision)
+
+
+def _nat_projection(factor, rhs: Tensor, b: Tensor, c: Tensor, *, refined: bool) -> Tensor:
+    """``gᵀ(F+λI)⁻¹g``: from the refined float64 solution, or by half solves."""
+    if refined:  # float64 solutions of the refined system
+        return b @ c
+    half = factor.half_solve(rhs)  # (L⁻¹b)·(L⁻¹K_Vb): without the amplification of a full solve
+    return half[:, 0] @ half[:, 1]
+
+
+def _refined_error(measured, precision: torch.dtype, dtype: torch.dtype) -> Tensor:
+    """The float32 solve's error, measured, scaled to float64's rounding."""
+    eps_ratio = torch.finfo(torch.float64).eps / torch.finfo(precision).eps
+    return torch.as_tensor(REFINED_MARGIN * eps_ratio * measured, dtype=dtype)
+
+
+def _kl_error(factor, scale, zeta, precision, damping, projected, beta_sq) -> Tensor:
+    """The rounding error of the KL from ``L⁻¹``'s Jacobi-scaled norms (module docstring)."""
+    jacobi = _jacobi(factor, scale)
+    return 0.5 * (
+        zeta * (2.0 * jacobi.frobenius + jacobi.spectral * damping * projected)
+        + torch.finfo(precision).eps * (beta_sq + damping * projected)
+    )
 
 
 #: The rounding probe's differences are scaled by this margin (:func:`shadow_errors`).

@@ -93,7 +93,7 @@ def gram_block_statistics(
         Statistics, health and the EF-side solves.
     """
     check_empirical(empirical, dampings)
-    n, r = gram_uv.shape
+    r = gram_uv.shape[1]
     if empirical is None:
         empirical = empirical_solves(gram_u, dampings, dimension)
     undamped = assemble_undamped(
@@ -105,12 +105,7 @@ def gram_block_statistics(
         gram_uv.square().sum(),
     )
     resolution = gram_resolution(gram_v, dimension)
-    a = mean_weights(n, gram_v)
-    if coefficients is None:  # ‖g‖² = aᵀK_Ua
-        grad_sq_error = gram_resolution(gram_u, dimension) * (a @ a)
-    else:  # ‖g‖² = bᵀK_Vb with b = Ba
-        b = coefficients @ a
-        grad_sq_error = resolution * (b @ b)
+    grad_sq_error = _grad_sq_error(gram_u, gram_v, coefficients, dimension, resolution)
     natural = None
     if coefficients is None:
         result = _woodbury(gram_u, gram_v, gram_uv, dimension, dampings, empirical, resolution)
@@ -142,6 +137,15 @@ def gram_block_statistics(
         empirical=list(empirical),
         natural=natural,
     )
+
+
+def _grad_sq_error(gram_u, gram_v, coefficients, dimension, resolution) -> Tensor:
+    """The rounding error of ``‖g‖²`` from the Gram it is read from."""
+    a = mean_weights(gram_u.shape[0], gram_v)
+    if coefficients is None:  # ‖g‖² = aᵀK_Ua
+        return gram_resolution(gram_u, dimension) * (a @ a)
+    b = coefficients @ a  # ‖g‖² = bᵀK_Vb with b = Ba
+    return resolution * (b @ b)
 
 
 #: Up to this many Fisher columns the rounding estimate comes from a rerun of the same
