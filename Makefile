@@ -8,13 +8,17 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint format bench demo docs clean
+.PHONY: help venv test test-fast lint format bench demo tensorboard report wheel docs clean
 
 help:
 	@echo "make demo   - create .venv, train on digits with FisherMonitor, write TensorBoard logs and a report"
 	@echo "make test   - create .venv and run the test suite"
+	@echo "make test-fast - the suite without the tests marked slow (for the edit loop)"
 	@echo "make lint   - ruff check and format check"
 	@echo "make bench  - measurement cost against a plain training step (prints and saves a table)"
+	@echo "make tensorboard - open the demo's runs in TensorBoard (LOGDIR=runs)"
+	@echo "make report - rebuild the HTML report of the latest demo run (RUN=..., REPORT_DIR=...)"
+	@echo "make wheel  - build the wheel into dist/ (python -m build)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +31,10 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the tests marked `slow` (CI runs `make test`)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fisher_monitor tests examples benchmarks
@@ -44,8 +52,23 @@ bench: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py --demo
 
+# What `make demo` prints, without activating .venv: the dashboard of every run under
+# LOGDIR, and the report of RUN (default: the latest demo run) into REPORT_DIR.
+LOGDIR ?= runs
+RUN ?= $(shell ls -d runs/quickstart/version_* 2>/dev/null | sort -t_ -k2 -n | tail -n 1)
+REPORT_DIR ?= $(if $(RUN),$(RUN)/report,reports/quickstart)
+tensorboard: $(VENV)/.installed
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
+
+report: $(VENV)/.installed
+	@test -n "$(RUN)" || { echo "make report: no demo run under runs/quickstart; run 'make demo' first, or pass RUN=DIR"; exit 2; }
+	$(VENV)/bin/fisher-monitor report $(RUN) -o $(REPORT_DIR)
+
+wheel: $(VENV)/.installed
+	$(PY) -m build --wheel --outdir dist
+
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs reports benchmarks/results examples/output site
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs reports benchmarks/results examples/output site dist build

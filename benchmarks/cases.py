@@ -10,8 +10,13 @@ A *case* is one subprocess of the harness, named ``{model}/{what}``:
   logging to a ``TensorBoardLogger``;
 - ``{model}/backpack-{extension}``: BackPACK's own extensions on the same batch, the floor
   the exact and Monte-Carlo structures build on (models BackPACK handles);
+- ``fit/{digits,cnn}``: a real ``Trainer.fit`` on scikit-learn's digits with a default
+  ``FisherMonitor()`` and the same fit without it: the measurements it got, the share of
+  the time it reports, and the wall-clock time it added;
 - ``report/{layers}x{measurements}``: ``fisher-monitor report`` on a synthetic run
-  (``benchmarks/report_scale.py``).
+  (``benchmarks/report_scale.py``);
+- ``report/{count}runs``: ``fisher-monitor report`` on a parent directory of ``count``
+  small synthetic runs (a sweep): a table of every run, figures for the runs that matter.
 """
 
 from __future__ import annotations
@@ -214,10 +219,71 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 
+
+def digits_mlp() -> nn.Module:
+    """The examples' MLP on 8×8 digits: 64-128-128-10."""
+    return mlp(64, 128, 128, 10)
+
+
+def digits_cnn() -> nn.Module:
+    """The examples' CNN on 8×8 digits (``examples/cnn_block_kron.py``)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """A real ``Trainer.fit`` of scikit-learn's digits with a default ``FisherMonitor()``.
+
+    Attributes:
+        name: ``fit/{name}``.
+        title: What it is, for the tables.
+        build: Builds the network (seeded by the caller).
+        image: Whether the inputs are ``1 × 8 × 8`` images (else 64 features).
+        steps: Optimizer steps of the fit.
+        batch_size: Training batch size.
+    """
+
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    image: bool
+    steps: int
+    batch_size: int = 64
+
+
+FITS: dict[str, FitSpec] = {
+    spec.name: spec
+    for spec in (
+        FitSpec("digits", "MLP 64-128-128-10 on digits, 4,000 Adam steps", digits_mlp, False, 4000),
+        FitSpec(
+            "cnn", "CNN (2 conv, 2 linear) on digits, 1,500 Adam steps", digits_cnn, True, 1500
+        ),
+        FitSpec(
+            "tiny",
+            "MLP 64-128-128-10 on digits, 60 steps (the harness's own test)",
+            digits_mlp,
+            False,
+            60,
+        ),
+    )
+}
+#: Fits of a full run (``tiny`` only for the harness's test).
+FIT_CASES = ("digits", "cnn")
+
 #: Models of a full run, in order (``tiny`` is only for the harness's test).
 DEFAULT_MODELS = ("mlp", "mlp-fitted", "mlp-c100", "mlp-c1000", "resnet18", "transformer")
 #: Report-at-scale cases of a full run and of ``--quick``.
-REPORT_CASES = ("50x2000",)
+REPORT_CASES = ("50x2000", "2000runs")
 QUICK_REPORT_CASES = ("10x100",)
 #: ``--quick``: the MLP's configurations, its callback and a small report.
 QUICK_CASES = (
@@ -237,9 +303,9 @@ class Case:
 
     Attributes:
         name: ``{model}/{what}``.
-        kind: ``"measure"``, ``"callback"``, ``"floor"`` or ``"report"``.
-        model: Model name (``report`` for the report cases).
-        what: Configuration, ``callback``, floor name, or ``{layers}x{measurements}``.
+        kind: ``"measure"``, ``"callback"``, ``"floor"``, ``"fit"`` or ``"report"``.
+        model: Model name (``fit``/``report`` for those cases).
+        what: Configuration, ``callback``, floor name, fit, or ``{layers}x{measurements}``.
     """
 
     name: str
@@ -252,8 +318,8 @@ class Case:
         return {"name": self.name, "kind": self.kind, "model": self.model, "what": self.what}
 
 
-def all_cases(models=DEFAULT_MODELS, report_cases=REPORT_CASES) -> list[Case]:
-    """Every case of the given models, then the report cases, in table order."""
+def all_cases(models=DEFAULT_MODELS, report_cases=REPORT_CASES, fits=FIT_CASES) -> list[Case]:
+    """Every case of the given models, then the fits and the report cases, in table order."""
     cases = []
     for name in models:
         spec = MODELS[name]
@@ -261,6 +327,7 @@ def all_cases(models=DEFAULT_MODELS, report_cases=REPORT_CASES) -> list[Case]:
         if spec.callback:
             cases.append(Case(f"{name}/callback", "callback", name, "default"))
         cases += [Case(f"{name}/{floor}", "floor", name, floor) for floor in spec.floors]
+    cases += [Case(f"fit/{what}", "fit", "fit", what) for what in fits]
     cases += [Case(f"report/{what}", "report", "report", what) for what in report_cases]
     return cases
 
@@ -272,10 +339,18 @@ def parse_case(name: str) -> Case:
         ValueError: For an unknown model or configuration, naming what exists.
     """
     model, _, what = name.partition("/")
+    if model == "fit":
+        if what not in FITS:
+            raise ValueError(f"Invalid fit case: {name!r}. Supported: {tuple(FITS)}.")
+        return Case(name, "fit", "fit", what)
     if model == "report":
         layers, _, measurements = what.partition("x")
-        if not (layers.isdigit() and measurements.isdigit()):
-            raise ValueError(f"Invalid report case: {name!r}. Use 'report/{{layers}}x{{steps}}'.")
+        many = what.endswith("runs") and what[: -len("runs")].isdigit()
+        if not (many or (layers.isdigit() and measurements.isdigit())):
+            raise ValueError(
+                f"Invalid report case: {name!r}. Use 'report/{{layers}}x{{steps}}' or "
+                "'report/{count}runs'."
+            )
         return Case(name, "report", "report", what)
     if model not in MODELS:
         raise ValueError(f"Invalid model in case {name!r}. Supported: {tuple(MODELS)}.")
@@ -332,12 +407,15 @@ class Target:
 
     Attributes:
         label: What the row says.
-        case: The case it reads.
+        case: The case it reads (``"*"``: every measured case, for the cost model's target).
         bound: Largest ratio allowed (``measure()`` one-shot; Lightning steps for the
-            callback); for report cases, seconds.
+            callback); for report cases, seconds; with ``relative_to``, the largest ratio
+            to that case's; for the cost model, the largest factor between estimate and
+            measurement; for fits, the smallest factor of measurements over the baseline's.
         full_probe: Also require the whole probe batch (no sub-sampling).
         max_relative_se: Also require every standard error below this share of its value.
         megabytes: For report cases, the peak-memory bound.
+        relative_to: A case (BackPACK's floor) whose ratio this case's is divided by.
     """
 
     label: str
@@ -346,16 +424,44 @@ class Target:
     full_probe: bool = False
     max_relative_se: float | None = None
     megabytes: float | None = None
+    relative_to: str | None = None
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("MLP, one-shot `measure()`, diag MC", "mlp/diag-mc", 3),
-    Target("MLP, one-shot `measure()`, diag exact", "mlp/diag-exact", 5),
-    Target("MLP, block exact, at initialisation", "mlp/block-exact", 15),
-    Target("MLP, block exact, fitted", "mlp-fitted/block-exact", 15),
-    Target("MLP, kron exact, at initialisation", "mlp/kron-exact", 12),
-    Target("MLP, kron exact, fitted", "mlp-fitted/kron-exact", 12),
-    Target("MLP, callback default with its logging (Lightning steps)", "mlp/callback", 15),
+    Target(
+        "MLP, one-shot `measure()`, diag MC",
+        "mlp/diag-mc",
+        1.5,
+        relative_to="mlp/backpack-diag-mc",
+    ),
+    Target(
+        "MLP, one-shot `measure()`, diag exact",
+        "mlp/diag-exact",
+        1.5,
+        relative_to="mlp/backpack-diag-exact",
+    ),
+    Target("MLP, block exact, at initialisation", "mlp/block-exact", 30),
+    Target("MLP, block exact, fitted", "mlp-fitted/block-exact", 30),
+    Target("MLP, kron exact, at initialisation", "mlp/kron-exact", 20),
+    Target("MLP, kron exact, fitted", "mlp-fitted/kron-exact", 20),
+    Target("MLP, callback default with its logging (Lightning steps)", "mlp/callback", 25),
+    Target("cost model: estimate within 1.3× of the measured `Measurer` call", "*", 1.3),
+    Target(
+        "default `FisherMonitor()`: digits, 4,000 steps, measurements × today's",
+        "fit/digits",
+        2.0,
+    ),
+    Target("default `FisherMonitor()`: CNN, 1,500 steps, measurements × today's", "fit/cnn", 2.0),
+    Target(
+        "digits fit: reported monitor time within 10% of the wall-clock increase",
+        "fit/digits#accounting",
+        0.1,
+    ),
+    Target(
+        "CNN fit: reported monitor time within 10% of the wall-clock increase",
+        "fit/cnn#accounting",
+        0.1,
+    ),
     Target(
         "MLP C = 1000, default, full probe of 128, standard errors < 5%",
         "mlp-c1000/default",
@@ -369,4 +475,5 @@ TARGETS: tuple[Target, ...] = (
     Target("ResNet-18 32×32 batch 32, default, no sub-sampling", "resnet18/default", 30, True),
     Target("transformer LM, vocabulary 8000, default", "transformer/default", 30),
     Target("report, 50 layers × 2000 measurements", "report/50x2000", 60, megabytes=1024),
+    Target("report, 2000 small runs (a sweep)", "report/2000runs", 60, megabytes=1024),
 )

@@ -6,9 +6,16 @@ audit of the optimizer, the probe scalars, one 64-bucket histogram per layer, a 
 image every tenth measurement and the run-information JSON; one event per scalar, as
 Lightning's ``TensorBoardLogger`` writes them) into a temporary directory, then runs
 ``fisher-monitor report`` on each in a fresh process and prints a Markdown table of the
-wall time and the process's peak resident memory (``ru_maxrss`` of that child alone).
+wall time and the process's own peak resident memory (its ``VmHWM``).
 
-Usage: ``python benchmarks/report_scale.py [--cases 50x200,50x2000] [--keep DIR]``.
+Two shapes of case:
+
+- ``{layers}x{measurements}``: one large run;
+- ``{count}runs``: a parent directory of ``count`` small runs (:data:`SMALL_RUN` layers ×
+  measurements each, as a sweep leaves them), reported together: a table of every run,
+  figures and details for the runs that matter.
+
+Usage: ``python benchmarks/report_scale.py [--cases 50x200,50x2000,2000runs] [--keep DIR]``.
 :func:`main` returns the rows for other benchmark drivers.
 """
 
@@ -35,6 +42,10 @@ from fisher_monitor import keys, runinfo  # noqa: E402
 
 #: (layers, measurements) of the default cases; the goal is under 60 s and 1 GB for 50 × 2000.
 CASES = ((50, 200), (50, 2000))
+#: Runs of the default many-runs case; the goal is under 60 s and 1 GB for 2000 runs.
+RUNS_CASES = (2000,)
+#: (layers, measurements) of each run of a many-runs case.
+SMALL_RUN = (3, 12)
 GOAL_SECONDS = 60.0
 GOAL_MEGABYTES = 1024.0
 STRUCTURES = ("diag", "block")
@@ -100,7 +111,9 @@ def _metric_values(rng: np.random.Generator, layers: int, measurements: int) -> 
     return {"cosine": cosine, "positive": positive}
 
 
-def write_run(directory: Path, layers: int, measurements: int, seed: int = 0) -> dict:
+def write_run(
+    directory: Path, layers: int, measurements: int, seed: int = 0, image_bytes: int = 40_000
+) -> dict:
     """Write one synthetic run into ``directory``.
 
     Args:
@@ -108,6 +121,7 @@ def write_run(directory: Path, layers: int, measurements: int, seed: int = 0) ->
         layers: Number of layers (plus ``all``).
         measurements: Number of measurements (steps 0, 10, 20, ...).
         seed: Random seed.
+        image_bytes: Size of each heat-map image.
 
     Returns:
         ``{"bytes": size of the event file, "events": records written}``.
@@ -156,77 +170,129 @@ def write_run(directory: Path, layers: int, measurements: int, seed: int = 0) ->
                 chunk.append(_histogram(tag, sample, step, wall))
             if index % 10 == 0:
                 tag = f"{PREFIX}/images/direction_cosine"
-                chunk.append(_image(tag, 40_000, step, wall, rng))
+                chunk.append(_image(tag, image_bytes, step, wall, rng))
             stream.write(b"".join(chunk))
             records += len(chunk)
-    runinfo.write(
-        directory,
-        {
-            "prefix": PREFIX,
-            "settings": {
-                "structures": list(STRUCTURES),
-                "fisher": "exact",
-                "mc_samples": 1,
-                "damping": 0.001,
-                "damping_mode": "relative",
-                "schedule": "every(10)",
-                "optimizer": "AdamW",
-            },
-            "layers": [
-                {
-                    "layer": name,
-                    "type": "Linear",
-                    "parameters": [f"{name}.weight", f"{name}.bias"],
-                    "dimension": 4160,
-                    "backend": "backpack",
-                    "measured": True,
-                    "reason": None,
-                }
-                for name in names
-            ],
-            "notes": [],
-        },
-    )
+    runinfo.write(directory, _run_info(names))
     return {"bytes": path.stat().st_size, "events": records}
+
+
+def _run_info(names: list[str]) -> dict:
+    """The run file of a synthetic run with these layer names."""
+    return {
+        "prefix": PREFIX,
+        "settings": {
+            "structures": list(STRUCTURES),
+            "fisher": "exact",
+            "mc_samples": 1,
+            "damping": 0.001,
+            "damping_mode": "relative",
+            "schedule": "every(10)",
+            "optimizer": "AdamW",
+        },
+        "layers": [
+            {
+                "layer": name,
+                "type": "Linear",
+                "parameters": [f"{name}.weight", f"{name}.bias"],
+                "dimension": 4160,
+                "backend": "backpack",
+                "measured": True,
+                "reason": None,
+            }
+            for name in names
+        ],
+        "notes": [],
+    }
+
+
+def write_runs(root: Path, count: int, seed: int = 0) -> dict:
+    """Write ``count`` small runs (:data:`SMALL_RUN`) under ``root``, as a sweep leaves them.
+
+    Each is ``root/sweep/lr_{i}/version_0`` with its own values (seed ``seed + i``) and a
+    4 kB heat-map image every tenth measurement.
+
+    Returns:
+        ``{"bytes": size of every event file together, "events": records written}``.
+    """
+    layers, measurements = SMALL_RUN
+    total = {"bytes": 0, "events": 0}
+    for index in range(count):
+        directory = root / "sweep" / f"lr_{index:05d}" / "version_0"
+        written = write_run(directory, layers, measurements, seed + index, image_bytes=4_000)
+        for key in total:
+            total[key] += written[key]
+    return total
+
+
+#: Runs ``fisher-monitor report`` and then prints the process's own peak resident memory.
+#: ``VmHWM`` belongs to the process's memory map, which ``exec`` replaces; ``ru_maxrss``
+#: (of ``wait4``) also counts the parent's memory at the ``fork``, which here is the
+#: benchmark harness with torch loaded: hundreds of MB that are not the report's.
+_CHILD = """
+import sys
+from fisher_monitor.report.cli import main
+code = main(sys.argv[1:])
+try:
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    print(f"fisher-monitor-bench peak_kb {peak}", file=sys.stderr)
+except OSError:
+    pass
+sys.exit(code)
+"""
 
 
 def time_report(run: Path, out_dir: Path) -> dict:
     """Run ``fisher-monitor report`` on ``run`` in a fresh process.
 
     Returns:
-        ``{"seconds", "peak_mb", "returncode"}``: wall time and the child's peak RSS.
+        ``{"seconds", "peak_mb", "returncode"}``: wall time and the child's peak resident
+        memory (its ``VmHWM`` on Linux, else ``ru_maxrss``).
     """
-    command = [
-        sys.executable,
-        "-m",
-        "fisher_monitor",
-        "report",
-        str(run),
-        "-o",
-        str(out_dir),
-    ]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    command = [sys.executable, "-c", _CHILD, "report", str(run), "-o", str(out_dir)]
+    with tempfile.TemporaryFile() as errors:  # not a pipe: a long stderr cannot block it
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    returncode = os.waitstatus_to_exitcode(status)
+    if returncode != 0:
         print(stderr[-2000:], file=sys.stderr)
     scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, bytes on macOS
-    return {
-        "seconds": seconds,
-        "peak_mb": usage.ru_maxrss * scale / 2**20,
-        "returncode": process.returncode,
-    }
+    peak = usage.ru_maxrss * scale
+    for line in stderr.splitlines():
+        if line.startswith("fisher-monitor-bench peak_kb "):
+            peak = int(line.split()[-1]) * 1024
+    return {"seconds": seconds, "peak_mb": peak / 2**20, "returncode": returncode}
 
 
-def _cases(text: str) -> list[tuple[int, int]]:
+def _cases(text: str) -> list[str]:
+    """The case names of ``--cases``: ``{layers}x{measurements}`` or ``{count}runs``."""
     cases = []
-    for part in text.split(","):
-        layers, measurements = part.lower().split("x")
-        cases.append((int(layers), int(measurements)))
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        layers, _, measurements = part.partition("x")
+        many = part.endswith("runs") and part[: -len("runs")].isdigit()
+        if not (many or (layers.isdigit() and measurements.isdigit())):
+            raise SystemExit(
+                f"Invalid case {part!r}: use '{{layers}}x{{measurements}}' or '{{count}}runs'."
+            )
+        cases.append(part)
     return cases
+
+
+def _write_case(root: Path, case: str) -> tuple[Path, int]:
+    """The case's run directory (written unless kept from an earlier call) and its bytes."""
+    run = root / f"run_{case}"
+    existing = list(run.rglob("events.out.tfevents.*"))
+    if existing:  # kept from an earlier call with --keep
+        return run, sum(f.stat().st_size for f in existing)
+    if case.endswith("runs"):
+        return run, write_runs(run, int(case[: -len("runs")]))["bytes"]
+    layers, _, measurements = case.partition("x")
+    return run, write_run(run, int(layers), int(measurements))["bytes"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -240,42 +306,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ``peak_mb``, ``returncode``.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(f"{a}x{b}" for a, b in CASES))
+    default = [f"{a}x{b}" for a, b in CASES] + [f"{count}runs" for count in RUNS_CASES]
+    parser.add_argument("--cases", default=",".join(default))
     parser.add_argument("--keep", type=Path, default=None, help="write the runs here and keep them")
     args = parser.parse_args(argv)
     root = args.keep or Path(tempfile.mkdtemp(prefix="fisher-report-bench-"))
     rows = []
     try:
-        for layers, measurements in _cases(args.cases):
-            run = root / f"run_{layers}x{measurements}"
-            existing = list(run.glob("events.out.tfevents.*"))
-            if existing:  # kept from an earlier call with --keep
-                size = sum(f.stat().st_size for f in existing)
-            else:
-                size = write_run(run, layers, measurements)["bytes"]
-            result = time_report(run, root / f"report_{layers}x{measurements}")
-            rows.append(
-                {
-                    "layers": layers,
-                    "measurements": measurements,
-                    "events_mb": size / 2**20,
-                    **result,
-                }
-            )
+        for case in _cases(args.cases):
+            run, size = _write_case(root, case)
+            result = time_report(run, root / f"report_{case}")
+            rows.append({"case": case, "label": report_label(case), "events_mb": size / 2**20})
+            rows[-1].update(result)
+            if "x" in case:
+                layers, _, measurements = case.partition("x")
+                rows[-1].update(layers=int(layers), measurements=int(measurements))
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    print("| layers × measurements | events | report time | peak memory | goal |")
+    print("| case | events | report time | peak memory | goal |")
     print("| --- | ---: | ---: | ---: | --- |")
     for row in rows:
         met = row["seconds"] < GOAL_SECONDS and row["peak_mb"] < GOAL_MEGABYTES
         status = "failed" if row["returncode"] else ("met" if met else "missed")
         print(
-            f"| {row['layers']} × {row['measurements']} | {row['events_mb']:.0f} MB "
+            f"| {row['label']} | {row['events_mb']:.0f} MB "
             f"| {row['seconds']:.1f} s | {row['peak_mb']:.0f} MB "
             f"| < {GOAL_SECONDS:.0f} s, < {GOAL_MEGABYTES / 1024:.0f} GB: {status} |"
         )
     return rows
+
+
+def report_label(case: str) -> str:
+    """``"50 layers × 2000 measurements"`` or ``"2000 runs of 3 layers × 12 measurements"``."""
+    if case.endswith("runs"):
+        layers, measurements = SMALL_RUN
+        return f"{case[: -len('runs')]} runs of {layers} layers × {measurements} measurements"
+    layers, _, measurements = case.partition("x")
+    return f"{layers} layers × {measurements} measurements"
 
 
 if __name__ == "__main__":

@@ -77,10 +77,19 @@ REPORT_TIMEOUT = 480.0
 # --------------------------------------------------------------------------- running
 
 
-def run_in_process(case: Case, options: Options, timeout: float, logs: Path) -> dict:
-    """Run ``case`` in a fresh process; kill it (and its children) after ``timeout``."""
+def run_in_process(
+    case: Case, options: Options, timeout: float, logs: Path, package: Path | None = None
+) -> dict:
+    """Run ``case`` in a fresh process; kill it (and its children) after ``timeout``.
+
+    With ``package``, the process imports ``fisher_monitor`` from that checkout instead
+    (``--baseline``).
+    """
     logs.mkdir(parents=True, exist_ok=True)
-    stem = case.name.replace("/", "__")
+    stem = case.name.replace("/", "__") + ("__baseline" if package is not None else "")
+    env = dict(os.environ)
+    if package is not None:
+        env["FISHER_BENCH_PACKAGE"] = str(package)
     with tempfile.TemporaryDirectory(prefix="fisher-bench-case-") as directory:
         spec = Path(directory) / "case.json"
         output = Path(directory) / "result.json"
@@ -95,6 +104,7 @@ def run_in_process(case: Case, options: Options, timeout: float, logs: Path) -> 
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: killed with its children
+                env=env,
             )
             try:
                 process.wait(timeout=timeout)
@@ -144,6 +154,15 @@ def progress_line(result: dict) -> str:
     report = result.get("report") or {}
     if report:
         parts.append(f"report {report['seconds']:.1f} s, {report['peak_mb']:.0f} MB")
+    fit = result.get("fit") or {}
+    if fit.get("monitored_seconds"):
+        parts.append(
+            f"fit {fit['plain_seconds']:.1f} s -> {fit['monitored_seconds']:.1f} s, "
+            f"{fit['measurements']} measurements, reported {fit['reported_seconds']:.2f} s"
+        )
+    estimate = (result.get("measurement") or {}).get("cost_steps")
+    if estimate:
+        parts.append(f"model {estimate:.1f}×")
     if result.get("error"):
         parts.append(result["error"])
     return "  ".join(parts)
@@ -179,10 +198,84 @@ def bound_text(result: dict, kind: str) -> str:
     return f"> {bound['ratio']:.0f}× (killed {bound['seconds']:.0f} s into the call)"
 
 
-def check(target: Target, result: dict | None) -> tuple[str, bool | None]:
-    """The measured value of ``target`` as text, and whether it is met."""
+def cost_factors(results: dict[str, dict]) -> list[tuple[str, float]]:
+    """Per measured case, the cost model's estimate over the measured ``Measurer`` ratio."""
+    found = []
+    for name, result in results.items():
+        estimate = (result.get("measurement") or {}).get("cost_steps")
+        measured = (result.get("measurer") or {}).get("ratio")
+        if result.get("kind") == "measure" and estimate and measured:
+            found.append((name, estimate / measured))
+    return found
+
+
+def check_cost_model(target: Target, results: dict[str, dict]) -> tuple[str, bool | None]:
+    """Whether every estimate is within ``target.bound`` of its measurement (either way)."""
+    factors = cost_factors(results)
+    if not factors:
+        return "not run", None
+    worst_name, worst = max(factors, key=lambda item: max(item[1], 1 / item[1]))
+    low, high = min(f for _, f in factors), max(f for _, f in factors)
+    text = (
+        f"estimate/measured {low:.2f}–{high:.2f} over {len(factors)} cases "
+        f"(worst `{worst_name}`: {worst:.2f})"
+    )
+    return text, max(worst, 1 / worst) <= target.bound
+
+
+def check_accounting(target: Target, result: dict | None) -> tuple[str, bool | None]:
+    """The monitor's reported seconds against the fit's wall-clock increase."""
+    fit = (result or {}).get("fit") or {}
+    if fit.get("increase_seconds") is None:
+        return ("not run", None) if result is None else (problem(result) or "no fit", False)
+    reported, increase = fit["reported_seconds"], fit["increase_seconds"]
+    gap = abs(reported - increase) / increase if increase > 0 else float("inf")
+    text = (
+        f"reported {reported:.2f} s ({100 * (fit['reported_share'] or 0):.1f}%), "
+        f"wall-clock increase {increase:.2f} s ({100 * (fit['increase_share'] or 0):.1f}%): "
+        f"{100 * gap:.0f}% apart"
+    )
+    return text, gap <= target.bound
+
+
+def check_fit(target: Target, result: dict) -> tuple[str, bool | None]:
+    """Measurements over the baseline's (same run), within the baseline's share."""
+    fit = result.get("fit") or {}
+    baseline = (result.get("baseline") or {}).get("fit") or {}
+    if not fit.get("measurements"):
+        return problem(result) or "no fit", False
+    text = f"{fit['measurements']} measurements, share {100 * (fit['reported_share'] or 0):.1f}%"
+    if not baseline.get("measurements"):
+        return text + " (no baseline: run with --baseline)", None
+    factor = fit["measurements"] / baseline["measurements"]
+    same_share = (fit["reported_share"] or 0) <= 1.1 * (baseline["reported_share"] or 0)
+    text += (
+        f" vs {baseline['measurements']} at {100 * (baseline['reported_share'] or 0):.1f}% "
+        f"today: {factor:.1f}×"
+    )
+    return text, factor >= target.bound and same_share
+
+
+def check(
+    target: Target, result: dict | None, results: dict[str, dict] | None = None
+) -> tuple[str, bool | None]:
+    """The measured value of ``target`` as text, and whether it is met.
+
+    Args:
+        target: The target.
+        result: Its case's result (``None``: not run).
+        results: Every result by case name (for targets reading several cases).
+    """
+    if target.case == "*":
+        return check_cost_model(target, results or {})
+    if target.case.endswith("#accounting"):
+        return check_accounting(target, (results or {}).get(target.case.split("#")[0]))
     if result is None:
         return "not run", None
+    if target.case.startswith("fit/"):
+        return check_fit(target, result)
+    if target.relative_to is not None:
+        return check_relative(target, result, (results or {}).get(target.relative_to))
     failure = problem(result)
     if target.case.startswith("report/"):
         report = result.get("report")
@@ -219,6 +312,19 @@ def check(target: Target, result: dict | None) -> tuple[str, bool | None]:
     return ", ".join(parts), met
 
 
+def check_relative(target: Target, result: dict, floor: dict | None) -> tuple[str, bool | None]:
+    """The case's ratio over its floor's (both measured in this run)."""
+    ratio = (result.get("measure") or {}).get("ratio")
+    base = ((floor or {}).get("floor") or {}).get("ratio")
+    if ratio is None:
+        return problem(result) or "no timing", False
+    if base is None:
+        return f"{ratio_text(ratio)} (floor `{target.relative_to}` not run)", None
+    return f"{ratio_text(ratio)} = {ratio / base:.2f}× the floor's {ratio_text(base)}", (
+        ratio / base <= target.bound
+    )
+
+
 def targets_table(results: dict[str, dict]) -> list[str]:
     lines = [
         "## Targets",
@@ -227,12 +333,19 @@ def targets_table(results: dict[str, dict]) -> list[str]:
         "| --- | --- | ---: | --- | --- |",
     ]
     for target in TARGETS:
-        measured, met = check(target, results.get(target.case))
+        measured, met = check(target, results.get(target.case), results)
         if target.case.startswith("report/"):
             goal = f"≤ {target.bound:.0f} s, ≤ {(target.megabytes or 0) / 1024:.0f} GB"
+        elif target.case.endswith("#accounting"):
+            goal = f"within {100 * target.bound:.0f}%"
+        elif target.case.startswith("fit/"):
+            goal = f"≥ {target.bound:g}×, same share"
+        elif target.relative_to is not None:
+            goal = f"≤ {target.bound:g}× `{target.relative_to}`"
         else:
             goal = f"≤ {target.bound:g}×"
-        lines.append(f"| {target.label} | `{target.case}` | {goal} | {measured} | {mark(met)} |")
+        case = target.case.split("#")[0]
+        lines.append(f"| {target.label} | `{case}` | {goal} | {measured} | {mark(met)} |")
     return [*lines, ""]
 
 
@@ -270,6 +383,32 @@ def notes_text(result: dict) -> str:
     return "; ".join(parts).replace("|", "\\|").replace("\n", " ")
 
 
+def goal_text(target: Target | None) -> str:
+    if target is None:
+        return ""
+    if target.relative_to is not None:
+        return f"≤ {target.bound:g}× floor"
+    return f"≤ {target.bound:g}×"
+
+
+def model_text(result: dict) -> str:
+    """``"41.2× (1.08)"``: the cost model's estimate, and over the measured ``Measurer`` ratio."""
+    estimate = (result.get("measurement") or {}).get("cost_steps")
+    measured = (result.get("measurer") or {}).get("ratio")
+    if result.get("kind") != "measure" or not estimate:
+        return ""
+    return f"{estimate:.1f}×" + (f" ({estimate / measured:.2f})" if measured else "")
+
+
+def today_text(result: dict, kind: str) -> str:
+    """The same case's ratio on the baseline checkout (``--baseline``), same run."""
+    baseline = result.get("baseline") or {}
+    timings = baseline.get("floor" if kind == "floor" else kind) or {}
+    if timings.get("ratio") is None:
+        return problem(baseline) if baseline else ""
+    return ratio_text(timings["ratio"])
+
+
 def model_table(name: str, rows: list[dict]) -> list[str]:
     """One model's rows: configurations, callback, floors."""
     spec = MODELS[name]
@@ -303,9 +442,11 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
         "; ".join(facts) + "." if facts else "",
         "",
         "| case | `measure()` ms | × step | goal | | `Measurer` ms | × step | extra MB "
-        "`measure()` / `Measurer` | probe | notes |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "`measure()` / `Measurer` | probe | cost model × step (estimate/measured) "
+        "| today × step (`--baseline`) | notes |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    by_name = {r["name"]: r for r in rows}
     for result in rows:
         case = result["name"]
         target = targets.get(case)
@@ -330,7 +471,7 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
             )
             first, second, memory = callback, {}, ""
         ratio = first.get("ratio")
-        met = check(target, result)[1] if target is not None else None  # every condition
+        met = check(target, result, by_name)[1] if target is not None else None  # all conditions
         bound = result.get("lower_bound") or {}
         timed = first.get("ms") is not None
         if not timed and bound.get("kind") in ("measure", "floor"):
@@ -343,12 +484,14 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
             label,
             first_ms,
             ratio_cell,
-            f"≤ {target.bound:g}×" if target is not None else "",
+            goal_text(target),
             mark(met),
             number(second.get("ms")),
             ratio_text(second.get("ratio")),
             memory,
             probe_text(spec.batch_size, result.get("measurement") or {}),
+            model_text(result),
+            today_text(result, kind),
             "; ".join(
                 part
                 for part in (notes_text(result), failure if first_ms != failure else "")
@@ -366,7 +509,43 @@ def model_table(name: str, rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def fit_table(rows: list[dict]) -> list[str]:
+    """The fits: measurements, reported share and wall-clock increase, beside today's."""
+    lines = [
+        "## Fits with a default `FisherMonitor()` (Adam, batch 64, TensorBoardLogger)",
+        "",
+        "| fit | plain fit | with the monitor | measurements | reported share | wall-clock "
+        "increase | today: measurements, share, increase (`--baseline`) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for result in rows:
+        fit = result.get("fit") or {}
+        if not fit.get("monitored_seconds"):
+            lines.append(f"| `{result['name']}` | {problem(result)} | | | | | |")
+            continue
+        base = (result.get("baseline") or {}).get("fit") or {}
+        today = ""
+        if base.get("monitored_seconds"):
+            today = (
+                f"{base['measurements']}, {100 * (base['reported_share'] or 0):.1f}%, "
+                f"{100 * (base['increase_share'] or 0):.1f}%"
+            )
+        cells = [
+            f"`{result['name']}`: {fit['title']}",
+            f"{fit['plain_seconds']:.1f} s",
+            f"{fit['monitored_seconds']:.1f} s",
+            str(fit["measurements"]),
+            f"{100 * (fit['reported_share'] or 0):.1f}% ({fit['reported_seconds']:.2f} s)",
+            f"{100 * (fit['increase_share'] or 0):.1f}% ({fit['increase_seconds']:.2f} s)",
+            today,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def report_table(rows: list[dict]) -> list[str]:
+    from benchmarks.report_scale import report_label
+
     lines = [
         "## Report at scale (`benchmarks/report_scale.py`)",
         "",
@@ -375,7 +554,6 @@ def report_table(rows: list[dict]) -> list[str]:
     ]
     goals = {t.case: t for t in TARGETS}
     for result in rows:
-        layers, _, measurements = result["what"].partition("x")
         report = result.get("report") or {}
         target = goals.get(result["name"])
         if report:
@@ -398,9 +576,7 @@ def report_table(rows: list[dict]) -> list[str]:
             ]
         else:
             cells = [problem(result), "", "", "", "✗" if target else ""]
-        lines.append(
-            f"| {layers} layers × {measurements} measurements | " + " | ".join(cells) + " |"
-        )
+        lines.append(f"| {report_label(result['what'])} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -468,14 +644,18 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
         *targets_table(by_name),
     ]
     models: dict[str, list[dict]] = {}
-    reports = []
+    reports, fits = [], []
     for result in results:
         if result["kind"] == "report":
             reports.append(result)
+        elif result["kind"] == "fit":
+            fits.append(result)
         else:
             models.setdefault(result["model"], []).append(result)
     for name, rows in models.items():
         lines += model_table(name, rows)
+    if fits:
+        lines += fit_table(fits)
     if reports:
         lines += report_table(reports)
     return "\n".join(lines)
@@ -538,6 +718,13 @@ def main(argv: list[str] | None = None) -> int:
         "--reference", action="store_true", help="also copy the tables to benchmarks/reference/"
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also run every case on the fisher_monitor package under this directory (e.g. "
+        "a checkout of main): the tables show its ratios beside this one's, same run",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="run cases in this process (no isolation; for tests)",
@@ -572,8 +759,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_case(case.to_dict(), options)
             result["seconds"] = time.perf_counter() - case_start
         else:
-            limit = max(args.timeout, REPORT_TIMEOUT) if case.kind == "report" else args.timeout
+            long = case.kind in ("report", "fit")
+            limit = max(args.timeout, REPORT_TIMEOUT) if long else args.timeout
             result = run_in_process(case, options, limit, logs)
+            if args.baseline is not None and case.kind != "report":
+                result["baseline"] = run_in_process(case, options, limit, logs, args.baseline)
+                print("    today: " + progress_line(result["baseline"]), flush=True)
         results.append(result)
         print("    " + progress_line(result), flush=True)
     text = render(results, args, time.perf_counter() - started)

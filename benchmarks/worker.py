@@ -46,7 +46,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import timing  # noqa: E402
-from benchmarks.cases import CONFIGS, FLOORS, MODELS, ModelSpec  # noqa: E402
+from benchmarks.cases import CONFIGS, FITS, FLOORS, MODELS, ModelSpec  # noqa: E402
+
+#: Import ``fisher_monitor`` from this directory instead (``run.py --baseline``: the same
+#: cases on another checkout, in the same run).
+PACKAGE = os.environ.get("FISHER_BENCH_PACKAGE")
+if PACKAGE:
+    sys.path.insert(0, PACKAGE)
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,10 @@ def describe(measurement, batch_size: int) -> dict:
             worst, worst_key = relative, key
         if parsed.layer == "all" and (relative > worst_all or worst_all_key is None):
             worst_all, worst_all_key = relative, key
+    cost = (getattr(measurement, "settings", None) or {}).get("cost") or {}
     return {
+        "cost_steps": cost.get("steps"),
+        "cost_seconds": cost.get("seconds"),
         "probe_batch_size": probe,
         "subsampled": subsampled,
         "backends": backends,
@@ -521,6 +530,87 @@ def step_costs(starts: list[float], measured: list[int], every: int, wanted: int
     }
 
 
+def fit_case(what: str, result: Result) -> None:
+    """A ``Trainer.fit`` on digits without the monitor, then with a default ``FisherMonitor()``.
+
+    Records the wall time of each, the measurements the monitor took, the share of the
+    fit's time it reports (its ledger, as the end-of-fit summary and ``probe/overhead``
+    state it) and the share the wall-clock increase implies.
+    """
+    import pytorch_lightning as pl
+    from sklearn.datasets import load_digits
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fisher_monitor import FisherMonitor
+
+    spec = FITS[what]
+    data, labels = load_digits(return_X_y=True)
+    inputs = torch.tensor(data / 16.0, dtype=torch.float32)
+    if spec.image:
+        inputs = inputs.view(-1, 1, 8, 8)
+    dataset = TensorDataset(inputs, torch.tensor(labels))
+
+    class Module(pl.LightningModule):
+        def __init__(self, net: nn.Module):
+            super().__init__()
+            self.net = net
+            self.loss_fn = nn.CrossEntropyLoss()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.loss_fn(self(batch[0]), batch[1])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def fit(monitor: FisherMonitor | None, steps: int = spec.steps) -> float:
+        torch.manual_seed(0)
+        net = spec.build()
+        generator = torch.Generator().manual_seed(0)
+        loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, generator=generator)
+        with tempfile.TemporaryDirectory(prefix="fisher-bench-fit-") as directory:
+            trainer = pl.Trainer(
+                max_steps=steps,
+                accelerator="cpu",
+                devices=1,
+                callbacks=[monitor] if monitor is not None else [],
+                logger=pl.loggers.TensorBoardLogger(directory),
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                log_every_n_steps=50,
+            )
+            started = time.perf_counter()
+            trainer.fit(Module(net), loader)
+            return time.perf_counter() - started
+
+    result.save("short fits (warm-up: imports, first calls)")
+    fit(None, 20)
+    fit(FisherMonitor(), 20)
+    result.save("fit without the monitor")
+    plain = fit(None)
+    result["fit"] = {"title": spec.title, "steps": spec.steps, "plain_seconds": plain}
+    result.save("fit with FisherMonitor()")
+    monitor = FisherMonitor()
+    monitored = fit(monitor)
+    ledger = monitor._ledger
+    measured = len(monitor._history)
+    result["fit"].update(
+        {
+            "monitored_seconds": monitored,
+            "measurements": measured,
+            "reported_seconds": ledger.spent,
+            "reported_share": ledger.spent / ledger.elapsed if ledger.elapsed > 0 else None,
+            "increase_seconds": monitored - plain,
+            "increase_share": (monitored - plain) / monitored if monitored > 0 else None,
+        }
+    )
+
+
 def report_case(what: str, result: Result) -> None:
     """``benchmarks/report_scale.py`` on one ``{layers}x{measurements}`` run."""
     from benchmarks import report_scale
@@ -558,6 +648,10 @@ def run_case(case: dict, options: Options, path: Path | None = None) -> dict:
         if case["kind"] == "report":
             result.save("fisher-monitor report")
             report_case(case["what"], result)
+        elif case["kind"] == "fit":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fit_case(case["what"], result)
         else:
             device = torch.device(options.device)
             result.save(

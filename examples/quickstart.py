@@ -7,6 +7,10 @@ and logs to TensorBoard. Afterwards ``fisher_monitor.report`` writes the HTML re
     python examples/quickstart.py           # ~15 s
     python examples/quickstart.py --demo    # what `make demo` runs: about a minute
     python examples/quickstart.py --fast    # a few seconds (tests)
+
+At the end it prints the commands that open the dashboard and rebuild the report, with
+the full path of the executables of the Python that runs it (``.venv/bin/tensorboard``
+under ``make demo``), so that they run as printed without activating the environment.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from _common import DigitsClassifier, digits, fast_mode, loaders, quiet  # noqa:
 
 from fisher_monitor import FisherMonitor, schedules  # noqa: E402
 from fisher_monitor.report import load_runs, verdicts, write_report  # noqa: E402
+from fisher_monitor.shell import report_command, shown, tensorboard_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,10 +63,15 @@ def main(fast: bool = False, demo: bool = False, root: Path | None = None) -> di
     written = write_report([run], log_dir / "report", title="fisher-monitor demo: MLP on digits")
     headline = verdicts(run)[0]
     accuracy = float(trainer.callback_metrics.get("val/accuracy", torch.tensor(float("nan"))))
+    shell = {
+        "tensorboard": tensorboard_command(root),
+        "report": report_command(log_dir, "-o", log_dir / "report"),
+    }
     print()
-    print(f"TensorBoard run:  {log_dir}")
-    print(f"  open it with:   tensorboard --logdir {root}")
-    print(f"HTML report:      {written['html']}")
+    print(f"TensorBoard run:  {shown(log_dir)}")
+    print(f"  open it with:   {shell['tensorboard']}" + ("   (or: make tensorboard)" * demo))
+    print(f"HTML report:      {shown(written['html'])}")
+    print(f"  rebuild it:     {shell['report']}" + ("   (or: make report)" * demo))
     print(
         f"Validation accuracy {accuracy:.3f} after {trainer.global_step} steps, "
         f"{len(run.steps)} measurements."
@@ -70,6 +80,7 @@ def main(fast: bool = False, demo: bool = False, root: Path | None = None) -> di
     return {
         "log_dir": log_dir,
         "report": written["html"],
+        "commands": shell,
         "measurements": len(run.steps),
         "verdict": headline,
         "accuracy": accuracy,

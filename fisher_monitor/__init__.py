@@ -12,19 +12,9 @@ The names are imported on first use, so that ``fisher_monitor.report`` and the
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0.dev0"
-
-#: Public name -> module that defines it.
-_EXPORTS = {
-    "FisherMonitor": "fisher_monitor.callback",
-    "Measurement": "fisher_monitor.measurement",
-    "Measurer": "fisher_monitor.engine",
-    "measure": "fisher_monitor.engine",
-    "schedules": "fisher_monitor.schedules",
-}
+from fisher_monitor.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from fisher_monitor import schedules
@@ -32,20 +22,34 @@ if TYPE_CHECKING:  # pragma: no cover
     from fisher_monitor.engine import Measurer, measure
     from fisher_monitor.measurement import Measurement
 
+_LAZY = ("FisherMonitor", "Measurement", "Measurer", "measure", "schedules")
+
+
+def _load(name: str) -> Any:
+    """The public object ``name``, importing its module now."""
+    if name == "FisherMonitor":
+        from fisher_monitor.callback import FisherMonitor as value
+    elif name == "Measurement":
+        from fisher_monitor.measurement import Measurement as value
+    elif name == "Measurer":
+        from fisher_monitor.engine import Measurer as value
+    elif name == "measure":
+        from fisher_monitor.engine import measure as value
+    else:
+        from fisher_monitor import schedules as value
+    return value
+
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'fisher_monitor' has no attribute {name!r}")
-    value = importlib.import_module(module)
-    if name != "schedules":
-        value = getattr(value, name)
+    value = _load(name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = ["FisherMonitor", "Measurement", "Measurer", "__version__", "measure", "schedules"]

@@ -10,6 +10,12 @@ the plain network:
 - modules with ``torch.nn.utils.parametrize`` parametrizations (``weight_norm``,
   ``spectral_norm``, ``orthogonal``): the parameters the optimizer trains (``original``,
   ``original0``/``original1``) belong to the parametrized module's layer.
+
+A parameter held by several modules (tied weights: a language model's output layer
+sharing the input embedding's matrix) is one coordinate block: it belongs to the layer of
+the first module that holds it (in ``named_modules`` order), and its per-sample gradient
+is the sum over every use, as autograd defines its gradient. The other holders list it
+in :attr:`LayerInfo.shared_with`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class LayerInfo:
             ``torch.compile`` wrappers removed from the names.
         shapes: Their shapes.
         dimension: Number of parameters ``D``.
+        shared_with: Other modules that hold one of these parameters (tied weights), by
+            their qualified names; empty for a layer of its own.
     """
 
     name: str
@@ -45,6 +53,7 @@ class LayerInfo:
     parameter_names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dimension: int
+    shared_with: tuple[str, ...] = ()
 
 
 def is_lazy(parameter: Tensor) -> bool:
@@ -121,47 +130,63 @@ def find_layers(model: nn.Module) -> list[tuple[LayerInfo, nn.Module]]:
         ``(info, module)`` pairs in ``named_modules`` order (compiled modules unwrapped).
 
     Raises:
-        ValueError: If a parameter is shared by several modules (tied weights), a module
-            is named ``all``, or the network has no trainable parameters.
+        ValueError: If a module is named ``all``, or the network has no trainable
+            parameters.
     """
-    layers = []
-    owner: dict[int, str] = {}
+    found: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]] = []
+    owner: dict[int, int] = {}  # parameter → index of its layer in ``found``
+    shared: dict[int, list[str]] = {}
     for name, module in named_modules(model):
         if _inside_parametrization(name):
             continue  # their parameters belong to the parametrized module's layer
-        params = _layer_parameters(module)
-        if not params:
+        own = []
+        for local, p in _layer_parameters(module):
+            if id(p) in owner:  # tied: the first holder's layer measures it
+                shared.setdefault(owner[id(p)], []).append(name or ROOT)
+            else:
+                own.append((local, p))
+        if not own:
             continue
-        layer_name = name or ROOT
-        if layer_name == ALL:
+        if (name or ROOT) == ALL:
             raise ValueError(
                 "A module of the network is named 'all', the key fisher-monitor uses for the "
                 "whole network. Rename that attribute (e.g. 'all_layers')."
             )
-        for local, p in params:
-            if id(p) in owner:
-                raise ValueError(
-                    f"Parameter {name + '.' + local if name else local!r} is shared with layer "
-                    f"{owner[id(p)]!r} (tied weights). Per-layer blocks of tied parameters are "
-                    "not defined; untie them or freeze one copy (requires_grad=False)."
-                )
-            owner[id(p)] = layer_name
-        info = LayerInfo(
-            name=layer_name,
-            module_type=_module_type(module),
-            parameter_names=tuple(f"{name}.{n}" if name else n for n, _ in params),
-            shapes=tuple(tuple(p.shape) for _, p in params),
-            dimension=sum(p.numel() for _, p in params),
-        )
-        layers.append((info, module))
-    if not layers:
+        for _, p in own:
+            owner[id(p)] = len(found)
+        found.append((name, module, own))
+    if not found:
         raise ValueError("The network has no trainable parameters: there is nothing to measure.")
-    return layers
+    return [
+        (
+            LayerInfo(
+                name=name or ROOT,
+                module_type=_module_type(module),
+                parameter_names=tuple(f"{name}.{n}" if name else n for n, _ in params),
+                shapes=tuple(tuple(p.shape) for _, p in params),
+                dimension=sum(p.numel() for _, p in params),
+                shared_with=tuple(dict.fromkeys(shared.get(index, []))),
+            ),
+            module,
+        )
+        for index, (name, module, params) in enumerate(found)
+    ]
 
 
-def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of a layer's module, in the layer's coordinate order."""
-    return [p for _, p in _layer_parameters(module)]
+def layer_parameters(module: nn.Module, info: LayerInfo | None = None) -> list[nn.Parameter]:
+    """The trainable parameters of a layer's module, in the layer's coordinate order.
+
+    Args:
+        module: The layer's module.
+        info: The layer, to leave out parameters the module shares with an earlier layer
+            (tied weights); ``None`` for all of the module's trainable parameters.
+    """
+    params = _layer_parameters(module)
+    if info is None:
+        return [p for _, p in params]
+    prefix = info.name + "." if info.name != ROOT else ""
+    names = set(info.parameter_names)
+    return [p for local, p in params if prefix + local in names]
 
 
 def _module_type(module: nn.Module) -> str:
@@ -182,7 +207,9 @@ def measured_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {
         name: parameter
         for info, module in find_layers(model)
-        for name, parameter in zip(info.parameter_names, layer_parameters(module), strict=True)
+        for name, parameter in zip(
+            info.parameter_names, layer_parameters(module, info), strict=True
+        )
     }
 
 

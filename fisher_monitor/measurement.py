@@ -1,10 +1,17 @@
-"""The result of one measurement: metric values, diagonals, notes and coverage."""
+"""The result of one measurement: metric values, diagonals, notes and coverage.
+
+In a notebook a ``Measurement`` shows itself as an HTML table (``_repr_html_``), and
+``to_dataframe()`` gives its numbers to pandas (an optional dependency:
+``pip install pandas`` or the ``fisher-monitor[pandas]`` extra).
+"""
 
 from __future__ import annotations
 
 import difflib
+import html
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -38,7 +45,7 @@ class Measurement:
             ``named_parameters`` order, on the network's device).
         directions: With ``keep_directions=True``: per structure name, one dict per damping
             value (in the order of the settings' dampings) mapping each layer name to
-            ``(A⁻¹g, B⁻¹g)`` with ``A = F_S + λI`` and ``B = EF_S + λI`` restricted to
+            ``(F̃⁻¹g, ẼF⁻¹g)`` with ``F̃ = F_S + λI`` and ``ẼF = EF_S + λI`` restricted to
             the layer (float64, ``D_b`` each, ``named_parameters`` order); else empty.
     """
 
@@ -153,6 +160,112 @@ class Measurement:
                 f"Invalid structure: {structure!r}. This measurement has {self.structures}."
             )
         return tables.layer_table(self.scalars, self.layer_names, structure, self._suffix())
+
+    def _records(self) -> list[dict[str, Any]]:
+        """One record per scalar (standard errors beside their value), for a data frame."""
+        errors = {}
+        for key, value in self.scalars.items():
+            parsed = keys.parse_key(key)
+            if parsed is not None and parsed.stderr:
+                damping = f"@{parsed.damping}" if parsed.damping else ""
+                value_key = keys.metric_key(parsed.structure, parsed.metric, parsed.layer, damping)
+                errors[value_key] = float(value)
+        records = []
+        for key, value in self.scalars.items():
+            parsed = keys.parse_key(key)
+            if parsed is None:  # probe/…
+                group, _, name = key.partition("/")
+                records.append(
+                    {
+                        "key": key,
+                        "structure": group,
+                        "metric": name,
+                        "layer": None,
+                        "damping": None,
+                        "value": float(value),
+                        "stderr": None,
+                    }
+                )
+            elif not parsed.stderr:
+                records.append(
+                    {
+                        "key": key,
+                        "structure": parsed.structure,
+                        "metric": parsed.metric,
+                        "layer": parsed.layer,
+                        "damping": parsed.damping,
+                        "value": float(value),
+                        "stderr": errors.get(key),
+                    }
+                )
+        return records
+
+    def to_dataframe(self, structure: str | None = None) -> Any:
+        """The scalars as a pandas ``DataFrame`` (pandas is an optional dependency).
+
+        Args:
+            structure: ``None`` for every scalar, one row each (columns ``key``,
+                ``structure``, ``metric``, ``layer``, ``damping``, ``value`` and ``stderr``,
+                the standard error of an estimated value, else missing; ``probe/…``
+                scalars have the structure ``"probe"``); or ``"diag"``, ``"block"`` or
+                ``"kron"`` for that structure's per-layer table (the rows of
+                :meth:`table`, indexed by layer with ``all`` last; one column per metric,
+                ``{metric}_se`` beside estimated ones; the first damping).
+
+        Returns:
+            The ``pandas.DataFrame``.
+
+        Raises:
+            ImportError: When pandas is not installed (the message says how to install it).
+            ValueError: For a structure this measurement does not have.
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                "Measurement.to_dataframe() needs pandas, which is not installed: "
+                "pip install pandas (or pip install 'fisher-monitor[pandas]')."
+            ) from None
+        if structure is None:
+            return pandas.DataFrame.from_records(
+                self._records(),
+                columns=["key", "structure", "metric", "layer", "damping", "value", "stderr"],
+            )
+        if structure not in self.structures:
+            raise ValueError(
+                f"Invalid structure: {structure!r}. This measurement has {self.structures}."
+            )
+        metrics = (*keys.METRICS, *keys.UPDATE_METRICS)
+        columns = [tables.Column(metric, metric) for metric in metrics]
+        rows = tables.layer_rows(self.scalars, self.layer_names, structure, self._suffix(), columns)
+        frame = pandas.DataFrame.from_records(rows).set_index("layer")
+        return frame.dropna(axis="columns", how="all")
+
+    def _repr_html_(self) -> str:
+        """The measurement as an HTML table, for notebooks (names escaped)."""
+        structure = keys.primary_structure(self.structures)
+        if structure is None:
+            return f"<pre>{html.escape(repr(self))}</pre>"
+        rows = tables.layer_rows(self.scalars, self.layer_names, structure, self._suffix())
+        headings = ["layer", *(column.heading for column in tables.LAYER_COLUMNS)]
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
+        body = "".join(
+            "<tr>"
+            + "".join(f"<td>{html.escape(cell)}</td>" for cell in tables.row_cells(row))
+            + "</tr>"
+            for row in rows
+        )
+        samples = self.scalars.get(keys.probe_key("batch_size"), 0)
+        caption = (
+            f"fisher-monitor measurement: {html.escape(structure)} structure (of "
+            f"{html.escape(', '.join(self.structures))}), {len(self.layers)} layers, "
+            f"N = {samples:g}; F̃ = F + λI, ẼF = EF + λI (terms: docs/glossary.md)"
+        )
+        notes = "".join(f"<li>{html.escape(note)}</li>" for note in self.notes)
+        return (
+            f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>" + (f"<p>Notes:</p><ul>{notes}</ul>" if notes else "")
+        )
 
     def __repr__(self) -> str:
         structure = keys.primary_structure(self.structures)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -41,7 +41,7 @@ def is_whole_number(value, minimum: int = 1) -> bool:
 def _choice(enum: type[Enum], value, argument: str) -> Enum:
     try:
         return enum(value)
-    except ValueError:
+    except (ValueError, TypeError):
         allowed = tuple(member.value for member in enum)
         raise ValueError(f"Invalid {argument}: {value!r}. Supported: {allowed}.") from None
 
@@ -51,6 +51,67 @@ def _structure(value) -> str:
     if isinstance(value, str) and value in keys.registered_structures():
         return Structure(value) if value in keys.STRUCTURES else value
     raise ValueError(f"Invalid structure: {value!r}. Supported: {keys.registered_structures()}.")
+
+
+def _structures(structures) -> tuple[str, ...]:
+    """``structures`` as a non-empty tuple of distinct structure names (:func:`_structure`)."""
+    allowed = keys.registered_structures()
+    if isinstance(structures, str):
+        structures = (structures,)
+    try:
+        if isinstance(structures, Mapping):
+            raise TypeError(structures)
+        structures = tuple(structures)
+    except TypeError:  # not iterable (None, a number, a 0-d tensor)
+        raise ValueError(
+            f"Invalid structures: {structures!r}. Use one of {allowed} or a sequence of them, "
+            "e.g. ('diag', 'block')."
+        ) from None
+    if not structures:
+        raise ValueError(f"Invalid structures: (). Choose at least one of {allowed}.")
+    parsed = tuple(_structure(s) for s in structures)
+    if len(set(parsed)) != len(parsed):
+        raise ValueError(f"Invalid structures: {structures!r} lists a structure twice.")
+    return parsed  # type: ignore[return-value]
+
+
+def _dampings(damping) -> tuple[float, ...]:
+    """``damping`` as a non-empty tuple of distinct positive finite floats."""
+    if isinstance(damping, (str, bytes)):
+        raise TypeError(
+            f"Invalid damping: {damping!r} is a string. Use a positive number such as 1e-3 "
+            "(not its text), or a sequence of them."
+        )
+    several = not isinstance(damping, numbers.Real)
+    if several and (not isinstance(damping, Iterable) or isinstance(damping, Mapping)):
+        raise TypeError(
+            f"Invalid damping: {damping!r}. Use a positive number such as 1e-3, or a "
+            "sequence of them."
+        )
+    try:
+        values = tuple(damping) if several else (damping,)
+    except TypeError:  # e.g. a 0-dimensional tensor or array
+        raise TypeError(
+            f"Invalid damping: {damping!r}. Use a positive number such as 1e-3 (a Python "
+            "float, e.g. float(value)), or a sequence of them."
+        ) from None
+    if not values:
+        raise ValueError("Invalid damping: []. Give a positive float or a list of them.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"Invalid damping value {value!r} in damping={damping!r}: expected a positive "
+                "float."
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"Invalid damping: {value!r}. Damping must be a positive finite number: "
+                "λ = 0 makes the rank-deficient F and EF singular."
+            )
+    dampings = tuple(float(v) for v in values)
+    if len(set(map(repr, dampings))) != len(dampings):
+        raise ValueError(f"Invalid damping: {damping!r} repeats a value.")
+    return dampings
 
 
 @dataclass(frozen=True)
@@ -99,33 +160,11 @@ class MeasureSettings:
             ValueError: For any invalid value; the message shows it and what is allowed.
             TypeError: For arguments of the wrong type.
         """
-        if isinstance(structures, str):
-            structures = (structures,)
-        structures = tuple(structures)
-        if not structures:
-            allowed = keys.registered_structures()
-            raise ValueError(f"Invalid structures: (). Choose at least one of {allowed}.")
-        parsed = tuple(_structure(s) for s in structures)
-        if len(set(parsed)) != len(parsed):
-            raise ValueError(f"Invalid structures: {structures!r} lists a structure twice.")
+        parsed = _structures(structures)
         fisher_type = _choice(FisherType, fisher, "fisher")
         if not is_whole_number(mc_samples):
             raise ValueError(f"Invalid mc_samples: {mc_samples!r}. Use a positive integer.")
-        several = not isinstance(damping, numbers.Real)
-        values = tuple(damping) if several else (damping,)  # type: ignore[arg-type]
-        if not values:
-            raise ValueError("Invalid damping: []. Give a positive float or a list of them.")
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"Invalid damping value {value!r}: expected a positive float.")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"Invalid damping: {value!r}. Damping must be a positive finite number: "
-                    "λ = 0 makes the rank-deficient F and EF singular."
-                )
-        dampings = tuple(float(v) for v in values)
-        if len(set(map(repr, dampings))) != len(dampings):
-            raise ValueError(f"Invalid damping: {damping!r} repeats a value.")
+        dampings = _dampings(damping)
         mode = _choice(DampingMode, damping_mode, "damping_mode")
         return cls(
             structures=parsed,  # type: ignore[arg-type]

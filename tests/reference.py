@@ -57,6 +57,7 @@ def layer_slices(model: nn.Module) -> dict[str, slice]:
         if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
             owned += list(module.parametrizations.named_parameters(prefix="parametrizations"))
         own = [f"{mod_name}.{n}" if mod_name else n for n, p in owned if p.requires_grad]
+        own = [n for n in own if n in offsets]  # a tied parameter: its first holder's layer
         if own:
             first = min(offsets[n][0] for n in own)
             last = max(offsets[n][1] for n in own)
@@ -75,12 +76,15 @@ def _flatten(tree: dict[str, Tensor]) -> Tensor:
 def sample_nll(loss_fn: nn.Module) -> nn.Module:
     """The per-sample negative log-likelihood ℓ_n, applied to a batch of one sample.
 
-    A cross-entropy or binary cross-entropy sample's NLL is the sum over all its output
-    positions whatever the reduction (``"mean"`` would divide by their number T, a constant
-    that F and EF must not see). ``MSELoss("mean")`` on one sample is ‖f − y‖²/K, the NLL
+    A cross-entropy (or NLL, or binary cross-entropy) sample's NLL is the sum over all its
+    output positions (those whose target is ``ignore_index`` left out) whatever the
+    reduction (``"mean"`` would divide by their number T, a constant that F and EF must not
+    see). ``MSELoss("mean")`` on one sample is ‖f − y‖²/K, the NLL
     of a Gaussian with variance K/2; ``"sum"``, ‖f − y‖² (variance ½).
     """
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)):
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return type(loss_fn)(reduction="sum", ignore_index=loss_fn.ignore_index)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         return type(loss_fn)(reduction="sum")
     return loss_fn
 
@@ -325,6 +329,7 @@ def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, ta
     layer output and J_z the Jacobian of the network output w.r.t. it (KFC / KFAC-expand).
     """
     model = copy.deepcopy(model)
+    nll = sample_nll(loss_fn)  # ℓ_n sums a sample's positions, as for F and EF
     result = {}
     n = inputs.shape[0]
     for name, module in _layer_modules(model).items():
@@ -357,9 +362,7 @@ def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, ta
                     for k in range(flat_out.numel())
                 ]
             )
-            H = hessian(lambda f: loss_fn(f.reshape(out.shape), targets[i : i + 1]))(
-                flat_out.detach()
-            )
+            H = hessian(lambda f: nll(f.reshape(out.shape), targets[i : i + 1]))(flat_out.detach())
             ggn = J.T @ H @ J  # (T·O) × (T·O) in the output's memory layout
             z_shape = eps.shape[1:]
             if isinstance(module, nn.Linear):

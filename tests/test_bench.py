@@ -121,6 +121,10 @@ def test_case_selection():
         "report/20x500",
     ]
     assert "mlp/callback" in [c.name for c in select(None, quick=True)]
+    assert [c.name for c in select("report/*")][:2] == ["report/50x2000", "report/2000runs"]
+    assert select("report/300runs")[0].what == "300runs"
+    with pytest.raises(ValueError, match="Invalid report case: 'report/many'"):
+        select("report/many")
     with pytest.raises(ValueError, match="Invalid case 'mlp/diag-kron'"):
         select("mlp/diag-kron")
     with pytest.raises(ValueError, match="No case matches 'resnet50/\\*'"):

@@ -8,6 +8,7 @@ import pytest
 from examples_helpers import EXAMPLES, load
 
 
+@pytest.mark.slow
 def test_quickstart_writes_logs_and_a_report(tmp_path, capsys):
     result = load("quickstart").main(fast=True, root=tmp_path)
     out = capsys.readouterr().out
@@ -18,6 +19,7 @@ def test_quickstart_writes_logs_and_a_report(tmp_path, capsys):
     assert -1.0 <= result["final_direction_cosine"] <= 1.0
 
 
+@pytest.mark.slow
 def test_vector_fields_natural_gradient_goes_straight_and_ef_bends():
     result = load("vector_fields").main(fast=True)
     assert result["figure"].exists()
@@ -30,6 +32,7 @@ def test_vector_fields_natural_gradient_goes_straight_and_ef_bends():
     assert min(result["cosines"]) < 0.5
 
 
+@pytest.mark.slow
 def test_misspecification_ef_matches_f_only_for_the_right_model_and_large_n():
     result = load("misspecification").main(fast=True)
     means = result["means"]
@@ -46,6 +49,7 @@ def test_misspecification_ef_matches_f_only_for_the_right_model_and_large_n():
     assert abs(crossed["trace_ratio"][-1] - 1) < 0.1 and crossed["rel_error"][-1] > 0.3
 
 
+@pytest.mark.slow
 def test_optimizers_ngd_beats_ef_and_the_ef_direction_drifts():
     result = load("optimizers").main(fast=True)
     assert result["NGD"]["final_loss"] < result["EF"]["final_loss"]
@@ -56,6 +60,7 @@ def test_optimizers_ngd_beats_ef_and_the_ef_direction_drifts():
     assert ef.min() < 0.9
 
 
+@pytest.mark.slow
 def test_cnn_block_kron_reports_every_structure_per_layer():
     result = load("cnn_block_kron").main(fast=True)
     table = result["table"]

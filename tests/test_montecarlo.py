@@ -13,6 +13,7 @@ pytestmark = pytest.mark.montecarlo
 
 
 @pytest.mark.parametrize("loss_name", ["ce", "mse3", "bce"])
+@pytest.mark.slow
 def test_mc_fisher_diagonal_is_unbiased(loss_name):
     """Mean of K one-sample MC diagonals vs the exact diagonal: a z-test per entry.
 

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -56,9 +58,40 @@ def test_readme_code_blocks_run_on_their_own(tmp_path, monkeypatch):
 
 def test_readme_make_targets_exist():
     makefile = (README.parent / "Makefile").read_text()
-    for target in ("demo", "test", "bench", "lint", "docs"):
+    named = set(re.findall(r"`?make ([a-z-]+)", README.read_text()))
+    assert {"demo", "test", "tensorboard", "report", "wheel"} <= named
+    for target in named | {"bench", "lint", "docs"}:
         assert re.search(rf"^{target}:", makefile, flags=re.MULTILINE), target
     assert os.access(README.parent / ".ci" / "run", os.X_OK)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_tensorboard_and_report_run_the_environments_own_commands(tmp_path):
+    """Issue 22, item 1: what `make demo` points to runs without activating .venv."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()  # newer than pyproject.toml: nothing to install
+    result = subprocess.run(
+        ["make", "-n", "tensorboard", "report", f"VENV={venv}", "RUN=runs/quickstart/version_3"],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert f"{venv}/bin/tensorboard --logdir runs" in lines
+    report = f"{venv}/bin/fisher-monitor report runs/quickstart/version_3"
+    assert f"{report} -o runs/quickstart/version_3/report" in lines
+
+
+def test_readme_uses_one_notation_and_shows_the_bottom_line_first():
+    text = README.read_text()
+    assert "A = F" not in text and "B = EF" not in text and "A⁻¹" not in text
+    assert "F̃ = F_S + λI" in text and "docs/glossary.md" in text
+    summary = text.split("<!-- demo-summary -->", 1)[1].split("<!-- /demo-summary -->", 1)[0]
+    rows = summary.splitlines()
+    first = rows[rows.index("FisherMonitor summary") + 1].strip()
+    assert first.startswith("bottom line") and "docs/guide/acting.md#" in first
 
 
 def test_readme_first_screen_shows_what_a_user_gets():

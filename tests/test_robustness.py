@@ -269,7 +269,7 @@ def test_coverage_is_logged_as_text_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = TinyClassifier()
-    model.net[1] = nn.RReLU()  # BackPACK cannot: the torch.func backend measures
+    model.net[1] = nn.RReLU()  # BackPACK cannot: the autograd backend measures
     monitor = FisherMonitor(every_n_steps=1, structures=("diag",))
     torch.manual_seed(0)
     trainer = pl.Trainer(
@@ -288,8 +288,8 @@ def test_coverage_is_logged_as_text_once(tmp_path):
     texts = events.Tensors("~fisher/settings/text_summary")
     assert len(texts) == 1
     text = texts[0].tensor_proto.string_val[0].decode()
-    assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | functorch | measured |" in text
-    assert "measured with torch.func" in text
+    assert "| net.0 | Linear | net.0.weight, net.0.bias | 40 | autograd | measured |" in text
+    assert "measured with autograd with module hooks" in text
 
 
 # ---------------------------------------------------------------- unusual networks
@@ -339,7 +339,10 @@ def test_shared_buffer_zero_size_parameter_and_syncbatchnorm():
     model = Odd().train()  # SyncBatchNorm in train mode
     m = measure(model, nn.CrossEntropyLoss(), torch.randn(6, 3), torch.randint(0, 2, (6,)))
     assert [layer.name for layer in m.layers] == ["first", "second", "norm"]
-    assert any("norm: BatchNorm in train mode measured in eval mode" in n for n in m.notes)
+    assert any(
+        "BatchNorm in train mode measured in eval mode" in n and n.endswith(": norm")
+        for n in m.notes
+    )
 
 
 def test_layer_named_all_and_outputs_that_are_not_one_tensor():
@@ -367,7 +370,7 @@ def test_layer_named_all_and_outputs_that_are_not_one_tensor():
     model = Pair()
     pair = measure(model, nn.CrossEntropyLoss(), x, y, structures=("diag",))
     plain = measure(model.fc, nn.CrossEntropyLoss(), x, y, structures=("diag",))
-    assert pair.coverage[0]["backend"] == "functorch"  # BackPACK cannot follow the selection
+    assert pair.coverage[0]["backend"] == "autograd"  # BackPACK cannot follow the selection
     assert pair["diag/trace_ratio/all"] == pytest.approx(plain["diag/trace_ratio/all"])
 
     class Named(nn.Module):
@@ -396,9 +399,11 @@ def test_lazy_modules_and_configure_model_in_the_callback():
 
     with pytest.raises(ValueError, match="uninitialised lazy parameters"):
         measure(Lazy().net, nn.CrossEntropyLoss(), torch.randn(4, 4), torch.randint(0, 3, (4,)))
-    with pytest.warns(UserWarning, match="skipped the measurement at step 0 .*lazy"):
-        _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), model=Lazy(), steps=3)
-    assert logger.steps_with("~fisher/diag/kl/all") == [1, 2]
+    # the first measured step is recorded to find the loss: its forward pass gives the lazy
+    # modules their shapes before it is measured (tests/callback/test_failures.py has the
+    # retry when everything is told and the first step is measured at its start)
+    _, logger = fit(FisherMonitor(every_n_steps=1, structures=("diag",)), model=Lazy(), steps=3)
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2]
 
     class Configured(TinyClassifier):
         def __init__(self):

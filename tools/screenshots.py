@@ -1,11 +1,17 @@
 """Screenshots of the TensorBoard pages a user opens for a run, with headless Chromium.
 
-    python tools/screenshots.py LOGDIR OUTDIR [--pages timeseries,scalars,...]
+    python tools/screenshots.py LOGDIR OUTDIR [--pages timeseries,scalars,...] [--smoothing 0]
+    python tools/screenshots.py runs/quickstart/version_0 docs --readme
 
 Starts TensorBoard on a free local port for LOGDIR, waits until it answers, and saves one
 PNG per page (Time Series, Scalars, Custom Scalars, Histograms, Images, Text) into OUTDIR
-as ``{page}.png``. Needs Chromium (``apt-get install chromium``); pass ``--chromium`` when
-it is not on the PATH. Used to check the dashboard a fisher-monitor run produces.
+as ``{page}.png``. ``--smoothing`` sets the Scalars and Custom Scalars pages' smoothing
+through their URL (``_smoothingWeight``; the monitor's few points read best at 0).
+``--readme`` writes the README's and the documentation's images of a ``make demo`` run
+instead: ``demo-dashboard.png`` (Custom Scalars, smoothing 0), ``demo-guide.png`` (the
+Text page with the ``~fisher/guide`` card) and ``demo-direction-cosine.png`` (the
+report's direction-cosine figure, from ``LOGDIR/report``). Needs Chromium
+(``apt-get install chromium``); pass ``--chromium`` when it is not on the PATH.
 """
 
 from __future__ import annotations
@@ -97,6 +103,31 @@ def screenshot(chromium: str, url: str, path: Path, size: str, budget_ms: int) -
         raise SystemExit(f"Chromium wrote no screenshot for {url}.")
 
 
+def page_url(port: int, page: str, smoothing: float | None) -> str:
+    """The page's URL; the legacy dashboards take their smoothing from the URL's fragment."""
+    url = f"http://127.0.0.1:{port}/#{PAGES[page]}"
+    if smoothing is not None and page in ("scalars", "custom_scalars"):
+        url += f"&_smoothingWeight={smoothing:g}"
+    return url
+
+
+def readme_images(chromium: str, port: int, logdir: Path, outdir: Path, budget_ms: int) -> None:
+    """The README's and the documentation's images of a demo run (see the module docstring)."""
+    shots = {
+        "demo-dashboard.png": (page_url(port, "custom_scalars", 0.0), "1400,1000"),
+        "demo-guide.png": (page_url(port, "text", None), "1400,1100"),
+    }
+    for name, (url, size) in shots.items():
+        screenshot(chromium, url, outdir / name, size, budget_ms)
+        print(f"{name}: {outdir / name}")
+    figure = logdir / "report" / "direction_cosine.png"
+    if figure.is_file():
+        shutil.copyfile(figure, outdir / "demo-direction-cosine.png")
+        print(f"demo-direction-cosine.png: {outdir / 'demo-direction-cosine.png'}")
+    else:
+        print(f"no {figure}: run the demo (its report draws it) to refresh that image")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Take the screenshots; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -106,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1400,1800", help="window size WIDTH,HEIGHT")
     parser.add_argument("--budget-ms", type=int, default=15000, help="virtual time per page")
     parser.add_argument("--chromium", default=None, help="Chromium executable")
+    parser.add_argument(
+        "--smoothing", type=float, default=None, help="smoothing of the scalar pages (0 to 0.99)"
+    )
+    parser.add_argument(
+        "--readme", action="store_true", help="write the README's images of a demo run"
+    )
     args = parser.parse_args(argv)
     pages = [page for page in args.pages.split(",") if page]
     unknown = [page for page in pages if page not in PAGES]
@@ -118,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     tensorboard = start_tensorboard(args.logdir, port)
     try:
+        if args.readme:
+            readme_images(chromium, port, args.logdir, args.outdir, args.budget_ms)
+            return 0
         for page in pages:
             path = args.outdir / f"{page}.png"
-            url = f"http://127.0.0.1:{port}/#{PAGES[page]}"
-            screenshot(chromium, url, path, args.size, args.budget_ms)
+            screenshot(
+                chromium, page_url(port, page, args.smoothing), path, args.size, args.budget_ms
+            )
             print(f"{page}: {path}")
     finally:
         tensorboard.terminate()

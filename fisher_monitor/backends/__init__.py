@@ -14,15 +14,21 @@ from fisher_monitor.backends.registry import (
     BACKENDS,
     LABELS,
     REGISTRY,
+    auto_order,
+    backend_names,
     check_backend,
     fallback,
     is_backend_failure,
     is_backpack_failure,
     prepare,
+    register_backend,
 )
 
 __all__ = [
     "AUTO_ORDER",
+    "auto_order",
+    "backend_names",
+    "register_backend",
     "BACKENDS",
     "LABELS",
     "REGISTRY",

@@ -18,6 +18,7 @@ Kronecker structure (which needs layer inputs) are computed exactly as for BackP
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 
 import torch
@@ -122,7 +123,8 @@ class FunctorchNetwork(Backend):
             factors.coefficients = coefficients
             on_layer(info, factors)
             del flat, sqrt
-        return PassResult(float(loss), batch_size, measured, notes)
+        methods = dict.fromkeys(measured, "pull-backs through the whole network (torch.func)")
+        return PassResult(float(loss), batch_size, measured, notes, methods)
 
     def pass_bytes(
         self, size: PassSize, activations: int, largest_activation: int, dimension: int
@@ -211,10 +213,15 @@ class FunctorchNetwork(Backend):
             except RuntimeError as error:  # data-dependent control flow and the like
                 if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
                     raise  # the caller retries on fewer samples
+                first = textwrap.shorten(str(error).splitlines()[0], 100, placeholder=" …")
                 self._loop_reason = (
-                    "torch.func cannot batch this network's forward over samples (an in-place "
-                    "operation, data-dependent control flow or a shape that depends on the "
-                    "batch), so samples are measured one at a time: same numbers, slower"
+                    "torch.func measured the probe samples one at a time: it could not batch "
+                    f"the forward pass over samples ({first}). The numbers are the same, but "
+                    "each measurement costs about one forward and backward pass per probe "
+                    "sample. To make it faster, pass probe_size=16, or write forward so that "
+                    "it works on one sample as on a batch (no shape-dependent Python "
+                    "branches, no .item(), no in-place writes into tensors made inside "
+                    "forward); see docs/guide/models.md#fallback"
                 )
         results = [
             one_sample(

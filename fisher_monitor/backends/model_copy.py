@@ -234,8 +234,14 @@ class ModelCopy:
             copy.training = source.training
             if isinstance(source, _BATCHNORM_TYPES) and source.training:
                 copy.training = False
-                notes.append(f"{name}: BatchNorm in train mode measured in eval mode")
-        return [f"{note} (running statistics)" for note in notes]
+                notes.append(name)
+        if not notes:
+            return []
+        listed = ", ".join(notes[:5]) + (f" and {len(notes) - 5} more" if len(notes) > 5 else "")
+        return [
+            f"BatchNorm in train mode measured in eval mode (running statistics; per-sample "
+            f"gradients through batch statistics are not defined): {listed}"
+        ]
 
     def close(self) -> None:
         """Release what the backend attached to the copy."""

@@ -25,12 +25,15 @@ class PassResult:
         batch_size: ``N``.
         measured: Names of layers whose factors were delivered.
         notes: Things the user should know about this pass.
+        methods: Per layer, how its factors were formed where the backend varies it
+            (e.g. ``"outer products"``, ``"per-sample pull-backs"``).
     """
 
     loss: float
     batch_size: int
     measured: list[str]
     notes: list[str] = field(default_factory=list)
+    methods: dict[str, str] = field(default_factory=dict)
 
 
 #: ``outputs(raw)``: the loss's input from what the network's ``forward`` returns.

@@ -1,17 +1,21 @@
 """The registry of backends, and the choice between them (``backend="auto"``).
 
-Two backends are registered (:data:`BACKENDS`):
+Three backends are registered (:data:`REGISTRY`):
 
 - ``"backpack"``: BackPACK backpropagates the loss side through supported modules and
   keeps compact per-layer factors (fast; ``Linear`` and convolutions as outer products);
-- ``"functorch"``: ``torch.func`` vector-Jacobian products per sample, for any
-  differentiable network (attention, multi-input modules, functional forward code).
+  it must follow the whole network module by module;
+- ``"autograd"``: module hooks and batched backward passes, for any forward code between
+  the layers, with the same compact factors for ``Linear``, convolutions and ``Conv1D``,
+  ``torch.func`` pull-backs per module for other layers, and tied weights;
+- ``"functorch"``: ``torch.func`` vector-Jacobian products per sample through the whole
+  network, for anything differentiable.
 
-``"auto"`` prepares BackPACK and falls back to ``torch.func`` when BackPACK cannot handle
-the network (:class:`~fisher_monitor.backends.base.UnsupportedNetworkError`) or fails on it
-at run time (e.g. BackPACK's dtype bugs), with a note that says why. Adding a backend is a
-module with a :class:`~fisher_monitor.backends.base.Backend` subclass and a line in
-:data:`REGISTRY`.
+``"auto"`` tries them in :data:`AUTO_ORDER`: a backend that cannot handle the network
+(:class:`~fisher_monitor.backends.base.UnsupportedNetworkError`) or fails on it at run time
+passes it on to the next, with a note that says why. Adding a backend is a module with a
+:class:`~fisher_monitor.backends.base.Backend` subclass, a line in :data:`REGISTRY` and its
+place in :data:`AUTO_ORDER`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fisher_monitor.backends.autograd import AutogradNetwork
 from fisher_monitor.backends.backpack import BackpackNetwork
 from fisher_monitor.backends.base import Backend, UnsupportedNetworkError
 from fisher_monitor.backends.functorch import FunctorchNetwork
@@ -28,15 +33,70 @@ from fisher_monitor.likelihoods import Likelihood
 #: Every backend by its name (``backend=``).
 REGISTRY: dict[str, type[Backend]] = {
     "backpack": BackpackNetwork,
+    "autograd": AutogradNetwork,
     "functorch": FunctorchNetwork,
 }
 #: The order in which ``backend="auto"`` tries them.
-AUTO_ORDER: tuple[str, ...] = ("backpack", "functorch")
+AUTO_ORDER: tuple[str, ...] = ("backpack", "autograd", "functorch")
 #: How notes name each backend.
-LABELS: dict[str, str] = {"backpack": "BackPACK", "functorch": "torch.func"}
+LABELS: dict[str, str] = {
+    "backpack": "BackPACK",
+    "autograd": "autograd with module hooks",
+    "functorch": "torch.func",
+}
 
-#: Names accepted by ``backend=``.
+#: Names of the built-in backends accepted by ``backend=`` (see :func:`backend_names`).
 BACKENDS: tuple[str, ...] = ("auto", *REGISTRY)
+_AUTO: list[str] = list(AUTO_ORDER)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name ``backend=`` accepts now: ``"auto"`` and the registered backends."""
+    return ("auto", *REGISTRY)
+
+
+def auto_order() -> tuple[str, ...]:
+    """The order ``backend="auto"`` tries the backends in, registered ones included."""
+    return tuple(_AUTO)
+
+
+def register_backend(
+    cls: type[Backend], label: str | None = None, before: str | None = "functorch"
+) -> type[Backend]:
+    """Register a backend under ``cls.backend`` (usable as a class decorator).
+
+    Args:
+        cls: A :class:`~fisher_monitor.backends.base.Backend` subclass.
+        label: How notes name it (default: its registry name).
+        before: Its place in ``backend="auto"``'s order: before this backend (``None``:
+            not tried by ``"auto"``, only when asked for by name).
+
+    Raises:
+        TypeError: If ``cls`` is not a ``Backend`` subclass.
+        ValueError: If its name is taken or ``before`` names no registered backend.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"Only Backend subclasses can be registered, got {cls!r}.")
+    name = getattr(cls, "backend", None)
+    existing = REGISTRY.get(name, cls) if isinstance(name, str) else None
+    again = existing is not None and (existing.__module__, existing.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
+    if not isinstance(name, str) or name == "auto" or not again:
+        raise ValueError(
+            f"Invalid backend name {name!r}: set a new `backend` class attribute (taken: "
+            f"{backend_names()})."
+        )
+    if before is not None and before not in _AUTO:
+        raise ValueError(f"Invalid before: {before!r}. Supported: {auto_order()} or None.")
+    REGISTRY[name] = cls
+    LABELS[name] = label or name
+    if name in _AUTO:
+        _AUTO.remove(name)
+    if before is not None:
+        _AUTO.insert(_AUTO.index(before), name)
+    return cls
 
 
 def check_backend(backend: str) -> str:
@@ -45,8 +105,8 @@ def check_backend(backend: str) -> str:
     Raises:
         ValueError: Naming the bad value and the supported ones.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
+    if backend not in backend_names():
+        raise ValueError(f"Invalid backend: {backend!r}. Supported: {backend_names()}.")
     return backend
 
 
@@ -98,7 +158,7 @@ def fallback(
     Raises:
         UnsupportedNetworkError: The last backend's, when none of the rest can.
     """
-    order = list(AUTO_ORDER)
+    order = list(_AUTO)
     remaining = order[order.index(after) + 1 :] if after is not None else order
     reasons = [why] if why else []
     for index, name in enumerate(remaining):
@@ -157,6 +217,9 @@ def is_backpack_failure(error: BaseException) -> bool:
 
 __all__ = [
     "AUTO_ORDER",
+    "auto_order",
+    "backend_names",
+    "register_backend",
     "BACKENDS",
     "LABELS",
     "REGISTRY",

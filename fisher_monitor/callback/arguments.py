@@ -58,15 +58,63 @@ def check_probe_size(value: Any) -> int | None:
 
 
 def check_probe_data(value: Any) -> Any:
-    """``None``, a ``DataLoader`` or an ``(inputs, targets)`` pair."""
+    """``None``, a ``DataLoader`` or an ``(inputs, targets)`` pair of matching tensors.
+
+    A pair is checked now, not at the first measurement: a fixed probe set is the same at
+    every step, so a mismatch would fail every measurement of the fit. (A ``DataLoader``'s
+    first batch is taken at the start of fitting and checked then.)
+    """
     if value is None or isinstance(value, torch.utils.data.DataLoader):
         return value
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return value
-    raise ValueError(
-        f"Invalid probe_data: a {type(value).__name__}. Pass a DataLoader (its first batch is "
-        "taken once), an (inputs, targets) pair, or None to measure on the training batch."
-    )
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(
+            f"Invalid probe_data: a {type(value).__name__}. Pass a DataLoader (its first batch "
+            "is taken once), an (inputs, targets) pair of tensors, or None to measure on the "
+            "training batch."
+        )
+    inputs, targets = value
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+        shown = (
+            f"a tensor of shape {tuple(targets.shape)}"
+            if isinstance(targets, torch.Tensor)
+            else _kind(targets)
+        )
+        raise ValueError(
+            f"Invalid probe_data: its targets are {shown}. Pass (inputs, targets) with the "
+            "targets as a tensor whose first dimension is the sample."
+        )
+    count = int(targets.shape[0])
+    if count == 0:
+        raise ValueError("Invalid probe_data: it holds 0 samples. Pass at least one sample.")
+    for tensor in _flat(inputs):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                f"Invalid probe_data: its inputs hold {_kind(tensor)}. Pass the inputs as a "
+                "tensor, or a tuple of tensors passed to forward() as positional arguments."
+            )
+        if tensor.dim() == 0 or tensor.shape[0] != count:
+            raise ValueError(
+                f"Invalid probe_data: inputs of shape {tuple(tensor.shape)} and targets of "
+                f"shape {tuple(targets.shape)} disagree on the number of samples. Pass one "
+                "target per input sample (the first dimension of each)."
+            )
+    return value
+
+
+def _flat(inputs: Any) -> list[Any]:
+    """The tensors of an input, a tuple of inputs or nested tuples of them."""
+    if isinstance(inputs, (tuple, list)):
+        return [tensor for part in inputs for tensor in _flat(part)]
+    return [inputs]
+
+
+def _kind(value: Any) -> str:
+    """``"a str ('x')"``, ``"None"``: what a bad value is, briefly."""
+    if value is None:
+        return "None"
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    return f"a {type(value).__name__} ({shown})"
 
 
 def check_callable(name: str, value: Any, example: str) -> Any:
@@ -100,8 +148,27 @@ def check_whole(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+#: The largest seed ``torch.Generator.manual_seed`` accepts.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(value: Any) -> int:
+    """An ``int`` from 0 to :data:`MAX_SEED` (what ``torch.Generator`` can be seeded with)."""
+    if not is_whole_number(value, minimum=0) or value > MAX_SEED:
+        raise ValueError(
+            f"Invalid seed: {value!r}. Use an integer ≥ 0 and below 2**64 (the range of "
+            "torch.Generator.manual_seed)."
+        )
+    return value
+
+
 def check_prog_bar(value: Any, settings: MeasureSettings, prefix: str) -> list[str]:
     """Keys (without the prefix) the monitor logs, to show on the progress bar."""
+    if value is not None and not isinstance(value, (str, list, tuple)):
+        raise ValueError(
+            f"Invalid prog_bar: {value!r}. Use a key the monitor logs, such as "
+            "'block/direction_cosine/all', a list of them, or None."
+        )
     given = [value] if isinstance(value, str) else list(value or [])
     checked = []
     for key in given:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from fisher_monitor import distributed
 from fisher_monitor.batching import map_tensors, take_samples
+from fisher_monitor.callback.recipe import labelled_only
 
 _INPUT_KEYS = ("inputs", "input", "x", "features", "images", "image", "data")
 _TARGET_KEYS = ("targets", "target", "y", "labels", "label")
@@ -63,12 +64,17 @@ class ProbeSource:
         probe_size: At most this many samples (the first ones), or ``None``.
         probe_data: A fixed probe set (a ``DataLoader``, whose first batch is taken once,
             or an ``(inputs, targets)`` pair), or ``None`` for the training batch.
+
+    Attributes:
+        likelihood: The measured likelihood, once known: samples whose every target it
+            ignores (``ignore_index``) are left out of the probe.
     """
 
     def __init__(self, splitter: Splitter, probe_size: int | None, probe_data: Any) -> None:
         self.splitter = splitter
         self.probe_size = probe_size
         self.probe_data = probe_data
+        self.likelihood: Any = None
         self._fixed: tuple[Any, Tensor] | None = None
 
     @property
@@ -115,8 +121,9 @@ class ProbeSource:
                 f"`FisherMonitor` needs the targets as a tensor, got {type(targets).__name__}. "
                 "Pass `batch_to_inputs_targets=lambda batch: (inputs, targets)`."
             )
+        inputs, targets = labelled_only(inputs, targets, self.likelihood)
         size = int(targets.shape[0]) if targets.dim() else 0
         if self.probe_size is not None and size > self.probe_size:
-            inputs = take_samples(inputs, self.probe_size)
+            inputs = take_samples(inputs, self.probe_size, size)  # shared tensors stay whole
             targets = targets[: self.probe_size]
         return inputs, targets

@@ -1,9 +1,12 @@
 """What the monitor remembers of its measurements: enough for the heat map and the verdicts.
 
-Each measurement keeps the whole-network (``all``) values of the primary structure, that
-structure's direction cosine per layer (the heat map's rows), the optimizer audit's
-``all`` values and the probe loss: a few dozen floats, saved in checkpoints. The
-end-of-fit verdicts are computed from it by the report package, as from a log read back.
+Each measurement keeps the whole-network (``all``) values of every structure (at the first
+damping), each structure's direction cosine per layer (the heat map's rows, the verdicts'
+worst layer), the optimizer audit's ``all`` values and the probe loss: a few dozen floats,
+saved in checkpoints. The end-of-fit verdicts are computed from it by the report package,
+as from a log read back, so they use whatever was measured: a block structure whose
+sketched Fisher has no direction cosine leaves the preconditioning verdict to the
+diagonal's, as the report does.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ class History:
     """Per measured step, the values the summary and the heat map need.
 
     Args:
-        structure: The primary structure (verdicts and heat map).
+        structure: The primary structure (the heat map's, when it logged direction cosines).
         suffix: The damping suffix of the first damping (``""`` with one damping).
     """
 
@@ -47,8 +50,6 @@ class History:
             return False
         if parsed.structure == keys.OPTIMIZER:
             return parsed.layer == keys.ALL
-        if parsed.structure != self.structure:
-            return False
         suffix = f"@{parsed.damping}" if parsed.damping else ""
         if parsed.metric in keys.DAMPED_METRICS and suffix != self.suffix:
             return False
@@ -72,23 +73,41 @@ class History:
         """The last record."""
         return self.records[-1] if self.records else None
 
+    def _heatmap_structure(self) -> str:
+        """The primary structure, or the first (block, kron, diag) with direction cosines."""
+        found = {
+            parsed.structure
+            for _, values in self.records
+            for key in values
+            if (parsed := keys.parse_key(key)) and parsed.metric == "direction_cosine"
+        }
+        if self.structure in found or not found:
+            return self.structure
+        return next(s for s in keys.PRIMARY_ORDER if s in found)
+
     def heatmap(self) -> tuple[list[int], list[str], np.ndarray, str]:
         """``(steps, layers, values, title)`` of the direction cosine, layers × steps."""
         metric = f"direction_cosine{self.suffix}"
+        structure = self._heatmap_structure()
         steps = self.steps
         layers: list[str] = []
         for _, values in self.records:
             for key in values:
                 parsed = keys.parse_key(key)
-                if parsed and parsed.metric == "direction_cosine" and parsed.layer not in layers:
+                if (
+                    parsed
+                    and parsed.metric == "direction_cosine"
+                    and parsed.structure == structure
+                    and parsed.layer not in layers
+                ):
                     layers.append(parsed.layer)
         if keys.ALL in layers:  # the whole network last
             layers = [layer for layer in layers if layer != keys.ALL] + [keys.ALL]
         grid = np.full((len(layers), len(steps)), np.nan)
         for j, (_, values) in enumerate(self.records):
             for i, layer in enumerate(layers):
-                grid[i, j] = values.get(keys.metric_key(self.structure, metric, layer), np.nan)
-        title = f"{self.structure}: cos(natural gradient, EF direction)"
+                grid[i, j] = values.get(keys.metric_key(structure, metric, layer), np.nan)
+        title = f"{structure}: natural gradient vs EF step, cos(F̃⁻¹g, ẼF⁻¹g)"
         return steps, layers, grid, title
 
     def series(self) -> dict[str, list[tuple[int, float]]]:
@@ -110,13 +129,14 @@ class History:
             settings: The run's settings (e.g. the optimizer's name), if known.
 
         Returns:
-            ``fisher_monitor.report`` verdicts (objects with ``topic``, ``level``, ``text``);
-            empty without measurements.
+            ``fisher_monitor.report`` verdicts (objects with ``topic``, ``level``, ``text``):
+            the headline (topic ``"headline"``: what the numbers mean for this training's
+            optimizer) first, then one per topic; empty without measurements.
         """
         if not self.records:
             return []
-        from fisher_monitor.report.load import Run
-        from fisher_monitor.report.verdict import verdicts
+        from fisher_monitor.report.runs import Run
+        from fisher_monitor.report.verdict import headline, verdicts
 
         run = Run(
             name="this fit",
@@ -125,7 +145,7 @@ class History:
             scalars=self.series(),
             settings=dict(settings or {}),
         )
-        return verdicts(run)
+        return [headline(run), *verdicts(run)]
 
     def state(self) -> list[tuple[int, dict[str, float]]]:
         """The records, for checkpoints."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,33 +17,35 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
-from fisher_monitor import distributed, keys
+from fisher_monitor import distributed, keys, validation
+from fisher_monitor.backends import check_backend
 from fisher_monitor.callback import arguments, summary
 from fisher_monitor.callback.batches import ProbeSource, default_batch_to_inputs_targets
 from fisher_monitor.callback.collective import measure_everywhere, shared_causes
-from fisher_monitor.callback.discovery import find_loss, find_network, network_name
-from fisher_monitor.callback.failures import FailurePolicy
+from fisher_monitor.callback.discovery import LossDiscovery, find_network, loss_text, network_name
+from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
-from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
+from fisher_monitor.callback.results import IMAGE_EVERY, ResultSink
 from fisher_monitor.callback.timing import Ledger
 from fisher_monitor.callback.update import (
     UpdateRecorder,
-    audited_optimizer,
     has_second_moment,
     measurer_keeps_directions,
 )
-from fisher_monitor.callback.writers import RunInfo, Writer, time_series, writers_for
-from fisher_monitor.engine import BACKENDS, Measurer
+from fisher_monitor.callback.writer_registry import writers_for
+from fisher_monitor.callback.writers import (
+    RunInfo,
+    WriterGroup,
+)
+from fisher_monitor.engine import Measurer
 from fisher_monitor.engine.cost import check_estimator
-from fisher_monitor.engine.memory import check_memory_budget
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
+from fisher_monitor.report.headline import check_use
+from fisher_monitor.report.text import terminal_safe
 from fisher_monitor.schedules import Schedule, TimedSchedule
-from fisher_monitor.settings import DampingMode, MeasureSettings
+from fisher_monitor.settings import MeasureSettings
 
-#: The heat-map image is drawn at every this many measurements (the 10th, 20th, …) and at
-#: the end of fitting: a map of one or two columns says nothing, and drawing it is not free.
-IMAGE_EVERY = 10
 #: Default logging prefix. TensorBoard's Time Series and Scalars pages list tag groups in
 #: character order and open only the first two; "~" sorts after letters, digits and "_", so
 #: the user's own curves come first and the monitor's group last (checked in Chromium).
@@ -56,7 +59,7 @@ except ImportError:  # pragma: no cover - `lightning` is optional
     _BASES = (Callback,)
 
 
-class FisherMonitor(*_BASES):
+class FisherMonitor(ResultSink, *_BASES):
     r"""Log how far the empirical Fisher (EF) is from the Fisher (F) as training goes.
 
     At the steps its schedule chooses, at ``on_train_batch_start`` (the parameters and the
@@ -65,7 +68,10 @@ class FisherMonitor(*_BASES):
     step's ``optimizer.step()`` it compares the update the optimizer applied with the
     natural-gradient step (the optimizer audit). It never changes training (a shadow copy
     sharing the parameters' storage, its own random generator) and never stops it: a
-    failure becomes one warning naming the cause and the fix (see ``raise_on_error``). One
+    failure becomes one warning naming the cause and the fix (see ``raise_on_error``), and
+    a logger that fails to write (its directory deleted or read-only, a full disk) is
+    dropped with one warning while the others keep receiving every measurement (with no
+    logger left, a single process switches the monitor off). One
     line says what is measured when fitting starts; a table sums up when it ends. The
     definitions are in the documentation's theory page (``docs/theory.md``), the usage in
     the callback guide (``docs/guide/callback.md``).
@@ -88,13 +94,19 @@ class FisherMonitor(*_BASES):
         network: What to measure: ``None`` for the LightningModule (or, when it defines no
             ``forward``, the one submodule holding all trainable parameters), an attribute
             name (dotted paths allowed) such as ``"net"``, or a callable ``module -> nn.Module``.
-        loss_fn: The negative log-likelihood: ``None`` finds the attribute of the module
-            holding a ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or such a
-            module; or ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``.
-        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)``; ``None`` handles
-            ``(inputs, targets, ...)`` tuples and dicts with the usual keys. A tuple of inputs
-            is passed to ``forward`` as positional arguments: for ``(x, mask, y)`` batches,
-            ``lambda batch: ((batch[0], batch[1]), batch[2])``.
+        loss_fn: The negative log-likelihood: ``None`` finds the loss ``training_step``
+            computes by recording the first measured step (functional losses and loss
+            modules; see the callback guide), else a loss module attribute; or a
+            ``CrossEntropyLoss``, ``NLLLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``; or
+            ``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"bce_with_logits"``.
+        batch_to_inputs_targets: Callable ``batch -> (inputs, targets)`` (inputs: a tensor,
+            a tuple of positional or a dict of keyword arguments; targets per sample, e.g.
+            ``(N, T)``); ``None`` derives it from the recorded step, else splits
+            ``(inputs, targets, ...)`` tuples and dicts with the usual keys.
+        outputs: The loss's input from the network's output, classes on dimension 1, e.g.
+            ``lambda out: out.logits[:, :-1].transpose(1, 2)``; ``None`` derives it from
+            the recorded step, else takes a tensor, a ``ModelOutput``'s ``logits`` or a
+            tuple's first element.
         probe_size: Measure on at most this many samples of the batch (per process).
         probe_data: A fixed probe set instead of the training batch: a ``DataLoader`` (its
             first batch, taken once) or an ``(inputs, targets)`` pair.
@@ -118,6 +130,10 @@ class FisherMonitor(*_BASES):
             gradient and, for optimizers with a second moment, its preconditioner.
         optimizer_index: Which of ``trainer.optimizers`` to audit (manual optimization with
             several optimizers).
+        use: How you rely on curvature, for the verdicts' headline: ``"adam"`` (an
+            optimizer with a second moment), ``"sgd"``, ``"kfac"`` (a K-FAC/Shampoo-style
+            preconditioner) or ``"laplace"`` (a Laplace approximation, TIC or another
+            uncertainty estimate); ``None`` infers it from the optimizer's class.
 
     Logged keys (``{prefix}`` is ``log_prefix``), at ``trainer.global_step``, on rank zero:
 
@@ -170,6 +186,7 @@ class FisherMonitor(*_BASES):
         network: str | Callable[[Any], nn.Module] | None = None,
         loss_fn: nn.Module | str | None = None,
         batch_to_inputs_targets: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        outputs: Callable[[Any], Tensor] | None = None,
         probe_size: int | None = None,
         probe_data: Any = None,
         backend: str = "auto",
@@ -183,6 +200,7 @@ class FisherMonitor(*_BASES):
         raise_on_error: bool = False,
         audit_optimizer: bool = True,
         optimizer_index: int = 0,
+        use: str | None = None,
     ) -> None:
         self.settings = MeasureSettings.create(
             structures, fisher, mc_samples, damping, damping_mode
@@ -196,27 +214,31 @@ class FisherMonitor(*_BASES):
             "batch_to_inputs_targets", batch_to_inputs_targets, "lambda batch: (inputs, targets)"
         )
         self.batch_to_inputs_targets = splitter or default_batch_to_inputs_targets
+        self.outputs = arguments.check_callable("outputs", outputs, "lambda out: out.logits")
         self.probe_size = arguments.check_probe_size(probe_size)
         self.probe_data = arguments.check_probe_data(probe_data)
-        if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r}. Supported: {BACKENDS}.")
-        self.backend = backend
-        self.memory_budget = check_memory_budget(memory_budget)
+        self._discovery = LossDiscovery(loss_fn, splitter is not None, probe_data, outputs)
+        self.backend = check_backend(backend)
+        self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
         self.log_prefix = arguments.check_prefix(log_prefix)
         self.log_histograms = arguments.check_flag("log_histograms", log_histograms)
         self.log_images = arguments.check_flag("log_images", log_images)
         self.prog_bar = arguments.check_prog_bar(prog_bar, self.settings, self.log_prefix)
-        self.seed = arguments.check_whole("seed", seed, minimum=0)
+        self.seed = arguments.check_seed(seed)
         self.raise_on_error = arguments.check_flag("raise_on_error", raise_on_error)
         self.audit_optimizer = arguments.check_flag("audit_optimizer", audit_optimizer)
         self.optimizer_index = arguments.check_whole("optimizer_index", optimizer_index, 0)
+        self.use = check_use(use)
+        self._start_state()
 
+    def _start_state(self) -> None:
+        """The monitor's own state before a fit: clock, generator, history, writers."""
         clock = self.schedule.clock if isinstance(self.schedule, TimedSchedule) else None
         self._ledger = Ledger(clock or time.perf_counter)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._history = History(*self._heatmap_key())
-        self._policy = FailurePolicy(self.raise_on_error)
+        self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
         self._probe = ProbeSource(self.batch_to_inputs_targets, self.probe_size, self.probe_data)
         self._recorder = UpdateRecorder(self._audited, self._audit_failed, self._ledger.clock)
         self._last_step = -1
@@ -224,7 +246,7 @@ class FisherMonitor(*_BASES):
         self._measured: nn.Module | None = None
         self._layers: int | None = None  # layers with parameters, once prepared
         self._backend_used: str | None = None
-        self._writers: list[Writer] = []
+        self._writers = WriterGroup([], self._write_failed)
         self._info: RunInfo | None = None
         self._trainer: pl.Trainer | None = None
         self.last_measurement: Measurement | None = None
@@ -250,17 +272,20 @@ class FisherMonitor(*_BASES):
             )
 
     @override
+    @never_raises
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after configure_model() and the move to the device, before the first batch
         self._trainer = trainer
         self._ledger.start()
         if isinstance(self.schedule, TimedSchedule):
             self.schedule.start()
-        self._policy = FailurePolicy(self.raise_on_error)
-        self._writers = (
+        self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
+        self._discovery.reset()
+        self._writers = WriterGroup(
             writers_for(trainer.loggers, self.log_prefix, self.log_histograms, self.log_images)
             if trainer.is_global_zero
-            else []
+            else [],
+            self._write_failed,
         )
         started = self._ledger.clock()
         self._prepare_everywhere(pl_module, step=None)
@@ -273,7 +298,8 @@ class FisherMonitor(*_BASES):
                 f"{len(trainer.optimizers)} optimizer(s), so the optimizer audit is off. Pass "
                 "an index below that, or audit_optimizer=False."
             )
-        rank_zero_info(summary.start_line(self._info.settings, self._layers, self.log_prefix))
+        line = summary.start_line(self._info.settings, self._layers, self.log_prefix)
+        rank_zero_info(terminal_safe(line))
 
     def _prepare_everywhere(self, pl_module: pl.LightningModule, step: int | None) -> bool:
         """Find the network and the loss and prepare the measurer, on every process."""
@@ -291,7 +317,12 @@ class FisherMonitor(*_BASES):
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         network = find_network(pl_module, self.network)
-        likelihood = find_loss(pl_module, self.loss_fn)
+        self._layers, self._backend_used = None, None
+        if self._discovery.pending:  # the loss is found in the first measured step
+            self._measurer, self._measured = None, network
+            self._layers = self._discovery.layers(network)
+            return
+        network, likelihood, outputs = self._discovery.resolve(pl_module, network, self._probe)
         measurer = Measurer(
             network,
             likelihood,
@@ -299,9 +330,9 @@ class FisherMonitor(*_BASES):
             backend=self.backend,
             memory_budget=self.memory_budget,
             estimator=self.estimator,
+            outputs=outputs,
         )
         self._probe.prepare()
-        self._layers, self._backend_used = None, None
         if not any(is_lazy(p) for p in network.parameters()):
             prepared = measurer.prepared  # checks the network now, not at the first step
             self._layers, self._backend_used = len(prepared.layers), prepared.backend
@@ -320,16 +351,18 @@ class FisherMonitor(*_BASES):
             "backend_used": self._backend_used,
             "estimator": self.estimator,
             "network": network_name(pl_module, self._measured) if self._measured else None,
-            "loss": _loss_text(measurer.likelihood) if measurer is not None else None,
+            "loss": loss_text(measurer.likelihood) if measurer else self._discovery.pending_text,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "audit": optimizer is not None,
             "preconditioner": has_second_moment(optimizer),
+            "use": self.use,
             "seed": self.seed,
         }
 
     # ------------------------------------------------------------------ training
 
     @override
+    @never_raises
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the fit's length for the guaranteed measurements, once the training data loader
         # exists (asking in on_fit_start would load it early, before the module's own
@@ -339,18 +372,60 @@ class FisherMonitor(*_BASES):
             expect_steps(_fit_length(trainer))
 
     @override
+    @never_raises
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._ledger.step_started()  # the steps a measurement slows down are charged too
         step = trainer.global_step
         if self._policy.off or step == self._last_step or not self._due(step):
             return
         self._last_step = step
+        if self._discovery.pending:  # record this step; measure it before its backward
+            if self._measured is not None or self._prepare_everywhere(pl_module, step):
+                self._discovery.start(
+                    pl_module, self._measured, self.network is not None, batch, step
+                )
+            return
         started = self._ledger.clock()
         measurement = self._attempt(pl_module, batch, step, started)
         if measurement is not None:
             self._record(trainer, pl_module, measurement, step, started)
         self._charge(self._ledger.clock() - started, measurement=True)
+        self._ledger.measured()
+
+    @override
+    @never_raises
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:  # noqa: D102
+        self._finish_recording(trainer, pl_module, measure=True)
+
+    @override
+    @never_raises
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
+        excess = self._ledger.step_finished()  # a disturbed step's excess is charged
+        if excess > 0:
+            self._charge(excess, measurement=False)
+
+    def _finish_recording(self, trainer, pl_module, measure: bool) -> None:
+        """Measure the recorded step before its backward pass (or prepare for the next)."""
+        recording = self._discovery.stop()
+        if recording is None:
+            return
+        started, step = self._ledger.clock(), recording.step
+        with self._discovery.buffers_at_start(recording):  # as at the step's start
+            measurement = (
+                self._attempt(pl_module, recording.batch, step, started) if measure else None
+            )
+        if measurement is not None:
+            self._record(trainer, pl_module, measurement, step, started)
+        elif not measure:
+            self._prepare_everywhere(pl_module, step)
+        note = self._discovery.announce(pl_module, self._measured, self._measurer, self._info)
+        if note is not None:  # which loss was found and how: a line, a note, the settings
+            rank_zero_info(f"FisherMonitor: {note}.")
+            self._write_info()
+        self._charge(self._ledger.clock() - started, measurement=measure)
 
     def _due(self, step: int) -> bool:
         decision = bool(self.schedule(step))
@@ -379,97 +454,10 @@ class FisherMonitor(*_BASES):
         self.last_measurement = outcome.measurement
         return outcome.measurement
 
-    def _record(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        measurement: Measurement,
-        step: int,
-        started: float,
-    ) -> None:
-        scalars = time_series(measurement.scalars, self._constants)
-        scalars[keys.probe_key("overhead")] = self._ledger.share(self._ledger.clock() - started)
-        self._history.add(step, measurement.scalars)
-        for key in self.prog_bar:
-            if key in scalars:
-                pl_module.log(
-                    f"{self.log_prefix}/{key}",
-                    scalars[key],
-                    prog_bar=True,
-                    logger=False,
-                    on_step=True,
-                    on_epoch=False,
-                )
-        if self._info is not None and (
-            self._info.add_coverage(measurement.coverage) | self._info.add_notes(measurement.notes)
-        ):
-            self._write_info()
-        if self._writers:
-            ratios = ef_over_f_log_ratios(measurement.diagonals) if self.log_histograms else {}
-            for writer in self._writers:
-                writer.log_scalars(scalars, step)
-                writer.log_histograms("log10_ef_over_f", ratios, step)
-                if len(self._history) % IMAGE_EVERY == 0:
-                    writer.log_heatmap(self._history, step)
-        optimizer = self._optimizer(trainer)
-        if (
-            optimizer is not None
-            and trainer.is_global_zero
-            and self._measured is not None
-            and measurement.directions  # a measurer without them (a user's subclass): no audit
-        ):
-            self._recorder.arm(optimizer, self._measured, measurement, step)
-
-    @property
-    def _constants(self) -> tuple[str, ...]:
-        """Metrics that are settings, not time series (λ too when it is absolute)."""
-        absolute = self.settings.damping_mode is DampingMode.ABSOLUTE
-        return (*keys.CONSTANT_METRICS, *(("damping",) if absolute else ()))
-
-    # ------------------------------------------------------------------ optimizer audit
-
-    def _optimizer(self, trainer: pl.Trainer | None) -> torch.optim.Optimizer | None:
-        """The audited optimizer (``None``: no audit)."""
-        optimizers = trainer.optimizers if trainer is not None else []
-        return audited_optimizer(optimizers, self.optimizer_index, self.audit_optimizer)
-
-    def _audited(
-        self,
-        step: int,
-        scalars: dict[str, float],
-        histograms: dict[str, dict[str, Any]],
-        notes: list[str],
-        seconds: float,
-    ) -> None:
-        """The optimizer audit of the measurement at ``step`` (inside ``optimizer.step()``)."""
-        self._charge(seconds, measurement=False)
-        self._history.extend(step, scalars)
-        if self._info is not None and self._info.add_notes(notes):
-            self._write_info()
-        loggable = time_series(scalars, self._constants)
-        for writer in self._writers:
-            writer.log_scalars(loggable, step)
-            for group, values in histograms.items():
-                writer.log_histograms(group, values, step)
-
-    def _audit_failed(self, step: int, error: BaseException) -> None:
-        self._policy.handle([f"{type(error).__name__}: {error}"], step, "measure", error)
-
-    # ------------------------------------------------------------------ run information
-
-    def _write_info(self) -> None:
-        if self._info is not None:
-            for writer in self._writers:
-                writer.write_info(self._info)
-
-    def _charge(self, seconds: float, measurement: bool, one_time: bool = False) -> None:
-        self._ledger.charge(seconds)
-        if isinstance(self.schedule, TimedSchedule):
-            self.schedule.charge(seconds, measurement=measurement, one_time=one_time)
-
     # ------------------------------------------------------------------ end
 
     @override
+    @never_raises
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the heat map with every measurement, unless the last one already drew it; one
         # column says nothing the scalars do not (and drawing costs a tenth of a second)
@@ -477,16 +465,16 @@ class FisherMonitor(*_BASES):
         if last is None or len(self._history) < 2 or len(self._history) % IMAGE_EVERY == 0:
             return
         started = self._ledger.clock()
-        for writer in self._writers:
-            writer.log_heatmap(self._history, last[0])
+        self._writers.call("log_heatmap", self._history, last[0])
         self._charge(self._ledger.clock() - started, measurement=False, one_time=True)
 
     @override
+    @never_raises
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recorder.disarm()
         if not trainer.is_global_zero or self._info is None:
             return
-        log_dirs = [w.run_directory for w in self._writers if w.run_directory is not None]
+        log_dirs = [path for path in self._writers.run_directories if Path(path).is_dir()]
         result = summary.FitSummary(
             history=self._history,
             monitor_seconds=self._ledger.spent,
@@ -503,10 +491,20 @@ class FisherMonitor(*_BASES):
         )
         self._info.fit = result.as_dict()
         self._write_info()
+        # an event writer fails in its thread: surface that now, before the logger's own
+        # finalize() would raise it, while a failure is still a warning
+        self._writers.call("flush")
         summary.show(result)
 
     @override
+    @never_raises
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102
+        self._discovery.close()  # a step that failed while recorded leaves no hooks behind
+
+    @override
+    @never_raises
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._discovery.close()
         self._recorder.disarm()
         self._trainer = None
         if self._measurer is not None:
@@ -543,9 +541,3 @@ def _fit_length(trainer: pl.Trainer) -> int | None:
     except Exception:  # noqa: BLE001 - e.g. an iterable dataset without a length
         return None
     return int(total) if total is not None and math.isfinite(total) else None
-
-
-def _loss_text(likelihood: Any) -> str:
-    module = getattr(likelihood, "module_class", None)
-    name = module.__name__ if module is not None else type(likelihood).__name__
-    return f"{name}(reduction={getattr(likelihood, 'reduction', 'mean')!r})"

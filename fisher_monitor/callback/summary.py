@@ -3,6 +3,11 @@
 Both go out on rank zero only, through Lightning's rank-zero logging; the table is drawn
 with ``rich`` when the output is a terminal. The end-of-fit numbers also go into the run
 file (``"fit"``), where the report reads them.
+
+Paths, versions, layer names and causes come from outside: every cell is printed as
+literal text (never as ``rich`` markup, so ``sweep[lr=0.1]`` stays whole) with control
+characters shown as escapes, and the suggested report command quotes its path for the
+shell.
 """
 
 from __future__ import annotations
@@ -11,17 +16,24 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from fisher_monitor import keys
 from fisher_monitor.callback.history import History
+from fisher_monitor.report.text import terminal_safe
+from fisher_monitor.shell import report_command
 
 #: Headline metrics of the last measurement, in the order shown.
 HEADLINE = ("direction_cosine", "rel_error", "trace_ratio", "kl")
 #: Headline metrics of the optimizer audit.
 AUDIT_HEADLINE = ("update_nat_cosine", "update_ef_cosine", "update_grad_cosine")
+#: The label of the headline verdict's row, the first of the table.
+BOTTOM_LINE = "bottom line"
+#: Where the summary's terms are explained.
+GLOSSARY = "docs/glossary.md (EF, F, F̃ = F + λI and ẼF = EF + λI, damping, TIC, …)"
 
 
 def start_line(settings: dict[str, Any], layers: int | None, prefix: str) -> str:
@@ -119,17 +131,28 @@ class FitSummary:
         if last is None:
             return []
         step, values = last
-        structure, suffix = self.history.structure, self.history.suffix
+        suffix = self.history.suffix
+        order = [self.history.structure, *keys.PRIMARY_ORDER]
 
         def value(structure_or_group: str, metric: str) -> float | None:
             damped = suffix if metric in keys.DAMPED_METRICS else ""
             key = keys.metric_key(structure_or_group, metric, keys.ALL, damped)
             return values.get(key)
 
-        numbers = [(m, value(structure, m)) for m in HEADLINE]
-        text = ", ".join(f"{m} {v:.3g}" for m, v in numbers if v is not None)
-        rows = [(f"last measurement (step {step})", f"{structure}, whole network: {text}")]
-        audit = [(m, value(structure, m)) for m in AUDIT_HEADLINE]
+        def first(metric: str) -> tuple[str, float] | None:
+            """The metric from the first structure that has it (a sketch has no KL)."""
+            return next(
+                ((s, v) for s in dict.fromkeys(order) if (v := value(s, metric)) is not None),
+                None,
+            )
+
+        found = [(m, hit) for m in HEADLINE if (hit := first(m)) is not None]
+        groups: dict[str, list[str]] = {}
+        for metric, (structure, number) in found:
+            groups.setdefault(structure, []).append(f"{metric} {number:.3g}")
+        text = "; ".join(f"{s}, whole network: {', '.join(parts)}" for s, parts in groups.items())
+        rows = [(f"last measurement (step {step})", text)]
+        audit = [(m, hit[1]) for m in AUDIT_HEADLINE if (hit := first(m)) is not None]
         audit += [(m, value(keys.OPTIMIZER, m)) for m in keys.OPTIMIZER_METRICS]
         if any(v is not None for _, v in audit):
             name = self.optimizer or "optimizer"
@@ -137,23 +160,36 @@ class FitSummary:
             rows.append((f"{name}'s step (last)", text))
         return rows
 
+    def _bottom_line(self) -> list[tuple[str, str]]:
+        """The headline verdict (what the numbers mean for this training), if any."""
+        return [
+            (BOTTOM_LINE, getattr(v, "text", str(v)))
+            for v in self.verdicts
+            if getattr(v, "topic", "") == "headline"
+        ]
+
     def _verdict_rows(self) -> list[tuple[str, str]]:
-        """Each verdict's first sentence, and the advice of the most pressing one."""
+        """Each verdict's first sentence, the advice of the most pressing one, the glossary."""
         rows = []
-        for verdict in self.verdicts:
-            sentences = _sentences(getattr(verdict, "text", str(verdict)))
+        found = [v for v in self.verdicts if getattr(v, "topic", "") != "headline"]
+        for verdict in found:
+            sentences = _sentences(_sentence(verdict))
             rows.append((f"verdict: {getattr(verdict, 'topic', '')}".rstrip(": "), sentences[0]))
-        pressing = [v for v in self.verdicts if getattr(v, "level", "good") != "good"]
+        pressing = [v for v in found if getattr(v, "level", "good") in ("bad", "mixed")]
+        pressing = pressing or [v for v in found if getattr(v, "level", "good") != "good"]
         if pressing:
-            advice = _sentences(getattr(pressing[0], "text", ""))
+            advice = _sentences(_sentence(pressing[0]))
             if len(advice) > 1:
                 rows.append(("what to do", advice[-1]))
+        if self.verdicts:
+            rows.append(("terms", GLOSSARY))
         return rows
 
     def rows(self) -> list[tuple[str, str]]:
         """``(label, text)`` rows of the table."""
         count = len(self.history)
         rows = [
+            *self._bottom_line(),
             (
                 "measurements",
                 f"{count}" + (f" at steps {_steps_text(self.history.steps)}" if count else ""),
@@ -173,14 +209,24 @@ class FitSummary:
             rows.append(("warnings", f"{len(self.warnings)} (see above)"))
         for directory in self.log_dirs:
             rows.append(("TensorBoard run", directory))
-            rows.append(("report", f"fisher-monitor report {directory}"))
+            rows.append(("report", report_command(Path(directory))))
         if not self.log_dirs:
-            rows.append(("report", "add a TensorBoardLogger to get `fisher-monitor report`"))
+            rows.append(
+                (
+                    "report",
+                    "fisher-monitor report reads TensorBoard, CSVLogger and MLflow logs: pass "
+                    "it the run's log directory (docs/guide/report.md#inputs)",
+                )
+            )
         return rows
 
+    def printable_rows(self) -> list[tuple[str, str]]:
+        """:meth:`rows` with control characters shown as escapes (safe on a terminal)."""
+        return [(terminal_safe(label), terminal_safe(text)) for label, text in self.rows()]
+
     def text(self) -> str:
-        """The table as plain text."""
-        rows = self.rows()
+        """The table as plain text (control characters shown as escapes)."""
+        rows = self.printable_rows()
         width = max(len(label) for label, _ in rows)
         lines = ["FisherMonitor summary"]
         lines += [f"  {label:<{width}}  {text}" for label, text in rows]
@@ -195,9 +241,16 @@ def verdicts_of(
         return history.verdicts(prefix, directory, settings)
     except Exception as error:  # noqa: BLE001 - a summary must not fail the fit
         rank_zero_info(
-            f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
+            terminal_safe(
+                f"FisherMonitor: no verdicts in the summary ({type(error).__name__}: {error})."
+            )
         )
         return []
+
+
+def _sentence(verdict: Any) -> str:
+    """A verdict's sentences without its documentation links."""
+    return str(getattr(verdict, "sentence", getattr(verdict, "text", verdict)))
 
 
 def _sentences(text: str) -> list[str]:
@@ -212,12 +265,13 @@ def show(summary: FitSummary) -> None:
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title="FisherMonitor summary", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column(overflow="fold")
-        for label, text in summary.rows():
-            table.add_row(label, text)
+        for label, text in summary.printable_rows():
+            table.add_row(Text(label), Text(text))  # literal text, never markup
         Console().print(table)
     else:
         rank_zero_info(summary.text())

@@ -1,9 +1,28 @@
-"""The monitor's own time against the fit's wall time (``probe/overhead``, the summary)."""
+"""The monitor's own time against the fit's wall time (``probe/overhead``, the summary).
+
+Everything the monitor adds to the fit counts: the time it spends in its own calls
+(measurements, logging, histograms, the heat map, the optimizer audit, preparation), and
+what those calls leave behind: right after a measurement the training step runs slower
+(the measurement evicted the network's data from the caches, the allocator's free lists
+hold other sizes), and so does the measured step's own forward and backward pass. The
+ledger times every training step (from the start of its batch to its end, the monitor's
+own calls taken out) and charges the excess of the two steps a measurement disturbs over
+a typical undisturbed step (the median of the last :data:`TYPICAL_WINDOW` of them).
+"""
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+#: Undisturbed steps the typical step time is the median of.
+TYPICAL_WINDOW = 32
+#: Steps a measurement disturbs: its own (after the measurement) and the next one.
+DISTURBED_STEPS = 2
+#: Undisturbed steps needed before the excess of disturbed ones is charged.
+MIN_TYPICAL = 3
 
 
 class Ledger:
@@ -17,13 +36,20 @@ class Ledger:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.spent = 0.0
+        #: Of :attr:`spent`: the excess time of the steps measurements disturbed.
+        self.aftermath = 0.0
         self._elapsed_before = 0.0
         self._started: float | None = None
+        self._typical: deque[float] = deque(maxlen=TYPICAL_WINDOW)
+        self._step_started: float | None = None
+        self._step_charged = 0.0  # the monitor's own time within the current step
+        self._disturbed = DISTURBED_STEPS  # steps since the last measurement (capped)
 
     def start(self) -> None:
         """The fit starts: elapsed time counts from now on (added to earlier fits' time)."""
         self._elapsed_before = self.elapsed
         self._started = self.clock()
+        self._step_started = None
 
     @property
     def elapsed(self) -> float:
@@ -34,20 +60,56 @@ class Ledger:
 
     def charge(self, seconds: float) -> None:
         """Add the monitor's own time."""
-        self.spent += max(float(seconds), 0.0)
+        seconds = max(float(seconds), 0.0)
+        self.spent += seconds
+        if self._step_started is not None:
+            self._step_charged += seconds
 
     def share(self, pending: float = 0.0) -> float:
         """The monitor's share of the fit's wall time, with ``pending`` seconds not charged yet."""
         elapsed = self.elapsed
         return (self.spent + pending) / elapsed if elapsed > 0 else 0.0
 
+    # ---------------------------------------------------------------- step timing
+    def step_started(self) -> None:
+        """A training step (its batch) starts."""
+        self._step_started = self.clock()
+        self._step_charged = 0.0
+
+    def measured(self) -> None:
+        """The current step held a measurement: it and the next step are disturbed."""
+        self._disturbed = 0
+
+    def step_finished(self) -> float:
+        """A training step ends; returns the excess to charge (0 for undisturbed steps).
+
+        The step's own time is its duration minus the monitor's charged time within it.
+        An undisturbed step joins the typical ones; a disturbed one's excess over their
+        median is returned (and counted in :attr:`aftermath`), for the caller to charge.
+        """
+        if self._step_started is None:
+            return 0.0
+        own = self.clock() - self._step_started - self._step_charged
+        self._step_started = None
+        disturbed = self._disturbed < DISTURBED_STEPS
+        self._disturbed = min(self._disturbed + 1, DISTURBED_STEPS)
+        if not disturbed:
+            self._typical.append(own)
+            return 0.0
+        if len(self._typical) < MIN_TYPICAL:
+            return 0.0
+        excess = max(own - statistics.median(self._typical), 0.0)
+        self.aftermath += excess
+        return excess
+
     def state_dict(self) -> dict[str, Any]:
         """Spent and elapsed seconds (for checkpoints)."""
-        return {"spent": self.spent, "elapsed": self.elapsed}
+        return {"spent": self.spent, "elapsed": self.elapsed, "aftermath": self.aftermath}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's times."""
         self.spent = float(state["spent"])
+        self.aftermath = float(state.get("aftermath", 0.0))
         self._elapsed_before = float(state["elapsed"])
         if self._started is not None:  # restored after the fit started: count from now
             self._started = self.clock()

@@ -5,22 +5,48 @@ understands. :class:`LoggerWriter` serves any Lightning logger (scalars through
 ``log_metrics`` with keys joined by the logger's ``group_separator``, settings through
 ``log_hyperparams``); :class:`~fisher_monitor.callback.tensorboard.TensorBoardWriter`
 adds what only TensorBoard shows. A writer for another service (W&B tables, MLflow
-artifacts) is one more subclass of :class:`Writer`, chosen in :func:`writers_for`.
+artifacts) is one more subclass of :class:`Writer`, registered for its logger class in
+:mod:`~fisher_monitor.callback.writer_registry`.
+
+A destination can fail during the fit (the log directory deleted or read-only, a full
+disk, a service that is down). :class:`WriterGroup` calls the writers for the monitor:
+a writer that raises is dropped after one warning, the others go on, and training is
+never stopped by a log write. Every string handed to a writer is valid UTF-8
+(:func:`encodable_data`): a layer name that is not (a lone surrogate) would otherwise stop
+the fit with a ``UnicodeEncodeError`` in whichever writer encodes it first.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fisher_monitor import keys
+from fisher_monitor import keys, runinfo
 from fisher_monitor.callback.history import History
+from fisher_monitor.report.text import encodable
+
+
+def encodable_data(value: Any) -> Any:
+    """``value`` with every string in it (keys too, at any depth) made valid UTF-8."""
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, Mapping):
+        return {encodable_data(k): encodable_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(encodable_data(v) for v in value)
+    return value
+
+
+def encodable_keys(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` with its keys (scalar keys holding layer names) made valid UTF-8."""
+    return {encodable(key): value for key, value in mapping.items()}
 
 
 @dataclass
@@ -43,8 +69,15 @@ class RunInfo:
     notes: list[str] = field(default_factory=list)
     fit: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # writers read these fields directly: every string in them must be valid UTF-8
+        self.prefix = encodable(self.prefix)
+        self.settings = encodable_data(dict(self.settings))
+        self.layers = encodable_data(list(self.layers))
+        self.notes = encodable_data(list(self.notes))
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain data (the run-information file's content)."""
+        """Plain data (the run-information file's content), every string valid UTF-8."""
         data: dict[str, Any] = {
             "prefix": self.prefix,
             "settings": dict(self.settings),
@@ -53,22 +86,36 @@ class RunInfo:
         }
         if self.fit is not None:
             data["fit"] = dict(self.fit)
-        return data
+        return encodable_data(data)
 
     def add_coverage(self, coverage: list[dict[str, Any]]) -> bool:
         """Take the layers of the first measurement; whether that changed anything."""
         if self.layers or not coverage:
             return False
-        self.layers = [dict(entry) for entry in coverage]
-        used = sorted({str(entry["backend"]) for entry in coverage})
+        self.layers = encodable_data([dict(entry) for entry in coverage])
+        used = sorted({str(entry["backend"]) for entry in self.layers})
         self.settings["backend_used"] = ", ".join(used)
         return True
 
     def add_notes(self, notes: Iterable[str]) -> bool:
-        """Add the notes not seen yet; whether there were any."""
-        new = [note for note in dict.fromkeys(notes) if note not in self.notes]
-        self.notes.extend(new)
-        return bool(new)
+        """Add the notes not seen yet; whether the notes changed.
+
+        A note that differs from an earlier one only in its numbers (a sub-sampled probe's
+        sizes, a sketch's columns at this step) replaces it, so that the summary and the
+        run file say each thing once, with the latest numbers.
+        """
+        changed = False
+        for note in dict.fromkeys(encodable(note) for note in notes):
+            if note in self.notes:
+                continue
+            shape = _note_shape(note)
+            same = next((i for i, old in enumerate(self.notes) if _note_shape(old) == shape), None)
+            if same is None:
+                self.notes.append(note)
+            else:
+                self.notes[same] = note
+            changed = True
+        return changed
 
     def hyperparameters(self) -> dict[str, Any]:
         """Settings and constants (each layer's dimension) as flat hyperparameters.
@@ -87,6 +134,15 @@ class RunInfo:
             total = sum(int(layer["dimension"]) for layer in measured)
             flat[f"{self.prefix}/dimension/{keys.ALL}"] = total
         return flat
+
+
+#: A number in running text; digits in names (``layer4.1``, `` `0` ``, ``'fc2'``) are not.
+_NUMBER = re.compile(r"(?<![\w.`'\"])\d[\d,]*(\.\d+)?(e[+-]?\d+)?(?![\w`'\"])")
+
+
+def _note_shape(note: str) -> str:
+    """A note with its numbers replaced: notes of one kind at different steps match."""
+    return _NUMBER.sub("#", note)
 
 
 def _plain(value: Any) -> Any:
@@ -139,6 +195,22 @@ class Writer(ABC):
         """Where the report can read this run (TensorBoard), or ``None``."""
         return None
 
+    @property
+    def destination(self) -> str:
+        """The destination in words, for messages (e.g. ``"TensorBoardLogger at runs/v0"``)."""
+        name = type(self.logger).__name__
+        try:
+            where = self.run_directory or getattr(self.logger, "log_dir", None)
+        except Exception:  # noqa: BLE001 - only for a message
+            where = None
+        return f"{name} at {encodable(where)}" if where else name
+
+    def flush(self) -> None:  # noqa: B027 - optional for writers
+        """Write out what is buffered (at the end of the fit, where a failure is still ours)."""
+
+    def release(self) -> None:  # noqa: B027 - optional for writers
+        """Let go of the destination after a failed write (never raises)."""
+
     def write_info(self, info: RunInfo) -> None:  # noqa: B027 - optional for writers
         """The run's settings, layers, notes or end-of-fit summary changed."""
 
@@ -156,11 +228,22 @@ class Writer(ABC):
 
 
 class LoggerWriter(Writer):
-    """Any Lightning logger: scalars through ``log_metrics``, settings as hyperparameters."""
+    """Any Lightning logger: scalars through ``log_metrics``, settings as hyperparameters.
+
+    For a ``CSVLogger`` the run directory is its ``log_dir``, where the run file is
+    written too, so ``fisher-monitor report`` reads it with the notes and layers.
+    """
 
     def __init__(self, logger: Any, prefix: str) -> None:
         super().__init__(logger, prefix)
         self._hyperparameters: set[str] = set()
+
+    @property
+    def run_directory(self) -> str | None:
+        """A ``CSVLogger``'s ``log_dir`` (the report reads its ``metrics.csv``), else ``None``."""
+        if any(cls.__name__ == "CSVLogger" for cls in type(self.logger).__mro__):
+            return str(self.logger.log_dir)
+        return None
 
     def write_info(self, info: RunInfo) -> None:
         """Log the settings and dimensions not logged yet (some services refuse changes)."""
@@ -168,9 +251,36 @@ class LoggerWriter(Writer):
         if new:
             self._hyperparameters.update(new)
             self._log_hyperparameters(new)
+        if self.run_directory is not None:
+            runinfo.write(self.run_directory, info.as_dict())
 
     def _log_hyperparameters(self, params: dict[str, Any]) -> None:
         self.logger.log_hyperparams(params)
+
+    def flush(self) -> None:
+        """A ``TensorBoardLogger``'s writer writes in a thread: its errors surface here."""
+        if is_tensorboard(self.logger):
+            self.logger.experiment.flush()
+
+    def release(self) -> None:
+        """Detach a ``TensorBoardLogger``'s file writer if a failed write broke it.
+
+        TensorBoard's event writer keeps the error of its writing thread and raises it
+        again at every later call, including the logger's own ``finalize`` after the fit:
+        a failure of the monitor's write would then fail the fit. A broken writer is
+        dropped, so that the logger creates a new one if it writes again, as it would
+        have without the monitor; a healthy one (whose buffered events are the logger's
+        too) is kept.
+        """
+        if not is_tensorboard(self.logger):
+            return
+        try:
+            experiment = self.logger.experiment
+            experiment.flush()
+        except Exception:  # noqa: BLE001 - broken: drop it below
+            experiment = getattr(self.logger, "_experiment", None)
+            if experiment is not None and hasattr(experiment, "all_writers"):
+                experiment.file_writer = experiment.all_writers = None
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         """``log_metrics`` with keys joined by the logger's ``group_separator``."""
@@ -192,36 +302,81 @@ class MLflowWriter(LoggerWriter):
     def __init__(self, logger: Any, prefix: str) -> None:
         super().__init__(logger, self._REFUSED.sub("", prefix).strip("/") or "fisher")
 
+    @property
+    def run_directory(self) -> str | None:
+        """The run's folder of a local file store (``mlruns/<experiment>/<run>``), else ``None``."""
+        save_dir = getattr(self.logger, "save_dir", None)
+        try:
+            experiment, run = self.logger.experiment_id, self.logger.run_id
+        except Exception:  # noqa: BLE001 - a remote tracking server: nothing to read locally
+            return None
+        if not save_dir or not experiment or not run:
+            return None
+        folder = os.path.join(save_dir, experiment, run)
+        return folder if os.path.isdir(folder) else None
+
     def _log_hyperparameters(self, params: dict[str, Any]) -> None:
         self.logger.log_hyperparams({self._REFUSED.sub("", k): v for k, v in params.items()})
+
+
+#: ``on_failure(writer, error, remaining)``: a writer failed and was dropped.
+FailureHandler = Callable[["Writer", BaseException, int], None]
+
+
+class WriterGroup:
+    """The writers of one fit: every call reaches each writer still working.
+
+    A writer that raises (the log directory deleted or read-only, a full disk, a service
+    that is down) is released and dropped, and ``on_failure`` decides what to tell the
+    user; the others keep receiving every result. Nothing a writer raises reaches
+    Lightning, unless ``on_failure`` raises it (strict mode).
+
+    Args:
+        writers: The writers (rank zero; empty elsewhere).
+        on_failure: Called once per failed writer, after it was dropped.
+    """
+
+    def __init__(self, writers: Iterable[Writer], on_failure: FailureHandler) -> None:
+        self.writers = list(writers)
+        self.started = len(self.writers)
+        self.on_failure = on_failure
+        self._directories = [w.run_directory for w in self.writers if w.run_directory]
+
+    def __iter__(self) -> Iterator[Writer]:
+        return iter(list(self.writers))
+
+    def __len__(self) -> int:
+        return len(self.writers)
+
+    @property
+    def run_directories(self) -> list[str]:
+        """TensorBoard run directories of the fit (those written before a failure too)."""
+        return list(self._directories)
+
+    @property
+    def all_failed(self) -> bool:
+        """Whether there were writers and none is left."""
+        return self.started > 0 and not self.writers
+
+    def call(self, method: str, *args: Any) -> None:
+        """``writer.{method}(*args)`` for each working writer; a failure drops the writer."""
+        for writer in list(self.writers):
+            try:
+                getattr(writer, method)(*args)
+            except Exception as error:  # noqa: BLE001 - a log write never stops the fit
+                self.drop(writer, error)
+
+    def drop(self, writer: Writer, error: BaseException) -> None:
+        """Stop writing to ``writer`` after ``error``, and report it."""
+        if writer in self.writers:
+            self.writers.remove(writer)
+        try:
+            writer.release()
+        except Exception:  # noqa: BLE001, S110 - releasing is best effort
+            pass
+        self.on_failure(writer, error, len(self.writers))
 
 
 def is_tensorboard(logger: Any) -> bool:
     """Whether ``logger`` is Lightning's ``TensorBoardLogger`` (either namespace)."""
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
-
-
-def writers_for(loggers: Iterable[Any], prefix: str, histograms: bool, images: bool) -> list:
-    """One writer per logger: TensorBoard and MLflow loggers get their own.
-
-    Args:
-        loggers: ``trainer.loggers``.
-        prefix: The logging prefix.
-        histograms: Whether TensorBoard writers log histograms.
-        images: Whether TensorBoard writers log the heat-map image.
-
-    Returns:
-        The writers.
-    """
-    from fisher_monitor.callback.tensorboard import TensorBoardWriter
-
-    writers: list[Writer] = []
-    for logger in loggers:
-        names = {cls.__name__ for cls in type(logger).__mro__}
-        if "TensorBoardLogger" in names:
-            writers.append(TensorBoardWriter(logger, prefix, histograms=histograms, images=images))
-        elif "MLFlowLogger" in names:
-            writers.append(MLflowWriter(logger, prefix))
-        else:
-            writers.append(LoggerWriter(logger, prefix))
-    return writers

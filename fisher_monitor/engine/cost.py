@@ -39,15 +39,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from fisher_monitor.backends import Backend
 from fisher_monitor.engine import memory
 from fisher_monitor.engine.exact_solves import DEFAULT_SOLVES, SolveSettings, solve_flops
 from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.estimators import SketchDesign
-from fisher_monitor.factors import PassSize, form_of
+from fisher_monitor.factors import RATES, PassSize, form_of
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
 from fisher_monitor.structures import STRUCTURES, Structure
 from fisher_monitor.structures.fisher_solves import ExactSolves
+from fisher_monitor.validation import format_bytes
 
 #: The exact path is taken while it costs at most this many plain training steps: an
 #: exact answer is worth a slower measurement (the callback's budget schedule adapts its
@@ -58,6 +61,10 @@ EXACT_BUDGET_STEPS = 250.0
 EXACT_FLOOR_FLOPS = 2e10
 #: The exact path is kept unless it costs more than this many times the estimator.
 SKETCH_SAVING = 4.0
+#: Forward passes' worth of work in a measurement's pass besides the loss-side columns
+#: (the forward, the loss's own backward, the captures), and per backpropagated column (the
+#: columns travel together, batched): fitted to BackPACK's pass on the benchmarks' MLP.
+PASS_BASE, PASS_PER_COLUMN = 3.2, 0.85
 #: The default sketch: replicate groups × sketched columns per sample in each group.
 DEFAULT_SKETCH = SketchDesign(groups=6, columns_per_group=1)
 #: Accepted values of ``estimator`` (``"auto"``: the cost model decides).
@@ -132,6 +139,24 @@ class CostPlan:
             return dict.fromkeys(structures, "exact")
         return {s: (None if s in self.skipped else "sketch") for s in structures}
 
+    def taken(self) -> Work:
+        """The work of the path this plan takes (the sketch's or the exact one)."""
+        return self.exact if self.sketch is None else self.estimated
+
+    def cost_dict(self) -> dict:
+        """The model's estimate of this measurement, for :attr:`Measurement.settings`.
+
+        ``steps``: plain training steps of the same network and batch; ``seconds``: the
+        same in seconds on this machine class (:data:`~fisher_monitor.factors.RATES`,
+        at the current thread count); ``peak_bytes``: the memory model's peak.
+        """
+        work = self.taken()
+        return {
+            "steps": round(self.steps(work), 2),
+            "seconds": round(seconds(work.flops), 6),
+            "peak_bytes": int(work.peak_bytes),
+        }
+
     def as_dict(self) -> dict:
         """Plain data for :attr:`Measurement.settings` (only when estimating)."""
         if self.sketch is None:
@@ -146,6 +171,12 @@ class CostPlan:
             "exact_solves_cost_steps": round(self.steps(Work(self.solves, 0)), 1),
             "forced": self.forced,
         }
+
+
+def seconds(units: float, threads: int | None = None) -> float:
+    """Work in the units of :class:`~fisher_monitor.factors.Rates` as seconds on this machine."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return units / (RATES.gemm32_rate * max(threads, 1) ** 0.85)
 
 
 def check_estimator(estimator: str) -> str:
@@ -175,17 +206,25 @@ def work(
 ) -> Work:
     """The work and peak memory of one measurement with these structures and this pass.
 
-    The pass runs the forward once and backpropagates every loss-side column (about two
-    forward passes each); each layer's representation forms its diagonals, and each
-    structure does its own work on the layer.
+    The pass runs the forward and the loss's backward (:data:`PASS_BASE` forward passes)
+    and backpropagates every loss-side column, batched (:data:`PASS_PER_COLUMN` forward
+    passes each); each layer's representation forms its diagonals, and each structure does
+    its own work on the layer. All in the units of :class:`~fisher_monitor.factors.Rates`
+    (float32 matrix-product operations), as the training step is counted.
     """
     forward = size.samples * profile.forward_flops
-    flops = forward * (1.0 + 2.0 * size.pass_columns)
+    flops = forward * (PASS_BASE + PASS_PER_COLUMN * size.pass_columns) + RATES.measurement
     for shape in profile.layers:
         flops += form_of(shape).pass_flops(shape, size)
-        flops += sum(structure.flops(shape, size) for structure in structures)
+        flops += sum(structure.flops(shape, size) + RATES.layer for structure in structures)
     peak = memory.estimate_peak_bytes(prepared, structures, profile, size)
     return Work(flops, int(peak))
+
+
+def step_work(profile: NetworkProfile, samples: int) -> float:
+    """A plain training step's work: three forward passes of products and its overheads."""
+    layers = len(profile.layers)
+    return 3.0 * samples * profile.forward_flops + RATES.step + RATES.step_layer * layers
 
 
 def plan(
@@ -232,7 +271,7 @@ def plan(
     )
     columns = profile.fisher_columns(prepared)
     dampings, itemsize = len(settings.dampings), profile.itemsize
-    step = 3.0 * samples * profile.forward_flops
+    step = step_work(profile, samples)
     exact_structures = structures_for(names, None)
     if settings.fisher is FisherType.MC:
         size = PassSize(samples, settings.mc_samples, False, dampings, itemsize)
@@ -271,7 +310,8 @@ def _plan_solves(
     if not users:
         return result.estimated
     shifts = design.groups + 1 if design.relative_damping else 1
-    flops = solve_flops(profile, result.samples, shifts, settings)
+    # float64 products, in the float32 units of the rest of the plan
+    flops = RATES.gemm64 * solve_flops(profile, result.samples, shifts, settings)
     steps = result.steps(Work(flops, 0))
     if steps > settings.budget_steps and flops > settings.floor_flops:
         result.solves_skipped = (
@@ -286,6 +326,8 @@ def _plan_solves(
 
 
 def _amount(steps: float) -> str:
+    if steps < 10:  # two significant digits (a fraction of a step is not "0")
+        return f"{steps:.2g}"
     return f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
 
 
@@ -318,7 +360,7 @@ def _decide(
         if too_slow:
             why.append(f"about {_amount(result.steps(exact))} training steps of work")
         if too_large:
-            why.append(f"{exact.peak_bytes / 2**30:,.1f} GiB (budget {budget / 2**30:,.1f} GiB)")
+            why.append(f"{format_bytes(exact.peak_bytes)} (budget {format_bytes(budget)})")
         cost = " and ".join(why)
         if exact_only is not None:
             result.reason = f"measured exactly although it needs {cost}: {exact_only}"
@@ -379,6 +421,8 @@ __all__ = [
     "check_estimator",
     "estimator_notes",
     "plan",
+    "seconds",
+    "step_work",
     "structures_for",
     "work",
 ]

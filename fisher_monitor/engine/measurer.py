@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fisher_monitor import validation
 from fisher_monitor.audit import update_cosines
 from fisher_monitor.backends import (
-    AUTO_ORDER,
     BACKENDS,
     LABELS,
     Backend,
     UnsupportedNetworkError,
+    auto_order,
     check_backend,
     fallback,
     is_backend_failure,
@@ -42,6 +43,7 @@ from fisher_monitor.engine.profile import profile
 from fisher_monitor.factors import PassSize
 from fisher_monitor.layers import is_lazy
 from fisher_monitor.likelihoods import Likelihood, resolve_loss
+from fisher_monitor.linalg import Workspace, using_workspace
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.settings import FisherType, MeasureSettings
 
@@ -79,14 +81,14 @@ class Measurer:
         estimator: str = "auto",
         outputs: OutputAdapter | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        validation.check_model(model)
+        dtype = validation.check_dtype(dtype)
         self.model = model
         self.likelihood = resolve_loss(loss_fn)
         self.settings = settings
         self.dtype = dtype
         self.backend = check_backend(backend)
-        self.memory_budget = memory.check_memory_budget(memory_budget)
+        self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = cost.check_estimator(estimator)
         if outputs is not None and not callable(outputs):
             raise TypeError(
@@ -95,6 +97,9 @@ class Measurer:
             )
         self.outputs = outputs
         self._prepared: Backend | None = None
+        #: Buffers reused by every measurement of the prepared network (Gram matrices,
+        #: factorisations): no allocation of their size in the hot path.
+        self.workspace = Workspace()
 
     @property
     def prepared(self) -> Backend:
@@ -146,6 +151,7 @@ class Measurer:
             estimated peak memory exceeds the budget, and a measurement that runs out of
             memory is retried on half the samples (with a note).
         """
+        validation.check_generator(generator)
         start = time.perf_counter()
         options = MeasureOptions(
             seed=seed_from(generator),
@@ -158,24 +164,31 @@ class Measurer:
         )
         while True:
             try:
-                measurement = self._measure(inputs, targets, options)
+                with using_workspace(self.workspace):
+                    measurement = self._measure(inputs, targets, options)
                 break
             except Exception as error:
-                self._next_backend(error)
+                self._next_backend(error, options)
         if update is not None:
             measurement.scalars.update(update_cosines(measurement, update))
         measurement.scalars["probe/seconds"] = time.perf_counter() - start
         return measurement
 
-    def _next_backend(self, error: Exception) -> None:
+    def _next_backend(self, error: Exception, options: MeasureOptions) -> None:
         """After a backend failed at run time, prepare the next one (``backend="auto"``).
+
+        Never under data parallelism (``all_reduce``): every process must enter the same
+        collectives, and one process retrying alone would break their order.
 
         Raises:
             Exception: ``error`` itself when it is not the backend's own failure (bad input,
                 non-finite values, memory) or no other backend may be tried.
         """
         failed = self._prepared.backend if self._prepared is not None else None
-        if failed is None or not is_backend_failure(error) or failed == AUTO_ORDER[-1]:
+        order = auto_order()
+        if failed is None or not is_backend_failure(error) or failed not in order[:-1]:
+            raise error
+        if options.all_reduce is not None:
             raise error
         if self.backend != "auto":
             if failed == "backpack" and is_backpack_failure(error):
@@ -205,7 +218,7 @@ class Measurer:
             estimate = self._peak_bytes(inputs, size, plan)
             notes.append(
                 f"probe sub-sampled from {size} to {fitting} samples to fit the memory budget "
-                f"({estimate / 2**30:.1f} GiB estimated for {size})"
+                f"({validation.format_bytes(estimate)} estimated for {size})"
             )
             size = fitting
             plan = self._plan(inputs, size, options)
@@ -268,7 +281,11 @@ class Measurer:
         if budget is None:
             return size
         return memory.fitting_batch_size(
-            lambda count: self._peak_bytes(inputs, count, plan), size, budget
+            lambda count: self._peak_bytes(inputs, count, plan),
+            size,
+            budget,
+            [structure.name for structure in plan.structures],
+            self.settings.fisher.value,
         )
 
     def estimate_peak_bytes(self, inputs, size: int | None = None) -> int:
@@ -286,10 +303,11 @@ class Measurer:
         return self._peak_bytes(inputs, size, self._plan(inputs, size, options))
 
     def close(self) -> None:
-        """Remove BackPACK's hooks from the shadow copy and drop it."""
+        """Remove BackPACK's hooks from the shadow copy and drop it (and the workspace)."""
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
+            self.workspace = Workspace()
 
 
 def _first_line(error: BaseException) -> str:
@@ -387,6 +405,7 @@ def measure(
         FloatingPointError: For a non-finite loss or gradient, or a metric outside its
             mathematical range by more than rounding (``NumericalError``).
     """
+    validation.check_generator(generator)
     settings = MeasureSettings.create(structures, fisher, mc_samples, damping, damping_mode)
     measurer = Measurer(
         model,

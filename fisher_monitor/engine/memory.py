@@ -31,17 +31,15 @@ within a small factor of the truth, erring high (see ``tests/test_memory.py``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from fisher_monitor.backends import Backend
 from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.factors import CURVATURE_BYTES, PassSize, form_of
-from fisher_monitor.settings import is_whole_number
 from fisher_monitor.structures import Structure
+from fisher_monitor.validation import format_bytes
 
 #: Saved activations per layer output (the layer's, a normalisation's, an activation's).
 ACTIVATION_COPIES = 3
@@ -101,13 +99,17 @@ def estimate_peak_bytes(
     return int(peak + largest_layer)
 
 
-def fitting_batch_size(estimate, size: int, budget: int) -> int:
+def fitting_batch_size(
+    estimate, size: int, budget: int, structures: Sequence[str] = (), fisher: str = "exact"
+) -> int:
     """The largest probe size up to ``size`` whose estimated peak fits ``budget``.
 
     Args:
         estimate: ``estimate(samples)``, the estimated peak bytes for a probe of that size.
         size: The probe's size.
         budget: Bytes allowed.
+        structures: The structures measured (the message suggests only what would change).
+        fisher: ``"exact"`` or ``"mc"`` (likewise).
 
     Raises:
         MemoryError: If not even one sample fits, with what to change.
@@ -122,10 +124,16 @@ def fitting_batch_size(estimate, size: int, budget: int) -> int:
         else:
             high = middle - 1
     if estimate(low) > budget:
+        fixes = [f"raise memory_budget (now {format_bytes(budget)})"]
+        if any(name != "diag" for name in structures):
+            fixes.append("measure fewer structures (structures=('diag',))")
+        if fisher != "mc":
+            fixes.append("use fisher='mc' (one sampled label per sample)")
+        fixes.append("measure a sub-network (measure(model.head, ...))")
         raise MemoryError(
-            f"Even one probe sample needs an estimated {estimate(1) / 2**30:.1f} GiB, above the "
-            f"memory budget of {budget / 2**30:.1f} GiB. Measure fewer structures (e.g. "
-            "structures=('diag',)), fisher='mc', or a sub-network."
+            f"Even one probe sample needs an estimated {format_bytes(estimate(1))}, above the "
+            f"memory budget of {format_bytes(budget)}. To measure it, "
+            f"{', '.join(fixes[:-1])} or {fixes[-1]}."
         )
     return low
 
@@ -140,46 +148,8 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<unit>[a-zA-Z]*)\s*$")
-
-
-def check_memory_budget(value: Any) -> int | None:
-    """Bytes as an int: from ``None``, an int ≥ 1, or a size such as ``"1GB"`` or ``"512MiB"``.
-
-    Decimal units (``kB``, ``MB``, ``GB``, ``TB``) are powers of 1000, binary units
-    (``KiB``, ``MiB``, ``GiB``, ``TiB``) powers of 1024; case does not matter.
-    """
-    if value is None:
-        return None
-    if is_whole_number(value):
-        return value
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match and match["unit"].lower() in _UNITS:
-            size = int(float(match["number"]) * _UNITS[match["unit"].lower()])
-            if size >= 1:
-                return size
-    raise ValueError(
-        f"Invalid memory_budget: {value!r}. Use a number of bytes (an int ≥ 1), a size such "
-        "as '1GB' or '512MiB', or None for half the available memory."
-    )
-
-
 __all__ = [
     "available_memory",
-    "check_memory_budget",
     "estimate_peak_bytes",
     "fitting_batch_size",
     "is_out_of_memory",

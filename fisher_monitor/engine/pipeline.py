@@ -122,6 +122,7 @@ class LayerCollector:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     damping_fallback: set[str] = field(default_factory=set)
+    skipped_names: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         for structure in self.structures:
@@ -140,7 +141,7 @@ class LayerCollector:
 
     def __call__(self, info: LayerInfo, factors: LayerFactors) -> None:
         """The backend's per-layer callback."""
-        fisher, empirical = factors.diagonals()
+        fisher, empirical = factors.cached_diagonals()
         gradient = factors.mean_gradient()
         # one reduction instead of elementwise checks: NaN and ±inf survive a sum
         if not bool(torch.isfinite(fisher.sum() + empirical.sum() + gradient.sum())):
@@ -162,8 +163,13 @@ class LayerCollector:
             result = structure.layer(layer, directions=self.options.keep_directions)
         except StructureUnavailable:
             self.skipped[structure.name].append(f"{layer.info.name} ({layer.info.module_type})")
+            self.skipped_names.setdefault(structure.name, set()).add(layer.info.name)
             return
         self.results[structure.name][layer.info.name] = result
+
+    def skipped_layers(self, structure: str) -> set[str]:
+        """The layers a structure had no form for in this measurement."""
+        return self.skipped_names.get(structure, set())
 
 
 def plan_measurement(
@@ -250,7 +256,7 @@ def measure_once(
             for info in reduced.layers
             if info.name in collector.blocks
         },
-        coverage=_coverage(prepared, result.measured, plan.layer_estimators(names)),
+        coverage=_coverage(prepared, result, plan.layer_estimators(names), collector),
         gradient=reduced.gradients,
         directions=_directions(collector, reduced.layers) if options.keep_directions else {},
     )
@@ -355,6 +361,7 @@ def _measured_settings(
 ) -> dict:
     """The settings as measured: with the estimator's design where the plan sketched."""
     measured_settings = settings.as_dict()
+    measured_settings["cost"] = plan.cost_dict()  # the cost model's estimate of this call
     if plan.sketch is not None:
         measured_settings["estimator"] = plan.as_dict()
         if solved is not None:
@@ -447,11 +454,15 @@ def _notes(
     for structure, skipped in collector.skipped.items():
         if not skipped:
             continue
-        if prepared.backend == "functorch" and structure == "kron":
-            why = "the torch.func backend forms no Kronecker factors"
-        else:
-            why = "no Kronecker factorisation for " + ", ".join(skipped)
         covered = collector.results.get(structure)
+        if not covered and prepared.backend == "functorch" and structure == "kron":
+            notes.append(
+                "kron: not measured: the torch.func backend forms no Kronecker factors (this "
+                "network runs on torch.func; see the backend note), so this measurement has no "
+                "kron keys. Use structures=('diag', 'block') to avoid this note."
+            )
+            continue
+        why = "no Kronecker factorisation for " + ", ".join(skipped)
         rest = (
             f"{structure}/all covers the other layers"
             if covered
@@ -495,8 +506,17 @@ def _health_notes(collector: LayerCollector) -> list[str]:
 
 
 def _coverage(
-    prepared: Backend, measured: list[str], estimators: dict[str, str | None]
+    prepared: Backend,
+    result: PassResult,
+    estimators: dict[str, str | None],
+    collector: LayerCollector,
 ) -> list[dict]:
+    """Per layer: how it was measured (backend, factors) and, per structure, by what.
+
+    A structure that has no form for a layer (``kron`` of a layer without Kronecker
+    factors) is ``None`` for it, as is one left out of the whole measurement.
+    """
+    measured = result.measured
     return [
         {
             "layer": info.name,
@@ -504,9 +524,17 @@ def _coverage(
             "parameters": list(info.parameter_names),
             "dimension": info.dimension,
             "backend": prepared.backend,
+            "factors": result.methods.get(info.name),
             "measured": info.name in measured,
             "reason": None if info.name in measured else "no gradient reached it in this pass",
-            "estimator": dict(estimators) if info.name in measured else None,
+            "estimator": (
+                {
+                    structure: None if info.name in collector.skipped_layers(structure) else how
+                    for structure, how in estimators.items()
+                }
+                if info.name in measured
+                else None
+            ),
         }
         for info, _ in prepared.layers
     ]

@@ -84,27 +84,46 @@ def one_sample_forward(prepared: Backend, inputs, hooks: list[tuple[nn.Module, A
     """The loss's input for the first sample of ``inputs``, with forward ``hooks``.
 
     Runs without gradients, on the monitor's own random stream and in full precision, and
-    removes the hooks afterwards.
+    removes the hooks afterwards. A network whose forward pass fails on a single sample
+    (a ``squeeze()`` that drops the batch dimension, a layer that needs two samples) is run
+    on two samples and then on the whole batch; only the first sample's values are used.
 
     Args:
         prepared: The prepared backend.
-        inputs: The probe batch's inputs (only the first sample is used).
-        hooks: ``(module, hook)`` pairs registered with ``register_forward_hook``.
+        inputs: The probe batch's inputs (the first sample is used).
+        hooks: ``(module, hook)`` pairs registered with ``register_forward_hook``; they
+            receive the outputs of every sample run.
+
+    Raises:
+        Exception: The forward pass's own error on the whole batch, when every size fails.
     """
     arguments = model_inputs(inputs)
-    first = take_samples(arguments, 1, arguments.batch_size())
+    batch = arguments.batch_size() or 1
+    sizes = sorted({min(size, batch) for size in (1, 2, batch)})
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    notes: list[str] = []
     try:
-        with (
-            torch.no_grad(),
-            forked_rng(prepared.device, 0),
-            full_precision(prepared.device, notes),
-        ):
-            return call_network(prepared.network, first, prepared.outputs)
+        for size in sizes:
+            try:
+                output = _forward(prepared, take_samples(arguments, size, batch))
+            except Exception as error:
+                if size == sizes[-1] or isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+                    raise
+                continue
+            return output[:1] if isinstance(output, Tensor) else output
     finally:
         for handle in handles:
             handle.remove()
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _forward(prepared: Backend, arguments) -> Tensor:
+    notes: list[str] = []
+    with (
+        torch.no_grad(),
+        forked_rng(prepared.device, 0),
+        full_precision(prepared.device, notes),
+    ):
+        return call_network(prepared.network, arguments, prepared.outputs)
 
 
 def _record(prepared: Backend, inputs) -> NetworkProfile:
@@ -147,8 +166,12 @@ def layer_shape(prepared: Backend, info: LayerInfo, module: nn.Module, output) -
     weight = getattr(module, "weight", None)
     weighted = isinstance(weight, Tensor) and weight.dim() >= 2
     outputs = int(weight.shape[0]) if weighted else info.dimension
+    if isinstance(module, nn.Embedding):  # a lookup: O = embedding_dim, I = num_embeddings
+        outputs = module.embedding_dim
     positions = max(1, elements // max(outputs, 1)) if weighted else 1
     flops = 2.0 * info.dimension * positions if weighted else 2.0 * elements
+    if isinstance(module, nn.Embedding):
+        flops = float(elements)
     return LayerShape(
         name=info.name,
         form=prepared.factor_form(module, output),

@@ -12,11 +12,13 @@ from fisher_monitor.factors.base import (
 from fisher_monitor.factors.forms import FORMS, form_of
 from fisher_monitor.factors.materialized import MaterializedFactors
 from fisher_monitor.factors.outer_product import OuterProductFactors
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize, Rates
 from fisher_monitor.factors.weight_sharing import WeightSharingFactors
 
 __all__ = [
     "CURVATURE_BYTES",
+    "RATES",
+    "Rates",
     "FORMS",
     "LayerShape",
     "PassSize",

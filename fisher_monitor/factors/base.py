@@ -33,6 +33,7 @@ Monte-Carlo Fisher the observed residual travels as one extra column.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fisher_monitor.factors.shape import LayerShape, PassSize
+from fisher_monitor.factors.shape import RATES, LayerShape, PassSize
 
 
 @dataclass
@@ -192,6 +193,11 @@ class LayerFactors(ABC):
     dtype: torch.dtype
     #: ``β`` (``N × R_n``) with ``g_n/√N = Σ_r β_{n,r} v_{r,n}`` (exact Fisher), else ``None``
     coefficients: Tensor | None = None
+    #: Whether the weight is stored as ``(I, O)`` (Hugging Face's ``Conv1D``): only the
+    #: order of per-parameter vectors changes, every metric is invariant.
+    transposed_weight: bool = False
+    #: How the representation forms the layer's columns, for the measurement's coverage.
+    method: str = "per-sample columns"
 
     def coefficient_matrix(self) -> CoefficientMatrix | None:
         """``B`` (``R × N``) with ``U = VB``, from :attr:`coefficients`; ``None`` if unknown.
@@ -223,6 +229,13 @@ class LayerFactors(ABC):
     def diagonals(self) -> tuple[Tensor, Tensor]:
         """``(diag F, diag EF)`` (each ``D``, ``named_parameters`` order, ``dtype``)."""
 
+    def cached_diagonals(self) -> tuple[Tensor, Tensor]:
+        """:meth:`diagonals`, computed once per factors object."""
+        cached = self.__dict__.get("_cached_diagonals")
+        if cached is None:
+            cached = self.__dict__["_cached_diagonals"] = self.diagonals()
+        return cached
+
     @abstractmethod
     def gram_u(self) -> Tensor:
         """``K_U = UᵀU`` (``N × N``)."""
@@ -235,9 +248,44 @@ class LayerFactors(ABC):
     def gram_uv(self) -> Tensor:
         """``K_UV = UᵀV`` (``N × R``)."""
 
+    # ---------------------------------------------------- mixed precision (the Gram route)
+    #: Whether :meth:`gram_v_in` and :meth:`gram_v_product` are implemented: the Gram route
+    #: may then factorise ``K_V`` in float32 and refine its solves in float64.
+    mixed_precision: bool = False
+
+    def gram_v_in(self, dtype: torch.dtype, out: Tensor) -> Tensor:
+        """``K_V`` formed in ``dtype`` (float32: half the work) into ``out`` (``R × R``)."""
+        raise NotImplementedError
+
+    def gram_v_product(self, weights: Tensor) -> Tensor:
+        """``K_V w`` in float64 for ``R`` or ``R × k`` weights, without forming ``K_V``."""
+        raise NotImplementedError
+
+    def gram_v_diagonal(self) -> Tensor:
+        """``(K_V)_ii = ‖v_i‖²`` in float64 (``R``)."""
+        raise NotImplementedError
+
+    def gram_length(self) -> int:
+        """Length of the dot products :meth:`gram_v_in` accumulates (its rounding grows with it)."""
+        return self.dimension
+
+    @classmethod
+    def product_flops(cls, shape: LayerShape, size: PassSize) -> float:
+        """Work of one :meth:`gram_v_product` with one column."""
+        return 4.0 * size.rank * shape.dimension
+
     @abstractmethod
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(F, EF, g)``: ``D × D`` blocks and the mean gradient, all in ``dtype``."""
+
+    def fisher_block(self) -> Tensor:
+        """``F = VVᵀ`` as a ``D × D`` matrix in ``dtype`` (the dense route)."""
+        return self.dense_blocks()[0]
+
+    def sample_columns(self) -> Tensor:
+        """``U`` (``D × N``, columns ``g_n/√N`` in ``named_parameters`` order, ``dtype``)."""
+        weights = torch.eye(self.num_samples, dtype=self.dtype)
+        return torch.stack([self.u_combination(w) for w in weights], dim=1)
 
     def kronecker(self) -> KroneckerFactors | None:
         """Kronecker factors, or ``None`` where the layer type has none."""
@@ -251,6 +299,9 @@ class LayerFactors(ABC):
     # The cost and memory models (fisher_monitor.engine) ask the representation a layer will
     # have, from its shape alone, before anything is computed.
 
+    # Work is counted in the units of :class:`~fisher_monitor.factors.Rates` (float32
+    # matrix-product operations); float64 products are weighted by ``RATES.gemm64``.
+
     @classmethod
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:
         """Work of forming the layer's diagonals and mean gradient from its factors."""
@@ -258,8 +309,18 @@ class LayerFactors(ABC):
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:
-        """Work of the three Gram matrices ``K_V``, ``K_UV`` and ``K_U``."""
+        """Work of the three Gram matrices ``K_V``, ``K_UV`` and ``K_U`` (float64)."""
         raise NotImplementedError
+
+    @classmethod
+    def gram_v_flops(cls, shape: LayerShape, size: PassSize) -> float:
+        """Operations of forming ``K_V`` alone (unweighted: the caller knows the precision)."""
+        return 2.0 * size.rank * size.rank * shape.dimension
+
+    @classmethod
+    def fisher_block_flops(cls, shape: LayerShape, size: PassSize) -> float:
+        """Work of :meth:`fisher_block` and :meth:`sample_columns` (the dense route)."""
+        return RATES.gemm64 * 2.0 * size.rank * shape.dimension**2
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:
@@ -289,7 +350,45 @@ def augment(inputs: Tensor, weight: bool, bias: bool) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def to_parameter_order(matrix: Tensor, weight_columns: int, has_bias: bool) -> Tensor:
+def ordered_copy(
+    matrix: Tensor,
+    weight_columns: int,
+    has_bias: bool,
+    transposed: bool,
+    dtype: torch.dtype,
+    scale: float = 1.0,
+) -> Tensor:
+    """``scale · matrix`` (``O × I`` augmented) in ``named_parameters`` order and ``dtype``.
+
+    One allocation and one converting copy (:func:`to_parameter_order` concatenates).
+    """
+    o = matrix.shape[0]
+    result = torch.empty(o * (weight_columns + has_bias), dtype=dtype, device=matrix.device)
+    if weight_columns and transposed:
+        result[: o * weight_columns].view(weight_columns, o).copy_(matrix[:, :weight_columns].T)
+    elif weight_columns:
+        result[: o * weight_columns].view(o, weight_columns).copy_(matrix[:, :weight_columns])
+    if has_bias:
+        result[o * weight_columns :].copy_(matrix[:, weight_columns])
+    return result.mul_(scale) if scale != 1.0 else result
+
+
+def power_of_two_scale(values: Tensor, target: int = 40) -> float:
+    """A power of two ``2^k`` that brings ``max |values|`` to about ``2^(target/2)``.
+
+    Squares of the scaled values then stay near ``2^target``: far from float32's overflow
+    (``2^128``) and its denormals (below ``2^-126``) even for output gradients of ``1e-20``
+    (a fitted sample), and scaling by a power of two is exact.
+    """
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if not math.isfinite(largest) or largest == 0.0:
+        return 1.0
+    return 2.0 ** (target // 2 - math.frexp(largest)[1])
+
+
+def to_parameter_order(
+    matrix: Tensor, weight_columns: int, has_bias: bool, transposed: bool = False
+) -> Tensor:
     """Flatten ``(..., O, I)`` augmented matrices into ``named_parameters`` order.
 
     The augmented layout puts the bias as the last column; PyTorch's order is the
@@ -299,13 +398,16 @@ def to_parameter_order(matrix: Tensor, weight_columns: int, has_bias: bool) -> T
         matrix: ``(..., O, weight_columns + has_bias)``.
         weight_columns: Number of weight input columns (0 when the weight is frozen).
         has_bias: Whether the last column is the bias.
+        transposed: Whether the module stores its weight as ``(I, O)`` (Hugging Face's
+            ``Conv1D``).
 
     Returns:
         ``(..., O * weight_columns + O * has_bias)``.
     """
     parts = []
     if weight_columns:
-        parts.append(matrix[..., :weight_columns].flatten(start_dim=-2))
+        weight = matrix[..., :weight_columns]
+        parts.append((weight.mT if transposed else weight).flatten(start_dim=-2))
     if has_bias:
         parts.append(matrix[..., weight_columns])
     return torch.cat(parts, dim=-1)
@@ -318,5 +420,7 @@ __all__ = [
     "LayerFactors",
     "OuterSamples",
     "augment",
+    "ordered_copy",
+    "power_of_two_scale",
     "to_parameter_order",
 ]

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors.base import LayerFactors
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
+from fisher_monitor.linalg import symmetric_product
 
 
 class MaterializedFactors(LayerFactors):
@@ -61,9 +62,28 @@ class MaterializedFactors(LayerFactors):
         u, v = self._casted()
         return u @ v.T / self.num_samples**0.5
 
+    mixed_precision = True
+
+    def gram_v_in(self, dtype: torch.dtype, out: Tensor) -> Tensor:  # noqa: D102
+        return symmetric_product(self.sqrt.to(dtype), out)
+
+    def gram_v_product(self, weights: Tensor) -> Tensor:  # noqa: D102
+        _, v = self._casted()
+        return v @ (v.T @ weights.to(self.dtype))
+
+    def gram_v_diagonal(self) -> Tensor:  # noqa: D102
+        return self._casted()[1].square().sum(dim=1)
+
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
         u, v = self._casted()
         return v.T @ v, u.T @ u / self.num_samples, u.mean(dim=0)
+
+    def fisher_block(self) -> Tensor:  # noqa: D102
+        v = self._casted()[1]
+        return v.T @ v
+
+    def sample_columns(self) -> Tensor:  # noqa: D102
+        return self._casted()[0].T / self.num_samples**0.5
 
     def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
         return weights.to(self.dtype) @ self._casted()[1]
@@ -75,12 +95,13 @@ class MaterializedFactors(LayerFactors):
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         # the per-sample pull-backs (per position), then the squares of every column
         d, n, r = float(shape.dimension), float(size.samples), float(size.rank)
-        return 2.0 * (r + n) * d * shape.positions + 2.0 * (r + n) * d
+        pulls = 2.0 * (r + n) * d * shape.positions + 2.0 * (r + n) * d
+        return pulls + 4.0 * RATES.entry * d + RATES.entry * (r + n) * d / 8.0
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, r = float(size.samples), float(size.rank)
-        return 2.0 * (r * r + 2.0 * n * r) * shape.dimension
+        return RATES.gemm64 * 2.0 * (r * r + 2.0 * n * r) * shape.dimension
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102

@@ -17,6 +17,57 @@ CURVATURE_BYTES = 8
 
 
 @dataclass(frozen=True)
+class Rates:
+    """What each kind of work costs, in *units*: operations of a float32 matrix product.
+
+    The cost model (:mod:`fisher_monitor.engine.cost`) adds the work of a measurement in
+    these units and divides by a plain training step's (three forward passes of matrix
+    products, in the same units), so a rate says how many float32 matrix-product
+    operations one operation of that kind costs on this machine class. Calibrated on the
+    benchmarks' 2-core AMD EPYC machines with torch's MKL (``benchmarks/metrics_micro.py
+    --calibrate`` measures them; ``make bench`` checks the model's estimate against the
+    measured time of every case).
+
+    Attributes:
+        gemm64: A float64 matrix-product operation.
+        cholesky32: One of the ``k³/3`` operations of a float32 Cholesky factorisation.
+        cholesky64: The same in float64.
+        inverse32: One of the ``2k³/3`` operations of a float32 triangular inverse.
+        inverse64: The same in float64.
+        eigh32: Per ``k³`` of a float32 symmetric eigendecomposition of order ``k``.
+        eigh64: The same in float64.
+        svd64: Per ``m·n²`` of a float64 singular value decomposition of an ``m × n`` matrix
+            (``m ≥ n``).
+        entry: One elementwise float64 operation on one entry (memory-bound passes).
+        layer: Per layer and structure: the interpreter's share (small layers).
+        measurement: Per measurement: planning, notes, metrics.
+        step: Per training step besides its matrix products (the interpreter, the
+            optimizer's update), and ``step_layer`` per layer.
+        gemm32_rate: Float32 matrix-product operations per second on one thread; with
+            ``t`` threads, ``t^0.85`` times that (to state costs in seconds).
+    """
+
+    gemm64: float = 1.9
+    cholesky32: float = 1.75
+    cholesky64: float = 4.8
+    inverse32: float = 1.1
+    inverse64: float = 2.0
+    eigh32: float = 12.0
+    eigh64: float = 25.0
+    svd64: float = 40.0
+    entry: float = 90.0
+    layer: float = 2.5e7
+    measurement: float = 2.5e8
+    step: float = 1.5e7
+    step_layer: float = 2e6
+    gemm32_rate: float = 8.6e10
+
+
+#: The rates of this machine class (see :class:`Rates`).
+RATES = Rates()
+
+
+@dataclass(frozen=True)
 class LayerShape:
     """One measured layer, per sample.
 
@@ -83,4 +134,4 @@ class PassSize:
         return shape.dimension <= max(self.samples, self.rank)
 
 
-__all__ = ["CURVATURE_BYTES", "LayerShape", "PassSize"]
+__all__ = ["CURVATURE_BYTES", "RATES", "LayerShape", "PassSize", "Rates"]

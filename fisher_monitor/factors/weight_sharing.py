@@ -15,7 +15,7 @@ from fisher_monitor.factors.base import (
     OuterSamples,
     to_parameter_order,
 )
-from fisher_monitor.factors.shape import CURVATURE_BYTES, LayerShape, PassSize
+from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
 
 #: Largest intermediate tensor (bytes) a weight-sharing layer forms at once; larger work is
 #: done in chunks (the memory model counts this bound).
@@ -110,6 +110,8 @@ class WeightSharingFactors(LayerFactors):
         dtype: Floating-point type of Gram matrices, dense blocks and Kronecker factors.
     """
 
+    method = "weight-sharing outer products"
+
     def __init__(
         self,
         inputs: Tensor,
@@ -135,7 +137,9 @@ class WeightSharingFactors(LayerFactors):
     # ------------------------------------------------------------------ helpers
 
     def _order(self, matrix: Tensor) -> Tensor:
-        return to_parameter_order(matrix, self.weight_columns, self.has_bias)
+        return to_parameter_order(
+            matrix, self.weight_columns, self.has_bias, self.transposed_weight
+        )
 
     def _ordered(self, matrix: Tensor, scale: float = 1.0) -> Tensor:
         """``scale · matrix`` (``O × I``) in ``named_parameters`` order and :attr:`dtype`.
@@ -143,10 +147,13 @@ class WeightSharingFactors(LayerFactors):
         One allocation and one converting copy (large fresh allocations cost page faults).
         """
         o, columns = self.out_features, self.weight_columns
-        if not self.has_bias and matrix.dtype == self.dtype and matrix.is_contiguous():
+        plain = not (self.has_bias or self.transposed_weight)
+        if plain and matrix.dtype == self.dtype and matrix.is_contiguous():
             return matrix.view(-1).mul_(scale) if scale != 1.0 else matrix.view(-1)
         result = torch.empty(self.dimension, dtype=self.dtype, device=matrix.device)
-        if columns:
+        if columns and self.transposed_weight:
+            result[: o * columns].view(columns, o).copy_(matrix[:, :columns].T)
+        elif columns:
             result[: o * columns].view(o, columns).copy_(matrix[:, :columns])
         if self.has_bias:
             result[o * columns :].copy_(matrix[:, columns])
@@ -356,6 +363,13 @@ class WeightSharingFactors(LayerFactors):
         u = self._materialised("u")  # columns g_n/√N
         return v.T @ v, u.T @ u, u.sum(dim=0) / self.num_samples**0.5
 
+    def fisher_block(self) -> Tensor:  # noqa: D102
+        v = self._materialised("v")
+        return v.T @ v
+
+    def sample_columns(self) -> Tensor:  # noqa: D102
+        return self._materialised("u").T
+
     def v_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
         w = weights.to(self.dtype).view(self.fisher_columns, self.num_samples)
         combined = torch.einsum("rnto,rn->nto", self.sqrt_at_output.to(self.dtype), w)
@@ -389,15 +403,21 @@ class WeightSharingFactors(LayerFactors):
     @classmethod
     def pass_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, t, o, i = size.samples, shape.positions, shape.outputs, shape.inputs
-        return 2.0 * min(weight_sharing_diagonal_costs(size.columns + 1, n, t, o, i))
+        work = 2.0 * RATES.gemm64 * min(weight_sharing_diagonal_costs(size.columns + 1, n, t, o, i))
+        return work + 4.0 * RATES.entry * shape.dimension
 
     @classmethod
     def gram_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
         n, t, o, i, c = size.samples, shape.positions, shape.outputs, shape.inputs, size.columns
-        return sum(  # K_V, K_UV, K_U, each in its cheaper form
+        return RATES.gemm64 * sum(  # K_V, K_UV, K_U, each in its cheaper form
             2.0 * min(weight_sharing_costs(left, right, n, t, o, i))
             for left, right in ((c, c), (1, c), (1, 1))
         )
+
+    @classmethod
+    def gram_v_flops(cls, shape: LayerShape, size: PassSize) -> float:  # noqa: D102
+        n, t, o, i, c = size.samples, shape.positions, shape.outputs, shape.inputs, size.columns
+        return 2.0 * min(weight_sharing_costs(c, c, n, t, o, i))
 
     @classmethod
     def factor_bytes(cls, shape: LayerShape, size: PassSize) -> int:  # noqa: D102

@@ -27,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -71,14 +71,22 @@ class Likelihood(ABC):
             )
         self.reduction = reduction
 
+    def options(self) -> dict[str, Any]:
+        """The loss module's options besides the reduction, e.g. ``{"ignore_index": -100}``."""
+        return {}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(reduction={self.reduction!r})"
+        options = "".join(f", {name}={value!r}" for name, value in self.options().items())
+        return f"{type(self).__name__}(reduction={self.reduction!r}{options})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.reduction == self.reduction  # type: ignore[attr-defined]
+        if type(other) is not type(self):
+            return False
+        assert isinstance(other, Likelihood)
+        return other.reduction == self.reduction and other.options() == self.options()
 
     def __hash__(self) -> int:
-        return hash((type(self), self.reduction))
+        return hash((type(self), self.reduction, tuple(self.options().items())))
 
     @property
     def loss_name(self) -> str:
@@ -95,8 +103,8 @@ class Likelihood(ABC):
         return cls(module.reduction)
 
     def make_module(self) -> nn.Module:
-        """A fresh loss module with this reduction (never the caller's own)."""
-        return self.module_class(reduction=self.reduction)
+        """A fresh loss module with this reduction and options (never the caller's own)."""
+        return self.module_class(reduction=self.reduction, **self.options())
 
     # ------------------------------------------------------------------ shapes and checks
 
@@ -107,6 +115,21 @@ class Likelihood(ABC):
         Raises:
             ValueError: With a message that names both shapes and the fix.
         """
+
+    def output_mask(self, targets: Tensor, sample_shape: Sequence[int]) -> Tensor | None:
+        """Which output entries enter ``ℓ_n``: ``(N, K)``, 1 where they do, 0 where not.
+
+        ``None`` (the default) when every entry does. A likelihood with ignored targets
+        (``ignore_index``) drops the positions of those targets: :func:`loss_side` zeroes
+        their rows in the Fisher's columns (exact, sampled or sketched), so that F and EF
+        are built from the same ``ℓ_n``; :meth:`residuals` and :meth:`coefficients` zero
+        them themselves. Written without data-dependent control flow (``vmap``).
+
+        Args:
+            targets: ``(N, …)`` targets.
+            sample_shape: Shape of one sample's output.
+        """
+        return None
 
     def fisher_columns(self, sample_shape: Sequence[int]) -> int:
         """``R_n``: columns of the exact Hessian square root of one sample.
@@ -248,9 +271,9 @@ def loss_side(
     """
     outputs = outputs.detach().to(LOSS_SIDE_DTYPE)
     sample_shape = tuple(outputs.shape[1:])
-    residual = None
+    mask = likelihood.output_mask(targets, sample_shape)
     if exact:
-        roots = likelihood.sqrt_hessian(outputs)
+        roots = _masked(likelihood.sqrt_hessian(outputs), mask)
         beta = likelihood.coefficients(outputs, targets)
         if observed is None:
             observed = not bool(torch.isfinite(beta).all())
@@ -260,7 +283,7 @@ def loss_side(
     else:
         if noise is None:
             raise ValueError("The Monte-Carlo Fisher needs noise from draw_noise().")
-        columns = likelihood.sampled_residuals(outputs, noise.to(LOSS_SIDE_DTYPE))
+        columns = _masked(likelihood.sampled_residuals(outputs, noise.to(LOSS_SIDE_DTYPE)), mask)
     residual = likelihood.residuals(outputs, targets).unsqueeze(2)
     return LossSide(torch.cat([columns, residual], dim=2), columns.shape[2], None, sample_shape)
 
@@ -269,6 +292,11 @@ def coefficients_are_finite(likelihood: Likelihood, outputs: Tensor, targets: Te
     """Whether the closed-form coefficients of every sample are finite (see :func:`loss_side`)."""
     outputs = outputs.detach().to(LOSS_SIDE_DTYPE)
     return bool(torch.isfinite(likelihood.coefficients(outputs, targets)).all())
+
+
+def _masked(columns: Tensor, mask: Tensor | None) -> Tensor:
+    """``(N, K, R)`` columns with the rows of ignored output entries zeroed."""
+    return columns if mask is None else columns * mask.to(columns.dtype).unsqueeze(2)
 
 
 def _numel(shape: Sequence[int]) -> int:

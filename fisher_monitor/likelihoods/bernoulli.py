@@ -36,6 +36,13 @@ class Bernoulli(Likelihood):
                 f"{self.loss_name} is supported for a single logit per sample, outputs of shape "
                 f"(N,) or (N, 1), got {shapes}."
             )
+        if not targets.is_floating_point():
+            raise ValueError(
+                f"{self.loss_name} needs floating-point 0/1 targets, got {targets.dtype} "
+                f"targets ({shapes}); PyTorch's loss refuses integer ones. Convert them, e.g. "
+                "`batch_to_inputs_targets=lambda batch: (batch[0], batch[1].float())`, or "
+                "`targets.float()` in `probe_data`."
+            )
         if targets.shape != outputs.shape:
             fix = "targets.unsqueeze(1)" if outputs.dim() == 2 else "targets.reshape(-1)"
             raise ValueError(

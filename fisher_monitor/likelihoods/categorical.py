@@ -10,11 +10,16 @@ Per position, with ``p = softmax(f)`` and ``τ = √p``: the Hessian ``diag(p) �
 complement, :func:`complement_basis`); the residual ``p − e_y`` equals ``Sβ`` with
 ``β = −Q[y, :]ᵀ/τ_y`` (derived from ``β = Qᵀ(τ − e_y/τ_y)`` and ``Qᵀτ = 0``). The residual's
 ``y`` entry is formed as ``−Σ_{c≠y} p_c``, so it keeps every digit as ``p_y → 1``.
+
+A position whose target is ``ignore_index`` is not part of ``ℓ_n`` (PyTorch leaves it out of
+the loss): its residual, its rows of ``S`` and its coefficients are zero, so F and EF are
+both built from the positions that count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,43 +31,64 @@ from fisher_monitor.likelihoods.base import (
     one_hot,
 )
 
+#: PyTorch's default ``ignore_index``.
+DEFAULT_IGNORE_INDEX = -100
 
-class Categorical(Likelihood):
-    """``nn.CrossEntropyLoss`` as the categorical negative log-likelihood."""
 
-    module_class = nn.CrossEntropyLoss
-    name = "cross_entropy"
+class ClassLabels(Likelihood):
+    """A likelihood of class labels ``(N, *positions)`` over outputs ``(N, C, *positions)``.
+
+    Holds what cross-entropy and the negative log-likelihood share: ``ignore_index`` (a
+    position whose target equals it drops out of ``ℓ_n``, as it drops out of PyTorch's
+    loss; a sample whose every position is ignored has ``ℓ_n = 0`` and contributes
+    nothing), the refusal of class weights, and the checks of the targets.
+
+    Args:
+        reduction: ``"mean"`` or ``"sum"``.
+        ignore_index: Target value whose positions are left out.
+    """
+
+    def __init__(self, reduction: str = "mean", ignore_index: int = DEFAULT_IGNORE_INDEX):
+        super().__init__(reduction)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise UnsupportedLossError(
+                f"{self.module_class.__name__}(ignore_index={ignore_index!r}) is not "
+                "supported: use an integer class index (PyTorch's default is -100)."
+            )
+        self.ignore_index = ignore_index
+
+    def options(self) -> dict[str, Any]:  # noqa: D102
+        return {"ignore_index": self.ignore_index}
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> Categorical:  # noqa: D102
-        if module.weight is not None:
+    def from_module(cls, module: nn.Module) -> ClassLabels:  # noqa: D102
+        if getattr(module, "weight", None) is not None:
+            name = module.__class__.__name__
             raise UnsupportedLossError(
-                "CrossEntropyLoss with class `weight` is not a negative log-likelihood of the "
-                "categorical model, so its Fisher is undefined. Monitor an unweighted "
-                "`CrossEntropyLoss()` via `loss_fn=`."
+                f"{name} with class `weight` is not a negative log-likelihood of the "
+                "categorical model, so its Fisher is undefined. Monitor the unweighted "
+                f"`{name}()` via `loss_fn=`."
             )
-        if module.label_smoothing != 0.0:
-            raise UnsupportedLossError(
-                f"CrossEntropyLoss(label_smoothing={module.label_smoothing!r}) is not the "
-                "negative log-likelihood of the observed labels, so its empirical Fisher is not "
-                "the one the paper studies. Monitor `CrossEntropyLoss()` via `loss_fn=`."
-            )
-        if module.ignore_index != -100:
-            raise UnsupportedLossError(
-                f"CrossEntropyLoss(ignore_index={module.ignore_index!r}) is not supported: "
-                "ignored targets change the per-sample normalisation. Filter ignored samples "
-                "out of the probe batch and monitor `CrossEntropyLoss()`."
-            )
-        return cls(module.reduction)
+        return cls(module.reduction, module.ignore_index)
+
+    def kept(self, targets: Tensor) -> Tensor:
+        """``(N, *positions)``: 1 where the target counts, 0 where it is ``ignore_index``."""
+        return targets != self.ignore_index
+
+    def output_mask(self, targets: Tensor, sample_shape: Sequence[int]) -> Tensor:  # noqa: D102
+        kept = self.kept(targets).unsqueeze(1).expand(targets.shape[0], *sample_shape)
+        return kept.reshape(targets.shape[0], -1).to(LOSS_SIDE_DTYPE)
 
     def check_batch(self, outputs: Tensor, targets: Tensor) -> None:  # noqa: D102
         shapes = f"outputs {tuple(outputs.shape)}, targets {tuple(targets.shape)}"
-        if targets.is_floating_point():
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(self._not_class_indices(outputs, targets, shapes))
+        if targets.dtype != torch.long:
             raise ValueError(
-                f"{self.loss_name} needs integer class indices as targets for the Fisher "
-                f"comparison, got {targets.dtype} targets ({shapes}). Class-probability "
-                "(soft) targets are not labels of the categorical likelihood; pass "
-                "`targets.argmax(dim=1)` or monitor a loss with hard labels."
+                f"{self.loss_name} takes class indices as int64 (torch.long), got "
+                f"{targets.dtype} targets ({shapes}); PyTorch's loss refuses them. Convert "
+                "them, e.g. `batch_to_inputs_targets=lambda batch: (batch[0], "
+                "batch[1].long())`, or `targets.long()` in `probe_data`."
             )
         if outputs.dim() < 2 or targets.shape != (outputs.shape[0], *outputs.shape[2:]):
             raise ValueError(
@@ -74,13 +100,44 @@ class Categorical(Likelihood):
                 f"{self.loss_name} needs at least 2 classes (outputs of shape (N, C, ...) with "
                 f"C ≥ 2), got {shapes}; for one logit per sample use BCEWithLogitsLoss."
             )
-        if targets.numel() and (targets.min() < 0 or targets.max() >= outputs.shape[1]):
-            bad = targets[(targets < 0) | (targets >= outputs.shape[1])][0].item()
+        bad = (targets < 0) | (targets >= outputs.shape[1])
+        bad &= self.kept(targets)
+        if targets.numel() and bool(bad.any()):
             raise ValueError(
-                f"{self.loss_name} targets must be class indices in [0, {outputs.shape[1]}), "
-                f"found {bad!r} ({shapes}). Targets equal to `ignore_index` (-100) would "
-                "drop samples from the loss and are not supported; filter them out."
+                f"{self.loss_name} targets must be class indices in [0, {outputs.shape[1]}) "
+                f"or ignore_index ({self.ignore_index}), found {targets[bad][0].item()!r} "
+                f"({shapes})."
             )
+
+    def _not_class_indices(self, outputs: Tensor, targets: Tensor, shapes: str) -> str:
+        """The message for floating-point (or boolean) targets: what they look like, the fix."""
+        head = f"{self.loss_name} needs integer class indices as targets, got {targets.dtype} "
+        if targets.dim() == outputs.dim() and targets.shape == outputs.shape:
+            return (
+                head + f"targets of the outputs' shape ({shapes}): one-hot or class-probability "
+                "targets. For one-hot labels convert them to class indices, e.g. "
+                "`batch_to_inputs_targets=lambda batch: (batch[0], batch[1].argmax(dim=1))`; "
+                "soft (probability) targets are not labels of the categorical likelihood, "
+                "so their empirical Fisher is not defined."
+            )
+        return (
+            head + f"class labels ({shapes}). Convert them to int64 class indices, e.g. "
+            "`batch_to_inputs_targets=lambda batch: (batch[0], batch[1].long())` (or "
+            "`targets.long()` in `probe_data`)."
+        )
+
+
+class Categorical(ClassLabels):
+    """``nn.CrossEntropyLoss`` as the categorical negative log-likelihood."""
+
+    module_class = nn.CrossEntropyLoss
+    name = "cross_entropy"
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ClassLabels:  # noqa: D102
+        if module.label_smoothing != 0.0:
+            raise UnsupportedLossError(label_smoothing_message(module.label_smoothing))
+        return super().from_module(module)
 
     def fisher_columns(self, sample_shape: Sequence[int]) -> int:  # noqa: D102
         classes, positions = sample_shape[0], 1
@@ -91,7 +148,8 @@ class Categorical(Likelihood):
     def residuals(self, outputs: Tensor, targets: Tensor) -> Tensor:  # noqa: D102
         probs = outputs.softmax(dim=1)
         observed = one_hot(targets, outputs.shape[1], dtype=probs.dtype)
-        return _residual(probs, observed).reshape(outputs.shape[0], -1)
+        kept = self.kept(targets).unsqueeze(1).to(probs.dtype)
+        return (_residual(probs, observed) * kept).reshape(outputs.shape[0], -1)
 
     def sqrt_hessian(self, outputs: Tensor) -> Tensor:  # noqa: D102
         n, classes = outputs.shape[:2]
@@ -111,6 +169,8 @@ class Categorical(Likelihood):
         row = (observed.unsqueeze(-1) * basis).sum(dim=2)  # Q[y, :], (N, T, C − 1)
         inverse_tau = (-0.5 * (log_probs * observed).sum(dim=2, keepdim=True)).exp()
         beta = -row * inverse_tau  # (N, T, C − 1)
+        kept = self.kept(targets).reshape(n, -1, 1)
+        beta = torch.where(kept, beta, torch.zeros_like(beta))  # ignored: no residual
         return beta.transpose(1, 2).reshape(n, -1)  # columns (r, t)
 
     def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
@@ -148,6 +208,20 @@ class Categorical(Likelihood):
         probs = outputs.softmax(dim=1)
         weighted = probs * vectors
         return weighted - probs * weighted.sum(dim=1, keepdim=True)
+
+
+def label_smoothing_message(smoothing: float) -> str:
+    """Why a smoothed cross-entropy is refused, and what to monitor instead."""
+    return (
+        f"CrossEntropyLoss(label_smoothing={smoothing!r}) is not a negative log-likelihood: "
+        "the smoothed loss is (1 − ε)·(−log p_y) plus ε times the average −log p_c over all "
+        "classes, a penalty on the predictions rather than the likelihood of a label. Its "
+        "per-sample gradients are not scores of the model, so there is no empirical Fisher "
+        "of it to compare with the Fisher (nor is its Hessian the Fisher). Monitor the "
+        "model's categorical likelihood, the one the smoothing regularises: pass "
+        "`loss_fn=nn.CrossEntropyLoss()` (with the same `ignore_index`) to FisherMonitor "
+        "or measure()."
+    )
 
 
 def _residual(probs: Tensor, observed: Tensor, class_dim: int = 1) -> Tensor:

@@ -38,7 +38,11 @@ class Gaussian(Likelihood):
                 f"targets to {tuple(outputs.shape)}."
             )
         if not targets.is_floating_point():
-            raise ValueError(f"{self.loss_name} needs floating-point targets, got {targets.dtype}.")
+            raise ValueError(
+                f"{self.loss_name} needs floating-point targets, got {targets.dtype} targets "
+                f"({shapes}). Convert them, e.g. `batch_to_inputs_targets=lambda batch: "
+                "(batch[0], batch[1].float())`, or `targets.float()` in `probe_data`."
+            )
 
     def residuals(self, outputs: Tensor, targets: Tensor) -> Tensor:  # noqa: D102
         difference = outputs - targets.to(outputs.dtype)

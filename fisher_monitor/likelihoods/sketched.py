@@ -29,6 +29,7 @@ the loss side differs. See ``docs/theory.md#estimators``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +69,14 @@ class SketchedLikelihood(Likelihood):
     def make_module(self) -> nn.Module:  # noqa: D102
         return self.base.make_module()
 
+    def options(self) -> dict[str, Any]:  # noqa: D102
+        return self.base.options()
+
     def check_batch(self, outputs: Tensor, targets: Tensor) -> None:  # noqa: D102
         self.base.check_batch(outputs, targets)
+
+    def output_mask(self, targets: Tensor, sample_shape: Sequence[int]) -> Tensor | None:  # noqa: D102
+        return self.base.output_mask(targets, sample_shape)
 
     def fisher_columns(self, sample_shape: Sequence[int]) -> int:  # noqa: D102
         return self.base.fisher_columns(sample_shape)

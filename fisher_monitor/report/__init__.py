@@ -6,39 +6,50 @@ use, so that ``fisher-monitor --help`` does not load matplotlib.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
-
-#: Public name -> module that defines it.
-_EXPORTS = {
-    "THRESHOLDS": "fisher_monitor.report.thresholds",
-    "ReportError": "fisher_monitor.report.load",
-    "Run": "fisher_monitor.report.load",
-    "load_runs": "fisher_monitor.report.load",
-    "summary": "fisher_monitor.report.render",
-    "write_report": "fisher_monitor.report.render",
-    "Verdict": "fisher_monitor.report.verdict",
-    "verdicts": "fisher_monitor.report.verdict",
-}
 
 if TYPE_CHECKING:  # pragma: no cover
     from fisher_monitor.report.load import ReportError, Run, load_runs
     from fisher_monitor.report.render import summary, write_report
     from fisher_monitor.report.thresholds import THRESHOLDS
-    from fisher_monitor.report.verdict import Verdict, verdicts
+    from fisher_monitor.report.verdict import Verdict, headline, verdicts
+
+_LAZY = (
+    "THRESHOLDS",
+    "ReportError",
+    "Run",
+    "load_runs",
+    "summary",
+    "write_report",
+    "Verdict",
+    "headline",
+    "verdicts",
+)
+
+
+def _module(name: str) -> Any:
+    """The module that defines the public name ``name``, imported now."""
+    if name == "THRESHOLDS":
+        from fisher_monitor.report import thresholds as module
+    elif name in ("ReportError", "Run", "load_runs"):
+        from fisher_monitor.report import load as module
+    elif name in ("summary", "write_report"):
+        from fisher_monitor.report import render as module
+    else:
+        from fisher_monitor.report import verdict as module
+    return module
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'fisher_monitor.report' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_module(name), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = [
@@ -46,6 +57,7 @@ __all__ = [
     "ReportError",
     "Run",
     "Verdict",
+    "headline",
     "load_runs",
     "summary",
     "verdicts",

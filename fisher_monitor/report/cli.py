@@ -16,15 +16,17 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 FORMATS = ("html", "md", "json")  # the same as render.FORMATS, without importing it
+USES = ("adam", "sgd", "kfac", "laplace")  # the same as report.headline.USES
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fisher_monitor import __version__
+    from fisher_monitor.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fisher-monitor",
-        description="Turn FisherMonitor's TensorBoard logs into a readable verdict: where and "
-        "when was the empirical Fisher a poor stand-in for the Fisher?",
+        description="Turn FisherMonitor's logs (TensorBoard, CSVLogger or an MLflow file store) "
+        "into a readable verdict: where and when was the empirical Fisher a poor stand-in for "
+        "the Fisher, and what does it mean for your training?",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,22 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Print every verdict and a per-layer table of each run.",
     )
     for command in (report, summary):
-        command.add_argument(
-            "runs",
-            nargs="+",
-            metavar="RUN",
-            help="TensorBoard log directory: a run (e.g. lightning_logs/version_0) or a parent "
-            "holding several runs (one that cannot be read is reported and skipped)",
-        )
-        command.add_argument(
-            "--strict",
-            action="store_true",
-            help="refuse event files that end in a damaged or partial record (default: read "
-            "every valid record and say how many bytes were skipped)",
-        )
-        command.add_argument(
-            "-q", "--quiet", action="store_true", help="no progress output (errors still shown)"
-        )
+        _add_common_arguments(command)
     report.add_argument(
         "-o",
         "--out-dir",
@@ -69,6 +56,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--title", default=None, help="report title")
     return parser
+
+
+def _add_common_arguments(command: argparse.ArgumentParser) -> None:
+    """The arguments ``report`` and ``summary`` share: the runs and how to read them."""
+    command.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="log directory of TensorBoard, Lightning's CSVLogger or an MLflow file store: "
+        "a run (e.g. lightning_logs/version_0, mlruns/0/<run id>) or a parent holding "
+        "several runs (one that cannot be read is reported and skipped)",
+    )
+    command.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse event files that end in a damaged or partial record (default: read "
+        "every valid record and say how many bytes were skipped)",
+    )
+    command.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress output (errors still shown)"
+    )
+    command.add_argument(
+        "--use",
+        choices=USES,
+        default=None,
+        help="how you rely on curvature, for the headline's advice: adam (an optimizer "
+        "with a second moment), sgd (none), kfac (a K-FAC/Shampoo-style preconditioner), "
+        "laplace (a Laplace approximation, TIC or other uncertainty); default: from the "
+        "optimizer the callback recorded",
+    )
 
 
 def _parse_formats(value: str) -> list[str]:
@@ -144,9 +161,9 @@ def _print_summary(runs: Sequence, out) -> None:
     from fisher_monitor import tables
     from fisher_monitor.report.render import LEVEL_LABELS
     from fisher_monitor.report.text import terminal_safe
-    from fisher_monitor.report.verdict import advice, verdicts
+    from fisher_monitor.report.verdict import advice, headline, verdicts
 
-    styles = {"bad": "bold red", "mixed": "bold yellow", "good": "bold green"}
+    styles = {"bad": "bold red", "mixed": "bold yellow", "good": "bold green", "info": "bold"}
     for run in runs:
         caption, headings, cells = summary_table(run)
         safe_cells = [[terminal_safe(cell) for cell in row] for row in cells]
@@ -161,8 +178,9 @@ def _print_summary(runs: Sequence, out) -> None:
             out.print(Text(terminal_safe(caption)), soft_wrap=True)
             out.print(Text(tables.text_table(headings, safe_cells)), soft_wrap=True)
         found = verdicts(run)
-        for verdict in found:
-            line = Text(f"[{LEVEL_LABELS[verdict.level]}] {verdict.topic}: ")
+        for verdict in [headline(run), *found]:
+            topic = "in short" if verdict.topic == "headline" else verdict.topic
+            line = Text(f"[{LEVEL_LABELS[verdict.level]}] {topic}: ")
             line.stylize(styles.get(verdict.level, "bold"))
             line.append(terminal_safe(verdict.text))
             out.print(line, soft_wrap=not out.is_terminal)
@@ -190,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_output_dir(args.out_dir)
         with Progress() if args.quiet else for_console(errors) as progress:
             runs = load_runs(args.runs, strict=args.strict, progress=progress)
+            for run in runs if args.use else []:  # the verdicts read it from the settings
+                run.settings["use"] = args.use
             if args.command == "report":
                 written = write_report(runs, args.out_dir, formats, args.title, progress)
         out = Console(highlight=False)

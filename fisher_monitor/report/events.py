@@ -10,16 +10,21 @@ data server is a separate gRPC process that downsamples series unless told not t
 all of them treat a damaged or partial record as "still being written" and stop quietly,
 where a report must say what it skipped.
 
-A file that ends in a partial or damaged record (a full disk, a copy taken while the
-run was writing, a network file system) is read up to that record; the number of bytes
-skipped at its end is reported once per file. ``strict=True`` refuses such a file.
+A damaged record (a flipped bit, a block of a disk that was lost) does not end the file:
+the framing (length, checksum of the length, data, checksum of the data) lets the reader
+resynchronise on the next valid record, so one bad byte costs one record, not the rest of
+the file. A file that ends in a partial record (a full disk, a copy taken while the run
+was writing, a network file system) is read up to that record. How many bytes were
+skipped, and where, is reported once per file. ``strict=True`` refuses such a file.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 import struct
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +52,21 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
+@dataclass(frozen=True)
+class SkippedRegion:
+    """A stretch of an event file that held no valid record.
+
+    Attributes:
+        offset: Its first byte in the file.
+        length: Its length in bytes.
+        reason: Why its first record was refused (e.g. a checksum mismatch).
+    """
+
+    offset: int
+    length: int
+    reason: str
+
+
 @dataclass
 class FileReport:
     """How one event file was read.
@@ -55,24 +75,44 @@ class FileReport:
         path: The file.
         size: Its size in bytes.
         records: Records read and decoded.
-        skipped_bytes: Bytes at the end that were not read (from the first bad record on).
-        problem: Why reading stopped early (``None`` when the whole file was read).
+        regions: The damaged stretches skipped, in file order; reading went on at the
+            next valid record after each.
     """
 
     path: Path
     size: int
     records: int = 0
-    skipped_bytes: int = 0
-    problem: str | None = None
+    regions: list[SkippedRegion] = field(default_factory=list)
+
+    @property
+    def skipped_bytes(self) -> int:
+        """Bytes that were not read as records (every damaged stretch together)."""
+        return sum(region.length for region in self.regions)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the first damaged stretch was skipped (``None`` when every byte was read)."""
+        return self.regions[0].reason if self.regions else None
 
     def message(self) -> str | None:
         """One line for the user when bytes were skipped (``None`` otherwise)."""
-        if not self.skipped_bytes:
+        if not self.regions:
             return None
-        return (
-            f"{self.path}: read {self.records} records; skipped the last {self.skipped_bytes:,} "
-            f"of {self.size:,} bytes ({self.problem})"
-        )
+        last = self.regions[-1]
+        tail = last if last.offset + last.length == self.size else None
+        inside = [region for region in self.regions if region is not tail]
+        parts = []
+        if inside:
+            first = inside[0]
+            places = "1 damaged place" if len(inside) == 1 else f"{len(inside)} damaged places"
+            parts.append(
+                f"skipped {sum(r.length for r in inside):,} of {self.size:,} bytes at {places} "
+                f"(the first at byte {first.offset:,}: {first.reason}) and read on from the "
+                "next valid record"
+            )
+        if tail is not None:
+            parts.append(f"skipped the last {tail.length:,} of {self.size:,} bytes ({tail.reason})")
+        return f"{self.path}: read {self.records} records; " + "; ".join(parts)
 
 
 @dataclass
@@ -131,13 +171,14 @@ class _Collector:
 
     def add(self, data: bytes) -> None:
         event = self.decode(data)
-        step = event.step
+        step, scalars = event.step, self.scalars
         for value in event.summary.value:
             kind = value.WhichOneof("value")
             if kind == "simple_value":
-                series = self.scalars.get(value.tag)
+                tag = value.tag
+                series = scalars.get(tag)
                 if series is None:
-                    series = self.scalars[value.tag] = (array("q"), array("d"))
+                    series = scalars[tag] = (array("q"), array("d"))
                 series[0].append(step)
                 series[1].append(value.simple_value)
             elif kind == "histo":
@@ -200,10 +241,20 @@ class _Collector:
 
     def result(self) -> tuple[dict, dict]:
         scalars = {}
+        shared: dict[bytes, np.ndarray] = {}  # the tags of a run mostly share their steps
         for tag, (steps, values) in self.scalars.items():
-            steps_array = np.frombuffer(steps, dtype=np.int64)
-            keep = _last_per_step(steps_array)
-            scalars[tag] = (steps_array[keep], np.frombuffer(values, dtype=np.float64)[keep])
+            if all(map(operator.lt, steps, itertools.islice(steps, 1, None))):
+                raw = steps.tobytes()
+                steps_array = shared.get(raw)
+                if steps_array is None:  # read-only, as it may be shared
+                    steps_array = shared[raw] = np.frombuffer(raw, dtype=np.int64)
+                values_array = np.frombuffer(values, dtype=np.float64).copy()
+            else:  # out of order or repeated (a resumed run)
+                steps_array = np.frombuffer(steps, dtype=np.int64)
+                keep = _last_per_step(steps_array)
+                steps_array = steps_array[keep]
+                values_array = np.frombuffer(values, dtype=np.float64)[keep]
+            scalars[tag] = (steps_array, values_array)
         histograms = {}
         for tag, (steps, offsets, counts, edges) in self.histograms.items():
             histograms[tag] = _histogram_result(steps, offsets, counts, edges)
@@ -242,62 +293,98 @@ def _histogram_result(steps, offsets, counts, edges) -> HistogramSeries:
 
 
 class _Records:
-    """The payloads of a file's records, checked; reading stops at the first bad one.
+    """The payloads of a file's valid records; damaged stretches are skipped and recorded.
 
-    After iteration, ``problem`` says why it stopped early (``None`` at a clean end) and
-    ``start`` is the file offset of the record it stopped at (or of the end).
+    At each position a record is tried: its length (the header's checksum must match and
+    the record must end inside the file), then its data (the data's checksum). Where
+    either fails, the reader moves on one byte at a time until a position holds a valid
+    record again (resynchronises): the framing's two checksums make a false match about
+    one in 2⁶⁴. The stretches skipped are :attr:`regions`; reading never goes past
+    ``size`` bytes (a file still being written is read as it was when it was opened).
     """
 
-    def __init__(self, stream, on_bytes: Callable[[int], None] | None):
+    def __init__(self, stream, size: int, on_bytes: Callable[[int], None] | None):
         self.stream = stream
+        self.size = size
         self.on_bytes = on_bytes
-        self.problem: str | None = None
-        self.start = 0
+        self.regions: list[SkippedRegion] = []
+        self._bad: tuple[int, str] | None = None  # start and reason of the stretch being skipped
+        self._last, self._last_length = 0, 0  # offset and data length of the last record
+        self._read = 0
 
-    def _refill(self, data: bytes, position: int, needed: int) -> tuple[bytes, int]:
-        """``data[position:]`` extended until ``needed`` bytes or the end of the file."""
+    def _refill(self, data: bytes, position: int, needed: int) -> bytes:
+        """``data[position:]`` extended until ``needed`` bytes or ``size`` bytes were read."""
         data = data[position:]
-        while len(data) < needed:
-            chunk = self.stream.read(max(_CHUNK, needed - len(data)))
+        while len(data) < needed and self._read < self.size:
+            amount = min(max(_CHUNK, needed - len(data)), self.size - self._read)
+            chunk = self.stream.read(amount)
             if not chunk:
                 break
+            self._read += len(chunk)
             if self.on_bytes is not None:
                 self.on_bytes(len(chunk))
             data += chunk
-        return data, 0
+        return data
 
-    def __iter__(self):
+    def _damaged(self, offset: int, reason: str) -> None:
+        if self._bad is None:
+            self._bad = (offset, reason)
+
+    def _resynchronised(self, offset: int) -> None:
+        if self._bad is not None:
+            start, reason = self._bad
+            self.regions.append(SkippedRegion(start, offset - start, reason))
+            self._bad = None
+
+    def skip_last(self, reason: str) -> None:
+        """Count the record yielded last as skipped (its data could not be decoded)."""
+        self.regions.append(SkippedRegion(self._last, self._last_length + 16, reason))
+
+    def __iter__(self) -> Iterator[bytes]:
         crc32c, header, footer = _crc32c, _HEADER.unpack_from, _FOOTER.unpack_from
+        size = self.size
         data, position, base = b"", 0, 0  # base: file offset of data[0]
         while True:
-            self.start = base + position
             if position + 12 > len(data):
-                base += position
-                data, position = self._refill(data, position, 12)
+                data = self._refill(data, position, 12)
+                base, position = base + position, 0
                 if len(data) < 12:
                     if data:
-                        self.problem = f"a partial record: {len(data)} bytes of its header"
+                        self._damaged(base, f"a partial record: {len(data)} bytes of its header")
+                    self._resynchronised(base + len(data))
                     return
             length, header_crc = header(data, position)
             crc = crc32c(data[position : position + 8])
             if (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF != header_crc:
-                self.problem = "a damaged record header (checksum mismatch)"
-                return
+                self._damaged(base + position, "a damaged record header (checksum mismatch)")
+                position += 1
+                continue
             stop = position + 16 + length
+            if base + stop > size:
+                offset = base + position
+                self._damaged(
+                    offset, f"a partial record: {size - offset:,} of its {16 + length:,} bytes"
+                )
+                position += 1
+                continue
             if stop > len(data):
-                base += position
-                data, position = self._refill(data, position, 16 + length)
-                stop = 16 + length
-                if stop > len(data):
-                    self.problem = f"a partial record: {len(data):,} of its {stop:,} bytes"
+                data = self._refill(data, position, 16 + length)
+                base, position, stop = base + position, 0, 16 + length
+                if len(data) < stop:  # the file shrank while it was read
+                    self._damaged(base, f"a partial record: {len(data):,} of its {stop:,} bytes")
+                    self._resynchronised(base + len(data))
                     return
             payload = data[position + 12 : stop - 4]
             crc = crc32c(payload)
             if (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF != footer(data, stop - 4)[
                 0
             ]:
-                self.problem = "a damaged record (checksum mismatch)"
-                return
+                self._damaged(base + position, "a damaged record (checksum mismatch)")
+                position += 1
+                continue
+            if self._bad is not None:
+                self._resynchronised(base + position)
+            self._last, self._last_length = base + position, length
             yield payload
             position = stop
 
@@ -310,30 +397,21 @@ def _read_file(
 ) -> FileReport:
     size = path.stat().st_size
     report = FileReport(path=path, size=size)
-    read = 0
-
-    def count(amount: int) -> None:
-        nonlocal read
-        read += amount
-        if on_bytes is not None:
-            on_bytes(amount)
-
     with path.open("rb") as stream:
-        records = _Records(stream, count)
+        records = _Records(stream, size, on_bytes)
         add = collector.add
-        try:
-            for payload in records:
+        for payload in records:
+            try:
                 add(payload)
+            except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and kin
+                records.skip_last(f"an undecodable record ({type(error).__name__})")
+            else:
                 report.records += 1
-        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and kin
-            records.problem = f"an undecodable record ({type(error).__name__})"
-    if records.problem is not None:
-        report.problem = records.problem
-        report.skipped_bytes = size - records.start
-        if on_bytes is not None and size > read:  # the unread rest counts as done
-            on_bytes(size - read)
-        if strict:
-            raise EventFileError(f"corrupt or truncated event file: {path}: {report.problem}")
+    if on_bytes is not None and size > records._read:  # the unread rest counts as done
+        on_bytes(size - records._read)
+    report.regions = records.regions
+    if report.regions and strict:
+        raise EventFileError(f"corrupt or truncated event file: {path}: {report.problem}")
     return report
 
 
@@ -382,6 +460,7 @@ __all__ = [
     "EventFileError",
     "FileReport",
     "HistogramSeries",
+    "SkippedRegion",
     "event_files",
     "masked_crc32c",
     "read_directory",

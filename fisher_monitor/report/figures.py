@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fisher_monitor import keys
-from fisher_monitor.plotting import draw_cosine_heatmap, plain_text
-from fisher_monitor.report.load import Run
+from fisher_monitor.report.plotting import draw_cosine_heatmap, plain_text
+from fisher_monitor.report.runs import Run
 from fisher_monitor.report.thresholds import AGREE_COSINE, DISAGREE_COSINE, STEP_COSINE
 from fisher_monitor.report.verdict import layer_medians
 

@@ -3,6 +3,12 @@
 Every user-controlled string (run names and paths, layer names, settings, notes) is
 escaped for its output: by Jinja's autoescaping in HTML, by
 :func:`~fisher_monitor.report.text.markdown_text` in Markdown.
+
+With many runs (more than :data:`~fisher_monitor.report.selection.MANY_RUNS`) the HTML
+and Markdown list every run in one table and show figures and details for the runs that
+matter (:mod:`fisher_monitor.report.selection`), and say so. Every file is written to a
+temporary name and renamed (:func:`fisher_monitor.runinfo.atomic_write`): a full disk
+leaves the previous report, never a truncated one.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from pathlib import Path
 import jinja2
 import markupsafe
 
-from fisher_monitor import keys, tables
+from fisher_monitor import keys, runinfo, tables
 from fisher_monitor.report import figures
-from fisher_monitor.report.load import ReportError, Run
 from fisher_monitor.report.progress import Progress
+from fisher_monitor.report.runs import ReportError, Run
+from fisher_monitor.report.selection import MANY_RUNS, Selection, select_runs
 from fisher_monitor.report.text import markdown_code, markdown_text
 from fisher_monitor.report.thresholds import THRESHOLDS
-from fisher_monitor.report.verdict import Code, Verdict, advice, verdicts, worst_step
+from fisher_monitor.report.verdict import Code, Verdict, advice, headline, verdicts, worst_step
 
 FORMATS = ("html", "md", "json")
 #: Metrics explained in the reports' "how to read" table, in that order.
@@ -45,6 +52,7 @@ LEVEL_LABELS = {
     "bad": "bad",
     "mixed": "mixed",
     "good": "good",
+    "info": "note",
     "insufficient": "insufficient evidence",
 }
 
@@ -188,6 +196,7 @@ def run_summary(run: Run, found: list[Verdict] | None = None) -> dict:
             "steps": run.steps,
             "last_step": last,
             "worst_step": worst,
+            "headline": headline(run).as_dict(),
             "verdicts": [v.as_dict() for v in found],
             "advice": advice(run, found),
             "layers": layers,
@@ -199,12 +208,14 @@ def run_summary(run: Run, found: list[Verdict] | None = None) -> dict:
     )
 
 
-def summary(runs: Sequence[Run]) -> dict:
-    """The ``summary.json`` document."""
+def summary(runs: Sequence[Run], selection: Selection | None = None) -> dict:
+    """The ``summary.json`` document: every run in full (``shown_in_full``: in the report)."""
+    selection = selection or select_runs(runs)
     return {
         "fisher_monitor_report": 2,
         "thresholds": THRESHOLDS,
-        "runs": [run_summary(run) for run in runs],
+        "runs": [run_summary(run, selection.verdicts_of(run)) for run in runs],
+        "shown_in_full": [run.name for run in selection.shown],
     }
 
 
@@ -230,74 +241,85 @@ def _fit_rows(run: Run) -> dict[str, str]:
 
 
 def _verdict_html(verdict: Verdict) -> markupsafe.Markup:
-    return markupsafe.Markup("").join(
+    text = markupsafe.Markup("").join(
         markupsafe.Markup("<code>{}</code>").format(part)
         if isinstance(part, Code)
         else markupsafe.escape(part)
         for part in verdict.parts
     )
+    if not verdict.links:
+        return text
+    links = markupsafe.Markup(" and ").join(
+        markupsafe.Markup('<code class="doc">{}</code>').format(link) for link in verdict.links
+    )
+    return text + markupsafe.Markup(' <span class="links">(See {}.)</span>').format(links)
 
 
 def _verdict_markdown(verdict: Verdict) -> str:
-    return "".join(
+    text = "".join(
         markdown_code(part) if isinstance(part, Code) else markdown_text(part)
         for part in verdict.parts
     )
+    links = " and ".join(markdown_code(link) for link in verdict.links)
+    return f"{text} (See {links}.)" if links else text
 
 
-def _context(runs: Sequence[Run], title: str) -> dict:
-    from fisher_monitor import __version__
+def _context(runs: Sequence[Run], title: str, selection: Selection | None = None) -> dict:
+    """What the templates show: the runs shown in full, the overview of all, the legend."""
+    from fisher_monitor.version import __version__
 
-    entries = []
-    setting_keys: list[str] = []
-    for run in runs:
-        for key in run.settings:
-            if key not in setting_keys:
-                setting_keys.append(key)
-    for run in runs:
-        found = verdicts(run)
-        last, worst = run.steps[-1], worst_step(run)
-        tables_ = [{"title": f"Values at the last measurement (step {last})", "step": last}]
-        if worst != last:
-            tables_.append(
-                {
-                    "title": f"Values at step {worst}, the whole network's worst measurement "
-                    "(lowest direction cosine of 'all')",
-                    "step": worst,
-                }
-            )
-        for table in tables_:
-            table["rows"] = [tables.row_cells(row) for row in layer_table(run, table["step"])]
-        entries.append(
-            {
-                "name": run.name,
-                "settings": {key: setting_text(run.settings[key]) for key in run.settings},
-                "fit": _fit_rows(run),
-                "verdicts": found,
-                "advice": advice(run, found),
-                "measurements": len(run.steps),
-                "first_step": run.steps[0],
-                "last_step": last,
-                "tables": tables_,
-                "notes": run.notes,
-                "read_notes": run.read_notes,
-                "layers": len(run.layers),
-            }
-        )
-    fit_keys: list[str] = []
-    for entry in entries:
-        fit_keys += [key for key in entry["fit"] if key not in fit_keys]
+    selection = selection or select_runs(runs)
+    shown = selection.shown
+    setting_keys = list(dict.fromkeys(key for run in shown for key in run.settings))
+    entries = [_run_entry(run, selection) for run in shown]
+    fit_keys = list(dict.fromkeys(key for entry in entries for key in entry["fit"]))
     return {
         "title": title,
         "version": __version__,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "runs": entries,
+        "run_count": len(runs),
+        "many_runs_note": selection.note,
+        "overview_headings": selection.headings,
+        "overview_rows": selection.rows,
         "thresholds": THRESHOLDS,
         "headings": ["layer", *(column.heading for column in tables.LAYER_COLUMNS)],
         "setting_keys": setting_keys,
         "fit_keys": fit_keys,
         "descriptions": [(metric, keys.DESCRIPTIONS[metric]) for metric in EXPLAINED],
         "level_labels": LEVEL_LABELS,
+    }
+
+
+def _run_entry(run: Run, selection: Selection) -> dict:
+    """One run shown in full: verdicts, advice, settings, per-layer tables, notes."""
+    found = selection.verdicts_of(run)
+    last, worst = run.steps[-1], worst_step(run)
+    tables_ = [{"title": f"Values at the last measurement (step {last})", "step": last}]
+    if worst != last:
+        tables_.append(
+            {
+                "title": f"Values at step {worst}, the whole network's worst measurement "
+                "(lowest direction cosine of 'all')",
+                "step": worst,
+            }
+        )
+    for table in tables_:
+        table["rows"] = [tables.row_cells(row) for row in layer_table(run, table["step"])]
+    return {
+        "name": run.name,
+        "settings": {key: setting_text(run.settings[key]) for key in run.settings},
+        "fit": _fit_rows(run),
+        "headline": headline(run),
+        "verdicts": found,
+        "advice": advice(run, found),
+        "measurements": len(run.steps),
+        "first_step": run.steps[0],
+        "last_step": last,
+        "tables": tables_,
+        "notes": run.notes,
+        "read_notes": run.read_notes,
+        "layers": len(run.layers),
     }
 
 
@@ -312,13 +334,18 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
-def render_html(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
+def render_html(
+    runs: Sequence[Run],
+    title: str,
+    rendered: list[RenderedFigure],
+    selection: Selection | None = None,
+) -> str:
     """The self-contained HTML report (figures embedded as data URIs)."""
     figures_base64 = [
         {"name": f.name, "caption": f.caption, "data": base64.b64encode(f.data).decode()}
         for f in rendered
     ]
-    context = _context(runs, title)
+    context = _context(runs, title, selection)
     return _environment().get_template("report.html.j2").render(**context, figures=figures_base64)
 
 
@@ -326,50 +353,67 @@ def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigure]) -> str:
+def _markdown_verdicts(run: dict) -> list[str]:
+    """The headline, then one bullet per verdict."""
+    headline_level = LEVEL_LABELS[run["headline"].level]
+    lines = [f"**In short ({headline_level})**: {_verdict_markdown(run['headline'])}", ""]
+    for verdict in run["verdicts"]:
+        label = LEVEL_LABELS[verdict.level]
+        lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
+    return lines
+
+
+def render_markdown(
+    runs: Sequence[Run],
+    title: str,
+    rendered: list[RenderedFigure],
+    selection: Selection | None = None,
+) -> str:
     """``report.md``: the same verdicts and tables, figures as PNG files next to it."""
-    context = _context(runs, title)
+    context = _context(runs, title, selection)
     lines = [f"# {markdown_text(title)}", ""]
+    lines += _markdown_overview(context)
     for run in context["runs"]:
-        lines += [f"## {markdown_text(run['name'])}", ""]
-        for verdict in run["verdicts"]:
-            label = LEVEL_LABELS[verdict.level]
-            lines.append(f"- **{verdict.topic} ({label})**: {_verdict_markdown(verdict)}")
-        if run["advice"]:
-            lines += ["", "What to change:", ""]
-            lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
-        lines += ["", "| setting | value |", "| --- | --- |"]
-        for key, value in [*run["settings"].items(), *run["fit"].items()]:
-            lines.append(_md_row([markdown_text(key), markdown_text(value)]))
-        lines.append(
-            _md_row(
-                [
-                    "measurements",
-                    f"{run['measurements']} (steps {run['first_step']}–{run['last_step']})",
-                ]
-            )
-        )
-        lines.append("")
-        for table in run["tables"]:
-            lines += [
-                f"### {markdown_text(table['title'])}",
-                "",
-                _md_row([markdown_text(h) for h in context["headings"]]),
-                "| --- |" + " ---: |" * (len(context["headings"]) - 1),
-            ]
-            lines += [_md_row([markdown_text(cell) for cell in row]) for row in table["rows"]]
-            lines.append("")
-        if run["notes"]:
-            lines += ["Notes:", "", *[f"- {markdown_text(n, True)}" for n in run["notes"]], ""]
-        if run["read_notes"]:
-            lines += ["Reading the logs:", ""]
-            lines += [f"- {markdown_text(n, True)}" for n in run["read_notes"]] + [""]
+        lines += _markdown_run(run, context["headings"])
     lines += ["## Figures", ""]
     for figure in rendered:
         caption = markdown_text(figure.caption)
         lines += [f"![{caption}]({figure.name}.png)", "", f"*{caption}*", ""]
+    return "\n".join(lines + _markdown_reading(context))
+
+
+def _markdown_run(run: dict, headings: Sequence[str]) -> list[str]:
+    """One run's section: verdicts, what to change, settings, per-layer tables, notes."""
+    lines = [f"## {markdown_text(run['name'])}", "", *_markdown_verdicts(run)]
+    if run["advice"]:
+        lines += ["", "What to change:", ""]
+        lines += [f"- {markdown_text(tip, True)}" for tip in run["advice"]]
+    lines += ["", "| setting | value |", "| --- | --- |"]
+    for key, value in [*run["settings"].items(), *run["fit"].items()]:
+        lines.append(_md_row([markdown_text(key), markdown_text(value)]))
+    steps = f"{run['measurements']} (steps {run['first_step']}–{run['last_step']})"
+    lines += [_md_row(["measurements", steps]), ""]
+    for table in run["tables"]:
+        lines += [
+            f"### {markdown_text(table['title'])}",
+            "",
+            _md_row([markdown_text(h) for h in headings]),
+            "| --- |" + " ---: |" * (len(headings) - 1),
+        ]
+        lines += [_md_row([markdown_text(cell) for cell in row]) for row in table["rows"]]
+        lines.append("")
+    if run["notes"]:
+        lines += ["Notes:", "", *[f"- {markdown_text(n, True)}" for n in run["notes"]], ""]
+    if run["read_notes"]:
+        lines += ["Reading the logs:", ""]
+        lines += [f"- {markdown_text(n, True)}" for n in run["read_notes"]] + [""]
+    return lines
+
+
+def _markdown_reading(context: dict) -> list[str]:
+    """The "how to read this" section: every metric, the thresholds, the notation."""
     thresholds = context["thresholds"]
-    lines += [
+    return [
         "## How to read this",
         "",
         "| metric | meaning |",
@@ -382,8 +426,28 @@ def render_markdown(runs: Sequence[Run], title: str, rendered: list[RenderedFigu
         f"{thresholds['trace_ratio_range']}; fewer than {thresholds['min_measurements']} "
         "measurements, or none after a training step, are insufficient evidence.",
         "",
+        "Notation: F̃ = F + λI and ẼF = EF + λI (damped with the logged λ). Terms: "
+        "`docs/glossary.md`; what to do about each verdict: `docs/guide/acting.md`.",
+        "",
     ]
-    return "\n".join(lines)
+
+
+def _markdown_overview(context: dict) -> list[str]:
+    """The statement and the table of every run, for a report of many runs."""
+    if not context["many_runs_note"]:
+        return []
+    headings = context["overview_headings"]
+    lines = [markdown_text(context["many_runs_note"]), "", "## Runs", ""]
+    lines += [_md_row([markdown_text(h) for h in headings]), "| --- |" * len(headings)]
+    lines += [_md_row([markdown_text(cell) for cell in row]) for row in context["overview_rows"]]
+    return [*lines, ""]
+
+
+def default_title(runs: Sequence[Run]) -> str:
+    """``"fisher-monitor report: a, b"``; with more than three runs, their number."""
+    if len(runs) > 3:
+        return f"fisher-monitor report: {len(runs)} runs"
+    return "fisher-monitor report: " + ", ".join(run.name for run in runs)
 
 
 def prepare_output_dir(out_dir: Path) -> None:
@@ -431,26 +495,31 @@ def write_report(
     progress = progress or Progress()
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir)
-    title = title or "fisher-monitor report: " + ", ".join(run.name for run in runs)
-    rendered = render_figures(runs, progress) if {"html", "md"} & set(formats) else []
+    title = title or default_title(runs)
+    if len(runs) > MANY_RUNS:  # a stage worth showing: every run is judged for the table
+        progress.stage(f"judging {len(runs)} runs")
+    selection = select_runs(runs)
+    drawn = selection.shown
+    rendered = render_figures(drawn, progress) if {"html", "md"} & set(formats) else []
     progress.stage("writing " + ", ".join(formats), len(formats), "files")
     written: dict[str, Path] = {}
     try:
         if "html" in formats:
             path = out_dir / "report.html"
-            path.write_text(render_html(runs, title, rendered), encoding="utf-8")
+            _write_text(path, render_html(runs, title, rendered, selection))
             written["html"] = path
             progress.advance()
         if "md" in formats:
             for figure in rendered:
-                (out_dir / f"{figure.name}.png").write_bytes(figure.data)
+                runinfo.atomic_write(out_dir / f"{figure.name}.png", figure.data)
             path = out_dir / "report.md"
-            path.write_text(render_markdown(runs, title, rendered), encoding="utf-8")
+            _write_text(path, render_markdown(runs, title, rendered, selection))
             written["md"] = path
             progress.advance()
         if "json" in formats:
             path = out_dir / "summary.json"
-            path.write_text(json.dumps(summary(runs), indent=2, allow_nan=False), encoding="utf-8")
+            document = summary(runs, selection)
+            _write_text(path, json.dumps(document, indent=2, allow_nan=False))
             written["json"] = path
             progress.advance()
     except OSError as error:
@@ -460,9 +529,15 @@ def write_report(
     return written
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 through a temporary file (never a truncated file)."""
+    runinfo.atomic_write(path, text.encode("utf-8", "backslashreplace"))
+
+
 __all__ = [
     "FORMATS",
     "RenderedFigure",
+    "default_title",
     "layer_table",
     "prepare_output_dir",
     "render_figures",

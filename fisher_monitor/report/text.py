@@ -3,9 +3,13 @@ r"""User-controlled text (run paths, layer names, settings, notes) made safe for
 HTML goes through Jinja's autoescaping (``markupsafe``); this module covers the terminal
 and Markdown:
 
+- :func:`encodable`: lone surrogates (a file or directory name that is not valid UTF-8
+  decodes to them, and so may a layer name) become ``\udcNN`` escapes, so that the text
+  can be written as UTF-8 at all (the callback's logs, the report's files);
 - :func:`terminal_safe`: control characters (C0, DEL, C1, which carry terminal escape
-  sequences) and bidirectional-override characters are shown as ``\xNN``/``\uNNNN``
-  escapes, so a name cannot move the cursor, recolour the terminal or reorder text;
+  sequences), bidirectional-override characters and lone surrogates are shown as
+  ``\xNN``/``\uNNNN`` escapes, so a name cannot move the cursor, recolour the terminal or
+  reorder text;
 - :func:`markdown_text`: the characters that open raw HTML, links, emphasis, code,
   entities and table cells are backslash-escaped (CommonMark makes any escaped ASCII
   punctuation literal), as is a character that would start a block (heading, list,
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 import re
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _INLINE = re.compile(r"([\\`*_\[\]<>|~&{}])")
 _BLOCK_START = re.compile(r"^(\s*)([#+\-=>]|\d+[.)])")
 
@@ -28,8 +33,19 @@ def _escape(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def encodable(text: object) -> str:
+    r"""``text`` with lone surrogates shown as ``\udcNN`` escapes: valid for UTF-8.
+
+    ``os.fsdecode`` turns the bytes of a name that is not valid UTF-8 into lone
+    surrogates; such text cannot be encoded (``UnicodeEncodeError``) where it is written
+    to a file, a TensorBoard tag or a figure, so it is shown as its escapes instead.
+    """
+    text = str(text)
+    return _SURROGATE.sub(_escape, text) if _SURROGATE.search(text) else text
+
+
 def terminal_safe(text: object) -> str:
-    """``text`` with control and bidi-override characters shown as escapes."""
+    """``text`` with control, bidi-override and surrogate characters shown as escapes."""
     return _UNSAFE.sub(_escape, str(text))
 
 
@@ -64,4 +80,4 @@ def markdown_code(text: object) -> str:
     return f"{fence}{content}{fence}"
 
 
-__all__ = ["markdown_code", "markdown_text", "terminal_safe"]
+__all__ = ["encodable", "markdown_code", "markdown_text", "terminal_safe"]

@@ -13,11 +13,14 @@ AGREE_COSINE = 0.9
 DISAGREE_SHARE = 0.5
 #: EF preconditioning is *a fair stand-in* when it agrees in at least this share.
 AGREE_SHARE = 0.9
-#: The EF *differs as a matrix* above this relative Frobenius error.
+#: The EF *differs as a matrix* above this relative Frobenius error ...
 REL_ERROR_LIMIT = 0.5
+#: ... and is *close* to the Fisher up to this one (between the two: a rough stand-in).
+REL_ERROR_CLOSE = 0.1
 #: The EF *misjudges the curvature scale* when tr EF / tr F leaves this range.
 TRACE_RATIO_RANGE = (0.5, 2.0)
-#: The traces *agree* inside this range (with a large matrix error: the trace hides it).
+#: The traces *match* inside this range (with a large matrix error: the trace hides it);
+#: between it and :data:`TRACE_RATIO_RANGE` the scale is *near* (within a factor of 2).
 TRACE_AGREES_RANGE = (0.8, 1.25)
 #: An optimizer step points *within 60°* of the natural gradient from this cosine on.
 STEP_COSINE = 0.5
@@ -32,6 +35,7 @@ THRESHOLDS = {
     "disagree_share": DISAGREE_SHARE,
     "agree_share": AGREE_SHARE,
     "rel_error_limit": REL_ERROR_LIMIT,
+    "rel_error_close": REL_ERROR_CLOSE,
     "trace_ratio_range": list(TRACE_RATIO_RANGE),
     "trace_agrees_range": list(TRACE_AGREES_RANGE),
     "step_cosine": STEP_COSINE,

@@ -1,191 +1,127 @@
-"""Verdicts: plain sentences about a run, each with its numbers and what to do about it.
+"""Verdicts: plain sentences about a run, with their numbers, what to do, and links.
 
-The thresholds live in :mod:`fisher_monitor.report.thresholds` (and are printed in every
-report):
+The links lead to the documentation that explains the terms (``docs/glossary.md``) and
+how to act (``docs/guide/acting.md``).
+
+A run gets a **headline** (:func:`headline`, from :mod:`fisher_monitor.report.headline`):
+one line on what the measurements mean for the training at hand — its optimizer (Adam
+and other adaptive methods, SGD, a K-FAC/Shampoo-style preconditioner) or a Laplace /
+uncertainty use — and one verdict per topic (:func:`verdicts`). The thresholds live in
+:mod:`fisher_monitor.report.thresholds` (and are printed in every report); the outcomes
+they define are computed once per run (:mod:`fisher_monitor.report.evidence`), so two
+verdicts never read the same numbers differently:
 
 - *preconditioning*: the EF direction *disagrees* with the natural gradient when
-  ``direction_cosine < 0.5`` and *agrees* when ``≥ 0.9``; EF preconditioning is *not a
-  good stand-in* when it disagrees in at least half of the measurements, *a fair
-  stand-in* when it agrees in at least 90%, *mixed* otherwise;
-- *matrix*: the EF *differs as a matrix* when the median relative Frobenius error
-  ``rel_error`` exceeds 0.5;
-- *scale*: the EF *misjudges the curvature scale* when the median ``trace_ratio``
-  leaves ``[0.5, 2]``;
-- *trace*: the *trace hides a mismatch* when the trace ratio stays in ``[0.8, 1.25]``
-  while the relative error exceeds 0.5 (the paper's warning that traces alone mislead);
+  ``direction_cosine < 0.5`` and *agrees* when ``≥ 0.9``; bad when it disagrees in at
+  least half of the measurements, good when it agrees in at least 90%, mixed otherwise;
+- *matrix*: median ``rel_error`` above 0.5 bad, up to 0.1 good (a close stand-in),
+  mixed between (a rough one);
+- *scale*: median ``trace_ratio`` outside ``[0.5, 2]`` bad; inside ``[0.8, 1.25]`` good
+  unless the matrices differ (then mixed: only the overall scale carries over); mixed
+  between the two ranges;
+- *trace*: bad when the traces match (``[0.8, 1.25]``) while the matrices differ (the
+  paper's warning that traces alone mislead); good when both match; otherwise a note
+  saying what the trace shows (never "good" beside a matrix mismatch);
 - *optimizer* (when the optimizer's steps were audited): its steps point *within 60°* of
   the natural gradient when ``update_nat_cosine ≥ 0.5``; good in at least 90% of the
-  measurements, bad in under half; its preconditioner *follows* the EF (or F) when its
-  cosine with √diag EF exceeds the one with √diag F by 0.05 (or the reverse).
+  measurements; otherwise a note (for Adam or SGD a distance from the natural gradient is
+  no fault), except for a curvature preconditioner (K-FAC style), bad in under half.
 
-Every topic needs evidence: with fewer than 5 measurements, or none after a training
-step, its verdict is *insufficient evidence*, with what is known as numbers and what to
-change. All numbers are of the whole network (``all``) in the primary structure (block,
-else kron, else diag) at the first damping; medians are over the measurements.
+Each topic uses what was measured: the first structure (block, kron, diag) that logged
+its metric, named in the sentence with the reason when it is not the run's primary one;
+a topic nothing was measured for says so instead of disappearing. Every topic needs
+evidence: with fewer than 5 measurements, or none after a training step, its verdict is
+*insufficient evidence*, with what is known as numbers and what to change. Numbers are of
+the whole network (``all``) at the first damping; medians are over the measurements.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from fisher_monitor import keys
-from fisher_monitor.report.load import Run
+from fisher_monitor.report.evidence import (
+    LEVELS,
+    MAKE_FINITE,
+    MEASURE_MORE,
+    Assessment,
+    Code,
+    Measured,
+    Verdict,
+    assess,
+    evidence,
+    measured,
+    measured_steps,
+    median_phrase,
+    plural,
+    range_phrase,
+    share_phrase,
+    steps_phrase,
+)
+from fisher_monitor.report.headline import USES, check_use, headline_verdict, infer_use
+from fisher_monitor.report.runs import Run
 from fisher_monitor.report.thresholds import (
     AGREE_COSINE,
     AGREE_SHARE,
     DISAGREE_COSINE,
     DISAGREE_SHARE,
-    FOLLOWS_MARGIN,
-    MIN_MEASUREMENTS,
     REL_ERROR_LIMIT,
     STEP_COSINE,
     THRESHOLDS,
-    TRACE_AGREES_RANGE,
     TRACE_RATIO_RANGE,
 )
 
-#: Verdict levels, worst first.
-LEVELS = ("bad", "mixed", "insufficient", "good")
 TOPICS = ("preconditioning", "matrix", "scale", "trace", "optimizer")
+#: The topic name of :func:`headline`'s verdict.
+HEADLINE = "headline"
 
 
-class Code(str):
-    """A part of a verdict shown as code (a layer name): escaped, never interpreted."""
-
-
-@dataclass
-class Verdict:
-    """One sentence of the report.
-
-    Attributes:
-        topic: One of :data:`TOPICS`.
-        level: ``"bad"``, ``"mixed"``, ``"good"`` or ``"insufficient"``.
-        parts: The sentence as text and :class:`Code` parts (user names are code).
-        numbers: The numbers behind the sentence (stable keys).
-    """
-
-    topic: str
-    level: str
-    parts: list[str]
-    numbers: dict[str, float | int | str | None] = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        """The sentence as plain text, code parts in backticks."""
-        return "".join(f"`{part}`" if isinstance(part, Code) else part for part in self.parts)
-
-    def as_dict(self) -> dict:
-        """Plain data for JSON."""
-        return {
-            "topic": self.topic,
-            "level": self.level,
-            "text": self.text,
-            "numbers": dict(self.numbers),
-        }
-
-
-# ---------------------------------------------------------------- phrases
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def share_phrase(hits: int, count: int, noun: str = "measurement") -> str:
-    """``"in 1 of 3 measurements"``, ``"in 12% of 240 measurements"``, ``"in all 7 ..."``."""
-    if count == 1:
-        return f"in {'the' if hits else 'not even the'} one {noun}"
-    if hits == count:
-        return f"in all {count} {noun}s"
-    if hits == 0:
-        return f"in none of the {count} {noun}s"
-    if count < 20:
-        return f"in {hits} of {count} {noun}s"
-    return f"in {100 * hits / count:.0f}% of {count} {noun}s"
-
-
-def range_phrase(values: np.ndarray, digits: str = ".3g") -> str:
-    """``"was 1.03"`` for one value, else ``"ranged from 1.03 to 1.07 (median 1.05)"``."""
-    if len(values) == 1:
-        return f"was {values[0]:{digits}}"
-    low, high = float(np.min(values)), float(np.max(values))
-    if f"{low:{digits}}" == f"{high:{digits}}":
-        return f"was {low:{digits}} in every measurement"
-    return f"ranged from {low:{digits}} to {high:{digits}} (median {np.median(values):{digits}})"
-
-
-def _median_phrase(values: np.ndarray, digits: str = ".2f") -> str:
-    return f"{values[0]:{digits}}" if len(values) == 1 else f"median {np.median(values):{digits}}"
-
-
-def _finite_series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps, values = run.series(key)
-    keep = np.isfinite(values)
-    return steps[keep], values[keep]
-
-
-def _steps_phrase(steps: np.ndarray) -> str:
-    if len(steps) == 1:
-        return f"at step {steps[0]}"
-    return f"at steps {steps[0]}–{steps[-1]}"
-
-
-# ---------------------------------------------------------------- evidence
-
-MEASURE_MORE = (
-    "measure more often: use FisherMonitor(schedule=schedules.budget(fraction=0.2)) to let "
-    "the monitor take up to 20% of the fit time, or every_n_steps=N with N well below the "
-    "run's length, or train longer"
-)
-
-
-MEASURE_BRIEFLY = (
-    f"measure at least {MIN_MEASUREMENTS} times during training: use a larger budget "
-    "(schedules.budget(fraction=0.2)), a smaller every_n_steps, or a longer run"
-)
-
-
-def evidence(steps: np.ndarray) -> str | None:
-    """Why measurements at ``steps`` are not enough evidence (``None`` when they are)."""
-    if len(steps) == 0:
-        return "no measurement"
-    if not np.any(steps > 0):
-        where = "at step 0" if len(steps) == 1 else "all at step 0"
-        return f"{_plural(len(steps), 'measurement')}, {where}, before any training step"
-    if len(steps) < MIN_MEASUREMENTS:
-        return (
-            f"only {_plural(len(steps), 'measurement')} ({_steps_phrase(steps)}; "
-            f"at least {MIN_MEASUREMENTS} are needed)"
-        )
-    return None
-
-
-def _insufficient(topic: str, what: str, why: str, known: list[str], numbers: dict) -> Verdict:
+def _insufficient(
+    topic: str, what: str, m: Measured, known: list[str], numbers: dict, links: list[str]
+) -> Verdict:
+    why = m.why_insufficient
     parts = [f"Insufficient evidence on {what}: {why}"]
     parts += ["; so far ", *known] if known else []
-    parts += [f". To judge, {MEASURE_BRIEFLY}."]
-    return Verdict(topic, "insufficient", parts, {**numbers, "insufficient": why})
+    parts += [f". To judge, {m.advice}."]
+    numbers = {**numbers, "insufficient": why, "non_finite": m.logged - len(m.steps)}
+    return Verdict(topic, "insufficient", parts, numbers, links)
+
+
+def _not_measured(topic: str, what: str, metric: str, links: list[str]) -> Verdict:
+    text = (
+        f"No verdict on {what}: no structure logged {metric} in this run (a sketched Fisher "
+        "logs no damped metrics, and a structure left out of `structures` logs nothing; the "
+        "notes say which). To judge it, measure a structure with an exact Fisher, e.g. "
+        "FisherMonitor(structures=('diag', 'block'))."
+    )
+    return Verdict(topic, "insufficient", [text], {"not_measured": metric}, links)
 
 
 # ---------------------------------------------------------------- layers
 
 
-def layer_medians(run: Run, metric: str = "direction_cosine") -> dict[str, float]:
-    """Per layer, the median of ``metric`` over the run (layers without values left out)."""
+def layer_medians(
+    run: Run, metric: str = "direction_cosine", structure: str | None = None
+) -> dict[str, float]:
+    """Per layer, the median of ``metric`` over the run (layers without values left out).
+
+    Args:
+        run: The run.
+        metric: The metric.
+        structure: The structure (default: the run's primary one).
+    """
     medians = {}
     for layer in run.layers:
-        values = run.series(run.key(metric, layer))[1]
+        values = run.series(run.key(metric, layer, structure=structure))[1]
         values = values[np.isfinite(values)]
         if len(values):
             medians[layer] = float(np.median(values))
     return medians
 
 
-def worst_layer(run: Run) -> tuple[str, float]:
+def worst_layer(run: Run, structure: str | None = None) -> tuple[str, float]:
     """The layer with the lowest median direction cosine, and that median."""
-    medians = layer_medians(run)
+    medians = layer_medians(run, structure=structure)
     if not medians:
         return keys.ALL, float("nan")
     layer = min(medians, key=medians.get)
@@ -194,331 +130,440 @@ def worst_layer(run: Run) -> tuple[str, float]:
 
 def worst_step(run: Run) -> int:
     """The step with the lowest whole-network direction cosine (last step if none)."""
-    steps, values = _finite_series(run, run.key("direction_cosine"))
-    if not len(values):
-        return run.steps[-1]
-    return int(steps[np.argmin(values)])
+    found = measured(run, "direction_cosine")
+    if found is None:
+        steps = run.steps or [int(s) for s in measured_steps(run)]
+        return int(steps[-1])
+    return int(found.steps[np.argmin(found.values)])
 
 
 # ---------------------------------------------------------------- topics
 
 
-def _preconditioning(run: Run) -> Verdict | None:
-    steps, cosines = _finite_series(run, run.key("direction_cosine"))
-    if not len(cosines):
-        return None
-    structure = run.primary_structure
-    count = len(cosines)
+def _preconditioning(a: Assessment) -> Verdict:
+    links = ["docs/guide/acting.md#preconditioner", "docs/glossary.md#direction-cosine"]
+    m = a.direction
+    if m is None:
+        return _not_measured("preconditioning", "EF preconditioning", "direction_cosine", links)
+    cosines, count = m.values, len(m.values)
     disagree = int(np.sum(cosines < DISAGREE_COSINE))
     agree = int(np.sum(cosines >= AGREE_COSINE))
-    median = float(np.median(cosines))
-    layer, layer_median = worst_layer(run)
+    layer, layer_median = worst_layer(a.run, m.structure)
     numbers = {
-        "structure": structure,
+        "structure": m.structure,
         "measurements": count,
         "disagree_share": disagree / count,
         "agree_share": agree / count,
-        "median_direction_cosine": median,
+        "median_direction_cosine": m.median,
         "worst_layer": layer,
         "worst_layer_median_direction_cosine": layer_median,
+        "outcome": a.direction_outcome,
     }
-    why = evidence(steps)
-    if why is not None:
+    if m.why_insufficient is not None:
         known = [f"the cosine between the natural gradient and the EF step {range_phrase(cosines)}"]
-        return _insufficient("preconditioning", "EF preconditioning", why, known, numbers)
-    where = (
-        ["worst in layer ", Code(layer), f" (median {layer_median:.2f})"]
-        if layer != keys.ALL
-        else []
-    )
-    head = f"(median cosine {median:.2f}, {structure})"
-    if disagree / count >= DISAGREE_SHARE:
-        parts = [
+        return _insufficient("preconditioning", "EF preconditioning", m, known, numbers, links)
+    where = [", worst in layer ", Code(layer), f" (median {layer_median:.2f})"]
+    where = where if layer != keys.ALL else []
+    head = f"(median cosine {m.median:.2f}, {m.where()})"
+    if a.direction_outcome == "disagree":
+        first = (
             f"The EF-preconditioned step pointed away from the natural gradient (cosine < "
-            f"{DISAGREE_COSINE}) {share_phrase(disagree, count)} {head}",
-            *([", ", *where] if where else []),
-            ": do not precondition with the EF here; use the Fisher (an MC-sampled Fisher or "
-            "K-FAC) or damp the EF strongly.",
-        ]
-        return Verdict("preconditioning", "bad", parts, numbers)
-    if agree / count >= AGREE_SHARE:
-        parts = [
+            f"{DISAGREE_COSINE}) {share_phrase(disagree, count)} {head}"
+        )
+        action = (
+            ": a preconditioner built from the EF (an EF natural gradient, 'empirical' K-FAC, "
+            "Shampoo-style gradient outer products) would not take natural-gradient steps "
+            "here; where you use one, build it from the Fisher (labels sampled from the model, "
+            "as K-FAC does) or damp it strongly."
+        )
+        return Verdict("preconditioning", "bad", [first, *where, action], numbers, links)
+    if a.direction_outcome == "agree":
+        first = (
             f"The EF-preconditioned step agreed with the natural gradient (cosine ≥ "
-            f"{AGREE_COSINE}) {share_phrase(agree, count)} {head}",
-            *([", ", *where] if where else []),
-            ": EF preconditioning is a fair stand-in for natural-gradient steps here; no change "
-            "needed, but measure again after changing the model, the data or the loss.",
-        ]
-        return Verdict("preconditioning", "good", parts, numbers)
-    parts = [
+            f"{AGREE_COSINE}) {share_phrase(agree, count)} {head}"
+        )
+        action = (
+            ": EF preconditioning is a fair stand-in for natural-gradient steps here, at this "
+            "damping; no change needed, but measure again after changing the model, the data "
+            "or the loss."
+        )
+        return Verdict("preconditioning", "good", [first, *where, action], numbers, links)
+    first = (
         f"The EF-preconditioned step agreed with the natural gradient (cosine ≥ {AGREE_COSINE}) "
         f"{share_phrase(agree, count)} and disagreed (cosine < {DISAGREE_COSINE}) "
-        f"{share_phrase(disagree, count)} {head}",
-        *([", ", *where] if where else []),
-        ": EF preconditioning is a partial stand-in; precondition with the Fisher (or damp "
-        "more) where the heat map is red.",
-    ]
-    return Verdict("preconditioning", "mixed", parts, numbers)
+        f"{share_phrase(disagree, count)} {head}"
+    )
+    action = (
+        ": EF preconditioning is a partial stand-in; where you precondition with the EF, use "
+        "the Fisher (or damp more) for the layers and steps the heat map shows red."
+    )
+    return Verdict("preconditioning", "mixed", [first, *where, action], numbers, links)
 
 
-def _matrix(run: Run) -> Verdict | None:
-    steps, errors = _finite_series(run, run.key("rel_error"))
-    if not len(errors):
-        return None
-    kls = _finite_series(run, run.key("kl"))[1]
-    structure = run.primary_structure
-    median_error = float(np.median(errors))
-    above = int(np.sum(errors > REL_ERROR_LIMIT))
+def _matrix(a: Assessment) -> Verdict:
+    links = ["docs/guide/acting.md#laplace", "docs/glossary.md#rel-error"]
+    m = a.error
+    if m is None:
+        return _not_measured("matrix", "the EF as a matrix", "rel_error", links)
+    kls = a.kl.values if a.kl is not None else np.zeros(0)
+    above = int(np.sum(m.values > REL_ERROR_LIMIT))
     median_kl = float(np.median(kls)) if len(kls) else float("nan")
     numbers = {
-        "measurements": len(errors),
-        "median_rel_error": median_error,
-        "rel_error_above_share": above / len(errors),
+        "structure": m.structure,
+        "measurements": len(m.values),
+        "median_rel_error": m.median,
+        "rel_error_above_share": above / len(m.values),
         "median_kl": median_kl,
+        "outcome": a.matrix_outcome,
     }
-    why = evidence(steps)
-    if why is not None:
-        known = [f"the relative Frobenius error of the EF {range_phrase(errors)}"]
+    if m.why_insufficient is not None:
+        known = [f"the relative Frobenius error of the EF {range_phrase(m.values)}"]
         if len(kls):
             known.append(f" and the KL between the Laplace approximations {range_phrase(kls)}")
-        return _insufficient("matrix", "the EF as a matrix", why, known, numbers)
+        return _insufficient("matrix", "the EF as a matrix", m, known, numbers, links)
     kl_text = (
         f"; the KL divergence between the two Laplace approximations had median "
         f"{median_kl:.3g} nats"
         if len(kls)
         else ""
     )
-    level = "bad" if median_error > REL_ERROR_LIMIT else "good"
     text = (
-        f"As matrices, EF and F differed by {100 * median_error:.0f}% in the median (relative "
-        f"Frobenius error, {structure}; above {REL_ERROR_LIMIT} "
-        f"{share_phrase(above, len(errors))}){kl_text}: "
+        f"As matrices, EF and F differed by {100 * m.median:.0f}% in the median (relative "
+        f"Frobenius error, {m.where()}; above {REL_ERROR_LIMIT} "
+        f"{share_phrase(above, len(m.values))}){kl_text}: "
     )
-    if level == "bad":
+    if a.matrix_outcome == "differ":
         text += (
-            "do not trust EF-based Laplace variances, TIC or other uncertainty built on the EF; "
-            "use the Fisher (the GGN) instead."
+            "do not trust EF-based Laplace variances, TIC or other uncertainty built on the "
+            "EF; build them on the Fisher (the GGN) instead."
         )
-    else:
+        return Verdict("matrix", "bad", [text], numbers, links)
+    if a.matrix_outcome == "close":
         text += (
-            "the EF is a usable stand-in for the Fisher as a matrix here; before using "
-            "EF-based Laplace variances, check that the KL is small for your purpose (0 means "
-            "identical)."
+            "the EF is a close stand-in for the Fisher as a matrix here, so EF-based Laplace "
+            "variances are close to the Fisher's; no change needed."
         )
-    return Verdict("matrix", level, [text], numbers)
-
-
-def _scale(run: Run) -> Verdict | None:
-    steps, ratios = _finite_series(run, run.key("trace_ratio"))
-    if not len(ratios):
-        return None
-    low, high = TRACE_RATIO_RANGE
-    median = float(np.median(ratios))
-    outside = int(np.sum((ratios < low) | (ratios > high)))
-    numbers = {
-        "measurements": len(ratios),
-        "median_trace_ratio": median,
-        "min_trace_ratio": float(ratios.min()),
-        "max_trace_ratio": float(ratios.max()),
-        "outside_share": outside / len(ratios),
-    }
-    why = evidence(steps)
-    if why is not None:
-        known = [f"tr EF / tr F {range_phrase(ratios)}"]
-        return _insufficient("scale", "the curvature scale", why, known, numbers)
-    text = (
-        f"tr EF / tr F {range_phrase(ratios)}; it left [{low}, {high}] "
-        f"{share_phrase(outside, len(ratios))}: "
-    )
-    if low <= median <= high:
-        text += (
-            "the EF's overall curvature scale is about right; damping or step sizes calibrated "
-            "on EF magnitudes are safe here."
-        )
-        return Verdict("scale", "good", [text], numbers)
-    direction = "overstates" if median > high else "understates"
+        return Verdict("matrix", "good", [text], numbers, links)
     text += (
-        f"the EF {direction} the curvature scale; do not set damping, Adam's ε or learning "
-        "rates from EF magnitudes, and check the data scale and that the loss is a true "
-        "negative log-likelihood (its reduction and any scaling factor)."
+        "the EF is a rough stand-in for the Fisher as a matrix; for Laplace variances or TIC "
+        "you rely on, use the Fisher (the GGN)."
     )
-    return Verdict("scale", "bad", [text], numbers)
+    return Verdict("matrix", "mixed", [text], numbers, links)
 
 
-def _trace(run: Run) -> Verdict | None:
-    steps, ratios = _finite_series(run, run.key("trace_ratio"))
-    errors = _finite_series(run, run.key("rel_error"))[1]
-    if not len(ratios) or not len(errors):
-        return None
-    median_ratio, median_error = float(np.median(ratios)), float(np.median(errors))
-    numbers = {"median_trace_ratio": median_ratio, "median_rel_error": median_error}
-    why = evidence(steps)
-    if why is not None:
-        known = [
-            f"tr EF / tr F {range_phrase(ratios)} and the relative error {range_phrase(errors)}"
-        ]
-        return _insufficient("trace", "whether the trace hides a mismatch", why, known, numbers)
-    low, high = TRACE_AGREES_RANGE
-    traces_agree = low <= median_ratio <= high
-    if traces_agree and median_error > REL_ERROR_LIMIT:
-        text = (
-            f"The trace hides a mismatch: the traces agreed (median ratio {median_ratio:.2f}) "
-            f"while the matrices did not (median relative error {median_error:.2f}): do not "
-            "validate the EF by its trace or any other scalar summary; compare directions and "
-            "whole matrices, as this report does."
-        )
-        return Verdict("trace", "bad", [text], numbers)
-    if traces_agree:
-        story = (
-            f"the traces agreed (median ratio {median_ratio:.2f}) and so did the matrices "
-            f"(median relative error {median_error:.2f})"
-        )
-    elif median_error > REL_ERROR_LIMIT:
-        story = (
-            f"the trace ratio (median {median_ratio:.2f}) already shows the mismatch of the "
-            f"matrices (median relative error {median_error:.2f})"
-        )
-    else:
-        story = (
-            f"the traces differ (median ratio {median_ratio:.2f}) while the matrices are close "
-            f"in shape (median relative error {median_error:.2f})"
-        )
+def _noise_variance(a: Assessment) -> str:
+    """For ``MSELoss``: the Gaussian noise variance the loss implies, against the residuals'."""
+    loss = a.loss_name
+    if not loss.startswith("MSELoss"):
+        return ""
+    mean = "'sum'" not in loss
+    variance = (
+        "K/2 per output entry (½ with one output per sample; K counts a sample's entries)"
+        if mean
+        else "½ per output entry"
+    )
     text = (
-        f"The trace does not hide a mismatch here: {story}; still judge the EF by its "
-        "directions and matrix error, never by the trace alone."
+        f" {loss} is the negative log-likelihood of Gaussian noise of variance {variance}: the "
+        "Fisher assumes that noise while the EF sees your residuals, so tr EF / tr F ≈ "
+        "(mean squared residual per entry) / (that variance) when residuals and gradients are "
+        "unrelated."
     )
-    return Verdict("trace", "good", [text], numbers)
-
-
-def _optimizer(run: Run) -> Verdict | None:
-    if not run.has_update_audit:
-        return None
-    steps, cosines = _finite_series(run, run.key("update_nat_cosine"))
-    if not len(cosines):
-        return None
-    name = run.optimizer_name
-    owner = f"{name}'s" if name else "The optimizer's"
-    ef_steps = _finite_series(run, run.key("update_ef_cosine"))[1]
-    grad_steps = _finite_series(run, run.key("update_grad_cosine"))[1]
-    with_ef = _finite_series(run, keys.optimizer_key("preconditioner_ef_cosine", keys.ALL))[1]
-    with_f = _finite_series(run, keys.optimizer_key("preconditioner_fisher_cosine", keys.ALL))[1]
-    count = len(cosines)
-    within = int(np.sum(cosines >= STEP_COSINE))
-    numbers: dict = {
-        "optimizer": name,
-        "structure": run.primary_structure,
-        "measurements": count,
-        "within_60_degrees_share": within / count,
-        "median_update_nat_cosine": float(np.median(cosines)),
-        "median_update_ef_cosine": float(np.median(ef_steps)) if len(ef_steps) else None,
-        "median_update_grad_cosine": float(np.median(grad_steps)) if len(grad_steps) else None,
-        "median_preconditioner_ef_cosine": float(np.median(with_ef)) if len(with_ef) else None,
-        "median_preconditioner_fisher_cosine": float(np.median(with_f)) if len(with_f) else None,
-    }
-    why = evidence(steps)
-    if why is not None:
-        known = [
-            f"the cosine between {f'{name}' if name else 'the optimizer'}'s step and the "
-            f"natural-gradient step {range_phrase(cosines)}"
-        ]
-        return _insufficient("optimizer", "the optimizer's steps", why, known, numbers)
-    text = (
-        f"{owner} steps pointed within 60° of the natural gradient (cosine ≥ {STEP_COSINE}) "
-        f"{share_phrase(within, count)} (median cosine {np.median(cosines):.2f}"
-    )
-    if len(ef_steps):
-        text += f"; with the EF-preconditioned step {_median_phrase(ef_steps)}"
-    if len(grad_steps):
-        text += f"; with −g {_median_phrase(grad_steps)}"
-    text += ")"
-    follows, phrase = _preconditioner_follows(with_ef, with_f)
-    text += phrase
-    numbers["follows"] = follows
-    share = within / count
-    level = "good" if share >= AGREE_SHARE else "bad" if share < DISAGREE_SHARE else "mixed"
-    plain = len(grad_steps) and np.median(grad_steps) >= AGREE_COSINE
-    advice = _optimizer_advice(level, bool(plain), follows)
-    return Verdict("optimizer", level, [f"{text}: {advice}"], numbers)
-
-
-def _preconditioner_follows(with_ef: np.ndarray, with_f: np.ndarray) -> tuple[str | None, str]:
-    """Which diagonal the optimizer's preconditioner follows, and the clause saying so.
-
-    ``"ef"`` or ``"fisher"`` when its median cosine with √diag EF (resp. √diag F) exceeds
-    the other's by more than ``FOLLOWS_MARGIN``, else ``"both"``; ``None`` (and no clause)
-    when the preconditioner was not audited.
-    """
-    if not (len(with_ef) and len(with_f)):
-        return None, ""
-    ef_median, f_median = float(np.median(with_ef)), float(np.median(with_f))
-    phrase = (
-        f"; its preconditioner correlates with √diag EF at {ef_median:.2f} and with "
-        f"√diag F at {f_median:.2f}"
-    )
-    if ef_median > f_median + FOLLOWS_MARGIN:
-        return "ef", phrase + " — it follows the EF"
-    if f_median > ef_median + FOLLOWS_MARGIN:
-        return "fisher", phrase + " — it follows the Fisher"
-    return "both", phrase + " — about equally"
-
-
-def _optimizer_advice(level: str, plain: bool, follows: str | None) -> str:
-    """What to change about the optimizer.
-
-    Args:
-        level: The verdict's level (``"good"``, ``"mixed"`` or ``"bad"``).
-        plain: Whether its steps are close to plain gradient steps (median cosine with
-            −g at least ``AGREE_COSINE``).
-        follows: Which diagonal its preconditioner follows (:func:`_preconditioner_follows`).
-    """
-    if level == "good":
-        return "no change needed: its steps are close to natural-gradient steps."
-    if plain and follows is None:
-        return (
-            "its steps are close to plain gradient steps; for natural-gradient-like steps "
-            "precondition with the Fisher (K-FAC or a damped diagonal Fisher)."
+    if mean and len(a.loss):
+        mse = float(np.median(a.loss))
+        text += (
+            f" Your probe loss, the mean squared residual, had median {mse:.3g}: against the "
+            f"implied variance ½ that predicts a ratio near 2 × {mse:.3g} = {2 * mse:.3g} for "
+            "one output per sample."
         )
-    if follows == "ef":
+    return text + (
+        " A ratio far from 1 then says your residuals' variance is not the one the loss "
+        "implies, not that the data are badly scaled: compare your residuals' variance with "
+        "the loss's, not the data's scaling."
+    )
+
+
+def _scale_cause(a: Assessment, outcome: str) -> str:
+    """Why the scale is off, as far as the loss tells."""
+    noise = _noise_variance(a)
+    if noise:
+        return noise
+    if outcome == "low":
+        classifier = "For a classifier" if a.loss_name else "For a classifier (cross-entropy)"
         return (
-            "its diagonal scaling inherits the EF's errors; for natural-gradient-like steps "
-            "precondition with the Fisher (K-FAC or a damped diagonal Fisher with sampled "
-            "labels), or raise ε to soften the EF scaling."
+            f" {classifier} this is expected once it fits its training data (the EF sees the "
+            "small gradients of labels it already predicts, the Fisher the model's own label "
+            "noise), so use the Fisher's scale wherever you need one."
         )
     return (
-        "its steps leave the natural gradient; check what dominates the update (momentum, "
-        "weight decay, gradient clipping) and consider a Fisher-based preconditioner."
+        " Outliers, mislabelled samples or a loss scaled beyond its likelihood (a weight, a "
+        "sum where a mean is meant) raise the EF's scale; check that the loss is a true "
+        "negative log-likelihood."
     )
 
 
-def verdicts(run: Run) -> list[Verdict]:
-    """Every verdict for a run, headline (preconditioning) first."""
-    found = [
-        _preconditioning(run),
-        _matrix(run),
-        _scale(run),
-        _trace(run),
-        _optimizer(run),
-    ]
+def _scale(a: Assessment) -> Verdict:
+    links = ["docs/guide/acting.md#scale", "docs/glossary.md#trace-ratio"]
+    m = a.ratio
+    if m is None:
+        return _not_measured("scale", "the curvature scale", "trace_ratio", links)
+    low, high = TRACE_RATIO_RANGE
+    outside = int(np.sum((m.values < low) | (m.values > high)))
+    outcome = a.scale_outcome
+    numbers = {
+        "structure": m.structure,
+        "measurements": len(m.values),
+        "median_trace_ratio": m.median,
+        "min_trace_ratio": float(m.values.min()),
+        "max_trace_ratio": float(m.values.max()),
+        "outside_share": outside / len(m.values),
+        "outcome": outcome,
+    }
+    if a.loss_name.startswith("MSELoss"):
+        links.append("docs/guide/acting.md#gaussian-noise")
+    if m.why_insufficient is not None:
+        known = [f"tr EF / tr F {range_phrase(m.values)}"]
+        return _insufficient("scale", "the curvature scale", m, known, numbers, links)
+    text = (
+        f"tr EF / tr F ({m.where()}) {range_phrase(m.values)}; it left [{low}, {high}] "
+        f"{share_phrase(outside, len(m.values))}: "
+    )
+    direction = "overstates" if m.median > 1 else "understates"
+    if outcome == "match" and a.matrix_outcome == "differ":
+        text += (
+            "the EF's overall curvature scale matches the Fisher's, but the matrices differ "
+            "(see the trace verdict): only a scale for all coordinates together (a global "
+            "damping) carries over from EF magnitudes, per-coordinate magnitudes do not."
+        )
+        return Verdict("scale", "mixed", [text], numbers, links)
+    if outcome == "match":
+        text += (
+            "the EF's overall curvature scale matches the Fisher's; scalar settings taken from "
+            "EF magnitudes (a global damping, a step size) carry over, no change needed."
+        )
+        return Verdict("scale", "good", [text], numbers, links)
+    if outcome == "near":
+        off = 100 * abs(m.median - 1)
+        text += (
+            f"the EF {direction} the overall curvature scale by about {off:.0f}% (within a "
+            "factor of 2): settings calibrated on EF magnitudes (damping, Adam's ε, a step "
+            "size) are off by that much; use the Fisher's where that matters."
+        )
+        return Verdict("scale", "mixed", [text], numbers, links)
+    factor = m.median if m.median > 1 else 1 / m.median
+    text += (
+        f"the EF {direction} the curvature scale (by a factor of about {factor:.3g}); do not "
+        "set damping, Adam's ε, learning rates or a Laplace approximation's scale from EF "
+        "magnitudes." + _scale_cause(a, outcome)
+    )
+    return Verdict("scale", "bad", [text], numbers, links)
+
+
+def _trace(a: Assessment) -> Verdict | None:
+    ratio, error = a.ratio, a.error
+    if ratio is None or error is None:
+        return None  # the scale or matrix verdict says what was not measured
+    links = ["docs/guide/acting.md#trace", "docs/glossary.md#trace-ratio"]
+    r, e = ratio.median, error.median
+    scale, matrix = a.scale_outcome, a.matrix_outcome
+    numbers = {
+        "median_trace_ratio": r,
+        "median_rel_error": e,
+        "scale_outcome": scale,
+        "matrix_outcome": matrix,
+    }
+    short = ratio if ratio.why_insufficient is not None else error
+    if short.why_insufficient is not None:
+        known = [
+            f"tr EF / tr F {range_phrase(ratio.values)} and the relative error "
+            f"{range_phrase(error.values)}"
+        ]
+        what = "whether the trace hides a mismatch"
+        return _insufficient("trace", what, short, known, numbers, links)
+    pair = f"(median trace ratio {r:.2f}, median relative error {e:.2f})"
+    if scale == "match" and matrix == "differ":
+        text = (
+            f"The trace hides a mismatch: the traces agree while the matrices do not {pair}: "
+            "do not validate the EF by its trace or any other scalar summary; compare "
+            "directions and whole matrices, as this report does."
+        )
+        return Verdict("trace", "bad", [text], numbers, links)
+    if scale == "match":
+        text = (
+            f"The trace tells the truth here: the traces agree and so do the matrices {pair}; "
+            "no change needed, but judge a preconditioner by its directions (the "
+            "preconditioning verdict), never by the trace alone."
+        )
+        return Verdict("trace", "good", [text], numbers, links)
+    if matrix == "differ":
+        story = (
+            "is off by less than the matrices differ: it understates the mismatch"
+            if scale == "near"
+            else "shows the mismatch that the matrices' error confirms"
+        )
+        text = f"The trace does not hide the mismatch here: the trace ratio {story} {pair}"
+    else:
+        text = (
+            f"The traces differ while the matrices are within {100 * REL_ERROR_LIMIT:.0f}% of "
+            f"each other {pair}: mostly a difference of scale"
+        )
+    text += "; judge the EF by its directions and matrix error, never by the trace alone."
+    return Verdict("trace", "info", [text], numbers, links)
+
+
+def _follows_phrase(a: Assessment) -> str:
+    if a.follows is None:
+        return ""
+    assert a.with_ef is not None and a.with_f is not None
+    return (
+        f"; its scaling correlates with √diag EF at {a.with_ef.median:.2f} and with √diag F "
+        f"at {a.with_f.median:.2f}"
+    )
+
+
+def _optimizer_advice(a: Assessment, level: str, use: str | None) -> str:
+    """What the optimizer verdict tells the user to do (after its numbers)."""
+    if level == "good":
+        return ": its steps are close to natural-gradient steps; no change needed."
+    if use == "kfac":
+        return (
+            ": for a curvature preconditioner its steps are far from natural-gradient steps; "
+            "check what its curvature is built from (gradients at the observed labels give the "
+            "EF: use labels sampled from the model), its damping and how often it is updated."
+        )
+    diag_close = a.diag_outcome == "agree"
+    plain = a.update_grad is not None and a.update_grad.median >= AGREE_COSINE
+    if a.follows is None and plain:
+        return (
+            ": they are close to plain gradient steps, which the natural gradient turns away "
+            "from; no change needed for training — for curvature-aware steps, precondition "
+            "with the Fisher (K-FAC with sampled labels), not the EF."
+        )
+    if a.follows == "fisher":
+        return (
+            " — closer to the Fisher's diagonal than to the EF's, so the EF is not what turns "
+            "its steps away: a diagonal scaling cannot follow the natural gradient's couplings "
+            "between parameters, and momentum, weight decay and clipping change the step too. "
+            "No change needed in its scaling; for steps closer to the natural gradient, a block "
+            "preconditioner (K-FAC with sampled labels) is the next thing to try."
+        )
+    if a.follows == "ef" and not diag_close:
+        return (
+            " — it scales coordinates like the EF's diagonal, which differs from the Fisher's "
+            "here, so its step sizes inherit the EF's errors; if training does well, no change "
+            "needed — for curvature-aware steps raise ε or precondition with the Fisher (K-FAC, "
+            "or a damped diagonal Fisher with sampled labels)."
+        )
+    alike = " alike" if a.follows == "both" else ""
+    return (
+        f"{alike} — its distance from the natural gradient comes largely from what a diagonal "
+        "scaling cannot express (couplings between parameters) and from momentum, weight decay "
+        "or clipping; no change needed for training — for steps closer to the natural "
+        "gradient, try a block preconditioner such as K-FAC with sampled labels."
+    )
+
+
+def _optimizer(a: Assessment, use: str | None) -> Verdict | None:
+    m = a.update
+    if m is None:
+        return None
+    name = a.optimizer
+    section = {"adam": "adam", "sgd": "sgd", "kfac": "kfac"}.get(use or "", "optimizer")
+    links = [f"docs/guide/acting.md#{section}", "docs/glossary.md#natural-gradient"]
+    count = len(m.values)
+    within = int(np.sum(m.values >= STEP_COSINE))
+    share = within / count
+    numbers: dict = {
+        "optimizer": name,
+        "structure": m.structure,
+        "measurements": count,
+        "within_60_degrees_share": share,
+        "median_update_nat_cosine": m.median,
+        "median_update_ef_cosine": a.update_ef.median if a.update_ef else None,
+        "median_update_grad_cosine": a.update_grad.median if a.update_grad else None,
+        "median_preconditioner_ef_cosine": a.with_ef.median if a.with_ef else None,
+        "median_preconditioner_fisher_cosine": a.with_f.median if a.with_f else None,
+        "follows": a.follows,
+    }
+    if m.why_insufficient is not None:
+        known = [
+            f"the cosine between {name or 'the optimizer'}'s step and the natural-gradient "
+            f"step {range_phrase(m.values)}"
+        ]
+        return _insufficient("optimizer", "the optimizer's steps", m, known, numbers, links)
+    owner = f"{name}'s" if name else "The optimizer's"
+    text = (
+        f"{owner} steps pointed within 60° of the natural gradient (cosine ≥ {STEP_COSINE}) "
+        f"{share_phrase(within, count)} (median cosine {m.median:.2f}, {m.where()}"
+    )
+    if a.update_ef is not None:
+        text += f"; with the EF-preconditioned step {median_phrase(a.update_ef.values)}"
+    if a.update_grad is not None:
+        text += f"; with −g {median_phrase(a.update_grad.values)}"
+    text += ")" + _follows_phrase(a)
+    if share >= AGREE_SHARE:
+        level = "good"
+    elif use == "kfac":
+        level = "bad" if share < DISAGREE_SHARE else "mixed"
+    else:  # an Adam or SGD step far from the natural gradient is no fault in itself
+        level = "info"
+    return Verdict("optimizer", level, [text + _optimizer_advice(a, level, use)], numbers, links)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def verdicts(run: Run, use: str | None = None) -> list[Verdict]:
+    """Every topic's verdict for a run, preconditioning first.
+
+    Args:
+        run: The run.
+        use: How the user relies on curvature (:data:`USES`); default from the run's
+            settings (``"use"``, else the optimizer's class).
+
+    Returns:
+        One verdict per topic with data (a topic whose metric no structure logged says so;
+        the optimizer topic only when its steps were audited).
+    """
+    use = check_use(use) or infer_use(run.settings)
+    a = assess(run)
+    found = [_preconditioning(a), _matrix(a), _scale(a), _trace(a), _optimizer(a, use)]
     return [verdict for verdict in found if verdict is not None]
 
 
-def headline(run: Run) -> Verdict | None:
-    """The first (preconditioning) verdict, or ``None`` when nothing was measured."""
-    found = verdicts(run)
-    return found[0] if found else None
+def headline(run: Run, use: str | None = None) -> Verdict:
+    """One line on what the measurements mean for this training (topic ``"headline"``).
+
+    It says what the numbers mean for the user's optimizer or use, what to try, and which
+    documentation section explains how.
+
+    Args:
+        run: The run.
+        use: ``"adam"``, ``"sgd"``, ``"kfac"`` or ``"laplace"`` (:data:`USES`); default
+            from the run's settings (``"use"``, else the optimizer's class name).
+    """
+    return headline_verdict(assess(run), check_use(use) or infer_use(run.settings))
 
 
 def advice(run: Run, found: list[Verdict] | None = None) -> list[str]:
     """What to change in the monitor's settings for better evidence (may be empty)."""
     found = verdicts(run) if found is None else found
     tips = []
-    if any(verdict.level == "insufficient" for verdict in found):
-        steps = np.asarray(run.steps)
+    short = [verdict for verdict in found if verdict.numbers.get("insufficient")]
+    non_finite = [v.topic for v in short if v.numbers.get("non_finite", 0) > 0]
+    if non_finite:
         tips.append(
-            f"This run has {_plural(len(steps), 'measurement')} ({_steps_phrase(steps)}): "
+            f"Most values behind the {', '.join(non_finite)} "
+            f"{'verdict was' if len(non_finite) == 1 else 'verdicts were'} NaN or infinite: "
+            f"{MAKE_FINITE}."
+        )
+    if len(non_finite) < len(short):
+        steps = measured_steps(run)
+        tips.append(
+            f"This run has {plural(len(steps), 'measurement')} ({steps_phrase(steps)}): "
             f"{MEASURE_MORE}."
         )
-        sizes = _finite_series(run, keys.probe_key("batch_size"))[1]
+        sizes = run.series(keys.probe_key("batch_size"))[1]
+        sizes = sizes[np.isfinite(sizes)]
         if len(sizes) and np.median(sizes) < 32:
             tips.append(
                 f"The probe batch had {np.median(sizes):.0f} samples: a larger probe "
@@ -534,10 +579,13 @@ def advice(run: Run, found: list[Verdict] | None = None) -> list[str]:
 
 
 __all__ = [
+    "HEADLINE",
     "LEVELS",
     "THRESHOLDS",
     "TOPICS",
+    "USES",
     "Code",
+    "Measured",
     "Verdict",
     "advice",
     "evidence",

@@ -36,11 +36,16 @@ def register(cls: type[Structure]) -> type[Structure]:
     if not (isinstance(cls, type) and issubclass(cls, Structure)):
         raise TypeError(f"Only Structure subclasses can be registered, got {cls!r}.")
     existing = STRUCTURES.get(cls.name)
-    if existing is not None and existing is not cls:
+    if existing is not None and not _same_definition(existing, cls):
         raise ValueError(f"A structure named {cls.name!r} is registered already: {existing!r}.")
     keys.register_structure(cls.name)
     STRUCTURES[cls.name] = cls
     return cls
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """Whether ``b`` is ``a`` or ``a`` defined again (a notebook cell run twice)."""
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 __all__ = [

@@ -118,14 +118,15 @@ class ResidualConvBlock(nn.Module):
         return self.head(self.pool(out))
 
 
-def test_transformer_block_falls_back_to_functorch_and_matches_reference():
+def test_transformer_block_matches_reference():
     torch.manual_seed(0)
     model = TinyTransformer().double()
     tokens = torch.randint(0, 11, (6, 5))
     targets = torch.randint(0, 3, (6,))
     loss = nn.CrossEntropyLoss()
-    m = measure(model, loss, tokens, targets, structures=("diag", "block"))  # auto
-    assert any("measured with torch.func" in note for note in m.notes)
+    auto = measure(model, loss, tokens, targets, structures=("diag", "block"))
+    assert any("measured with autograd with module hooks" in note for note in auto.notes)
+    m = measure(model, loss, tokens, targets, structures=("diag", "block"), backend="functorch")
     names = [entry["layer"] for entry in m.coverage]
     # a block is all trainable parameters of one module: attention's own in-projection,
     # and its output projection (a submodule) separately

@@ -23,24 +23,24 @@ def pooled_double_network():
     ).double()
 
 
-def test_backpack_dtype_failure_falls_back_to_torch_func():
+def test_backpack_dtype_failure_falls_back_to_the_next_backend():
     """A float64 network with AvgPool2d under float32 default dtype: BackPACK's pooling
     Jacobian fails ("expected scalar type Double but found Float"); auto measures with
-    torch.func instead, says why, and gets the torch.func numbers."""
+    the autograd backend instead, says why, and gets the torch.func backend's numbers."""
     assert torch.get_default_dtype() == torch.float32
     model = pooled_double_network()
     inputs = torch.randn(6, 1, 6, 6, dtype=torch.float64)
     targets = torch.randint(0, 3, (6,))
     auto = measure(model, nn.CrossEntropyLoss(), inputs, targets)
     assert any(
-        note.startswith("BackPACK failed on this network") and "torch.func" in note
+        note.startswith("BackPACK failed on this network") and "autograd" in note
         for note in auto.notes
     )
-    assert {entry["backend"] for entry in auto.coverage} == {"functorch"}
+    assert {entry["backend"] for entry in auto.coverage} == {"autograd"}
     forced = measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="functorch")
     for key, value in forced.scalars.items():
         if key != "probe/seconds":
-            assert auto[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+            assert auto[key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
     with pytest.raises(RuntimeError, match="BackPACK failed on this network.*backend='auto'"):
         measure(model, nn.CrossEntropyLoss(), inputs, targets, backend="backpack")
 
@@ -55,13 +55,13 @@ def test_unsupported_network_error_lists_the_modules():
     assert "Supported module types:" in str(error) and "Linear" in error.fix
     assert isinstance(error, NotImplementedError)  # what callers caught before
     network = prepare(model, Categorical("mean"), "auto")
-    assert network.backend == "functorch"
+    assert network.backend == "autograd"
     assert network.preparation_notes[0].startswith("BackPACK cannot handle module(s) '1' (RReLU)")
     network.close()
 
 
 def test_backend_names_are_validated():
-    assert BACKENDS == ("auto", "backpack", "functorch")
+    assert BACKENDS == ("auto", "backpack", "autograd", "functorch")
     assert check_backend("functorch") == "functorch"
     with pytest.raises(ValueError, match=r"Invalid backend: 'jax'. Supported: \('auto'"):
         check_backend("jax")

@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 from fisher_monitor import FisherMonitor, schedules
-from fisher_monitor.engine.memory import check_memory_budget
+from fisher_monitor.validation import check_memory_budget
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ from fisher_monitor.engine.memory import check_memory_budget
         (dict(optimizer_index=-1), r"Invalid optimizer_index: -1"),
         (
             dict(backend="jax"),
-            r"Invalid backend: 'jax'\. Supported: \('auto', 'backpack', 'functorch'\)",
+            r"Invalid backend: 'jax'\. Supported: \('auto', 'backpack', 'autograd', 'functorch'\)",
         ),
         (dict(structures=("full",)), "Invalid structure: 'full'"),
         (dict(loss_fn=nn.L1Loss()), "Unsupported loss 'L1Loss'"),

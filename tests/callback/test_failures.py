@@ -38,21 +38,33 @@ def test_no_logger_is_an_error_at_setup():
         trainer.fit(TinyClassifier(), loader())
 
 
-class FunctionalLoss(TinyClassifier):
-    """Computes its loss with a function: no loss module to find."""
+class HandWritten(TinyClassifier):
+    """Computes its negative log-likelihood by hand: no loss function, no loss module."""
 
     def __init__(self):
         super().__init__()
         del self.loss_fn
 
     def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+        log_probs = self(batch[0]).log_softmax(dim=1)
+        return -log_probs.gather(1, batch[1][:, None]).mean()
 
 
-def two_losses() -> TinyClassifier:
-    model = TinyClassifier()
-    model.other_loss = nn.MSELoss()
-    return model
+class TwoLosses(HandWritten):
+    """Two heads: a classification and a regression of the first input, two losses (and no
+    loss module to tell which is the likelihood)."""
+
+    def __init__(self):
+        super().__init__()
+        self.regression = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.net(x), self.regression(x)
+
+    def training_step(self, batch, batch_idx):
+        logits, prediction = self(batch[0])
+        regression = nn.functional.mse_loss(prediction.squeeze(1), batch[0][:, 0])
+        return nn.functional.cross_entropy(logits, batch[1]) + regression
 
 
 def smoothed_loss() -> TinyClassifier:
@@ -62,8 +74,8 @@ def smoothed_loss() -> TinyClassifier:
 
 
 LOSS_CASES = [
-    (FunctionalLoss, "found no loss module on FunctionalLoss.*loss_fn=nn.CrossEntropyLoss"),
-    (two_losses, r"several losses on TinyClassifier \(\['loss_fn', 'other_loss'\]\)"),
+    (HandWritten, "found no loss module on HandWritten.*loss_fn=nn.CrossEntropyLoss"),
+    (TwoLosses, r"several losses \(F.cross_entropy\(…\), F.mse_loss\(…\)\).*`loss_fn=`"),
     (smoothed_loss, "found the loss `loss_fn`.*label_smoothing"),
 ]
 
@@ -72,7 +84,8 @@ LOSS_CASES = [
 def test_missing_and_ambiguous_losses_warn_once_and_training_goes_on(model, message):
     logger, caught = fit_warning(FisherMonitor(every_n_steps=1), steps=3, model=model)
     assert len(caught) == 1
-    assert caught[0].startswith("`FisherMonitor` could not prepare its measurements")
+    # the loss is looked for in the first measured step, which is therefore skipped
+    assert caught[0].startswith("`FisherMonitor` skipped the measurement at step 0")
     assert re.search(message, caught[0])
     assert "The monitor is off for the rest of this fit; training continues." in caught[0]
     assert not logger.steps_with("~fisher/probe/loss")
@@ -101,11 +114,11 @@ def test_unsupported_network():
         FisherMonitor(network="net", backend="backpack"), steps=2, model=gelu_model
     )
     assert len(caught) == 1 and "RReLU" in caught[0] and "backend='auto'" in caught[0]
-    # by default the torch.func backend takes over, and says so
+    # by default the next backend (autograd with module hooks) takes over, and says so
     monitor = FisherMonitor(network="net", every_n_steps=1, structures=("diag", "block"))
     _, _, logger = fit(monitor, steps=2, model=gelu_model)
     assert logger.steps_with("~fisher/block/direction_cosine/all") == [0, 1]
-    assert any("torch.func" in note for note in monitor.last_measurement.notes)
+    assert any("autograd" in note for note in monitor.last_measurement.notes)
     with pytest.raises(ValueError, match="has no attribute 'backbone'"):
         fit(FisherMonitor(network="backbone", raise_on_error=True), steps=1)
 
@@ -199,8 +212,22 @@ def test_forward_missing_an_argument_suggests_batch_to_inputs_targets():
     data = torch.utils.data.DataLoader(
         MappedDataset(lambda i, x, y: (x, (x > -1).float(), y)), batch_size=16
     )
-    logger, caught = fit_warning(
+    # found from the recorded step: forward(batch[0], batch[1]), targets batch[2]
+    _, _, logger = fit(
         FisherMonitor(every_n_steps=1, structures=("diag",)),
+        steps=2,
+        model=MaskedClassifier(),
+        data=data,
+    )
+    assert logger.steps_with("~fisher/diag/kl/all") == [0, 1]
+    # a hand-written split that leaves the mask out gets the advice
+    logger, caught = fit_warning(
+        FisherMonitor(
+            every_n_steps=1,
+            structures=("diag",),
+            loss_fn=nn.CrossEntropyLoss(),
+            batch_to_inputs_targets=lambda batch: (batch[0], batch[2]),
+        ),
         steps=3,
         model=MaskedClassifier(),
         data=data,
@@ -250,9 +277,19 @@ class Lazy(TinyClassifier):
 
 
 def test_lazy_modules_are_retried_until_their_shapes_are_known():
+    # the recorded first step gives the lazy modules their shapes before it is measured
     logger, caught = fit_warning(
         FisherMonitor(every_n_steps=1, structures=("diag",)), steps=3, model=Lazy()
     )
+    assert caught == [] and logger.steps_with("~fisher/diag/kl/all") == [0, 1, 2]
+    # told everything, the monitor measures at the start of a step: the first one waits
+    explicit = FisherMonitor(
+        every_n_steps=1,
+        structures=("diag",),
+        loss_fn=nn.CrossEntropyLoss(),
+        batch_to_inputs_targets=lambda batch: tuple(batch),
+    )
+    logger, caught = fit_warning(explicit, steps=3, model=Lazy())
     assert len(caught) == 1 and "skipped the measurement at step 0" in caught[0]
     assert "lazy" in caught[0] and "Nothing to do" in caught[0]
     assert logger.steps_with("~fisher/diag/kl/all") == [1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from fisher_monitor.callback import monitor as monitor_module
 from fisher_monitor.callback import summary as summary_module
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.summary import FitSummary, start_line
+from fisher_monitor.shell import script
 from lightning_helpers import fit
 
 
@@ -29,12 +31,17 @@ def test_start_line_and_end_table_of_a_fit(tmp_path, said):
     logger = TensorBoardLogger(tmp_path)
     monitor = FisherMonitor(every_n_steps=2, structures=("diag", "block"), probe_size=8)
     fit(monitor, steps=5, logger=logger)
-    start, table = said
+    start, found, table = said
     assert start == (
         "FisherMonitor: comparing F and EF (diag + block; exact Fisher, 0.001 relative damping) "
-        "of TinyClassifier, 2 layers with CrossEntropyLoss(reduction='mean'), backend backpack, "
-        "on the training batch (at most 8 samples), schedule every(2, offset=0); logged under "
-        "'~fisher/'."
+        "of TinyClassifier, 2 layers with the loss training_step computes (found at the first "
+        "measured step), backend auto, on the training batch (at most 8 samples), schedule "
+        "every(2, offset=0); logged under '~fisher/'."
+    )
+    assert found == (
+        "FisherMonitor: loss found in training_step at step 0: F.cross_entropy(…) on output, "
+        "targets batch[1]; the probe calls TinyClassifier(batch[0]); measured as "
+        "Categorical(reduction='mean', ignore_index=-100)."
     )
     lines = table.splitlines()
     assert lines[0] == "FisherMonitor summary"
@@ -49,14 +56,21 @@ def test_start_line_and_end_table_of_a_fit(tmp_path, said):
     assert rows["verdict: preconditioning"].startswith("Insufficient evidence")
     assert rows["what to do"].startswith("To judge")
     assert rows["TensorBoard run"] == logger.log_dir
-    assert rows["report"] == f"fisher-monitor report {logger.log_dir}"
+    # runnable as printed: the fisher-monitor next to this Python, by its full path
+    assert rows["report"] == shlex.join(
+        [*script("fisher-monitor", "fisher_monitor"), "report", logger.log_dir]
+    )
+    assert lines[1].startswith("  bottom line")  # the headline comes first
+    assert rows["bottom line"].startswith("For your SGD training: SGD keeps no squared-gradient")
+    assert "docs/guide/acting.md#sgd" in rows["bottom line"]
+    assert rows["terms"].startswith("docs/glossary.md")
 
 
 def test_no_measurement_at_all_still_summarises(said):
     fit(FisherMonitor(every_n_steps=100), steps=2)
-    assert "FisherMonitor summary\n  measurements" in said[-1]
+    assert "FisherMonitor summary\n  bottom line" in said[-1]
     assert re.search(r"measurements\s+1 at steps 0", said[-1])  # step 0 only
-    assert "add a TensorBoardLogger" in said[-1]
+    assert "fisher-monitor report reads TensorBoard, CSVLogger and MLflow logs" in said[-1]
 
 
 def history(steps, cosine=0.3) -> History:
@@ -106,7 +120,8 @@ def test_fit_summary_rows_and_the_run_file_block():
     assert block["measurements"] == 10 and block["steps"][-1] == 90
     assert block["overhead"] == pytest.approx(0.05)
     assert block["verdicts"] == [v.text for v in verdicts]
-    assert "diag/kl/all" not in result.history.records[0][1]
+    # every structure's whole-network values are kept, for verdicts of what was measured
+    assert result.history.records[0][1]["diag/kl/all"] == 5.0
 
 
 def test_verdicts_come_from_the_report_package():
@@ -146,3 +161,45 @@ def test_start_line_options():
     assert line.endswith("logged under 'fm/'.")
     not_ready = start_line({**settings, "network": None}, None, "fm")
     assert not_ready.startswith("FisherMonitor: not measuring yet (see the warning above)")
+
+
+def test_a_sketched_block_keeps_every_verdict_in_the_summary():
+    """Issue 20: with a sketched block Fisher (no direction cosine, no update cosines of
+    block) the preconditioning and optimizer verdicts come from the diagonal, and say so."""
+    record = History("block", "")
+    for step in range(0, 80, 10):
+        record.add(
+            step,
+            {
+                "block/trace_ratio/all": 0.9,
+                "block/rel_error/all": 0.7,
+                "block/matrix_cosine/all": 0.8,
+                "diag/direction_cosine/all": 0.3,
+                "diag/direction_cosine/fc": 0.25,
+                "diag/trace_ratio/all": 0.9,
+                "diag/rel_error/all": 0.6,
+                "diag/kl/all": 4.0,
+                "probe/loss": 1.0,
+            },
+        )
+        record.extend(step, {"diag/update_nat_cosine/all": 0.2, "diag/update_grad_cosine/all": 0.4})
+    settings = {"optimizer": "Adam", "preconditioner": True}
+    found = record.verdicts("fisher", None, settings)
+    topics = {v.topic: v for v in found}
+    assert set(topics) == {"headline", "preconditioning", "matrix", "scale", "trace", "optimizer"}
+    assert "diag; block logged no direction cosine" in topics["preconditioning"].text
+    assert topics["optimizer"].numbers["structure"] == "diag"
+    result = FitSummary(
+        history=record, monitor_seconds=1.0, fit_seconds=9.0, prefix="f", verdicts=found
+    )
+    rows = dict(result.rows())
+    assert rows["verdict: preconditioning"].startswith("The EF-preconditioned step pointed away")
+    assert rows["verdict: optimizer"].startswith("Adam's steps pointed within 60°")
+    assert rows["bottom line"].startswith("For your Adam training")
+    # the last measurement's numbers from the structure that has each
+    assert rows["last measurement (step 70)"] == (
+        "diag, whole network: direction_cosine 0.3, kl 4; block, whole network: rel_error 0.7, "
+        "trace_ratio 0.9"
+    )
+    _, _, grid, title = record.heatmap()  # the heat map falls back to the diagonal's rows
+    assert title.startswith("diag: ") and grid[0, 0] == 0.25

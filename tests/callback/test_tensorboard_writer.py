@@ -46,7 +46,7 @@ def test_scalars_are_written_once_with_their_description(tensorboard_run):
     assert metadata.summary_description.startswith("cos(F̃⁻¹g, ẼF⁻¹g): natural gradient")
     assert "Structure block, layer net.3." in metadata.summary_description
     overhead = events.SummaryMetadata("~fisher/probe/overhead").summary_description
-    assert overhead == keys.PROBE_DESCRIPTIONS["overhead"]
+    assert overhead.startswith(keys.PROBE_DESCRIPTIONS["overhead"])
     # the optimizer audit (SGD: its step, no preconditioner)
     assert [e.step for e in events.Scalars("~fisher/block/update_nat_cosine/all")] == [0, 2, 4]
     audit = events.SummaryMetadata("~fisher/block/update_grad_cosine/net.0")
@@ -66,7 +66,8 @@ def test_histograms_image_and_text(tensorboard_run):
     assert histogram.summary_description.startswith("log10(EF_ii / F_ii)")
     images = events.Images("~fisher/images/direction_cosine")
     # drawn at every tenth measurement and at the end of training: with three, at the end
-    assert [e.step for e in images] == [4] and images[-1].width > 100
+    # drawn at the size TensorBoard's image card shows it (about 350 px), not scaled down
+    assert [e.step for e in images] == [4] and 300 <= images[-1].width <= 360
     assert (
         "green from 0.9"
         in events.SummaryMetadata("~fisher/images/direction_cosine").summary_description
@@ -77,31 +78,77 @@ def test_histograms_image_and_text(tensorboard_run):
     assert "| structures | diag, block |" in content
 
 
-def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
-    events, _, _ = tensorboard_run
+def read_layout(events) -> layout_pb2.Layout:
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return layout
+
+
+def test_custom_scalars_layout_in_the_event_file(tensorboard_run):
+    events, _, _ = tensorboard_run
+    layout = read_layout(events)
     titles = [category.title for category in layout.category]
-    assert titles[:4] == [  # the structure the verdicts use first
+    assert titles[:5] == [  # an overview first, then the structure the verdicts use
+        "~fisher: overview (whole network; with few points set Smoothing to 0)",
         "~fisher: block",
         "~fisher: block by layer",
         "~fisher: diag",
         "~fisher: diag by layer",
     ]
     assert "~fisher: probe" in titles
-    by_layer = next(c for c in layout.category if c.title == "~fisher: block by layer")
-    block = next(c for c in layout.category if c.title == "~fisher: block")
-    assert [c.title for c in block.chart][:2] == [
-        "direction_cosine (all)",
-        "F vs EF: gradient cosines (all)",
+    overview = layout.category[0]
+    assert [c.title.split(" ")[0] for c in overview.chart] == [
+        "direction_cosine",
+        "rel_error",
+        "trace_ratio",
+        "update_nat_cosine",  # the optimizer is audited (SGD)
     ]
-    chart = next(c for c in by_layer.chart if c.title == "direction_cosine · net.0")
+    first = overview.chart[0]
+    assert first.title == (
+        "direction_cosine (block, all): EF step vs natural gradient, cos(F̃⁻¹g, ẼF⁻¹g); "
+        "1 same; ≥ 0.9 agree, < 0.5 disagree"
+    )
+    assert list(first.multiline.tag) == [re.escape("~fisher/block/direction_cosine/all") + "$"]
+    assert "> 0.5 differ" in overview.chart[1].title
+    assert "outside [0.5, 2] off" in overview.chart[2].title
+    by_layer = next(c for c in layout.category if c.title == "~fisher: block by layer")
+    chart = next(c for c in by_layer.chart if c.title.startswith("direction_cosine · net.0"))
+    assert chart.title == "direction_cosine · net.0 (1 same; ≥ 0.9 agree, < 0.5 disagree)"
     assert list(chart.multiline.tag) == [re.escape("~fisher/block/direction_cosine/net.0") + "$"]
     scalar_tags = events.Tags()["scalars"]
     for category in layout.category:
         for chart in category.chart:
+            assert len(chart.multiline.tag) == 1, chart.title  # one line per chart
             for pattern in chart.multiline.tag:  # every chart shows logged tags
                 assert any(re.match(pattern, tag) for tag in scalar_tags), (chart.title, pattern)
+
+
+def test_the_overview_takes_each_metric_from_a_structure_that_logged_it():
+    """A sketched block Fisher logs no direction cosine: the overview shows the diagonal's."""
+    logged = {"block/rel_error/all", "block/trace_ratio/all", "diag/direction_cosine/all"}
+    layout = custom_scalar_layout("f", ["diag", "block"], [1e-3], ["a"], audit=True, logged=logged)
+    overview = next(iter(layout.values()))
+    assert len(overview) == 4
+    tags = [tags[0] for _, tags in overview.values()]
+    assert tags == [
+        re.escape("f/diag/direction_cosine/all") + "$",
+        re.escape("f/block/rel_error/all") + "$",
+        re.escape("f/block/trace_ratio/all") + "$",
+        re.escape("f/diag/update_nat_cosine/all") + "$",  # audited where solves exist
+    ]
+    no_audit = custom_scalar_layout("f", ["diag"], [1e-3], ["a"])
+    assert list(next(iter(no_audit.values())))[-1].startswith("kl (diag, all)")
+
+
+def test_the_guide_card_says_how_to_read_the_charts(tensorboard_run):
+    events, _, _ = tensorboard_run
+    (text,) = events.Tensors("~fisher/guide/text_summary")
+    guide = text.tensor_proto.string_val[0].decode()
+    assert "Custom Scalars → ~fisher: overview" in guide
+    assert "≥ 0.9: agree" in guide and "< 0.5: disagree" in guide and "> 0.5: different" in guide
+    assert "Smoothing to 0" in guide and "Ignore outliers" in guide
+    assert "docs/glossary.md" in guide and "docs/guide/acting.md" in guide
+    assert "`update_nat_cosine`" in guide  # the optimizer's row, when audited
 
 
 def test_hyperparameters_and_the_run_file(tensorboard_run):
@@ -112,7 +159,7 @@ def test_hyperparameters_and_the_run_file(tensorboard_run):
     assert info["settings"]["structures"] == ["diag", "block"]
     assert info["settings"]["schedule"] == "every(2, offset=0)"
     assert info["settings"]["optimizer"] == "SGD"
-    assert info["settings"]["loss"] == "CrossEntropyLoss(reduction='mean')"
+    assert info["settings"]["loss"] == "CrossEntropyLoss(reduction='mean', ignore_index=-100)"
     assert info["settings"]["network"] == "TinyClassifier"
     assert info["settings"]["fixed_probe"] is False
     assert [layer["layer"] for layer in info["layers"]] == ["net.0", "net.3"]
@@ -126,7 +173,9 @@ def test_hyperparameters_and_the_run_file(tensorboard_run):
     assert json.loads(json.dumps(info)) == info  # plain JSON
 
 
-def test_every_chart_has_one_layer_and_one_scale():
+def test_every_chart_has_one_tag():
+    """Issue 22, item 3: TensorBoard colours lines by run, so lines in one chart of one run
+    cannot be told apart."""
     layout = custom_scalar_layout(
         "fisher",
         ["diag", "block"],
@@ -135,32 +184,33 @@ def test_every_chart_has_one_layer_and_one_scale():
         audit=True,
         preconditioner=True,
     )
-    projections = {"nat_projection", "ef_projection", "ef_projection_per_sample", "dimension"}
+    assert len(next(iter(layout.values()))) <= 4  # the overview
+    titles = set()
     for category, charts in layout.items():
         for title, (kind, tags) in charts.items():
-            assert kind == "Multiline"
-            layers = {re.sub(r"\\", "", tag).rstrip("$").rsplit("/", 1)[1] for tag in tags}
-            assert len(layers) == 1, (category, title)  # layers are never mixed in a chart
-            metrics = {
-                keys.parse_key(re.sub(r"\\", "", t).rstrip("$")[len("fisher/") :]) for t in tags
-            }
-            named = {m.metric for m in metrics if m is not None}
-            assert len(named & projections) <= 1, title  # no projection beside another scale
-            assert "dimension" not in named
-    assert "damping (all)" not in layout["fisher: block"]
-    assert "kl λ=0.1 (all)" in layout["fisher: block"]
+            assert kind == "Multiline" and len(tags) == 1, (category, title)
+            assert "dimension" not in tags[0]
+            titles.add((category, title))
+    block = [title for category, title in titles if category == "fisher: block"]
+    assert not [title for title in block if title.startswith("damping (all)")]  # one per λ
+    assert any(title.startswith("damping (all λ=0.1)") for title in block)
+    assert any(title.startswith("kl (all λ=0.1)") for title in block)
     absolute = custom_scalar_layout("fisher", ["diag"], [1e-3], ["a"], constant_damping=True)
     assert not [title for title in absolute["fisher: diag"] if title.startswith("damping")]
 
 
 def test_descriptions_of_keys():
-    assert description("diag/kl@0.001/all").endswith("Structure diag, whole network, λ = 0.001.")
+    assert description("diag/kl@0.001/all").endswith(
+        "Structure diag, whole network, λ = 0.001. Terms: docs/glossary.md#kl."
+    )
     assert description("block/trace_ratio_se/fc").startswith("Standard error of trace_ratio")
     assert description("optimizer/preconditioner_ef_cosine/all").endswith(
-        "Optimizer audit, whole network."
+        "Optimizer audit, whole network. Terms: docs/glossary.md#preconditioner."
     )
-    assert description("probe/loss") == keys.PROBE_DESCRIPTIONS["loss"]
+    assert description("probe/loss").startswith(keys.PROBE_DESCRIPTIONS["loss"])
     assert description("something/else") == ""
+    for metric in (*keys.METRICS, *keys.UPDATE_METRICS):  # every chart links the glossary
+        assert "Terms: docs/glossary.md#" in description(f"block/{metric}/all"), metric
 
 
 def test_tensorboard_reads_every_tag_without_complaint(tensorboard_run, caplog):

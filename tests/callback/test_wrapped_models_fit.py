@@ -72,6 +72,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_fit_measures_the_model_at_every_step(case):
     factory, options = CASES[case]
     options = {"network": "net", **options}

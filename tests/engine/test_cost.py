@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from fisher_monitor.engine import cost
 from fisher_monitor.engine.profile import profile
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.settings import MeasureSettings
+from fisher_monitor.validation import format_bytes
 from sketch_cases import classifier_problem, run, sequence_model, wide_classifier
 
 
@@ -66,7 +68,9 @@ def test_memory_budget_prefers_the_sketch_over_sub_sampling():
         assert plan.sketch is None and columns == 39
         tight = plan.estimated.peak_bytes + 1
         plan = cost.plan(prepared, settings, profile(prepared, inputs), 32, memory_budget=tight)
-        assert plan.sketch is not None and "GiB (budget" in plan.reason
+        assert plan.sketch is not None
+        budget = re.escape(f"(budget {format_bytes(tight)})")
+        assert re.search(rf"would need \d+\.\d (KiB|MiB) {budget}", plan.reason), plan.reason
         assert plan.pass_columns == plan.sketch.columns + 1
     finally:
         prepared.close()
@@ -168,3 +172,38 @@ def test_a_forced_sketch_refuses_what_it_cannot_estimate():
         measure(model, "cross_entropy", x, y, structures=("kron",), estimator="sketch")
     with pytest.raises(ValueError, match="keep_blocks=True returns the exact dense blocks"):
         measure(model, "cross_entropy", x, y, estimator="sketch", keep_blocks=True)
+
+
+def test_a_small_convolution_on_many_samples_stays_exact():
+    """A 12-parameter ``Conv1d`` on 3000 samples: its D × D dense route costs almost nothing;
+    the cost model used to charge it the R³ factorisation of the Gram route (3.2e+07 steps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Flatten(), nn.Linear(18, 2))
+    model[2].requires_grad_(False)
+    inputs = torch.randn(3000, 1, 8)
+    prepared = prepare(model, resolve_loss("cross_entropy"), "backpack")
+    try:
+        plan = cost.plan(
+            prepared, MeasureSettings.create(("diag", "block")), profile(prepared, inputs), 3000
+        )
+        assert plan.sketch is None and plan.steps(plan.exact) < 100
+    finally:
+        prepared.close()
+
+
+def test_the_sketch_estimate_counts_only_what_the_sketch_runs():
+    """With kron asked for, the sketched measurement leaves kron out, and so does its cost
+    (it used to count kron's factorisations of the exact R, orders of magnitude too high)."""
+    model, inputs, targets = wide_classifier(classes=600, n=48)
+    prepared = prepare(model, resolve_loss(nn.CrossEntropyLoss()), "backpack")
+    try:
+        network = profile(prepared, inputs)
+        plans = [
+            cost.plan(prepared, MeasureSettings.create(names), network, 48)
+            for names in (("diag", "block"), ("diag", "block", "kron"))
+        ]
+    finally:
+        prepared.close()
+    assert all(plan.sketch is not None for plan in plans)
+    assert plans[0].estimated.flops == plans[1].estimated.flops
+    assert plans[1].skipped == ["kron"]

@@ -53,6 +53,7 @@ def run_probe(*arguments: str) -> dict:
 @pytest.mark.parametrize(
     ("structures", "fisher"), [("diag", "exact"), ("diag,block", "exact"), ("kron", "exact")]
 )
+@pytest.mark.slow
 def test_estimate_is_within_a_factor_of_the_measured_peak_on_a_small_cnn(structures, fisher):
     """A VGG-style CNN on 32 × 32 images, 32 samples (peaks of 70–230 MiB): measured in a
     fresh process as the rise of the resident-set high-water mark during the measurement."""
@@ -161,3 +162,96 @@ def test_resnet18_on_cifar_images_is_not_sub_sampled():
         assert peak(prepared, ("diag", "block"), network, 32, 9) < 2**30
     finally:
         prepared.close()
+
+
+def test_sizes_in_messages_are_readable_at_every_scale():
+    from fisher_monitor.validation import format_bytes
+
+    assert format_bytes(1) == "1 byte"
+    assert format_bytes(812) == "812 bytes"
+    assert format_bytes(3 * 1024 + 205) == "3.2 KiB"
+    assert format_bytes(1.5 * 2**20) == "1.5 MiB"
+    assert format_bytes(2**31) == "2.0 GiB"
+    assert format_bytes(3 * 2**40) == "3.0 TiB"
+
+
+@pytest.mark.parametrize(
+    ("structures", "fisher", "suggested", "not_suggested"),
+    [
+        (("diag", "block"), "exact", ["structures=('diag',)", "fisher='mc'"], []),
+        (("diag",), "exact", ["fisher='mc'"], ["structures=('diag',)"]),
+        (("diag",), "mc", ["sub-network"], ["structures=('diag',)", "fisher='mc'"]),
+    ],
+)
+def test_one_sample_over_budget_suggests_only_what_would_change(
+    structures, fisher, suggested, not_suggested
+):
+    """A budget of 1 byte reads "1 byte" (never "0.0 GiB"), and the advice never repeats
+    the settings already in use."""
+    with pytest.raises(MemoryError) as caught:
+        memory.fitting_batch_size(lambda n: 5 * 2**20 * n, 8, 1, structures, fisher)
+    text = str(caught.value)
+    assert "memory budget of 1 byte" in text and "0.0 GiB" not in text
+    assert "Even one probe sample needs an estimated 5.0 MiB" in text
+    assert "raise memory_budget (now 1 byte)" in text
+    for fix in suggested:
+        assert fix in text
+    for fix in not_suggested:
+        assert fix not in text
+
+
+def test_measure_with_a_diagonal_only_budget_error_does_not_suggest_the_diagonal():
+    from fisher_monitor import measure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with pytest.raises(MemoryError) as caught:
+        measure(
+            model, nn.CrossEntropyLoss(), inputs, targets, structures=("diag",), memory_budget=1
+        )
+    assert "1 byte" in str(caught.value) and "structures=('diag',)" not in str(caught.value)
+
+
+class _SqueezedBatch(nn.Module):
+    """A forward pass that fails on one sample, as ``x.squeeze()`` code does."""
+
+    def __init__(self, strict: bool = True):
+        super().__init__()
+        self.strict = strict
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        if not self.strict:
+            return self.body(x)
+        hidden = self.body(x).squeeze()
+        if hidden.dim() < 2:
+            raise RuntimeError("Expected a batch of samples (the squeeze dropped it)")
+        return hidden
+
+
+def test_a_forward_that_fails_on_one_sample_is_still_measured():
+    """The memory model's profile runs the first sample alone; a network that needs two
+    samples is profiled on two, and its measurement equals the plain network's."""
+    from fisher_monitor import measure
+
+    torch.manual_seed(0)
+    model = _SqueezedBatch()
+    inputs, targets = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with pytest.raises(RuntimeError, match="squeeze"):
+        model(inputs[:1])
+    found = measure(model, nn.CrossEntropyLoss(), inputs, targets, structures=("diag", "block"))
+    plain = measure(
+        model.body, nn.CrossEntropyLoss(), inputs, targets, structures=("diag", "block")
+    )
+    for key in ("block/direction_cosine/all", "diag/trace_ratio/all", "block/rel_error/all"):
+        assert found[key] == pytest.approx(plain[key], rel=1e-6)
+    # the profile of two samples counts one sample, as the plain network's does
+    from fisher_monitor.engine.measurer import Measurer
+
+    exact = MeasureSettings.create(("diag", "block"), "exact")
+    loss = nn.CrossEntropyLoss()
+    wrapped = Measurer(model, loss, exact, backend="autograd").estimate_peak_bytes(inputs)
+    lenient = _SqueezedBatch(strict=False)
+    lenient.load_state_dict(model.state_dict())
+    assert wrapped == Measurer(lenient, loss, exact, backend="autograd").estimate_peak_bytes(inputs)

@@ -15,6 +15,7 @@ from sketch_cases import classifier_problem, measure_prepared, run
 
 
 @pytest.mark.montecarlo
+@pytest.mark.slow
 def test_sketched_fisher_diagonal_is_unbiased():
     """Mean of 60 sketched diagonals vs the exact one: max |z| < 5 over the entries.
 

@@ -139,7 +139,7 @@ def test_loss_side_columns_and_mc_observed_column():
 
 
 def test_registry_and_resolution():
-    assert set(LIKELIHOODS) == {"cross_entropy", "mse", "bce_with_logits"}
+    assert set(LIKELIHOODS) == {"cross_entropy", "mse", "bce_with_logits", "nll"}
     assert resolve_loss("mse") == Gaussian("mean")
     assert resolve_loss(nn.CrossEntropyLoss(reduction="sum")) == Categorical("sum")
     with pytest.raises(UnsupportedLossError, match="Unsupported loss 'L1Loss'"):

@@ -116,17 +116,19 @@ def test_a_partial_last_record_is_skipped_and_counted(tmp_path, cut):
         read_directory(tmp_path, strict=True)
 
 
-def test_damage_in_the_middle_stops_there(tmp_path):
+def test_damage_in_the_middle_costs_one_record(tmp_path):
+    """Issue 21, item 4: the reader resynchronises on the next valid record."""
     path = scalar_run(tmp_path)
+    starts = record_starts(path.read_bytes())
     data = bytearray(path.read_bytes())
     data[200] ^= 0xFF
     path.write_bytes(bytes(data))
     (report,) = read_directory(tmp_path).files
     assert report.problem and "checksum" in report.problem
-    starts = record_starts(bytes(data))
     damaged = max(i for i, start in enumerate(starts) if start <= 200)
-    assert report.records == damaged
-    assert report.skipped_bytes == len(data) - starts[damaged]
+    assert report.records == len(starts) - 1
+    assert report.skipped_bytes == starts[damaged + 1] - starts[damaged]
+    assert f"at byte {starts[damaged]:,}" in report.message()
 
 
 def record_starts(data: bytes) -> list[int]:

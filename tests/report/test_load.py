@@ -155,7 +155,7 @@ def test_the_report_imports_no_training_stack():
         import sys
         import fisher_monitor.report
         from fisher_monitor.report import cli, events, figures, load, render, verdict
-        import fisher_monitor.plotting, fisher_monitor.tables
+        import fisher_monitor.report.plotting, fisher_monitor.tables
         loaded = [m for m in {FORBIDDEN!r} if m in sys.modules]
         print(loaded)
         """

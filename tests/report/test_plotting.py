@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from fisher_monitor.plotting import cosine_colormap, draw_cosine_heatmap, plain_text
 from fisher_monitor.report.figures import png
+from fisher_monitor.report.plotting import cosine_colormap, draw_cosine_heatmap, plain_text
 
 
 def colour(value: float) -> tuple[float, float, float]:

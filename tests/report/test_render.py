@@ -140,8 +140,35 @@ def test_optimizer_verdict_and_figure_in_every_format(tmp_path):
     assert optimizer["numbers"]["median_preconditioner_ef_cosine"] == pytest.approx(0.93)
     assert "AdamW&#39;s steps pointed within 60°" in written["html"].read_text()
     assert 'id="figure-optimizer"' in written["html"].read_text()
-    assert "optimizer (bad)" in written["md"].read_text()
+    assert "optimizer (note)" in written["md"].read_text()  # Adam far from NG: no fault
     assert (tmp_path / "out" / "optimizer.png").stat().st_size > 1000
+
+
+def test_the_headline_tops_every_format(tmp_path):
+    """Issue 22: one line for the user's optimizer first, with where to read on."""
+    steps = [0, 10, 20, 30, 40, 50]
+    values = {
+        "block/direction_cosine/all": [0.2] * 6,
+        "block/update_nat_cosine/all": [0.2] * 6,
+        "optimizer/preconditioner_ef_cosine/all": [0.93] * 6,
+        "optimizer/preconditioner_fisher_cosine/all": [0.41] * 6,
+    }
+    info = {"settings": {"optimizer": "SGD", "preconditioner": False}}
+    run = fisher_run(tmp_path / "run", steps=steps, values=values, info=info)
+    written = write_report(load_runs([run]), tmp_path / "out")
+    document = json.loads(written["json"].read_text())
+    line = document["runs"][0]["headline"]
+    assert line["topic"] == "headline" and line["level"] == "info"
+    assert line["text"].startswith("For your SGD training: SGD keeps no squared-gradient")
+    assert line["links"] == ["docs/guide/acting.md#sgd", "docs/glossary.md#natural-gradient"]
+    html = written["html"].read_text()
+    verdicts = html.index('id="verdict"')
+    first = html.index('class="verdict headline info"')
+    assert verdicts < first < html.index("verdict bad") and "in short · note" in html
+    assert '<code class="doc">docs/guide/acting.md#sgd</code>' in html
+    assert "A = F̃" not in html and "F̃ = F + λI and ẼF = EF + λI" in html
+    markdown = written["md"].read_text()
+    assert markdown.index("**In short (note)**: For your SGD training") < markdown.index("- **")
 
 
 def test_projection_semantics_are_stated(tmp_path):

@@ -106,6 +106,7 @@ class BackpackNetwork(Backend):
         copy_root = self.copy_root
         names_of_copy = {id(m): (n or "(root)") for n, m in copy_root.named_modules()}
         self._check_reparametrised(names_of_copy)
+        self._check_untied()
         convert = not _is_plain_tree(copy_root) if use_converter == "auto" else bool(use_converter)
         handles_before = len(CTX.hook_handles)
         network = self._convert(copy_root, type(model).__name__) if convert else copy_root
@@ -129,6 +130,20 @@ class BackpackNetwork(Backend):
                 reparametrised,
                 "BackPACK sees the computed weight, not the parameters the optimizer trains; "
                 "the torch.func backend measures them.",
+            )
+
+    def _check_untied(self) -> None:
+        tied = [f"{info.name!r} (with {', '.join(info.shared_with)})" for info, _ in self.layers]
+        tied = [
+            label for (info, _), label in zip(self.layers, tied, strict=True) if info.shared_with
+        ]
+        if tied:
+            raise UnsupportedNetworkError(
+                "backpack",
+                f"cannot measure tied weights: {', '.join(tied)}",
+                [],
+                "Their per-sample gradients sum over the modules using them; backend='auto' "
+                "measures them with plain autograd.",
             )
 
     def _convert(self, copy_root: nn.Module, name: str) -> nn.Module:
@@ -241,11 +256,11 @@ class BackpackNetwork(Backend):
             if info.name in seen:
                 raise UnsupportedNetworkError(
                     "backpack",
-                    f"cannot measure layer {info.name!r}, which is applied more than once in "
-                    "the forward pass (weight sharing across calls)",
+                    f"cannot measure layer {info.name!r}, whose parameters are used by several "
+                    "modules or calls (tied weights, weight sharing across calls)",
                     [],
-                    "Its per-sample gradients sum over the calls; backend='functorch' measures "
-                    "them.",
+                    "Its per-sample gradients sum over the uses; backend='auto' measures them "
+                    "with plain autograd.",
                 )
             seen[info.name] = id(module)
             mapping[id(module)] = info
@@ -268,12 +283,18 @@ class BackpackNetwork(Backend):
         measured: list[str] = []
         notes: list[str] = []
         split: list[ColumnSplit] = []
+        methods: dict[str, str] = {}
 
         def hook(module: nn.Module) -> None:
             info = self._layer_modules.get(id(module))
             if info is None:
                 return
             factors = self._factors(module, split[0], dtype)
+            methods[info.name] = (
+                factors.method
+                if type(module) not in self._torch_func_types
+                else "per-sample pull-backs of its module (torch.func)"
+            )
             measured.append(info.name)
             on_layer(info, factors)
 
@@ -304,7 +325,7 @@ class BackpackNetwork(Backend):
             for p in self._copy_params:
                 p.grad = None
         batch_size = targets.shape[0]
-        return PassResult(float(loss.detach()), batch_size, measured, notes)
+        return PassResult(float(loss.detach()), batch_size, measured, notes, methods)
 
     def _loss_input(self, inputs: ModelInputs) -> Tensor:
         """The network's output, which BackPACK's backward pass must start from unchanged.

@@ -32,6 +32,7 @@ and ``U`` (:func:`~.root_route.joint_basis_block_statistics`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,11 @@ from fisher_monitor.factors import LayerFactors
 from fisher_monitor.linalg import eigh_psd, factor_damped_gram, gram_resolution, relative
 from fisher_monitor.metrics import LayerStatistics
 from fisher_monitor.structures.base import NumericalHealth
+from fisher_monitor.structures.block.factored import (
+    factored_statistics,
+    rounding_level,
+    shadow_errors,
+)
 from fisher_monitor.structures.block.root_route import joint_basis_block_statistics
 from fisher_monitor.structures.block.sums import (
     BlockStatistics,
@@ -72,17 +78,22 @@ def gram_block_statistics(
     coefficients: Tensor | None = None,
     *,
     empirical: Sequence[EmpiricalSolve] | None = None,
+    length: int | None = None,
 ) -> BlockStatistics:
     """Block statistics from Gram matrices, with their rounding estimate.
 
     See :func:`lowrank_statistics` for the arguments; ``empirical`` takes precomputed
-    EF-side solves (:func:`empirical_solves`, one per damping) instead of solving again.
+    EF-side solves (:func:`empirical_solves`, one per damping) instead of solving again,
+    and ``length`` is the length of the dot products the Grams were formed from (default
+    ``dimension``; rounding grows with it). With coefficients and fewer than
+    :data:`SPECTRAL_MIN_DAMPINGS` dampings the statistics come from the inverse Cholesky
+    factor (:func:`~.factored.factored_statistics`).
 
     Returns:
         Statistics, health and the EF-side solves.
     """
     check_empirical(empirical, dampings)
-    n, r = gram_uv.shape
+    r = gram_uv.shape[1]
     if empirical is None:
         empirical = empirical_solves(gram_u, dampings, dimension)
     undamped = assemble_undamped(
@@ -94,12 +105,7 @@ def gram_block_statistics(
         gram_uv.square().sum(),
     )
     resolution = gram_resolution(gram_v, dimension)
-    a = mean_weights(n, gram_v)
-    if coefficients is None:  # ‖g‖² = aᵀK_Ua
-        grad_sq_error = gram_resolution(gram_u, dimension) * (a @ a)
-    else:  # ‖g‖² = bᵀK_Vb with b = Ba
-        b = coefficients @ a
-        grad_sq_error = resolution * (b @ b)
+    grad_sq_error = _grad_sq_error(gram_u, gram_v, coefficients, dimension, resolution)
     natural = None
     if coefficients is None:
         result = _woodbury(gram_u, gram_v, gram_uv, dimension, dampings, empirical, resolution)
@@ -117,8 +123,11 @@ def gram_block_statistics(
         )
     else:
         damped, errors, natural = _coefficients_cholesky(
-            gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution
+            gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution, length
         )
+        if r <= SHADOW_MAX_COLUMNS and natural is not None:
+            probed = _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length)
+            errors = probed if probed is not None else errors
     errors += [ef.relative_error for ef in empirical if ef.relative_error is not None]
     for statistics in damped:
         statistics.grad_sq_error = grad_sq_error
@@ -130,7 +139,118 @@ def gram_block_statistics(
     )
 
 
-def _coefficients_cholesky(gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau):
+def _grad_sq_error(gram_u, gram_v, coefficients, dimension, resolution) -> Tensor:
+    """The rounding error of ``‖g‖²`` from the Gram it is read from."""
+    a = mean_weights(gram_u.shape[0], gram_v)
+    if coefficients is None:  # ‖g‖² = aᵀK_Ua
+        return gram_resolution(gram_u, dimension) * (a @ a)
+    b = coefficients @ a  # ‖g‖² = bᵀK_Vb with b = Ba
+    return resolution * (b @ b)
+
+
+#: Up to this many Fisher columns the rounding estimate comes from a rerun of the same
+#: computation (:func:`_probed`: one more factorisation, cheap at these sizes); beyond,
+#: from the model of :mod:`~.factored`.
+SHADOW_MAX_COLUMNS = 512
+#: Size of the perturbed rerun's perturbation, in units of float64's own rounding ``ζ``:
+#: large against rounding (the difference is the perturbation's effect), small enough to
+#: stay in the linear regime wherever the statistics are worth reporting.
+PROBE_AMPLITUDE = 30.0
+
+
+def _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length):
+    """Rounding estimates from a rerun of the statistics (:func:`~.factored.shadow_errors`).
+
+    The rerun measures the sensitivities of this very problem, where a model of them can
+    be off by orders of magnitude either way. First in float32: rounding ``K_V`` to float32
+    (``ε₃₂/2`` of each entry) and factorising it there perturbs it like float64's rounding
+    (``ε₆₄ √L`` from the dot products of length ``L``, ``ε₆₄ √R`` from the factorisation),
+    ``ε₃₂ √(1 + R) / (ε₆₄ √(L + R))`` times larger. Where float32 cannot factorise
+    ``λI + K_V`` (a damping below its resolution), in float64 with every entry moved by
+    ``±η ζ |K_ij|`` (``η =`` :data:`PROBE_AMPLITUDE`, ``ζ = ε₆₄ √(L + R)``, signs from a
+    fixed seed). ``K_UV`` and ``K_U`` follow ``K_V`` through ``B``.
+
+    Returns:
+        The estimates, or ``None`` where neither rerun could be done.
+    """
+    r = gram_v.shape[0]
+    length = dimension if length is None else length
+    eps64, eps32 = torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps
+    single = gram_v.float().double()
+    scale = eps64 * math.sqrt(length + r) / (eps32 * math.sqrt(1 + r))
+    found = _rerun(damped, single, coefficients, dimension, dampings, empirical, scale, True)
+    if found is not None:
+        return found
+    zeta = rounding_level(torch.float64, length, r)
+    generator = torch.Generator(device=gram_v.device).manual_seed(0)
+    signs = torch.randint(0, 2, (r, r), generator=generator, device=gram_v.device)
+    noise = (2.0 * signs - 1.0).to(gram_v.dtype).triu()
+    noise = noise + noise.triu(1).mT
+    perturbed = gram_v + (PROBE_AMPLITUDE * zeta) * (gram_v * noise)
+    # the perturbed rerun errs high by itself (one ±1 draw against rounding's smaller
+    # typical entries): two thirds of the margin
+    scale = 2.0 / (3.0 * PROBE_AMPLITUDE)
+    return _rerun(damped, perturbed, coefficients, dimension, dampings, empirical, scale)
+
+
+def _rerun(damped, gram_v, coefficients, dimension, dampings, empirical, scale, single=False):
+    """The statistics on ``gram_v`` (float32 arithmetic if ``single``), as rounding estimates."""
+    gram_uv = (gram_v @ coefficients).mT  # BᵀK'
+    gram_u = gram_uv @ coefficients
+    try:
+        probe_empirical = empirical_solves(gram_u.float() if single else gram_u, dampings)
+    except RuntimeError:
+        return None
+    probe = factored_statistics(
+        gram_v.float() if single else gram_v,
+        gram_uv,
+        coefficients,
+        dimension,
+        dampings,
+        [_as_float64(solve) for solve in probe_empirical],
+        diagonal=torch.diagonal(gram_v).to(torch.float64),
+        length=dimension,
+        probe=True,
+    )
+    if probe is None:
+        return None
+    return shadow_errors(damped, empirical, probe.damped, probe_empirical, scale)
+
+
+def _as_float64(solve: EmpiricalSolve) -> EmpiricalSolve:
+    fields = ("coefficients", "ef_projection", "ef_sq", "per_sample", "logdet_ratio")
+    values = [getattr(solve, name).to(torch.float64) for name in fields]
+    return EmpiricalSolve(*values, relative_error=solve.relative_error)
+
+
+def _coefficients_cholesky(
+    gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau, length=None
+):
+    """Coefficient path, one Cholesky factorisation of ``λI + K_V`` per damping.
+
+    From the inverse Cholesky factor (:func:`~.factored.factored_statistics`); where
+    ``λI + K_V`` is numerically indefinite, from a factor built by eigendecomposition
+    (:func:`_coefficients_indefinite`). Returns the damped statistics, the error estimates
+    and ``c₀ = (λI + K_V)⁻¹Ba`` per damping (``A⁻¹g = Vc₀``).
+    """
+    factored = factored_statistics(
+        gram_v,
+        gram_uv,
+        coefficients,
+        dimension,
+        dampings,
+        empirical,
+        diagonal=torch.diagonal(gram_v).to(torch.float64),
+        length=dimension if length is None else length,
+    )
+    if factored is None:
+        return _coefficients_indefinite(
+            gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau
+        )
+    return factored.damped, factored.errors, factored.natural
+
+
+def _coefficients_indefinite(gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau):
     """Coefficient path, one Cholesky factorisation of ``λI + K_V`` per damping.
 
     With ``b = Ba`` (``g = Vb``), ``y₀ = L⁻¹b``, ``y₁ = L⁻¹K_Vb``, ``c₀ = L⁻ᵀy₀ = (λI + K_V)⁻¹b``

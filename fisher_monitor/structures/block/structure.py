@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fisher_monitor.factors import (
     CURVATURE_BYTES,
+    RATES,
     LayerFactors,
     LayerShape,
     MaterializedFactors,
@@ -47,9 +48,18 @@ from fisher_monitor.structures.base import (
     Structure,
     dense_directions,
 )
-from fisher_monitor.structures.block.dense_route import dense_statistics
-from fisher_monitor.structures.block.gram_route import coefficient_grams, gram_block_statistics
+from fisher_monitor.structures.block.dense_route import (
+    dense_statistics,
+    factored_dense_statistics,
+)
+from fisher_monitor.structures.block.gram_route import (
+    SHADOW_MAX_COLUMNS,
+    SPECTRAL_MIN_DAMPINGS,
+    coefficient_grams,
+    gram_block_statistics,
+)
 from fisher_monitor.structures.block.matrix_free import deferred_block
+from fisher_monitor.structures.block.mixed import MIXED_MIN_COLUMNS, mixed_gram_statistics
 from fisher_monitor.structures.block.root_route import (
     outer_product_roots,
     prefer_root_route,
@@ -89,44 +99,118 @@ class Block(ExactSolves, Structure):
             found = _root_route_directions(layer, factors) if directions else None
             return LayerResult(block.statistics, found, block.health)
         if factors.prefers_dense():
-            fisher, empirical, gradient = layer.dense_blocks()
-            statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
-            found = None
-            if directions:
-                found = dense_directions(fisher, empirical, gradient, layer.dampings)
-            return LayerResult(statistics, found)
-        grams = _grams(layer, factors)
-        block = gram_block_statistics(
-            *grams,
-            factors.dimension,
-            layer.dampings,
-            coefficients=factors.coefficient_matrix(),
-            empirical=layer.empirical_solves(),
-        )
+            return _dense_route(layer, factors, directions)
+        block = mixed_gram_statistics(layer, factors)
+        if block is None:
+            block = _checked_root_route(layer, factors)
+            if block is not None:
+                found = _root_route_directions(layer, factors) if directions else None
+                return LayerResult(block.statistics, found, block.health)
+        if block is not None:
+            grams = (layer.gram_u(), None, factors.gram_uv())
+        else:
+            grams = _grams(layer, factors)
+            block = gram_block_statistics(
+                *grams,
+                factors.dimension,
+                layer.dampings,
+                coefficients=factors.coefficient_matrix(),
+                empirical=layer.empirical_solves(),
+                length=factors.gram_length(),
+            )
         found = None
         if directions:
             found = _lowrank_directions(layer, factors, grams, block.natural)
         return LayerResult(block.statistics, found, block.health)
 
     def flops(self, shape: LayerShape, size: PassSize) -> float:
-        """The dense route where ``D × D`` blocks are smaller, else Gram matrices and their solves.
+        """The route the layer will take, in the units of :class:`~fisher_monitor.factors.Rates`.
 
-        Cholesky factorisations run at a fraction of a matrix product's speed: counted as
-        ``2R³`` per damping (at most four; more share one eigendecomposition).
+        The dense route where ``D × D`` blocks are smaller (Cholesky factorisations of
+        ``F + λI`` with the ``N × N`` EF side, or two eigendecompositions), the root route's
+        SVDs where they are small, else the Gram route: ``K_V`` (in float32 where
+        :func:`~.mixed.mixed_precision_applies` would let it), one Cholesky factorisation
+        and triangular inverse per damping (one eigendecomposition for five or more), and
+        the rounding probe's rerun up to :data:`~.gram_route.SHADOW_MAX_COLUMNS` columns.
         """
-        d, r = float(shape.dimension), float(size.rank)
+        d, r, n = float(shape.dimension), float(size.rank), float(size.samples)
+        form = form_of(shape)
         if size.exact and size.prefers_dense(shape):
-            return 2.0 * max(r, size.samples) * d * d + 10.0 * d**3
-        flops = form_of(shape).gram_flops(shape, size)
-        if size.exact:
-            flops += 2.0 * min(size.dampings, 4) * r**3
-        return flops
+            return _dense_flops(shape, size)
+        if size.exact and _cheap_root(shape, size):
+            columns, rows = r, min(n, float(shape.inputs)) * min(float(shape.outputs), r)
+            if shape.form != "outer":
+                rows = d
+            big, small = max(rows, columns), min(rows, columns)
+            return 2.0 * RATES.svd64 * big * small * small
+        kv = form.gram_v_flops(shape, size)
+        rest = form.gram_flops(shape, size) - RATES.gemm64 * kv  # K_UV and K_U
+        if size.dampings >= SPECTRAL_MIN_DAMPINGS:
+            return RATES.gemm64 * kv + rest + RATES.eigh64 * r**3
+        if size.exact and form.mixed_precision and r >= MIXED_MIN_COLUMNS:
+            refine = 8.0 * RATES.gemm64 * form.product_flops(shape, size) + 24.0 * r * r
+            factor = RATES.cholesky32 * r**3 / 3 + RATES.inverse32 * 2 * r**3 / 3
+            return kv + rest + size.dampings * (factor + refine + 12.0 * RATES.entry * r * r)
+        factor = RATES.cholesky64 * r**3 / 3 + RATES.inverse64 * 2 * r**3 / 3
+        if r <= SHADOW_MAX_COLUMNS:  # the rounding probe reruns it in float32
+            factor += RATES.cholesky32 * r**3 / 3 + RATES.inverse32 * 2 * r**3 / 3
+        return RATES.gemm64 * kv + rest + size.dampings * (factor + 12.0 * RATES.entry * r * r)
 
     def peak_bytes(self, shape: LayerShape, size: PassSize) -> int:  # noqa: D102
         d, dim, n, r = CURVATURE_BYTES, shape.dimension, size.samples, size.rank
         if size.prefers_dense(shape):  # the dense blocks and the materialised columns
             return DENSE_COPIES * dim * dim * d + (r + n) * dim * d
         return GRAM_COPIES * r * r * d + form_of(shape).gram_bytes(shape, size)
+
+
+def _dense_flops(shape: LayerShape, size: PassSize) -> float:
+    """Work of the dense route (see :func:`_dense_route`)."""
+    d, r, n = float(shape.dimension), float(size.rank), float(size.samples)
+    if n < d and size.dampings < SPECTRAL_MIN_DAMPINGS:
+        factor = RATES.cholesky64 * d**3 / 3 + RATES.inverse64 * 2 * d**3 / 3
+        per_damping = factor + RATES.gemm64 * 2.0 * d * d * n
+        empirical = RATES.gemm64 * n * n * d + RATES.cholesky64 * n**3
+        return (
+            form_of(shape).fisher_block_flops(shape, size) + empirical + size.dampings * per_damping
+        )
+    return RATES.gemm64 * 2.0 * (max(r, n) + n) * d * d + 2.0 * RATES.eigh64 * d**3
+
+
+def _cheap_root(shape: LayerShape, size: PassSize) -> bool:
+    """Whether the root route's SVD is taken directly (see :func:`_root_route`)."""
+    columns = size.rank
+    if shape.form == "outer":
+        rows = min(size.samples, shape.inputs) * min(shape.outputs, columns)
+        return prefer_root_route(rows, columns)
+    if shape.form == "materialised":
+        rows = shape.dimension
+        return rows * columns * min(rows, columns) <= MATERIALIZED_CHEAP_ROOT
+    return False
+
+
+def _dense_route(layer: LayerInput, factors: LayerFactors, directions: bool) -> LayerResult:
+    """``D × D`` blocks: Cholesky with the ``N × N`` EF side where ``N < D`` and few dampings."""
+    if factors.num_samples < factors.dimension and len(layer.dampings) < SPECTRAL_MIN_DAMPINGS:
+        samples = factors.sample_columns()
+        found = factored_dense_statistics(
+            factors.fisher_block(),
+            samples,
+            layer.gradient,
+            layer.dampings,
+            layer.empirical_solves(),
+            layer.gram_u(),
+        )
+        if found is not None:
+            statistics, natural = found
+            pairs = None
+            if directions:
+                solves = zip(natural, layer.empirical_solves(), strict=True)
+                pairs = [(nat, samples @ ef.coefficients) for nat, ef in solves]
+            return LayerResult(statistics, pairs)
+    fisher, empirical, gradient = layer.dense_blocks()
+    statistics = dense_statistics(fisher, empirical, gradient, layer.dampings)
+    found = dense_directions(fisher, empirical, gradient, layer.dampings) if directions else None
+    return LayerResult(statistics, found)
 
 
 def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,17 +232,50 @@ def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Te
 
 
 #: Multiply-adds up to which a materialised factor (``D × R``, already formed) takes the root
-#: route: its SVD costs about twice what forming the Gram matrix ``VᵀV`` does.
+#: route directly: its SVD costs several times forming the Gram matrix ``VᵀV``, so larger
+#: layers take the Gram route and fall back to their SVD only where its rounding estimate
+#: exceeds :data:`ROOT_RETRY_HEALTH` (while ``D·R·min(D, R)`` stays below
+#: :data:`MATERIALIZED_ROOT_WORK`).
+MATERIALIZED_CHEAP_ROOT = 2**24
+#: Multiply-adds up to which a materialised factor's SVD is affordable at all.
 MATERIALIZED_ROOT_WORK = 2e9
+#: A Gram route whose rounding estimate exceeds this is redone by the root route where
+#: affordable (the root route keeps twice the digits).
+ROOT_RETRY_HEALTH = 1e-6
 
 
-def _root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
+def _checked_root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
+    """The float64 Gram route of a materialised layer, or its root route where that is safer.
+
+    ``None`` for other layers (the caller's Gram route then runs).
+    """
+    if not isinstance(factors, MaterializedFactors) or factors.prefers_dense():
+        return None
+    grams = _grams(layer, factors)
+    block = gram_block_statistics(
+        *grams,
+        factors.dimension,
+        layer.dampings,
+        coefficients=factors.coefficient_matrix(),
+        empirical=layer.empirical_solves(),
+        length=factors.gram_length(),
+    )
+    if not float(block.health.relative_error) > ROOT_RETRY_HEALTH:
+        return block
+    root = _root_route(layer, factors, MATERIALIZED_ROOT_WORK)
+    return root if root is not None else block
+
+
+def _root_route(
+    layer: LayerInput, factors: LayerFactors, materialised_work: float = MATERIALIZED_CHEAP_ROOT
+) -> BlockStatistics | None:
     """The root route's statistics where its SVD is cheap, else ``None``.
 
     ``Linear`` layers on ``(N, I)`` inputs are written in the ``min(N, I)·min(O, R)``
     coordinates of :func:`~fisher_monitor.structures.block.root_route.outer_product_roots`;
     materialised layers (the ``torch.func`` backend, BackPACK's other layer types) in their
-    own parameters, while ``D·R·min(D, R)`` stays below :data:`MATERIALIZED_ROOT_WORK`.
+    own parameters, while ``D·R·min(D, R)`` stays below ``materialised_work``
+    (:data:`MATERIALIZED_CHEAP_ROOT`; larger ones go through :func:`_checked_root_route`).
     """
     coefficients = factors.coefficient_matrix()
     columns = factors.num_columns + (0 if coefficients is not None else factors.num_samples)
@@ -170,7 +287,7 @@ def _root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | N
         v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
     elif isinstance(factors, MaterializedFactors):
         rows = factors.dimension
-        if rows * columns * min(rows, columns) > MATERIALIZED_ROOT_WORK:
+        if rows * columns * min(rows, columns) > materialised_work:
             return None
         per_sample, sqrt = factors.columns()
         v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5
@@ -243,7 +360,7 @@ def _lowrank_directions(
     _, gram_v, gram_uv = grams
     coefficients = factors.coefficient_matrix()
     n = factors.num_samples
-    a = torch.full((n,), n**-0.5, dtype=gram_v.dtype, device=gram_v.device)
+    a = torch.full((n,), n**-0.5, dtype=gram_uv.dtype, device=gram_uv.device)
     rhs = coefficients @ a if coefficients is not None else gram_uv.T @ a
     if natural is not None and coefficients is not None:
         solved = list(natural)  # (λI + K_V)⁻¹Ba per damping, from the statistics

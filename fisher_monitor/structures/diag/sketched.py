@@ -101,7 +101,11 @@ def group_fisher_diagonals(factors: LayerFactors, groups: int) -> Tensor:
         matrices = squares.transpose(1, 2) @ inputs.to(sqrt.dtype).square()  # (G, O, I)
         result = torch.empty(groups, factors.dimension, dtype=dtype, device=sqrt.device)
         weights = factors.weight_columns
-        if weights:
+        if weights and factors.transposed_weight:
+            result[:, : outputs * weights].view(groups, weights, outputs).copy_(
+                matrices[..., :weights].mT
+            )
+        elif weights:
             result[:, : outputs * weights].view(groups, outputs, weights).copy_(
                 matrices[..., :weights]
             )
@@ -121,6 +125,7 @@ def group_fisher_diagonals(factors: LayerFactors, groups: int) -> Tensor:
                 factors.has_bias,
                 dtype,
             )
+            part.transposed_weight = factors.transposed_weight
             rows.append(part.diagonals()[0].to(dtype))
         return torch.stack(rows)
     if isinstance(factors, MaterializedFactors):

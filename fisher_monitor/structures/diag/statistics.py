@@ -20,7 +20,7 @@ from fisher_monitor.metrics import DampedStatistics, LayerStatistics
 #: Entries per chunk of the CPU pass: the chunk's float64 rows (a few per damping) stay in
 #: the processor's cache while every sum is taken from them. The pass runs on one thread:
 #: its many small operations gain nothing from two, and lose much on a busy machine.
-DIAGONAL_CHUNK = 1 << 15
+DIAGONAL_CHUNK = 1 << 17
 
 #: Entries per chunk elsewhere (CUDA): few, large kernels, with the float64 rows of one
 #: chunk (about ``(8 + 4·dampings) × 32 MiB``) bounded whatever the layer's size.

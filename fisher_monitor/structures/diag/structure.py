@@ -9,7 +9,7 @@ replicate groups for the standard errors (:mod:`~.sketched`, ``docs/theory.md#es
 
 from __future__ import annotations
 
-from fisher_monitor.factors import LayerShape, PassSize
+from fisher_monitor.factors import RATES, LayerShape, PassSize
 from fisher_monitor.factors.shape import CURVATURE_BYTES
 from fisher_monitor.structures.base import LayerInput, LayerResult, Structure
 from fisher_monitor.structures.diag.sketched import (
@@ -18,9 +18,9 @@ from fisher_monitor.structures.diag.sketched import (
 )
 from fisher_monitor.structures.diag.statistics import DIAGONAL_CHUNK, diagonal_statistics
 
-#: Floating-point work per entry of the diagonal statistics, per damping value (a few
-#: elementwise passes and products over ``f``, ``e``, ``g``).
-FLOPS_PER_ENTRY = 12.0
+#: Elementwise float64 passes over each entry, per damping plus one (in units of
+#: ``RATES.entry``; measured with ``benchmarks/metrics_micro.py``).
+FLOPS_PER_ENTRY = 5.0
 
 
 class Diagonal(Structure):
@@ -50,7 +50,10 @@ class Diagonal(Structure):
 
     def flops(self, shape: LayerShape, size: PassSize) -> float:
         """Elementwise work over the layer's ``D`` entries (the diagonals come with the pass)."""
-        return FLOPS_PER_ENTRY * (1 + size.dampings) * shape.dimension
+        passes = FLOPS_PER_ENTRY * (1 + size.dampings)
+        if self.sketch is not None:
+            passes *= self.sketch.groups + 1
+        return RATES.entry * passes * shape.dimension
 
     def peak_bytes(self, shape: LayerShape, size: PassSize) -> int:
         """A reused chunk buffer; under a sketch, the group diagonals."""

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fisher_monitor.factors import (
     CURVATURE_BYTES,
+    RATES,
     KroneckerFactors,
     LayerShape,
     OuterSamples,
@@ -52,15 +53,29 @@ class Kronecker(Structure):
         return LayerResult(statistics, found)
 
     def flops(self, shape: LayerShape, size: PassSize) -> float:
-        """The factors' eigendecompositions (through their roots where wide) and ``M̂_n``."""
+        """The factors' eigendecompositions (through their roots where wide) and ``M̂_n``.
+
+        In the units of :class:`~fisher_monitor.factors.Rates`: each factor is diagonalised
+        on its smaller side (``min(O, R·T)``, ``min(I, N·T)``), formed first where its root
+        is tall, and the per-sample gradients are rotated into both bases.
+        """
         if shape.form == "materialised":
             return 0.0  # no Kronecker factors: the layer is skipped
         n, r, t = float(size.samples), float(size.rank), float(shape.positions)
         o, i = float(shape.outputs), float(shape.inputs)
-        if shape.form == "shared":
-            rank = min(i, n * t)
-            return 10.0 * (min(o, r * t) ** 3 + rank**3) + 2.0 * (r + n) * t * (o + i) * rank
-        return 10.0 * (o**3 + i**3) + 2.0 * r * o * o * t + 2.0 * n * t * i * i + 2.0 * n * n * o
+        out_side, in_side = min(o, r * t), min(i, n * t)
+        eigh = RATES.eigh64 * (out_side**3 + in_side**3)
+        # the factors (both formed), a QR pass over a wide side's basis, the mean gradient
+        # and its part outside the bases, the samples' residuals
+        forming = 2.0 * r * t * o * o + 2.0 * n * t * i * i + 4.0 * (o * o * r + i * i * n) * t
+        forming += 2.0 * n * t * o * i + 4.0 * o * i * max(out_side, in_side)
+        forming += 4.0 * n * t * (o * out_side + i * in_side)
+        if t > 1:  # per-sample gradients materialised and rotated on both sides
+            rotating = 2.0 * n * t * o * i + 2.0 * n * o * i * (out_side + in_side)
+        else:  # outer products: each side rotated on its own
+            rotating = 2.0 * n * (o * out_side + i * in_side)
+        # products of a few hundred rows run at about half the rate of large ones
+        return eigh + 2.0 * RATES.gemm64 * (forming + rotating)
 
     def peak_bytes(self, shape: LayerShape, size: PassSize) -> int:
         """The factors and their eigenvectors; with weight sharing, the per-sample gradients."""

@@ -110,6 +110,7 @@ def test_tiny_resnet_prepares_on_backpack_with_every_layer():
 
 
 @pytest.mark.parametrize("pool", [(1, 1), (2, 1)])
+@pytest.mark.slow
 def test_tiny_resnet_matches_dense_reference(pool):
     """diag and block, BackPACK backend against the float64 dense reference (1e-7)."""
     model, loss, inputs, targets = problem(pool=pool)
@@ -120,6 +121,7 @@ def test_tiny_resnet_matches_dense_reference(pool):
 
 
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
+@pytest.mark.slow
 def test_tiny_resnet_backpack_agrees_with_functorch(fisher):
     model, loss, inputs, targets = problem(seed=1)
     results = {
@@ -144,6 +146,7 @@ def test_tiny_resnet_backpack_agrees_with_functorch(fisher):
 
 
 @pytest.mark.parametrize("size", [8, 4])
+@pytest.mark.slow
 def test_tiny_resnet_kron_matches_kfc_reference(size):
     """kron on the convolutions (KFC) and the classifier; BatchNorm frozen, so every layer
     has Kronecker factors and the dense KFC reference covers the whole network. On 4 × 4

@@ -62,8 +62,31 @@ def cosine_colormap() -> tuple[ListedColormap, BoundaryNorm]:
     return colormap, BoundaryNorm(COSINE_BOUNDS, colormap.N)
 
 
+def short_name(name: str, limit: int = 22) -> str:
+    """``name`` in at most ``limit`` characters, for a narrow image.
+
+    Dotted module paths keep their last two parts and the numbers (block indices) of the
+    others, and shorten other leading parts to their first letter
+    (``encoder.layers.3.self_attn.out_proj`` → ``e.l.3.self_attn.out_proj``); what is
+    still too long keeps its end.
+    """
+    name = plain_text(name)
+    if len(name) <= limit:
+        return name
+    parts = name.split(".")
+    if len(parts) > 2:
+        head = [part if part.isdigit() else part[:1] for part in parts[:-2]]
+        name = ".".join([*head, *parts[-2:]])
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
 def draw_cosine_heatmap(
-    figure: Figure, steps: Sequence[int], layers: Sequence[str], grid: np.ndarray, title: str
+    figure: Figure,
+    steps: Sequence[int],
+    layers: Sequence[str],
+    grid: np.ndarray,
+    title: str,
+    compact: bool = False,
 ) -> None:
     """Draw a layers × steps heat map of a cosine (NaN: not measured) on ``figure``.
 
@@ -75,8 +98,14 @@ def draw_cosine_heatmap(
         layers: Layer names (rows).
         grid: ``len(layers) × len(steps)`` cosines in [−1, 1]; NaN where not measured.
         title: Figure title (shown literally).
+        compact: For a narrow image shown at its own size (TensorBoard's image cards):
+            the colour bar below the map with the thresholds spelled out, long layer names
+            cut to their end.
     """
-    ax = figure.subplots()
+    if compact:  # a colour bar of fixed thickness below the map, whatever the rows
+        ax, bar_ax = figure.subplots(2, 1, height_ratios=[max(len(layers), 1), 0.5])
+    else:
+        ax, bar_ax = figure.subplots(), None
     colormap, norm = cosine_colormap()
     image = ax.imshow(
         np.ma.masked_invalid(np.asarray(grid, dtype=float)),
@@ -86,11 +115,24 @@ def draw_cosine_heatmap(
         interpolation="nearest",
     )
     size = "small" if len(layers) <= 30 else "x-small" if len(layers) <= 60 else "xx-small"
-    ax.set_yticks(range(len(layers)), labels=[plain_text(name) for name in layers], fontsize=size)
-    ticks = np.unique(np.linspace(0, max(len(steps) - 1, 0), num=min(len(steps), 10)).astype(int))
+    names = [short_name(name) if compact else plain_text(name) for name in layers]
+    ax.set_yticks(range(len(layers)), labels=names, fontsize=size)
+    count = min(len(steps), 5 if compact else 10)
+    ticks = np.unique(np.linspace(0, max(len(steps) - 1, 0), num=count).astype(int))
     ax.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
     ax.set_xlabel("training step")
-    ax.set_title(plain_text(title))
+    lines = "\n".join(plain_text(line) for line in str(title).split("\n"))
+    ax.set_title(lines, fontsize="medium" if compact else None)
+    if bar_ax is not None:
+        bar = figure.colorbar(image, cax=bar_ax, orientation="horizontal")
+        bar.set_ticks([-1.0, 0.0, DISAGREE_COSINE, AGREE_COSINE, 1.0])
+        bar.set_label(
+            f"red < {DISAGREE_COSINE}: disagree · green ≥ {AGREE_COSINE}: agree",
+            fontsize="small",
+        )
+        for threshold in (DISAGREE_COSINE, AGREE_COSINE):
+            bar.ax.axvline(threshold, color="black", linewidth=2)
+        return
     bar = figure.colorbar(image, ax=ax, ticks=COSINE_BOUNDS, fraction=0.05, pad=0.02)
     bar.set_label(f"cosine (◀ thresholds {DISAGREE_COSINE}, {AGREE_COSINE})")
     for threshold in (DISAGREE_COSINE, AGREE_COSINE):
@@ -106,4 +148,5 @@ __all__ = [
     "cosine_colormap",
     "draw_cosine_heatmap",
     "plain_text",
+    "short_name",
 ]

@@ -1,0 +1,63 @@
+"""The ledger charges the monitor's own time and the slowdown of the steps it disturbs."""
+
+from __future__ import annotations
+
+import pytest
+
+from fisher_monitor.callback.timing import MIN_TYPICAL, Ledger
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_step(ledger: Ledger, clock: FakeClock, seconds: float, monitor: float = 0.0) -> float:
+    """One training step of ``seconds`` of training, with ``monitor`` seconds measured in it."""
+    ledger.step_started()
+    if monitor:
+        clock.now += monitor
+        ledger.charge(monitor)
+        ledger.measured()
+    clock.now += seconds
+    return ledger.step_finished()
+
+
+def test_the_two_steps_after_a_measurement_are_charged_their_excess():
+    clock = FakeClock()
+    ledger = Ledger(clock)
+    ledger.start()
+    for _ in range(5):
+        assert run_step(ledger, clock, 1.0) == 0.0
+    # the measured step's own training runs 1.5 s (caches cold), the next one 1.25 s
+    assert run_step(ledger, clock, 1.5, monitor=10.0) == pytest.approx(0.5)
+    assert run_step(ledger, clock, 1.25) == pytest.approx(0.25)
+    assert run_step(ledger, clock, 3.0) == 0.0  # undisturbed: a slow step of its own
+    assert ledger.aftermath == pytest.approx(0.75)
+    assert ledger.spent == pytest.approx(10.0)  # the caller charges the excess it returns
+
+
+def test_no_excess_is_charged_before_a_typical_step_is_known():
+    clock = FakeClock()
+    ledger = Ledger(clock)
+    ledger.start()
+    for _ in range(MIN_TYPICAL - 1):
+        run_step(ledger, clock, 1.0)
+    assert run_step(ledger, clock, 5.0, monitor=1.0) == 0.0
+    assert ledger.step_finished() == 0.0  # no step running
+
+
+def test_aftermath_survives_a_checkpoint():
+    clock = FakeClock()
+    ledger = Ledger(clock)
+    ledger.start()
+    for _ in range(4):
+        run_step(ledger, clock, 1.0)
+    ledger.charge(run_step(ledger, clock, 2.0, monitor=1.0))
+    state = ledger.state_dict()
+    restored = Ledger(clock)
+    restored.load_state_dict(state)
+    assert restored.aftermath == pytest.approx(1.0) and restored.spent == pytest.approx(2.0)
