@@ -40,7 +40,7 @@ from torch import Tensor
 
 from fisher_monitor import keys
 from fisher_monitor.backends import Backend
-from fisher_monitor.engine.fisher_operator import LANE_BYTES, NetworkFunction
+from fisher_monitor.engine.fisher_operator import FOLD_AGREEMENT, LANE_BYTES, NetworkFunction
 from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.krylov import (
     ENERGY,
@@ -219,12 +219,18 @@ def _solve(
     settings: SolveSettings,
     generator: torch.Generator,
 ) -> tuple[LayerSolutions, float]:
-    """A softmax head exactly (:mod:`~fisher_monitor.engine.softmax_head`), else by products."""
+    """A softmax head exactly (:mod:`~fisher_monitor.engine.softmax_head`), else by products.
+
+    The head's structure is used only where the layer's plain products agree with it on a
+    random vector (a tied embedding's do not).
+    """
     names = function.names_of(request.info.parameter_names)
     head = function.softmax_head(settings.lane_bytes) if settings.exact_head else None
-    if head is not None and head.covers(names) is not None:
-        return head.solve(request, names), 0.0
     operator = function.operator(request.info.parameter_names, settings.lane_bytes)
+    if head is not None and head.covers(names) is not None:
+        agreement = FOLD_AGREEMENT if function.dtype == torch.float64 else 1e-4
+        if head.agrees(operator, names, agreement):
+            return head.solve(request, names), 0.0
     return solve_layer(operator, request, settings, generator)
 
 

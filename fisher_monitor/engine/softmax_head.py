@@ -73,6 +73,30 @@ class SoftmaxHead:
             return None
         return self.weight_name in names, self.bias_name in names
 
+    def product(self, vectors: Tensor, names: Sequence[str]) -> Tensor:
+        """``F_h V`` by the structure: ``(1/N) Σ_m (diag(p_m) − p_m p_mᵀ) V_m z̃_m z̃_mᵀ``."""
+        weight, bias = self.covers(names) or (True, False)
+        layout = _Layout(self.inputs, self.probabilities, weight, bias, self.samples)
+        logits = torch.einsum("rci,mi->rmc", layout.to_matrix(vectors), layout.z)
+        p = layout.p
+        weighted = p * logits - p * (p * logits).sum(dim=2, keepdim=True)
+        return layout.to_vector(torch.einsum("rmc,mi->rci", weighted, layout.z) / layout.n)
+
+    def agrees(self, operator, names: Sequence[str], tolerance: float) -> bool:
+        """Whether the layer's plain products are the structure's (on a random vector).
+
+        They are not where the head's weight also serves elsewhere (a tied embedding: the
+        layer's Fisher then has the lookup's terms too) or the loss reads the head's output
+        in another way than the verified softmax.
+        """
+        weight, bias = self.covers(names) or (True, False)
+        size = self.probabilities.shape[1] * ((self.inputs.shape[1] - 1) * weight + bias)
+        generator = torch.Generator().manual_seed(3)
+        probe = torch.randn(1, size, generator=generator, dtype=torch.float64)
+        probe = probe.to(self.inputs.device)
+        expected, found = operator(probe), self.product(probe, names)
+        return float((expected - found).norm()) <= tolerance * float(expected.norm())
+
     def solve(self, request: SolveRequest, names: Sequence[str]) -> LayerSolutions:
         """Every quantity of the solves, exactly, for the request's dampings."""
         weight, bias = self.covers(names) or (True, False)

@@ -10,6 +10,7 @@ standard error.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,6 +45,15 @@ class TinyLM(nn.Module):
         return self.head(torch.tanh(self.hidden(self.embed(tokens)))).transpose(1, 2)
 
 
+class TiedLM(TinyLM):
+    """:class:`TinyLM` with the head's weight the embedding's (as GPT-2 ties them)."""
+
+    def __init__(self, vocabulary: int = 200, width: int = 6):
+        super().__init__(vocabulary, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.embed.weight
+
+
 def classifier(classes: int = 150, n: int = 6, seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, classes)).double()
@@ -55,6 +65,14 @@ def classifier(classes: int = 150, n: int = 6, seed: int = 0):
 def language_model(n: int = 2, positions: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     model = TinyLM().double()
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 200, (n, positions), generator=generator)
+    return model, tokens, torch.randint(0, 200, (n, positions), generator=generator)
+
+
+def tied_language_model(n: int = 2, positions: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    model = TiedLM().double()
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 200, (n, positions), generator=generator)
     return model, tokens, torch.randint(0, 200, (n, positions), generator=generator)
@@ -106,7 +124,12 @@ def test_relative_damping_carries_the_dampings_noise_in_standard_errors(problem)
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 def test_the_softmax_head_is_solved_exactly(problem):
-    """The head by its class blocks (Woodbury): its four metrics equal the exact ones."""
+    """The head by its class blocks (Woodbury): its four metrics equal the exact path's.
+
+    To 1e-7 relative: the exact path's mixed-precision Gram route is refined to about 1e-8
+    (its KL of the classifier's head differs from a dense float64 computation by 5e-9
+    relative); the head's own accuracy is checked against dense float64 below.
+    """
     model, inputs, targets = PROBLEMS[problem]()
     loss = nn.CrossEntropyLoss()
     common = dict(damping=1e-3, damping_mode="absolute")
@@ -116,8 +139,43 @@ def test_the_softmax_head_is_solved_exactly(problem):
     head = m.layer_names[-1]
     for metric in ("direction_cosine", "nat_grad_cosine", "nat_projection", "kl"):
         key = keys.metric_key("block", metric, head)
-        assert m[key] == pytest.approx(exact[key], rel=1e-9, abs=1e-12), key
+        assert m[key] == pytest.approx(exact[key], rel=1e-7, abs=1e-12), key
     assert keys.stderr_key("block", "kl", head) not in m.scalars
+
+
+def test_the_softmax_head_equals_brute_force_dense_float64():
+    """The head's ``kl``, cosines and ``nat_projection`` against dense float64 matrices:
+    ``F = (1/N) Σ_n J_nᵀ(diag p_n − p_n p_nᵀ)J_n`` from autograd Jacobians and
+    ``EF = (1/N) Σ_n g_n g_nᵀ`` from per-sample gradients, the definitions solved directly."""
+    model, inputs, targets = classifier()
+    loss, damping = nn.CrossEntropyLoss(), 1e-3
+    settings = SolveSettings(dense_limit=0)
+    m = run(model, loss, inputs, targets, estimator="sketch", solves=settings,
+            damping=damping, damping_mode="absolute")  # fmt: skip
+    head = model[2]
+    params = {"weight": head.weight, "bias": head.bias}
+    features = torch.tanh(model[0](inputs)).detach()
+    fisher = 0.0
+    for z in features:
+        jac = torch.func.jacrev(lambda p, z=z: torch.func.functional_call(head, p, (z,)))(params)
+        j = torch.cat([jac["weight"].reshape(150, -1), jac["bias"]], dim=1)
+        p = head(z).softmax(dim=0).detach()
+        fisher = fisher + j.T @ (torch.diag(p) - torch.outer(p, p)) @ j / len(features)
+    info = SimpleNamespace(parameter_names=("2.weight", "2.bias"))
+    rows = _per_sample_gradients(model, inputs, targets, info)
+    g, eye = rows.mean(dim=0), torch.eye(fisher.shape[0], dtype=torch.float64)
+    a, b = fisher + damping * eye, rows.T @ rows / len(rows) + damping * eye
+    natural, empirical = torch.linalg.solve(a, g), torch.linalg.solve(b, g)
+    expected = {
+        "kl": 0.5 * (torch.trace(torch.linalg.solve(a, b)) - len(g) + torch.logdet(a)
+                     - torch.logdet(b)),
+        "direction_cosine": torch.nn.functional.cosine_similarity(natural, empirical, dim=0),
+        "nat_grad_cosine": torch.nn.functional.cosine_similarity(g, natural, dim=0),
+        "nat_projection": g @ natural,
+    }  # fmt: skip
+    for metric, value in expected.items():
+        key = keys.metric_key("block", metric, "2")
+        assert m[key] == pytest.approx(float(value), rel=1e-10), key
 
 
 def _layer_problem(problem: str, layer: str):
@@ -183,3 +241,24 @@ def test_the_kl_lies_within_two_standard_errors_in_most_seeds(problem, layer, ex
             value, variance = solutions.at(damping).kl(logdet)
             hits.append(abs(float(value) - exact_kl) <= 2 * math.sqrt(float(variance)))
     assert sum(hits) / len(hits) >= 0.9, sum(hits) / len(hits)
+
+
+def test_a_tied_head_is_not_mistaken_for_a_plain_softmax_head():
+    """The tied weight's layer (the embedding) also has the lookup's Fisher terms: the
+    head's block structure does not describe it, and its products say so, so it is solved
+    by conjugate gradients. Its deterministic metrics equal the exact ones to the bound."""
+    model, inputs, targets = tied_language_model()
+    loss = nn.CrossEntropyLoss()
+    common = dict(damping=1e-3, damping_mode="absolute")
+    exact = run(model, loss, inputs, targets, estimator="exact", **common)
+    m = run(model, loss, inputs, targets, estimator="sketch", solves=SolveSettings(dense_limit=0),
+            **common)  # fmt: skip
+    bound = m.settings["estimator"]["exact_solves"]["error_bound"]
+    assert 0 < bound < 1e-3
+    for metric in DIRECTIONAL:
+        key = keys.metric_key("block", metric, "embed")
+        assert abs(m[key] - exact[key]) <= 2 * bound + 1e-12, key
+    key = keys.metric_key("block", "nat_projection", "embed")
+    assert m[key] == pytest.approx(exact[key], rel=bound + 1e-12), key
+    key = keys.metric_key("block", "kl", "embed")
+    assert abs(m[key] - exact[key]) <= 3 * m[keys.stderr_key("block", "kl", "embed")], key
