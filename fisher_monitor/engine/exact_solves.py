@@ -66,6 +66,12 @@ from fisher_monitor.structures.fisher_solves import (
 #: CPU thread: their many small operations are dominated by the thread pool's latency (a
 #: 1000-class head: six times faster on two cores).
 SINGLE_THREAD_ELEMENTS = 2**22
+#: The note of a network with random modules in train mode (nothing solved).
+RANDOM_NOTE = (
+    "block: kl, direction_cosine, nat_grad_cosine and nat_projection are left out under the "
+    "sketch: the network draws random masks in train mode (dropout), which the exact-Fisher "
+    "products cannot reproduce as the measurement's pass drew them (docs/theory.md#matrix-free)"
+)
 #: A recomputed residual may exceed the recursion's by this factor (rounding drift).
 RESIDUAL_DRIFT = 10.0
 #: Planning figures of the cost model: products per right-hand side of a solve to
@@ -137,6 +143,8 @@ class SolveReport:
         failed_directions: Layers whose ``A⁻¹g`` did not converge.
         failed_traces: Layers whose trace probes did not converge.
         notes: Further notes (precision, failures).
+        random: Nothing was solved: the network draws random masks in train mode
+            (:meth:`~fisher_monitor.engine.fisher_operator.NetworkFunction.draws_differently`).
     """
 
     settings: SolveSettings
@@ -148,6 +156,7 @@ class SolveReport:
     failed_directions: list[str] = field(default_factory=list)
     failed_traces: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    random: bool = False
 
     def as_dict(self) -> dict:
         """Plain data for :attr:`Measurement.settings` (``estimator.exact_solves``)."""
@@ -161,6 +170,7 @@ class SolveReport:
             "max_iterations_used": self.iterations,
             "seconds": round(self.seconds, 3),
             "error_bound": self.error_bound,
+            **({"left_out": "random masks in train mode"} if self.random else {}),
         }
 
 
@@ -195,6 +205,14 @@ def solve_deferred(
     report = SolveReport(settings)
     function = NetworkFunction(prepared, inputs, seed)
     report.notes += function.notes
+    if function.draws_differently():
+        report.random = True
+        for structure, name, result in deferred:
+            if result.request is not None:
+                results[structure][name] = result.complete(_unavailable(result.request))
+        function.close()
+        report.seconds = time.perf_counter() - start
+        return report
     generator = torch.Generator().manual_seed(seed % 2**63)
     try:
         for structure, name, result in deferred:
@@ -232,6 +250,14 @@ def _solve(
         if head.agrees(operator, names, agreement):
             return head.solve(request, names), 0.0
     return solve_layer(operator, request, settings, generator)
+
+
+def _unavailable(request: SolveRequest) -> LayerSolutions:
+    """Solutions that leave every Fisher-inverse metric out (nothing was solved)."""
+    zero = request.gradient.new_zeros(1)
+    shift = ShiftSolution(None, zero[0], 0.0, zero, zero, zero)
+    found = {float(s): shift for s in request.shifts}
+    return LayerSolutions(found, False, False, iterations=0, products=0)
 
 
 def _record(report: SolveReport, where: str, solutions: LayerSolutions, bound: float) -> None:
@@ -451,6 +477,8 @@ def add_probe_errors(
 def solve_notes(report: SolveReport) -> list[str]:
     """What the measurement's notes say about the solves."""
     s = report.settings
+    if report.random:
+        return [RANDOM_NOTE, *report.notes]
     notes = [
         "block: kl, direction_cosine, nat_grad_cosine and nat_projection from the exact "
         f"Fisher by matrix-free solves: conjugate gradients to relative residual "

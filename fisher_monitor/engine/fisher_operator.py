@@ -75,6 +75,7 @@ class NetworkFunction:
         self._head: FoldedHead | None | bool = False
         self._softmax: SoftmaxHead | None | bool = False
         self._traceable = True
+        self._random: bool | None = None
         self.likelihood = prepared.likelihood
         self.select = prepared.outputs or select_logits
         self.device = prepared.device
@@ -234,6 +235,36 @@ class NetworkFunction:
             return torch.cat(parts) / samples
 
         return apply
+
+    def draws_differently(self) -> bool:
+        """Whether the network's forward differs under ``vjp`` or ``vmap`` from a plain one.
+
+        Random modules in train mode (dropout, also inside attention) draw other masks under
+        torch.func's transforms than in a plain forward with the same seed, and the
+        measurement's pass used the plain forward's: Fisher-vector products would mix the
+        masks (the Hessian at one, the Jacobians at another), so such a network is not
+        solved (:func:`~fisher_monitor.engine.exact_solves.solve_deferred`).
+        """
+        if self._random is None:
+            with self.context(), torch.no_grad():
+                plain = self.forward({})
+            name = next(iter(self.params))
+            try:
+                with self.context():
+                    pulled = vjp(self.forward, {name: self.params[name]})[0]
+                with self.context(), torch.no_grad():
+                    mapped = vmap(lambda _: self.forward({}), randomness="same")(
+                        torch.zeros(1, device=self.device)
+                    )[0]
+                # other masks change outputs by O(1); kernels (a fused eval-mode path) by rounding
+                rtol = FOLD_AGREEMENT if self.dtype == torch.float64 else 1e-4
+                atol = rtol * float(plain.abs().max())
+                self._random = not all(
+                    torch.allclose(plain, other, rtol=rtol, atol=atol) for other in (pulled, mapped)
+                )
+            except Exception:  # noqa: BLE001 - a network vmap cannot run is not solved either
+                self._random = True
+        return self._random
 
     def _linearized(self, function, primal: dict[str, Tensor], trace: bool = True):
         """``tangent ↦ J tangent``: a ``linearize`` trace, else ``jvp`` itself.

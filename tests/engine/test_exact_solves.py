@@ -138,3 +138,43 @@ def test_the_callback_logs_the_headline_metrics_of_a_sketched_fit():
     tags = [key for _, metrics in logger.calls for key in metrics]
     for metric in HEADLINE:
         assert any(tag.endswith(f"block/{metric}/all") for tag in tags), metric
+
+
+class Encoder(nn.Module):
+    """An embedding, a transformer encoder layer with dropout 0.5, a head over 12 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.block = nn.TransformerEncoderLayer(
+            8, 2, dim_feedforward=16, dropout=0.5, batch_first=True
+        )
+        self.head = nn.Linear(8, 12)
+
+    def forward(self, tokens):
+        return self.head(self.block(self.embed(tokens))).transpose(1, 2)
+
+
+def test_a_network_whose_masks_differ_under_transforms_leaves_the_metrics_out():
+    """Attention's dropout draws other masks under torch.func's transforms than in the pass
+    (``nn.Dropout``'s do not): products would mix them, so nothing is solved and the four
+    metrics are left out with a note; without dropout the same network is solved."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (4, 5), generator=generator)
+    targets = torch.randint(0, 12, (4, 5), generator=generator)
+    loss = nn.CrossEntropyLoss()
+    m = run(model, loss, tokens, targets, backend="autograd")
+    for metric in HEADLINE:
+        assert f"block/{metric}/all" not in m.scalars
+    assert "block/trace_ratio/all" in m.scalars
+    assert any("random masks in train mode (dropout)" in note for note in m.notes)
+    assert m.settings["estimator"]["exact_solves"]["left_out"] == "random masks in train mode"
+    for module in model.modules():  # no randomness: the same network is solved
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.block.self_attn.dropout = 0.0
+    m = run(model, loss, tokens, targets, backend="autograd")
+    for metric in HEADLINE:
+        assert f"block/{metric}/all" in m.scalars
