@@ -39,6 +39,7 @@ from torch.func import jvp, vjp
 
 from fisher_monitor.engine.folded_head import FoldedHead
 from fisher_monitor.likelihoods import Categorical
+from fisher_monitor.linalg import symmetric_eigh
 from fisher_monitor.structures.fisher_solves import LayerSolutions, ShiftSolution, SolveRequest
 
 #: Relative difference up to which the head's pulled-back Hessian counts as a softmax's.
@@ -143,8 +144,9 @@ class _Layout:
     def blocks(self, classes: range) -> tuple[Tensor, Tensor]:
         """Eigenvalues ``(c, I')`` and vectors ``(c, I', I')`` of ``A_c`` for these classes."""
         weights = self.p[:, classes.start : classes.stop].T  # (c, M)
-        blocks = torch.einsum("cm,mi,mj->cij", weights, self.z, self.z) / self.n
-        values, vectors = torch.linalg.eigh(blocks)
+        outer = (self.z.unsqueeze(2) * self.z.unsqueeze(1)).reshape(self.z.shape[0], -1)
+        blocks = (weights @ outer).reshape(-1, self.width, self.width) / self.n
+        values, vectors = symmetric_eigh(blocks)  # one thread: many small ones
         return values.clamp_min(0.0), vectors
 
     def solutions(self, request: SolveRequest, names: Sequence[str]) -> LayerSolutions:
