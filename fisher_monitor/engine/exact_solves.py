@@ -116,7 +116,7 @@ class SolveSettings:
     budget_steps: float = 50_000.0
     floor_flops: float = 1e11
     lane_bytes: int = LANE_BYTES
-    dense_limit: int = 2048
+    dense_limit: int = 4096
     exact_head: bool = True
 
     def right_hand_sides(self, samples: int) -> tuple[int, int]:
