@@ -103,6 +103,8 @@ class SolveSettings:
         lane_bytes: Bytes one batched product may use for its vectors.
         dense_limit: Layers with at most this many parameters form ``F_b`` from ``D_b``
             products and are solved exactly (fewer products than the Krylov solves).
+        dense_fallback: Layers with at most this many parameters whose conjugate gradients
+            do not converge are solved densely instead (an embedding at initialisation).
         exact_head: Solve a softmax head (the network's last ``Linear`` layer, read by a
             cross-entropy) exactly by its block structure
             (:mod:`~fisher_monitor.engine.softmax_head`) instead of by products.
@@ -117,6 +119,7 @@ class SolveSettings:
     floor_flops: float = 1e11
     lane_bytes: int = LANE_BYTES
     dense_limit: int = 4096
+    dense_fallback: int = 8192
     exact_head: bool = True
 
     def right_hand_sides(self, samples: int) -> tuple[int, int]:
@@ -318,6 +321,8 @@ def solve_layer(
         (residual <= RESIDUAL_DRIFT * settings.tolerance * norm).all()
     )
     traces = bool(result.converged[1:].all())
+    if not (directions and traces) and dimension <= settings.dense_fallback:
+        return dense_solutions(operator, request)  # exact where conjugate gradients stalled
     shifts, bound = _shift_solutions(result, gradient, residual, (1, solved), exact, directions)
     return (
         LayerSolutions(

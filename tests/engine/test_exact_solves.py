@@ -74,7 +74,7 @@ def test_solves_over_their_budget_are_left_out_with_the_reason():
 
 def test_unconverged_solves_leave_their_metrics_out_rather_than_report_them_wrong():
     model, inputs, targets, loss = classifier_problem(n=8, classes=12)
-    settings = SolveSettings(dense_limit=0, max_iterations=2, exact_head=False)
+    settings = SolveSettings(dense_limit=0, dense_fallback=0, max_iterations=2, exact_head=False)
     m = run(model, loss, inputs, targets, solves=settings)
     for metric in HEADLINE:
         assert f"block/{metric}/all" not in m.scalars
@@ -82,6 +82,20 @@ def test_unconverged_solves_leave_their_metrics_out_rather_than_report_them_wron
     text = " ".join(m.notes)
     assert "conjugate gradients did not reach relative residual 1e-06 within 2 products" in text
     assert "kl is left out there and for all" in text
+
+
+def test_a_layer_whose_conjugate_gradients_stall_is_solved_densely_where_it_fits():
+    """Two products are far too few; the layers (≤ ``dense_fallback``) are solved densely
+    instead, so the metrics equal the exact path's (absolute damping: the same λ)."""
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    settings = SolveSettings(dense_limit=0, max_iterations=2, exact_head=False)
+    common = dict(damping=1e-3, damping_mode="absolute")
+    exact = run(model, loss, inputs, targets, estimator="exact", **common)
+    m = run(model, loss, inputs, targets, solves=settings, **common)
+    for metric in HEADLINE:
+        key = f"block/{metric}/all"
+        assert m[key] == pytest.approx(exact[key], rel=1e-7), key
+    assert not any("did not reach relative residual" in note for note in m.notes)
 
 
 def test_the_plan_counts_the_solves_and_keeps_the_exact_path_where_it_is_cheaper():

@@ -29,7 +29,7 @@ from sketch_cases import run
 
 DIRECTIONAL = ("direction_cosine", "nat_grad_cosine")
 #: Krylov solves everywhere (no dense shortcut for small layers, no exact softmax head)
-KRYLOV = SolveSettings(dense_limit=0, exact_head=False)
+KRYLOV = SolveSettings(dense_limit=0, dense_fallback=0, exact_head=False)
 
 
 class TinyLM(nn.Module):
@@ -231,7 +231,7 @@ def test_the_kl_lies_within_two_standard_errors_in_most_seeds(problem, layer, ex
     request = SolveRequest(info, rows.mean(dim=0), rows, [damping])
     gram_u = rows @ rows.T / rows.shape[0]
     logdet = empirical_solves(gram_u, [damping], dimension=rows.shape[1])[0].logdet_ratio
-    settings = SolveSettings(dense_limit=0, exact_samples=exact_samples)
+    settings = SolveSettings(dense_limit=0, dense_fallback=0, exact_samples=exact_samples)
     hits = []
     with single_threaded(fisher.device):
         for seed in range(150):
