@@ -25,14 +25,11 @@ connection around the head) keeps the plain products.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fisher_monitor.engine.fisher_operator import NetworkFunction
 
 
 class _HeadInput(Exception):
@@ -56,7 +53,7 @@ class FoldedHead:
         output: Its output ``y``.
     """
 
-    def __init__(self, function: NetworkFunction, module: nn.Linear, curvature_bytes: int):
+    def __init__(self, function: Any, module: nn.Linear, curvature_bytes: int):
         self.function = function
         self.module = module
         self.parameters = {id(p) for p in module.parameters()}
@@ -138,8 +135,11 @@ class FoldedHead:
         self._handles = []
 
 
-def fold_head(function: NetworkFunction, lane_bytes: int) -> FoldedHead | None:
+def fold_head(function: Any, lane_bytes: int) -> FoldedHead | None:
     """The folded head of ``function``'s network, or ``None`` where there is none to fold.
+
+    ``function`` is a :class:`~fisher_monitor.engine.fisher_operator.NetworkFunction` (not
+    imported here: it imports this module).
 
     The head is the last ``nn.Linear`` the forward pass calls, if it is called once, its
     weight is trained, and ``G`` (``N·positions·I²`` numbers) fits ``lane_bytes``.
