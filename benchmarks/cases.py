@@ -97,6 +97,71 @@ def resnet18() -> nn.Module:
     return build(num_classes=10)
 
 
+def mobilenet_v3() -> nn.Module:
+    """The torchvision MobileNetV3-Small with 10 classes (squeeze-excitation, hardswish)."""
+    from torchvision.models import mobilenet_v3_small
+
+    return mobilenet_v3_small(num_classes=10)
+
+
+def regnet() -> nn.Module:
+    """The torchvision RegNetY-400MF with 10 classes (grouped convolutions, squeeze-excitation)."""
+    from torchvision.models import regnet_y_400mf
+
+    return regnet_y_400mf(num_classes=10)
+
+
+def vision_transformer() -> nn.Module:
+    """The torchvision VisionTransformer: 32×32 images, 4×4 patches, 4 layers of width 128."""
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(
+        image_size=32,
+        patch_size=4,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=128,
+        mlp_dim=256,
+        num_classes=10,
+    )
+
+
+class UNet(nn.Module):
+    """A three-level UNet with skip connections and transposed convolutions: per-pixel logits.
+
+    Returns ``(N, C, H, W)`` logits for ``nn.CrossEntropyLoss`` against ``(N, H, W)`` labels.
+    """
+
+    def __init__(self, classes: int = 3, width: int = 16):
+        super().__init__()
+
+        def double(fan_in: int, fan_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(fan_in, fan_out, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(fan_out, fan_out, 3, padding=1),
+                nn.ReLU(),
+            )
+
+        self.down1 = double(3, width)
+        self.down2 = double(width, 2 * width)
+        self.bottom = double(2 * width, 4 * width)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.merge2 = double(4 * width, 2 * width)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.merge1 = double(2 * width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Per-pixel logits ``(N, C, H, W)``."""
+        first = self.down1(x)
+        second = self.down2(nn.functional.max_pool2d(first, 2))
+        bottom = self.bottom(nn.functional.max_pool2d(second, 2))
+        second = self.merge2(torch.cat([second, self.up2(bottom)], dim=1))
+        first = self.merge1(torch.cat([first, self.up1(second)], dim=1))
+        return self.head(first)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model at the scale users train it, with its batch.
@@ -114,6 +179,8 @@ class ModelSpec:
         configs: The configurations measured on this model.
         floors: The BackPACK floors timed on this model.
         callback: Whether ``{name}/callback`` exists.
+        fitted_loss: The loss below which a ``fitted`` model counts as fitted.
+        per_pixel: Image inputs with a label per pixel (segmentation).
     """
 
     name: str
@@ -128,6 +195,7 @@ class ModelSpec:
     floors: tuple[str, ...] = ()
     callback: bool = True
     fitted_loss: float = 1e-3
+    per_pixel: bool = False
 
     def batch(self, size: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
         """A fixed random batch ``(inputs, targets)`` (Gaussian inputs or random tokens)."""
@@ -140,11 +208,15 @@ class ModelSpec:
             targets = torch.randint(0, self.classes, (size, *self.input_shape), generator=generator)
         else:
             inputs = torch.randn(size, *self.input_shape, generator=generator)
-            targets = torch.randint(0, self.classes, (size,), generator=generator)
+            shape = (size, *self.input_shape[1:]) if self.per_pixel else (size,)
+            targets = torch.randint(0, self.classes, shape, generator=generator)
         return inputs, targets
 
 
 _MLP_FLOORS = tuple(FLOORS)
+#: The models users train beyond our own (torchvision CNNs, a ViT, a UNet): the default
+#: measurement and the diagonal alone.
+_ZOO_CONFIGS = ("default", "diag-exact")
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -206,6 +278,48 @@ MODELS: dict[str, ModelSpec] = {
             8000,
             8,
             vocabulary=8000,
+        ),
+        ModelSpec(
+            "mobilenet-v3",
+            "torchvision MobileNetV3-Small, 10 classes, 3×32×32, batch 32",
+            mobilenet_v3,
+            (3, 32, 32),
+            10,
+            32,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+        ),
+        ModelSpec(
+            "regnet",
+            "torchvision RegNetY-400MF, 10 classes, 3×32×32, batch 32",
+            regnet,
+            (3, 32, 32),
+            10,
+            32,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+        ),
+        ModelSpec(
+            "vit",
+            "torchvision VisionTransformer, 4 layers of width 128, 4×4 patches of 3×32×32, "
+            "10 classes, batch 32",
+            vision_transformer,
+            (3, 32, 32),
+            10,
+            32,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+        ),
+        ModelSpec(
+            "unet",
+            "UNet (3 levels, width 16), per-pixel cross-entropy over 3 classes, 3×32×32, batch 8",
+            UNet,
+            (3, 32, 32),
+            3,
+            8,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+            per_pixel=True,
         ),
         ModelSpec(
             "tiny",
@@ -280,8 +394,18 @@ FITS: dict[str, FitSpec] = {
 #: Fits of a full run (``tiny`` only for the harness's test).
 FIT_CASES = ("digits", "cnn")
 
+#: The model zoo's rows (``--cases 'mobilenet-v3/*,regnet/*,vit/*,unet/*'``).
+ZOO_MODELS = ("mobilenet-v3", "regnet", "vit", "unet")
 #: Models of a full run, in order (``tiny`` is only for the harness's test).
-DEFAULT_MODELS = ("mlp", "mlp-fitted", "mlp-c100", "mlp-c1000", "resnet18", "transformer")
+DEFAULT_MODELS = (
+    "mlp",
+    "mlp-fitted",
+    "mlp-c100",
+    "mlp-c1000",
+    "resnet18",
+    "transformer",
+    *ZOO_MODELS,
+)
 #: Report-at-scale cases of a full run and of ``--quick``.
 REPORT_CASES = ("50x2000", "2000runs")
 QUICK_REPORT_CASES = ("10x100",)
@@ -474,6 +598,9 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target("ResNet-18 32×32 batch 32, default, no sub-sampling", "resnet18/default", 30, True),
     Target("transformer LM, vocabulary 8000, default", "transformer/default", 30),
+    Target("torchvision MobileNetV3-Small, default", "mobilenet-v3/default", 30),
+    Target("torchvision RegNetY-400MF, default", "regnet/default", 30),
+    Target("UNet, per-pixel cross-entropy, default", "unet/default", 30),
     Target("report, 50 layers × 2000 measurements", "report/50x2000", 60, megabytes=1024),
     Target("report, 2000 small runs (a sweep)", "report/2000runs", 60, megabytes=1024),
 )
