@@ -362,9 +362,7 @@ def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, ta
                     for k in range(flat_out.numel())
                 ]
             )
-            H = hessian(lambda f: nll(f.reshape(out.shape), targets[i : i + 1]))(
-                flat_out.detach()
-            )
+            H = hessian(lambda f: nll(f.reshape(out.shape), targets[i : i + 1]))(flat_out.detach())
             ggn = J.T @ H @ J  # (T·O) × (T·O) in the output's memory layout
             z_shape = eps.shape[1:]
             if isinstance(module, nn.Linear):
