@@ -395,27 +395,18 @@ class FisherMonitor(ResultSink, *_BASES):
         self._ledger.measured()
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        excess = self._ledger.step_finished()
-        if excess > 0:
-            self._charge(excess, measurement=False)
-
-    @override
     @never_raises
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:  # noqa: D102
         self._finish_recording(trainer, pl_module, measure=True)
 
     @override
     @never_raises
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Prepare from a recorded step without backward; charge what a measurement disturbed."""
         self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
+        excess = self._ledger.step_finished()
+        if excess > 0:
+            self._charge(excess, measurement=False)
 
     def _finish_recording(self, trainer, pl_module, measure: bool) -> None:
         """Measure the recorded step before its backward pass (or prepare for the next)."""
