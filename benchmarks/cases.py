@@ -1,5 +1,8 @@
 """What ``make bench`` measures: the models, the configurations, the cases and the targets.
 
+The networks themselves are built in :mod:`benchmarks.models`; their specs (batch, scale,
+configurations) are here.
+
 A *case* is one subprocess of the harness, named ``{model}/{what}``:
 
 - ``{model}/{config}`` (``default``, ``diag-exact``, ``diag-mc``, ``block-exact``,
@@ -28,6 +31,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from benchmarks.models import (
+    GPT,
+    TransformerLM,
+    UNet,
+    digits_cnn,
+    digits_mlp,
+    mlp,
+    mobilenet_v3,
+    regnet,
+    resnet18,
+    vision_transformer,
+)
+
 #: Configurations: name -> (structures, fisher). ``default`` is what ``measure()`` and the
 #: callback do without arguments.
 CONFIGS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -49,98 +65,6 @@ FLOORS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def mlp(*sizes: int) -> nn.Sequential:
-    """ReLU MLP with the given layer widths."""
-    layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        if index:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(fan_in, fan_out))
-    return nn.Sequential(*layers)
-
-
-class TransformerLM(nn.Module):
-    """Small causal transformer language model; logits shaped ``(N, V, T)`` for the loss.
-
-    Token and position embeddings, ``layers`` pre-norm-free ``nn.TransformerEncoderLayer``
-    blocks (``heads`` heads, feed-forward width ``4 · d_model``, dropout 0.1, causal mask)
-    and a linear head over the vocabulary. ``nn.CrossEntropyLoss`` on ``(N, V, T)`` logits
-    and ``(N, T)`` targets averages over every position of every sequence.
-    """
-
-    def __init__(
-        self, vocabulary: int, d_model: int = 128, layers: int = 2, heads: int = 4, length: int = 32
-    ):
-        super().__init__()
-        self.tokens = nn.Embedding(vocabulary, d_model)
-        self.positions = nn.Embedding(length, d_model)
-        block = nn.TransformerEncoderLayer(
-            d_model, heads, dim_feedforward=4 * d_model, dropout=0.1, batch_first=True
-        )
-        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocabulary)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits ``(N, V, T)`` of the next token at each position of ``tokens`` ``(N, T)``."""
-        length = tokens.shape[1]
-        positions = torch.arange(length, device=tokens.device)
-        hidden = self.tokens(tokens) + self.positions(positions)
-        hidden = self.encoder(hidden, mask=self.mask[:length, :length], is_causal=True)
-        return self.head(hidden).transpose(1, 2)
-
-
-class GPT(nn.Module):
-    """GPT-style causal LM: pre-norm blocks, ``F.scaled_dot_product_attention``, a GELU MLP.
-
-    Token and position embeddings, ``layers`` blocks of width ``width`` (``heads`` heads,
-    MLP width ``4 · width``), a final LayerNorm and a linear head over the vocabulary (its
-    own weight), no dropout (nanoGPT's default). Logits ``(N, V, T)`` for the loss.
-    """
-
-    def __init__(
-        self, vocabulary: int, width: int = 32, layers: int = 2, heads: int = 2, length: int = 16
-    ):
-        super().__init__()
-        self.heads = heads
-        self.tokens = nn.Embedding(vocabulary, width)
-        self.positions = nn.Embedding(length, width)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "norm1": nn.LayerNorm(width),
-                    "qkv": nn.Linear(width, 3 * width),
-                    "proj": nn.Linear(width, width),
-                    "norm2": nn.LayerNorm(width),
-                    "up": nn.Linear(width, 4 * width),
-                    "down": nn.Linear(4 * width, width),
-                }
-            )
-            for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocabulary)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits ``(N, V, T)`` of the next token at each position of ``tokens`` ``(N, T)``."""
-        n, length = tokens.shape
-        x = self.tokens(tokens) + self.positions(torch.arange(length, device=tokens.device))
-        for block in self.blocks:
-            q, k, v = block["qkv"](block["norm1"](x)).chunk(3, dim=2)
-            q, k, v = (z.reshape(n, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-            attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + block["proj"](attended.transpose(1, 2).reshape(n, length, -1))
-            x = x + block["down"](nn.functional.gelu(block["up"](block["norm2"](x))))
-        return self.head(self.norm(x)).transpose(1, 2)
-
-
-def resnet18() -> nn.Module:
-    """ResNet-18 of torchvision with 10 classes (BatchNorm in train mode while training)."""
-    from torchvision.models import resnet18 as build
-
-    return build(num_classes=10)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A model at the scale users train it, with its batch.
@@ -158,6 +82,8 @@ class ModelSpec:
         configs: The configurations measured on this model.
         floors: The BackPACK floors timed on this model.
         callback: Whether ``{name}/callback`` exists.
+        fitted_loss: The loss below which a ``fitted`` model counts as fitted.
+        per_pixel: Image inputs with a label per pixel (segmentation).
     """
 
     name: str
@@ -172,6 +98,7 @@ class ModelSpec:
     floors: tuple[str, ...] = ()
     callback: bool = True
     fitted_loss: float = 1e-3
+    per_pixel: bool = False
 
     def batch(self, size: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
         """A fixed random batch ``(inputs, targets)`` (Gaussian inputs or random tokens)."""
@@ -184,11 +111,15 @@ class ModelSpec:
             targets = torch.randint(0, self.classes, (size, *self.input_shape), generator=generator)
         else:
             inputs = torch.randn(size, *self.input_shape, generator=generator)
-            targets = torch.randint(0, self.classes, (size,), generator=generator)
+            shape = (size, *self.input_shape[1:]) if self.per_pixel else (size,)
+            targets = torch.randint(0, self.classes, shape, generator=generator)
         return inputs, targets
 
 
 _MLP_FLOORS = tuple(FLOORS)
+#: The models users train beyond our own (torchvision CNNs, a ViT, a UNet): the default
+#: measurement and the diagonal alone.
+_ZOO_CONFIGS = ("default", "diag-exact")
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -252,6 +183,48 @@ MODELS: dict[str, ModelSpec] = {
             vocabulary=8000,
         ),
         ModelSpec(
+            "mobilenet-v3",
+            "torchvision MobileNetV3-Small, 10 classes, 3×32×32, batch 32",
+            mobilenet_v3,
+            (3, 32, 32),
+            10,
+            32,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+        ),
+        ModelSpec(
+            "regnet",
+            "torchvision RegNetY-400MF, 10 classes, 3×32×32, batch 32",
+            regnet,
+            (3, 32, 32),
+            10,
+            32,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+        ),
+        ModelSpec(
+            "vit",
+            "torchvision VisionTransformer, 4 layers of width 128, 4×4 patches of 3×32×32, "
+            "10 classes, batch 32",
+            vision_transformer,
+            (3, 32, 32),
+            10,
+            32,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+        ),
+        ModelSpec(
+            "unet",
+            "UNet (3 levels, width 16), per-pixel cross-entropy over 3 classes, 3×32×32, batch 8",
+            UNet,
+            (3, 32, 32),
+            3,
+            8,
+            configs=_ZOO_CONFIGS,
+            callback=False,
+            per_pixel=True,
+        ),
+        ModelSpec(
             "gpt-v50257",
             "GPT-style LM: 2 pre-norm blocks, width 32, 2 heads, vocabulary 50,257 (GPT-2's), "
             "sequence 16, batch 4, cross-entropy over every position",
@@ -274,26 +247,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
     )
 }
-
-
-def digits_mlp() -> nn.Module:
-    """The examples' MLP on 8×8 digits: 64-128-128-10."""
-    return mlp(64, 128, 128, 10)
-
-
-def digits_cnn() -> nn.Module:
-    """The examples' CNN on 8×8 digits (``examples/cnn_block_kron.py``)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 32),
-        nn.ReLU(),
-        nn.Linear(32, 10),
-    )
 
 
 @dataclass(frozen=True)
@@ -336,8 +289,18 @@ FITS: dict[str, FitSpec] = {
 #: Fits of a full run (``tiny`` only for the harness's test).
 FIT_CASES = ("digits", "cnn")
 
+#: The model zoo's rows (``--cases 'mobilenet-v3/*,regnet/*,vit/*,unet/*'``).
+ZOO_MODELS = ("mobilenet-v3", "regnet", "vit", "unet")
 #: Models of a full run, in order (``tiny`` is only for the harness's test).
-DEFAULT_MODELS = ("mlp", "mlp-fitted", "mlp-c100", "mlp-c1000", "resnet18", "transformer")
+DEFAULT_MODELS = (
+    "mlp",
+    "mlp-fitted",
+    "mlp-c100",
+    "mlp-c1000",
+    "resnet18",
+    "transformer",
+    *ZOO_MODELS,
+)
 #: Report-at-scale cases of a full run and of ``--quick``.
 REPORT_CASES = ("50x2000", "2000runs")
 QUICK_REPORT_CASES = ("10x100",)
@@ -530,6 +493,9 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target("ResNet-18 32×32 batch 32, default, no sub-sampling", "resnet18/default", 30, True),
     Target("transformer LM, vocabulary 8000, default", "transformer/default", 30),
+    Target("torchvision MobileNetV3-Small, default", "mobilenet-v3/default", 30),
+    Target("torchvision RegNetY-400MF, default", "regnet/default", 30),
+    Target("UNet, per-pixel cross-entropy, default", "unet/default", 30),
     Target("report, 50 layers × 2000 measurements", "report/50x2000", 60, megabytes=1024),
     Target("report, 2000 small runs (a sweep)", "report/2000runs", 60, megabytes=1024),
 )

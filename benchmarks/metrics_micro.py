@@ -111,71 +111,81 @@ def _kron_with_factors(kronecker, root_in, root_out, samples, gram_u, dampings):
     )
 
 
-def cases(lowrank, kronecker, diagonal, factors, coefficients) -> list[tuple[str, Callable]]:
-    """``(label, call)`` for every timed case, on the given modules (any version)."""
+def layer_cases(
+    lowrank, kronecker, index, factor, coefficients, dampings, shares_ef
+) -> list[tuple[str, Callable]]:
+    """``(label, call)`` of one layer's block and Kronecker statistics.
+
+    Args:
+        lowrank: The ``lowrank`` module of the version timed.
+        kronecker: Its ``kronecker`` module.
+        index: The layer's index (for the labels).
+        factor: The layer's ``(x̃, δ, s)`` (:func:`mlp_factors`).
+        coefficients: The coefficients ``B`` shared by all layers.
+        dampings: ``{label: relative dampings}``, scaled here by the layer's mean
+            eigenvalue.
+        shares_ef: Whether this version's Kronecker statistics take the EF solves.
+    """
     import torch
 
+    inputs, output_grads, sqrt = factor
     n = coefficients.shape[1]
-    kron_params = inspect.signature(kronecker.kronecker_statistics).parameters
-    shares_ef = "empirical" in kron_params and hasattr(lowrank, "empirical_solves")
     out = []
-    one, five = [1e-3], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
-    for index, (inputs, output_grads, sqrt) in enumerate(factors):
-        name = f"layer {index} ({inputs.shape[1]}×{output_grads.shape[1]})"
-        gram_u, gram_v, gram_uv = grams(inputs, output_grads, sqrt, coefficients)
-        dimension = inputs.shape[1] * output_grads.shape[1]
-        trace = float(torch.trace(gram_v))
-        scaled = {
-            label: [d * trace / dimension for d in ds]
-            for label, ds in (("1 damping", one), ("5 dampings", five))
-        }
-        for label, dampings in scaled.items():
+    name = f"layer {index} ({inputs.shape[1]}×{output_grads.shape[1]})"
+    gram_u, gram_v, gram_uv = grams(inputs, output_grads, sqrt, coefficients)
+    dimension = inputs.shape[1] * output_grads.shape[1]
+    trace = float(torch.trace(gram_v))
+    scaled = {label: [d * trace / dimension for d in ds] for label, ds in dampings.items()}
+    for label, values in scaled.items():
+        out.append(
+            (
+                f"{name} block, {label}",
+                partial(
+                    lowrank.lowrank_statistics,
+                    gram_u,
+                    gram_v,
+                    gram_uv,
+                    dimension,
+                    values,
+                    coefficients=coefficients,
+                ),
+            )
+        )
+    xd = inputs.double()
+    root_in = xd / n**0.5
+    root_out = sqrt.double().reshape(-1, sqrt.shape[-1]) / n**0.5
+    samples = kronecker.OuterSamples(output_grads.double(), xd)
+    for label, values in scaled.items():
+        # the engine forms A = XᵀX and G = SᵀS where the function needs them
+        out.append(
+            (
+                f"{name} kron, {label}, factors formed",
+                partial(_kron_with_factors, kronecker, root_in, root_out, samples, gram_u, values),
+            )
+        )
+        if shares_ef:
+            solves = lowrank.empirical_solves(gram_u, values, dimension)
             out.append(
                 (
-                    f"{name} block, {label}",
+                    f"{name} kron, {label}, roots only, shared EF solves",
                     partial(
-                        lowrank.lowrank_statistics,
+                        kronecker.kronecker_statistics,
+                        None,
+                        None,
+                        samples,
                         gram_u,
-                        gram_v,
-                        gram_uv,
-                        dimension,
-                        dampings,
-                        coefficients=coefficients,
+                        values,
+                        input_root=root_in,
+                        output_root=root_out,
+                        empirical=solves,
                     ),
                 )
             )
-        xd = inputs.double()
-        root_in = xd / n**0.5
-        root_out = sqrt.double().reshape(-1, sqrt.shape[-1]) / n**0.5
-        samples = kronecker.OuterSamples(output_grads.double(), xd)
-        for label, dampings in scaled.items():
-            # the engine forms A = XᵀX and G = SᵀS where the function needs them
-            out.append(
-                (
-                    f"{name} kron, {label}, factors formed",
-                    partial(
-                        _kron_with_factors, kronecker, root_in, root_out, samples, gram_u, dampings
-                    ),
-                )
-            )
-            if shares_ef:
-                solves = lowrank.empirical_solves(gram_u, dampings, dimension)
-                out.append(
-                    (
-                        f"{name} kron, {label}, roots only, shared EF solves",
-                        partial(
-                            kronecker.kronecker_statistics,
-                            None,
-                            None,
-                            samples,
-                            gram_u,
-                            dampings,
-                            input_root=root_in,
-                            output_root=root_out,
-                            empirical=solves,
-                        ),
-                    )
-                )
+    return out
+
+
+def diag_cases(diagonal, factors, n, dampings) -> list[tuple[str, Callable]]:
+    """``(label, call)`` of the diagonal statistics of every layer, float64 and float32 in."""
     diag_inputs = []
     for inputs, output_grads, sqrt in factors:
         fisher = (sqrt.square().sum(dim=0) / n).T @ inputs.square()
@@ -189,10 +199,24 @@ def cases(lowrank, kronecker, diagonal, factors, coefficients) -> list[tuple[str
                 f, e, g = f.double(), e.double(), g.double()
             diagonal.diagonal_statistics(f, e, g, dampings)
 
-    for label, dampings in (("1 damping", one), ("5 dampings", five)):
-        out.append((f"diag, all layers, float64 in, {label}", partial(diag_pass, dampings, True)))
-        out.append((f"diag, all layers, float32 in, {label}", partial(diag_pass, dampings, False)))
+    out = []
+    for label, values in dampings.items():
+        out.append((f"diag, all layers, float64 in, {label}", partial(diag_pass, values, True)))
+        out.append((f"diag, all layers, float32 in, {label}", partial(diag_pass, values, False)))
     return out
+
+
+def cases(lowrank, kronecker, diagonal, factors, coefficients) -> list[tuple[str, Callable]]:
+    """``(label, call)`` for every timed case, on the given modules (any version)."""
+    n = coefficients.shape[1]
+    kron_params = inspect.signature(kronecker.kronecker_statistics).parameters
+    shares_ef = "empirical" in kron_params and hasattr(lowrank, "empirical_solves")
+    one, five = [1e-3], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    dampings = {"1 damping": one, "5 dampings": five}
+    out = []
+    for index, factor in enumerate(factors):
+        out += layer_cases(lowrank, kronecker, index, factor, coefficients, dampings, shares_ef)
+    return out + diag_cases(diagonal, factors, n, dampings)
 
 
 def main(argv: list[str] | None = None) -> None:

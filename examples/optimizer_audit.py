@@ -221,20 +221,8 @@ def median(run, key: str) -> float:
     return float(np.median(run.scalars[key][1])) if key in run.scalars else float("nan")
 
 
-def main(fast: bool = False, root: Path | None = None) -> dict:
-    """Train with each optimizer, draw the figure, print and return the headline numbers.
-
-    ``root``: where the logs and the figure go (default ``examples/output/optimizer_audit``).
-    """
-    quiet()
-    epochs, every, batches = (1, 4, 12) if fast else (12, 12, None)
-    root = Path(root) if root else output_dir("optimizer_audit")
-    shutil.rmtree(root / "runs", ignore_errors=True)  # a fresh log per run of the script
-    results = {
-        name: train(name, settings["lr"], epochs, every, root / "runs", batches)
-        for name, settings in OPTIMIZERS.items()
-    }
-
+def draw(results: dict, root: Path) -> Path:
+    """The figure: update cosines (diag, block), Adam's preconditioner, the training loss."""
     figure = Figure(figsize=(12, 8), dpi=100, layout="constrained")
     (diag_axis, block_axis), (adam_axis, loss_axis) = figure.subplots(2, 2)
     for name, result in results.items():
@@ -271,7 +259,11 @@ def main(fast: bool = False, root: Path | None = None) -> dict:
     loss_axis.legend()
     out = root / "optimizer_audit.png"
     FigureCanvasAgg(figure).print_png(out)
+    return out
 
+
+def summarise(results: dict, out: Path) -> dict:
+    """Print and return the headline numbers of each optimizer and of Adam's preconditioner."""
     summary: dict = {"figure": out, "optimizers": {}}
     print(f"figure: {out}  (damping δ = {DAMPING} for the monitor and the natural gradient)")
     for name, result in results.items():
@@ -310,6 +302,22 @@ def main(fast: bool = False, root: Path | None = None) -> dict:
         f"cos(√diag F, √diag EF) = {full['fisher_vs_ef']:.3f}"
     )
     return summary
+
+
+def main(fast: bool = False, root: Path | None = None) -> dict:
+    """Train with each optimizer, draw the figure, print and return the headline numbers.
+
+    ``root``: where the logs and the figure go (default ``examples/output/optimizer_audit``).
+    """
+    quiet()
+    epochs, every, batches = (1, 4, 12) if fast else (12, 12, None)
+    root = Path(root) if root else output_dir("optimizer_audit")
+    shutil.rmtree(root / "runs", ignore_errors=True)  # a fresh log per run of the script
+    results = {
+        name: train(name, settings["lr"], epochs, every, root / "runs", batches)
+        for name, settings in OPTIMIZERS.items()
+    }
+    return summarise(results, draw(results, root))
 
 
 if __name__ == "__main__":

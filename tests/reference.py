@@ -322,6 +322,50 @@ def _positions_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return patches.reshape(positions, channels * int(torch.tensor(module.kernel_size).prod()))
 
 
+def _sample_output_ggn(model, module, x, target, nll):
+    """One sample's layer-output GGN summed over positions, / T (O × O), and the layer input.
+
+    The GGN ``J_zᵀ H J_z`` of the sample's loss w.r.t. the layer output ``z``, by a zero
+    perturbation added to ``z`` (the Jacobian row by row, the loss Hessian by torch.func).
+    """
+    store = {}
+
+    def pre_hook(mod, args):
+        store["input"] = args[0].detach()[0]
+
+    def fwd_hook(mod, args, out):
+        eps = torch.zeros_like(out, requires_grad=True)
+        store["eps"] = eps
+        return out + eps
+
+    h1 = module.register_forward_pre_hook(pre_hook)
+    h2 = module.register_forward_hook(fwd_hook)
+    out = model(x)
+    h1.remove()
+    h2.remove()
+    eps = store["eps"]
+    flat_out = out.reshape(-1)
+    J = torch.stack(
+        [
+            torch.autograd.grad(flat_out[k], eps, retain_graph=True)[0].reshape(-1)
+            for k in range(flat_out.numel())
+        ]
+    )
+    H = hessian(lambda f: nll(f.reshape(out.shape), target))(flat_out.detach())
+    ggn = J.T @ H @ J  # (T·O) × (T·O) in the output's memory layout
+    z_shape = eps.shape[1:]
+    if isinstance(module, nn.Linear):
+        T = int(torch.tensor(z_shape[:-1]).prod()) if len(z_shape) > 1 else 1
+        O = z_shape[-1]
+        ggn = ggn.reshape(T, O, T, O)
+    else:
+        O = z_shape[0]
+        T = int(torch.tensor(z_shape[1:]).prod())
+        ggn = ggn.reshape(O, T, O, T).permute(1, 0, 3, 2)
+    G_i = sum(ggn[t, :, t, :] for t in range(T)) / T
+    return G_i, store["input"]
+
+
 def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor):
     """Per layer: (G ⊗ A in the augmented [W | b] layout, permutation from parameter order).
 
@@ -338,43 +382,10 @@ def kronecker_reference(model: nn.Module, loss_fn: nn.Module, inputs: Tensor, ta
         A = None
         G = None
         for i in range(n):
-            x = inputs[i : i + 1]
-            store = {}
-
-            def pre_hook(mod, args):
-                store["input"] = args[0].detach()[0]
-
-            def fwd_hook(mod, args, out):
-                eps = torch.zeros_like(out, requires_grad=True)
-                store["eps"] = eps
-                return out + eps
-
-            h1 = module.register_forward_pre_hook(pre_hook)
-            h2 = module.register_forward_hook(fwd_hook)
-            out = model(x)
-            h1.remove()
-            h2.remove()
-            eps = store["eps"]
-            flat_out = out.reshape(-1)
-            J = torch.stack(
-                [
-                    torch.autograd.grad(flat_out[k], eps, retain_graph=True)[0].reshape(-1)
-                    for k in range(flat_out.numel())
-                ]
+            G_i, layer_input = _sample_output_ggn(
+                model, module, inputs[i : i + 1], targets[i : i + 1], nll
             )
-            H = hessian(lambda f: nll(f.reshape(out.shape), targets[i : i + 1]))(flat_out.detach())
-            ggn = J.T @ H @ J  # (T·O) × (T·O) in the output's memory layout
-            z_shape = eps.shape[1:]
-            if isinstance(module, nn.Linear):
-                T = int(torch.tensor(z_shape[:-1]).prod()) if len(z_shape) > 1 else 1
-                O = z_shape[-1]
-                ggn = ggn.reshape(T, O, T, O)
-            else:
-                O = z_shape[0]
-                T = int(torch.tensor(z_shape[1:]).prod())
-                ggn = ggn.reshape(O, T, O, T).permute(1, 0, 3, 2)
-            G_i = sum(ggn[t, :, t, :] for t in range(T)) / T
-            X = _positions_inputs(module, store["input"])
+            X = _positions_inputs(module, layer_input)
             parts = [X] if has_weight else []
             if has_bias:
                 parts.append(torch.ones(X.shape[0], 1, dtype=X.dtype))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytorch_lightning
 import torch
 from torch import nn
 
@@ -29,6 +30,15 @@ from fisher_monitor.likelihoods import (
     UnsupportedLossError,
     resolve_loss,
 )
+
+#: ``LightningModule.forward`` of both namespaces (``lightning.pytorch`` where installed).
+_LIGHTNING_FORWARDS = {pytorch_lightning.LightningModule.forward}
+try:
+    import lightning.pytorch
+
+    _LIGHTNING_FORWARDS.add(lightning.pytorch.LightningModule.forward)
+except ImportError:  # pragma: no cover - the lightning package is optional
+    pass
 
 #: What to pass when the loss or the probe cannot be found.
 DISCOVERY_FIX = (
@@ -355,14 +365,7 @@ def loss_text(likelihood: Any) -> str:
 
 def overrides_forward(module: nn.Module) -> bool:
     """Whether a LightningModule subclass defines its own ``forward``."""
-    base_forwards = set()
-    for namespace in ("pytorch_lightning", "lightning.pytorch"):
-        try:
-            base = __import__(namespace, fromlist=["LightningModule"]).LightningModule
-        except ImportError:  # pragma: no cover - either namespace may be missing
-            continue
-        base_forwards.add(base.forward)
-    return type(module).forward not in base_forwards
+    return type(module).forward not in _LIGHTNING_FORWARDS
 
 
 def network_name(pl_module: nn.Module, network: nn.Module) -> str:

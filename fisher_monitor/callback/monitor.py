@@ -401,9 +401,10 @@ class FisherMonitor(ResultSink, *_BASES):
 
     @override
     @never_raises
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Prepare from a recorded step without backward; charge what a measurement disturbed."""
         self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
-        excess = self._ledger.step_finished()  # a disturbed step's excess is charged
+        excess = self._ledger.step_finished()
         if excess > 0:
             self._charge(excess, measurement=False)
 

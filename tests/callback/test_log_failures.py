@@ -160,11 +160,14 @@ def test_tensorboard_keeps_every_measurement_when_another_logger_fails(tmp_path)
     assert run.steps == list(range(STEPS))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores modes")
-def test_a_directory_made_read_only_mid_fit(tmp_path):
+def test_a_directory_made_read_only_mid_fit(tmp_path, monkeypatch):
+    """``chmod 0500`` on the log directory; root ignores modes, so there the writes are made
+    to fail with the error a non-root user gets (EACCES, permission denied)."""
     monitor = FisherMonitor(every_n_steps=1)
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    arm = FullDisk(monkeypatch, errno.EACCES) if root else (lambda d: d.chmod(0o500))
     try:
-        _, found, directory = run_fit(tmp_path, lambda d: d.chmod(0o500), monitor)
+        _, found, directory = run_fit(tmp_path, arm, monitor)
     finally:
         for path in tmp_path.rglob("*"):
             if path.is_dir():

@@ -61,3 +61,27 @@ def test_aftermath_survives_a_checkpoint():
     restored = Ledger(clock)
     restored.load_state_dict(state)
     assert restored.aftermath == pytest.approx(1.0) and restored.spent == pytest.approx(2.0)
+
+
+def test_the_callback_starts_and_finishes_the_ledger_s_step_at_every_batch(monkeypatch):
+    """Wired into ``FisherMonitor``: every training batch is started and finished once, so
+    the steps a measurement slows down are charged (a second ``on_train_batch_end`` once
+    shadowed the one that finished them)."""
+    from fisher_monitor import FisherMonitor
+    from lightning_helpers import fit
+
+    calls = {"started": 0, "finished": 0}
+    started, finished = Ledger.step_started, Ledger.step_finished
+
+    def count_start(self):
+        calls["started"] += 1
+        return started(self)
+
+    def count_finish(self):
+        calls["finished"] += 1
+        return finished(self)
+
+    monkeypatch.setattr(Ledger, "step_started", count_start)
+    monkeypatch.setattr(Ledger, "step_finished", count_finish)
+    fit(FisherMonitor(every_n_steps=2), steps=6)
+    assert calls == {"started": 6, "finished": 6}

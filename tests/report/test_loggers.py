@@ -96,7 +96,7 @@ def test_a_csv_logger_run_is_reported(csv_run, tmp_path):
     assert run.structures == ["diag", "block"] and run.steps == [0, 2, 4, 6, 8, 10]
     # the settings and the dimensions from the hyperparameters the callback logged
     assert run.settings["optimizer"] == "SGD" and run.settings["structures"] == ["diag", "block"]
-    assert run.settings["loss"] == "CrossEntropyLoss(reduction='mean')"
+    assert run.settings["loss"] == "CrossEntropyLoss(reduction='mean', ignore_index=-100)"
     assert run.dimensions["net.0"] == 40 and run.dimensions["all"] == 67
     assert run.has_update_audit
     written = write_report([run], tmp_path / "out")

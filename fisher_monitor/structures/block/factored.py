@@ -153,17 +153,12 @@ def factored_statistics(
         factor = inverse_cholesky_factor(gram_v, damping, workspace)
         if factor is None:
             return None
-        x = factor.solve(rhs)
-        measured = None
-        if mixed:
-            refined = _refine(factor, product, rhs, damping, x)
-            if refined is None:
-                return None
-            x, measured = refined
-        c0, c = x[:, 0], x[:, 1]
+        solved = _solve(factor, rhs, product if mixed else None, damping)
+        if solved is None:
+            return None
+        (c0, c), measured = solved[0].unbind(1), solved[1]
         projected = _block_sparse_norm(factor, beta, workspace)  # ‖L⁻¹B‖²_F
-        trace_u = beta_sq - damping * projected
-        trace_v = r - damping * factor.trace_inverse()
+        trace_u, trace_v = beta_sq - damping * projected, r - damping * factor.trace_inverse()
         kl = 0.5 * (trace_u - trace_v + factor.logdet_ratio - ef.logdet_ratio)
         nat_projection = _nat_projection(factor, rhs, b, c, refined=mixed or probe)
         nat_sq = c0 @ c
@@ -193,6 +188,20 @@ def _nat_projection(factor, rhs: Tensor, b: Tensor, c: Tensor, *, refined: bool)
         return b @ c
     half = factor.half_solve(rhs)  # (L⁻¹b)·(L⁻¹K_Vb): without the amplification of a full solve
     return half[:, 0] @ half[:, 1]
+
+
+def _solve(
+    factor: InverseFactor, rhs: Tensor, product: Product | None, damping: float
+) -> tuple[Tensor, float | None] | None:
+    """``(λI + K_V)⁻¹ rhs`` by the factor, refined in float64 where ``product`` is given.
+
+    Returns the solutions and the refinement's measured error (``None`` without one), or
+    ``None`` where the refinement fails.
+    """
+    x = factor.solve(rhs)
+    if product is None:
+        return x, None
+    return _refine(factor, product, rhs, damping, x)
 
 
 def _refined_error(measured, precision: torch.dtype, dtype: torch.dtype) -> Tensor:
