@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.models import (
+    GPT,
     TransformerLM,
     UNet,
     digits_cnn,
@@ -224,6 +225,18 @@ MODELS: dict[str, ModelSpec] = {
             per_pixel=True,
         ),
         ModelSpec(
+            "gpt-v50257",
+            "GPT-style LM: 2 pre-norm blocks, width 32, 2 heads, vocabulary 50,257 (GPT-2's), "
+            "sequence 16, batch 4, cross-entropy over every position",
+            lambda: GPT(50257),
+            (16,),
+            50257,
+            4,
+            vocabulary=50257,
+            configs=("default",),
+            callback=False,
+        ),
+        ModelSpec(
             "tiny",
             "MLP 20-16-5, batch 8 (the harness's own test)",
             lambda: mlp(20, 16, 5),
@@ -277,7 +290,9 @@ FITS: dict[str, FitSpec] = {
 FIT_CASES = ("digits", "cnn")
 
 #: The model zoo's rows (``--cases 'mobilenet-v3/*,regnet/*,vit/*,unet/*'``).
-ZOO_MODELS = ("mobilenet-v3", "regnet", "vit", "unet")
+ZOO_MODELS = ("mobilenet-v3", "regnet", "vit", "unet", "gpt-v50257")
+#: Models whose measurement takes minutes: their cases get the long cases' time limit.
+LONG_MODELS = ("gpt-v50257",)
 #: Models of a full run, in order (``tiny`` is only for the harness's test).
 DEFAULT_MODELS = (
     "mlp",

@@ -28,6 +28,30 @@ def grouped_notes(notes: list[str], most: int = 6) -> list[str]:
     return lines[:most]
 
 
+def headline_and_backends(measurement) -> dict:
+    """The headline metrics missing at ``all``, the layers per backend, the solves' record."""
+    from fisher_monitor import keys
+
+    estimator = (getattr(measurement, "settings", None) or {}).get("estimator") or {}
+    headline = ("direction_cosine", "nat_grad_cosine", "kl", "nat_projection")
+    structures = {str(s) for s in getattr(measurement, "structures", ())}
+    missing = [
+        f"{structure}/{metric}"
+        for structure in sorted(structures & {"diag", "block"})
+        for metric in headline
+        if keys.metric_key(structure, metric, "all") not in measurement.scalars
+    ]
+    per_layer: dict[str, list[str]] = {}
+    for row in measurement.coverage:
+        backend = str(row.get("backend")) if row.get("measured") else "not measured"
+        per_layer.setdefault(backend, []).append(str(row.get("layer")))
+    return {
+        "headline_missing": missing,
+        "layer_backends": per_layer,
+        "exact_solves": estimator.get("exact_solves"),
+    }
+
+
 def describe(measurement, batch_size: int) -> dict:
     """What a measurement says about itself: probe size, backends, notes, standard errors."""
     from fisher_monitor import keys
@@ -64,6 +88,7 @@ def describe(measurement, batch_size: int) -> dict:
             worst_all, worst_all_key = relative, key
     cost = (getattr(measurement, "settings", None) or {}).get("cost") or {}
     return {
+        **headline_and_backends(measurement),
         "cost_steps": cost.get("steps"),
         "cost_seconds": cost.get("seconds"),
         "probe_batch_size": probe,

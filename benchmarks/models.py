@@ -23,6 +23,50 @@ def mlp(*sizes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class GPT(nn.Module):
+    """GPT-style causal LM: pre-norm blocks, ``F.scaled_dot_product_attention``, a GELU MLP.
+
+    Token and position embeddings, ``layers`` blocks of width ``width`` (``heads`` heads,
+    MLP width ``4 · width``), a final LayerNorm and a linear head over the vocabulary (its
+    own weight), no dropout (nanoGPT's default). Logits ``(N, V, T)`` for the loss.
+    """
+
+    def __init__(
+        self, vocabulary: int, width: int = 32, layers: int = 2, heads: int = 2, length: int = 16
+    ):
+        super().__init__()
+        self.heads = heads
+        self.tokens = nn.Embedding(vocabulary, width)
+        self.positions = nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(width),
+                    "qkv": nn.Linear(width, 3 * width),
+                    "proj": nn.Linear(width, width),
+                    "norm2": nn.LayerNorm(width),
+                    "up": nn.Linear(width, 4 * width),
+                    "down": nn.Linear(4 * width, width),
+                }
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``(N, V, T)`` of the next token at each position of ``tokens`` ``(N, T)``."""
+        n, length = tokens.shape
+        x = self.tokens(tokens) + self.positions(torch.arange(length, device=tokens.device))
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).chunk(3, dim=2)
+            q, k, v = (z.reshape(n, length, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block["proj"](attended.transpose(1, 2).reshape(n, length, -1))
+            x = x + block["down"](nn.functional.gelu(block["up"](block["norm2"](x))))
+        return self.head(self.norm(x)).transpose(1, 2)
+
+
 class TransformerLM(nn.Module):
     """Small causal transformer language model; logits shaped ``(N, V, T)`` for the loss.
 

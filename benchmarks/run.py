@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.cases import Case, select  # noqa: E402
+from benchmarks.cases import LONG_MODELS, Case, select  # noqa: E402
 from benchmarks.checks import check as check  # noqa: E402  (re-exported)
 from benchmarks.tables import (  # noqa: E402
     fit_table,
@@ -226,7 +226,8 @@ def render(results: list[dict], args: argparse.Namespace, seconds: float) -> str
         "(reset through `/proc/self/clear_refs`; CUDA: `max_memory_allocated`) minus the "
         "same for one plain step, in a fresh process per case.",
         f"- Limits: a call over {args.limit:.0f} s ends its case's repetitions; a case is "
-        f"killed after {args.timeout:.0f} s (report cases: {REPORT_TIMEOUT:.0f} s) and keeps "
+        f"killed after {args.timeout:.0f} s (report, fit and {'/'.join(LONG_MODELS)} cases: "
+        f"{REPORT_TIMEOUT:.0f} s) and keeps "
         "what it had finished.",
         *load_lines(results),
         "",
@@ -345,7 +346,7 @@ def run_cases(
             result = run_case(case.to_dict(), options)
             result["seconds"] = time.perf_counter() - case_start
         else:
-            long = case.kind in ("report", "fit")
+            long = case.kind in ("report", "fit") or case.model in LONG_MODELS
             limit = max(args.timeout, REPORT_TIMEOUT) if long else args.timeout
             result = run_in_process(case, options, limit, logs)
             if args.baseline is not None and case.kind != "report":

@@ -58,6 +58,24 @@ def notes_text(result: dict) -> str:
     parts = []
     if info.get("backends"):
         parts.append("/".join(info["backends"]))
+    per_layer = info.get("layer_backends") or {}
+    if len(per_layer) == 1:
+        backend, layers = next(iter(per_layer.items()))
+        parts.append(f"backend per layer: {backend} for all {len(layers)} layers")
+    elif per_layer:
+        parts.append(
+            "backend per layer: "
+            + "; ".join(f"{b}: {', '.join(layers)}" for b, layers in per_layer.items())
+        )
+    if "headline_missing" in info:
+        missing = info["headline_missing"]
+        parts.append("headline metrics: " + (f"missing {', '.join(missing)}" if missing else "all"))
+    solves = info.get("exact_solves")
+    if solves:
+        parts.append(
+            f"exact-Fisher solves: {solves['products']:,} products over {solves['layers']} "
+            f"layers, {solves['seconds']:.1f} s"
+        )
     if info.get("worst_relative_se") is not None:
         parts.append(f"worst SE {100 * info['worst_relative_se']:.1f}%")
     for kind in ("measure", "measurer", "floor", "callback"):

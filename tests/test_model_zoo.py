@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import reference
 from fisher_monitor import FisherMonitor, measure
+from fisher_monitor.schedules import budget
 from lightning_helpers import SpyLogger, trainer_kwargs
 from reference_checks import assert_matches
 
@@ -404,3 +405,48 @@ def test_hugging_face_gpt2_as_configured_logs_every_headline_metric():
         assert logger.steps_with(key), f"{key} was never logged"
     coverage = {entry["layer"]: entry for entry in monitor.last_measurement.coverage}
     assert "lm_head" not in coverage and coverage["transformer.wte"]["measured"]
+
+
+# ------------------------------------------- a language model over a vocabulary of 200
+
+
+def gpt_over_200_tokens(tied: bool) -> LanguageModel:
+    """A GPT-style LM of two blocks, width 32, over 200 tokens (its head untied on request)."""
+    torch.manual_seed(0)
+    model = TiedGPT(vocab=200, width=32, length=8, layers=2)
+    if not tied:
+        model.head.weight = nn.Parameter(model.embed.weight.detach().clone())
+    return LanguageModel(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gpt_over_200_tokens_logs_every_headline_metric_with_the_defaults(tied):
+    """``FisherMonitor()`` as it comes: every headline metric of ``block`` is logged."""
+    monitor = FisherMonitor()
+    data = DataLoader(Tokens(n=8, vocab=200, length=8), batch_size=4)
+    logger = fit(gpt_over_200_tokens(tied), data, monitor)
+    for key in headline_keys():
+        assert logger.steps_with(key), f"{key} was never logged"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gpt_under_a_sketch_logs_the_fisher_inverse_metrics_from_exact_solves(tied):
+    """Under a sketch (what large vocabularies get) the four Fisher-inverse metrics of
+    ``block`` come from the exact Fisher's matrix-free solves at every measurement: the
+    solves' time is charged to the budget schedule with the rest of the measurement, which
+    spaces the next measurement by it (``budget`` waits for ``last_cost``) rather than
+    dropping the metrics."""
+    monitor = FisherMonitor(estimator="sketch", schedule=budget(0.05, minimum=2))
+    data = DataLoader(Tokens(n=8, vocab=200, length=8), batch_size=4)
+    logger = fit(gpt_over_200_tokens(tied), data, monitor, steps=3)
+    measured = logger.steps_with("~fisher/block/trace_ratio/all")
+    assert len(measured) >= 2  # the guaranteed ones at least
+    for key in headline_keys():
+        assert logger.steps_with(key) == measured, key  # at every measurement
+    last = monitor.last_measurement
+    solves = last.settings["estimator"]["exact_solves"]
+    assert solves["layers"] == len(last.layer_names)
+    assert any("by matrix-free solves" in note for note in last.notes)
+    assert monitor.schedule.last_cost >= solves["seconds"]

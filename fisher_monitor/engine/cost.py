@@ -18,6 +18,14 @@ chooses:
   must save much to be worth its noise);
 - the **sketch** otherwise (``docs/theory.md#estimators``), with a note that says why.
 
+Under a sketch, the ``block`` metrics that need ``(F_b + λI)⁻¹`` of the exact Fisher come
+from matrix-free solves after the pass (:mod:`~fisher_monitor.engine.exact_solves`): their
+planned work (:func:`~fisher_monitor.engine.exact_solves.solve_flops`; each Fisher-vector
+product is about a forward, a forward-mode and a backward pass of the layers from ``b`` on)
+is part of the estimator's work, so the exact path is kept wherever it is cheaper, and the
+solves are left out (with a note) when they would cost more than
+:attr:`~fisher_monitor.engine.exact_solves.SolveSettings.budget_steps` training steps.
+
 The counts are estimates of work, not of time: they follow the shapes (a Gram matrix of
 ``R`` columns of length ``L`` costs ``R²·L``, a factorisation about ``R³``), which is what
 decides between ``R = (C − 1)·N`` and ``R = k·N``. The choice is per measurement (one pass
@@ -35,11 +43,13 @@ import torch
 
 from fisher_monitor.backends import Backend
 from fisher_monitor.engine import memory
+from fisher_monitor.engine.exact_solves import DEFAULT_SOLVES, SolveSettings, solve_flops
 from fisher_monitor.engine.profile import NetworkProfile
 from fisher_monitor.estimators import SketchDesign
 from fisher_monitor.factors import RATES, PassSize, form_of
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
 from fisher_monitor.structures import STRUCTURES, Structure
+from fisher_monitor.structures.fisher_solves import ExactSolves
 from fisher_monitor.validation import format_bytes
 
 #: The exact path is taken while it costs at most this many plain training steps: an
@@ -91,6 +101,10 @@ class CostPlan:
         reason: Why the exact path was left (or kept despite its cost), for the notes.
         forced: Whether the caller chose (``estimator="exact"`` or ``"sketch"``).
         notes: What the measurement's notes should say about the plan.
+        solves: Planned work of the exact-Fisher solves of a sketched measurement (part of
+            ``estimated``; 0 when none run).
+        solves_skipped: Why a sketched measurement runs no exact-Fisher solves, if it
+            skips them although a structure could use them.
     """
 
     sketch: SketchDesign | None
@@ -104,6 +118,8 @@ class CostPlan:
     reason: str = ""
     forced: bool = False
     notes: list[str] = field(default_factory=list)
+    solves: float = 0.0
+    solves_skipped: str | None = None
 
     @property
     def pass_columns(self) -> int:
@@ -152,6 +168,7 @@ class CostPlan:
             "exact_columns_per_sample": self.exact_columns,
             "exact_cost_steps": round(self.steps(self.exact), 1),
             "estimated_cost_steps": round(self.steps(self.estimated), 1),
+            "exact_solves_cost_steps": round(self.steps(Work(self.solves, 0)), 1),
             "forced": self.forced,
         }
 
@@ -220,6 +237,7 @@ def plan(
     memory_budget: int | None = None,
     exact_only: str | None = None,
     sketch: SketchDesign | None = None,
+    solves: SolveSettings | None = DEFAULT_SOLVES,
 ) -> CostPlan:
     """Decide how to measure the Fisher side of one probe batch.
 
@@ -236,6 +254,9 @@ def plan(
             were asked for); noted when the cost model would have estimated.
         sketch: The sketch's replicate groups and columns per group (``None``:
             :data:`DEFAULT_SKETCH`).
+        solves: How the exact-Fisher solves of a sketched measurement run (see
+            :mod:`~fisher_monitor.engine.exact_solves`); ``None``: none (the metrics that
+            need ``(F + λI)⁻¹`` are then left out of a sketched measurement).
 
     Returns:
         The plan.
@@ -265,10 +286,49 @@ def plan(
         prepared, sketched, profile, PassSize(samples, design.columns, False, dampings, itemsize)
     )
     result = CostPlan(None, columns, samples, step, exact, estimated, exact_structures)
+    if solves is not None:
+        result.estimated = _plan_solves(result, sketched, profile, design, solves)
     budget = (
         memory_budget if memory_budget is not None else memory.available_memory(prepared.device)
     )
     return _decide(result, design, sketched, names, estimator, budget, exact_only)
+
+
+def _plan_solves(
+    result: CostPlan,
+    sketched: list[Structure],
+    profile: NetworkProfile,
+    design: SketchDesign,
+    settings: SolveSettings,
+) -> Work:
+    """The estimator's work with the exact-Fisher solves, where they fit their budget.
+
+    Switches them on for the structures that use them (:class:`~fisher_monitor.structures.
+    fisher_solves.ExactSolves`); takes effect only if the plan sketches.
+    """
+    users = [s for s in sketched if isinstance(s, ExactSolves)]
+    if not users:
+        return result.estimated
+    shifts = design.groups + 1 if design.relative_damping else 1
+    # float64 products, in the float32 units of the rest of the plan
+    flops = RATES.gemm64 * solve_flops(profile, result.samples, shifts, settings)
+    steps = result.steps(Work(flops, 0))
+    if steps > settings.budget_steps and flops > settings.floor_flops:
+        result.solves_skipped = (
+            f"the exact-Fisher solves would need about {_amount(steps)} training steps "
+            f"(budget {_amount(settings.budget_steps)})"
+        )
+        return result.estimated
+    for structure in users:
+        structure.exact_solves = True
+    result.solves = flops
+    return Work(result.estimated.flops + flops, result.estimated.peak_bytes)
+
+
+def _amount(steps: float) -> str:
+    if steps < 10:  # two significant digits (a fraction of a step is not "0")
+        return f"{steps:.2g}"
+    return f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
 
 
 def _decide(
@@ -298,9 +358,7 @@ def _decide(
     else:
         why = []
         if too_slow:
-            steps = result.steps(exact)
-            amount = f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
-            why.append(f"about {amount} training steps of work")
+            why.append(f"about {_amount(result.steps(exact))} training steps of work")
         if too_large:
             why.append(f"{format_bytes(exact.peak_bytes)} (budget {format_bytes(budget)})")
         cost = " and ".join(why)
@@ -323,20 +381,27 @@ def estimator_notes(plan: CostPlan) -> list[str]:
     if plan.sketch is None:
         return list(plan.notes)
     sketch = plan.sketch
+    solves = ""
+    if plan.solves:
+        planned = _amount(plan.steps(Work(plan.solves, 0)))
+        solves = f", of which {planned} for the exact-Fisher solves"
     notes = [
         f"{plan.reason}: the Fisher side is estimated from {sketch.columns} sketched columns "
         f"per sample in {sketch.groups} replicate groups (about "
-        f"{plan.steps(plan.estimated):,.0f} training steps; standard errors under the "
-        "'…_se' keys; docs/theory.md#estimators)"
+        f"{_amount(plan.steps(plan.estimated))} training steps{solves}; standard errors under "
+        "the '…_se' keys; docs/theory.md#estimators)"
     ]
     for structure in plan.structures:
-        if structure.sketch_unavailable:
-            missing = ", ".join(sorted(structure.sketch_unavailable))
-            notes.append(
-                f"{structure.name}: {missing} need (F + λI)⁻¹ of the exact Fisher and are not "
-                "estimated from a sketch; fisher='mc' measures those of the Monte-Carlo "
-                "Fisher, and a smaller probe_size lets the exact path fit"
-            )
+        if not structure.sketch_unavailable or getattr(structure, "exact_solves", False):
+            continue
+        missing = ", ".join(sorted(structure.sketch_unavailable))
+        why = f" and {plan.solves_skipped}" if plan.solves_skipped else ""
+        notes.append(
+            f"{structure.name}: {missing} need (F + λI)⁻¹ of the exact Fisher: a sketch would "
+            f"bias them{why}, so they are left out; fisher='mc' measures those of the "
+            f"Monte-Carlo Fisher. A smaller probe_size does not make the exact path fit when "
+            f"the output is large: its factor keeps {plan.exact_columns:,} columns per sample"
+        )
     for name in plan.skipped:
         notes.append(
             f"{name}: this structure needs the exact Fisher's square-root columns; no {name} "

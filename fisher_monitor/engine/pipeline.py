@@ -24,6 +24,14 @@ from fisher_monitor.backends import Backend
 from fisher_monitor.backends.pass_context import PassResult
 from fisher_monitor.engine import cost
 from fisher_monitor.engine.distributed_diagonals import Diagonals, reduce_diagonals
+from fisher_monitor.engine.exact_solves import (
+    DEFAULT_SOLVES,
+    SolveReport,
+    SolveSettings,
+    add_probe_errors,
+    solve_deferred,
+    solve_notes,
+)
 from fisher_monitor.engine.profile import profile
 from fisher_monitor.estimators import (
     Replicates,
@@ -66,6 +74,9 @@ class MeasureOptions:
             available memory).
         sketch: Replicate groups and columns per group of an estimator (``None``: the cost
             model's default).
+        solves: How the exact-Fisher solves of a sketched measurement run (the ``block``
+            metrics that need ``(F + λI)⁻¹``; :mod:`~fisher_monitor.engine.exact_solves`);
+            ``None``: none, those metrics are then left out under a sketch.
     """
 
     seed: int
@@ -76,6 +87,7 @@ class MeasureOptions:
     estimator: str = "auto"
     memory_budget: int | None = None
     sketch: SketchDesign | None = None
+    solves: SolveSettings | None = field(default_factory=SolveSettings)
 
 
 def layer_dampings(
@@ -182,6 +194,7 @@ def plan_measurement(
         memory_budget=options.memory_budget,
         exact_only=exact_only_reason(options, list(settings.structure_names)),
         sketch=options.sketch,
+        solves=options.solves,
     )
 
 
@@ -197,9 +210,10 @@ def measure_once(
 
     The pipeline: the cost model's plan (the exact Fisher or an estimator, made by the
     caller) → the backend's pass, whose per-layer callback runs the structures that need
-    the factors → the data-parallel reduction of the diagonals → the structures that need
-    only the diagonals → the scalars (per layer, summed to ``all``) → the
-    :class:`Measurement`.
+    the factors → under a sketch, the exact-Fisher solves of the results the structures
+    deferred (:mod:`~fisher_monitor.engine.exact_solves`) → the data-parallel reduction of
+    the diagonals → the structures that need only the diagonals → the scalars (per layer,
+    summed to ``all``) → the :class:`Measurement`.
 
     Args:
         prepared: The prepared backend.
@@ -218,6 +232,9 @@ def measure_once(
     structures = plan.structures
     collector = LayerCollector(settings, options, structures)
     result = _run_pass(prepared, settings, inputs, targets, options, plan, collector)
+    solved = solve_deferred(
+        prepared, inputs, collector.results, options.seed, options.solves or DEFAULT_SOLVES
+    )
     reduced = _reduce(prepared, collector, result, options)
     _run_diagonal_structures(structures, collector, reduced)
     scalars = _scalars(collector, reduced.layers, settings)
@@ -230,9 +247,10 @@ def measure_once(
             for name, (f, e, _) in reduced.diagonals.items()
             if name in reduced.gradients
         },
-        settings=_measured_settings(settings, plan),
+        settings=_measured_settings(settings, plan, solved),
         notes=_notes(prepared, result.notes, result.measured, collector)
-        + cost.estimator_notes(plan),
+        + cost.estimator_notes(plan)
+        + (solve_notes(solved) if solved is not None else []),
         blocks={
             info.name: collector.blocks[info.name]
             for info in reduced.layers
@@ -338,12 +356,16 @@ def _probe_scalars(reduced: _Reduced) -> dict[str, float]:
     }
 
 
-def _measured_settings(settings: MeasureSettings, plan: cost.CostPlan) -> dict:
+def _measured_settings(
+    settings: MeasureSettings, plan: cost.CostPlan, solved: SolveReport | None
+) -> dict:
     """The settings as measured: with the estimator's design where the plan sketched."""
     measured_settings = settings.as_dict()
     measured_settings["cost"] = plan.cost_dict()  # the cost model's estimate of this call
     if plan.sketch is not None:
         measured_settings["estimator"] = plan.as_dict()
+        if solved is not None:
+            measured_settings["estimator"]["exact_solves"] = solved.as_dict()
     return measured_settings
 
 
@@ -406,6 +428,7 @@ def _add_results(
     groups = estimated[0].groups
     replicates = [r.replicates or Replicates.fixed(r.statistics, groups) for r in results]
     add_estimated_metrics(scalars, structure, layer, sum_replicates(replicates), settings.dampings)
+    add_probe_errors(scalars, structure, layer, results, list(settings.dampings))
 
 
 def _add_metrics(

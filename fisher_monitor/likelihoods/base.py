@@ -189,6 +189,26 @@ class Likelihood(ABC):
         roots = self.sqrt_hessian(outputs)  # (N, K, R_n)
         return torch.einsum("nkr,njr->nkj", roots, signs) * signs.shape[1] ** -0.5
 
+    def hessian_product(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        """``H_n u_n`` per sample, the loss-Hessian ``∇²_f ℓ_n`` applied in output space.
+
+        The matrix-free Fisher-vector products (``F v = (1/N) Σ_n J_nᵀ H_n J_n v``) apply it
+        between a forward-mode and a reverse-mode pass, under ``vmap``. The default forms
+        ``S_n`` (:meth:`sqrt_hessian`) and applies ``S_n S_nᵀ``; subclasses with a closed
+        form override it.
+
+        Args:
+            outputs: ``(N, *sample_shape)`` network outputs (float64).
+            vectors: ``u``, shaped like ``outputs``.
+
+        Returns:
+            ``H u``, shaped like ``outputs``.
+        """
+        roots = self.sqrt_hessian(outputs)  # (N, K, R_n)
+        flat = vectors.reshape(vectors.shape[0], -1)
+        projected = torch.einsum("nkr,nk->nr", roots, flat)
+        return torch.einsum("nkr,nr->nk", roots, projected).reshape(vectors.shape)
+
 
 @dataclass
 class LossSide:

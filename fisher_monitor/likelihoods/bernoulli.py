@@ -93,3 +93,7 @@ class Bernoulli(Likelihood):
         root = torch.nn.functional.logsigmoid(logits) + torch.nn.functional.logsigmoid(-logits)
         columns = (0.5 * root).exp().mul_(k**-0.5) * signs
         return columns.reshape(n, k, -1).transpose(1, 2)
+
+    def hessian_product(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        """``σ(1 − σ) u`` per logit."""
+        return torch.sigmoid(outputs) * torch.sigmoid(-outputs) * vectors

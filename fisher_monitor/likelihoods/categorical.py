@@ -203,6 +203,12 @@ class Categorical(ClassLabels):
         columns.addcmul_(log_probs.exp(), projection, value=-1.0)
         return columns.reshape(n, k, -1).transpose(1, 2)
 
+    def hessian_product(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        """``p ⊙ u − p (pᵀu)`` per position (``H = diag(p) − ppᵀ``), in ``O(C)``."""
+        probs = outputs.softmax(dim=1)
+        weighted = probs * vectors
+        return weighted - probs * weighted.sum(dim=1, keepdim=True)
+
 
 def label_smoothing_message(smoothing: float) -> str:
     """Why a smoothed cross-entropy is refused, and what to monitor instead."""

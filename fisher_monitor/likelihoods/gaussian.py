@@ -74,3 +74,7 @@ class Gaussian(Likelihood):
         n, k = signs.shape[:2]
         columns = (k**-0.5 * self.curvature(outputs) ** 0.5) * signs
         return columns.reshape(n, k, -1).transpose(1, 2)
+
+    def hessian_product(self, outputs: Tensor, vectors: Tensor) -> Tensor:
+        """``c u`` (``H = cI``)."""
+        return self.curvature(outputs) * vectors

@@ -98,6 +98,9 @@ class SketchedLikelihood(Likelihood):
         """``S_n w_{n,j} / √k`` per sample, shaped ``(N, K, k)`` like sampled residuals."""
         return self.base.sketch_columns(outputs, noise)
 
+    def hessian_product(self, outputs: Tensor, vectors: Tensor) -> Tensor:  # noqa: D102
+        return self.base.hessian_product(outputs, vectors)
+
 
 def rademacher(shape: Sequence[int], device=None) -> Tensor:
     """Independent ±1 signs (float64) from the global RNG, eight from each random byte.

@@ -67,9 +67,8 @@ def test_the_callback_starts_and_finishes_the_ledger_s_step_at_every_batch(monke
     """Wired into ``FisherMonitor``: every training batch is started and finished once, so
     the steps a measurement slows down are charged (a second ``on_train_batch_end`` once
     shadowed the one that finished them)."""
-    from lightning_helpers import fit
-
     from fisher_monitor import FisherMonitor
+    from lightning_helpers import fit
 
     calls = {"started": 0, "finished": 0}
     started, finished = Ledger.step_started, Ledger.step_finished

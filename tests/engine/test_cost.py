@@ -33,7 +33,9 @@ def test_many_classes_switch_to_the_sketch_and_say_so():
     """R = 1999·64 exact columns: the cost model estimates, with notes, coverage, settings."""
     model, inputs, targets = wide_classifier()
     loss = nn.CrossEntropyLoss()
-    m = run(model, loss, inputs, targets, estimator="auto", structures=("diag", "block", "kron"))
+    structures = ("diag", "block", "kron")
+    # without the exact-Fisher solves (tests/engine/test_exact_solves.py has them)
+    m = run(model, loss, inputs, targets, estimator="auto", structures=structures, solves=None)
     assert m.settings["estimator"]["method"] == "sketch"
     assert m.settings["estimator"]["exact_columns_per_sample"] == 1999
     assert m.settings["estimator"]["forced"] is False
@@ -43,6 +45,8 @@ def test_many_classes_switch_to_the_sketch_and_say_so():
     assert "1,999 square-root columns per sample" in text
     assert "estimated from 6 sketched columns per sample in 6 replicate groups" in text
     assert "block: direction_cosine, kl, nat_grad_cosine, nat_projection" in text
+    assert "smaller probe_size does not make the exact path fit" in text
+    assert "keeps 1,999 columns per sample" in text
     assert "kron:" in text and not any(k.startswith("kron/") for k in m.keys())
     assert "block/direction_cosine/all" not in m.scalars
     for key in ("block/trace_ratio", "block/rel_error", "diag/direction_cosine", "diag/kl"):
@@ -96,12 +100,24 @@ def test_monte_carlo_fisher_is_measured_as_asked():
 
 
 def test_sketch_with_directions_and_absolute_damping():
-    """Directions: diag plug-in, no block natural-gradient; absolute λ: EF side exact."""
+    """Directions: diag plug-in, block from the exact-Fisher solves; absolute λ: EF side exact."""
     model, inputs, targets, loss = classifier_problem()
     m = run(model, loss, inputs, targets, keep_directions=True, damping_mode="absolute")
     assert set(m.directions["diag"][0]) == set(m.layer_names)
-    assert m.directions["block"][0] == {}
-    exact = run(model, loss, inputs, targets, estimator="exact", damping_mode="absolute")
+    exact = run(
+        model,
+        loss,
+        inputs,
+        targets,
+        estimator="exact",
+        damping_mode="absolute",
+        keep_directions=True,
+    )
+    assert set(m.directions["block"][0]) == set(m.layer_names)
+    for name, (natural, empirical) in m.directions["block"][0].items():
+        want_natural, want_empirical = exact.directions["block"][0][name]
+        torch.testing.assert_close(natural, want_natural, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(empirical, want_empirical, rtol=1e-8, atol=1e-12)
     for metric in ("ef_projection", "ef_grad_cosine", "ef_projection_per_sample", "damping"):
         key = f"block/{metric}/all"
         assert m[key] == pytest.approx(exact[key], rel=1e-9)
@@ -133,7 +149,15 @@ def test_sequence_model_with_a_large_vocabulary_is_estimated():
     model = sequence_model(classes=2000)
     tokens = torch.randint(0, 7, (4, 6))
     targets = torch.randint(0, 2000, (4, 6))
-    m = run(model, nn.CrossEntropyLoss(), tokens, targets, estimator="auto", backend="functorch")
+    m = run(
+        model,
+        nn.CrossEntropyLoss(),
+        tokens,
+        targets,
+        estimator="auto",
+        backend="functorch",
+        solves=None,
+    )
     assert m.settings["estimator"]["exact_columns_per_sample"] == 1999 * 6
     assert {e["backend"] for e in m.coverage} == {"functorch"}
     value, stderr = m["block/trace_ratio/all"], m["block/trace_ratio_se/all"]

@@ -20,7 +20,9 @@ rank. For the exact Fisher the per-sample gradients are combinations of ``V``'s 
 When the cost model (:mod:`fisher_monitor.engine.cost`) replaces the exact factor by a
 sketch (:attr:`Block.sketch` set), the layer's statistics come with replicates for the
 standard errors, from :func:`~.sketched.sketched_block_replicates`
-(``docs/theory.md#estimators``).
+(``docs/theory.md#estimators``); the metrics that need ``(F_b + λI)⁻¹`` then come from
+the engine's exact-Fisher solves after the pass (:mod:`~.matrix_free`, when the cost model
+set :attr:`Block.exact_solves`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from fisher_monitor.structures.block.gram_route import (
     coefficient_grams,
     gram_block_statistics,
 )
+from fisher_monitor.structures.block.matrix_free import deferred_block
 from fisher_monitor.structures.block.mixed import MIXED_MIN_COLUMNS, mixed_gram_statistics
 from fisher_monitor.structures.block.root_route import (
     outer_product_roots,
@@ -67,6 +70,7 @@ from fisher_monitor.structures.block.sketched import (
     sketched_block_replicates,
 )
 from fisher_monitor.structures.block.sums import BlockStatistics
+from fisher_monitor.structures.fisher_solves import ExactSolves
 
 #: ``R × R`` matrices alive in the Gram route (Grams, factorisations, solves).
 GRAM_COPIES = 8
@@ -74,7 +78,7 @@ GRAM_COPIES = 8
 DENSE_COPIES = 6
 
 
-class Block(Structure):
+class Block(ExactSolves, Structure):
     """Exact per-layer blocks of F and EF (see the module docstring).
 
     Args:
@@ -83,11 +87,12 @@ class Block(Structure):
 
     name = "block"
     sketch_unavailable = FISHER_INVERSE_METRICS
+    solved_metrics = FISHER_INVERSE_METRICS
 
     def layer(self, layer: LayerInput, directions: bool = False) -> LayerResult:  # noqa: D102
         factors = layer.require_factors()
         if self.sketch is not None:
-            return _sketched(layer, factors, self.sketch)
+            return _sketched(layer, factors, self.sketch, self.exact_solves, directions)
         block = _root_route(layer, factors)
         if block is not None:
             # the R × R Gram matrices are formed only if the directions need them
@@ -295,11 +300,19 @@ def _root_route(
     return root_block_statistics(v_root, factors.dimension, layer.dampings, u_root=u_root)
 
 
-def _sketched(layer: LayerInput, factors: LayerFactors, sketch) -> LayerResult:
-    """Replicate statistics from a sketched factor; no ``A⁻¹g`` (it needs the exact Fisher)."""
-    replicates, _ = sketched_block_replicates(
+def _sketched(
+    layer: LayerInput, factors: LayerFactors, sketch, exact_solves: bool, directions: bool
+) -> LayerResult:
+    """Replicate statistics from a sketched factor.
+
+    ``A⁻¹g`` needs the exact Fisher: with ``exact_solves`` the result is deferred to the
+    engine's exact-Fisher solves (:mod:`~.matrix_free`), else those metrics are left out.
+    """
+    replicates, per_replicate = sketched_block_replicates(
         factors, _gram_u(layer, factors), layer.dampings, sketch.groups, sketch.relative_damping
     )
+    if exact_solves:
+        return deferred_block(layer, factors, replicates, per_replicate, directions)
     return LayerResult(replicates.full, None, replicates=replicates)
 
 

@@ -1,0 +1,194 @@
+"""Exact-Fisher solves under a sketch: headline metrics, notes, cost, budget, failures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fisher_monitor import keys
+from fisher_monitor.backends import prepare
+from fisher_monitor.engine import cost
+from fisher_monitor.engine.exact_solves import SolveSettings
+from fisher_monitor.engine.profile import profile
+from fisher_monitor.likelihoods import resolve_loss
+from fisher_monitor.settings import MeasureSettings
+from lightning_helpers import SpyLogger, TinyClassifier, fit
+from sketch_cases import classifier_problem, run, sequence_model
+
+HEADLINE = ("direction_cosine", "nat_grad_cosine", "kl", "nat_projection")
+
+
+def _assert_headline(m, layers):
+    for layer in [*layers, "all"]:
+        for metric in HEADLINE:
+            key = keys.metric_key("block", metric, layer)
+            assert key in m.scalars, key
+            assert math.isfinite(m[key]), key
+
+
+def test_the_notes_settings_and_cost_say_how_the_metrics_were_obtained():
+    """Small layers: every quantity exact from D_b products (no probes, so no KL SE)."""
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    m = run(model, loss, inputs, targets, damping_mode="absolute")
+    _assert_headline(m, m.layer_names)
+    solves = m.settings["estimator"]["exact_solves"]
+    assert solves["products"] > 0 and solves["layers"] == 2 and solves["seconds"] > 0
+    assert solves["tolerance"] == 1e-6
+    assert m.settings["estimator"]["exact_solves_cost_steps"] > 0
+    text = " ".join(m.notes)
+    assert "from the exact Fisher by matrix-free solves" in text
+    assert "need (F + λI)⁻¹" not in text and "smaller probe_size" not in text
+    assert keys.stderr_key("block", "kl", "all") not in m.scalars
+    exact = run(model, loss, inputs, targets, estimator="exact", damping_mode="absolute")
+    for metric in HEADLINE:
+        key = f"block/{metric}/all"
+        assert m[key] == pytest.approx(exact[key], rel=1e-9, abs=1e-12)
+
+
+def test_krylov_solves_report_their_error_bound_and_the_kl_its_standard_error():
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    settings = SolveSettings(dense_limit=0, exact_head=False)
+    m = run(model, loss, inputs, targets, damping_mode="absolute", solves=settings)
+    _assert_headline(m, m.layer_names)
+    solves = m.settings["estimator"]["exact_solves"]
+    assert 0 < solves["error_bound"] < 1e-2 and solves["max_iterations_used"] > 1
+    assert m[keys.stderr_key("block", "kl", "all")] > 0
+    # A⁻¹g is deterministic up to the tolerance: no standard error under absolute damping
+    assert keys.stderr_key("block", "direction_cosine", "all") not in m.scalars
+    assert "largest bound on the relative error of A⁻¹g" in " ".join(m.notes)
+
+
+def test_solves_over_their_budget_are_left_out_with_the_reason():
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    settings = SolveSettings(budget_steps=0.01, floor_flops=0.0)  # they plan ~0.4 steps
+    m = run(model, loss, inputs, targets, solves=settings)
+    assert not any(f"block/{metric}/all" in m.scalars for metric in HEADLINE)
+    text = " ".join(m.notes)
+    assert "the exact-Fisher solves would need about" in text and "(budget 0.01)" in text
+    assert "A smaller probe_size does not make the exact path fit" in text
+    assert "exact_solves" not in m.settings["estimator"]
+
+
+def test_unconverged_solves_leave_their_metrics_out_rather_than_report_them_wrong():
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    settings = SolveSettings(dense_limit=0, dense_fallback=0, max_iterations=2, exact_head=False)
+    m = run(model, loss, inputs, targets, solves=settings)
+    for metric in HEADLINE:
+        assert f"block/{metric}/all" not in m.scalars
+    assert "block/trace_ratio/all" in m.scalars  # the sketch's own metrics stay
+    text = " ".join(m.notes)
+    assert "conjugate gradients did not reach relative residual 1e-06 within 2 products" in text
+    assert "kl is left out there and for all" in text
+
+
+def test_a_layer_whose_conjugate_gradients_stall_is_solved_densely_where_it_fits():
+    """Two products are far too few; the layers (≤ ``dense_fallback``) are solved densely
+    instead, so the metrics equal the exact path's (absolute damping: the same λ)."""
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    settings = SolveSettings(dense_limit=0, max_iterations=2, exact_head=False)
+    common = dict(damping=1e-3, damping_mode="absolute")
+    exact = run(model, loss, inputs, targets, estimator="exact", **common)
+    m = run(model, loss, inputs, targets, solves=settings, **common)
+    for metric in HEADLINE:
+        key = f"block/{metric}/all"
+        assert m[key] == pytest.approx(exact[key], rel=1e-7), key
+    assert not any("did not reach relative residual" in note for note in m.notes)
+
+
+def test_the_plan_counts_the_solves_and_keeps_the_exact_path_where_it_is_cheaper():
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    prepared = prepare(model, resolve_loss(loss), "backpack")
+    settings = MeasureSettings.create(("diag", "block"))
+    try:
+        network = profile(prepared, inputs)
+        with_solves = cost.plan(prepared, settings, network, 8, estimator="sketch")
+        without = cost.plan(prepared, settings, network, 8, estimator="sketch", solves=None)
+        assert with_solves.solves > 0 and without.solves == 0
+        assert with_solves.estimated.flops == pytest.approx(
+            without.estimated.flops + with_solves.solves
+        )
+        assert any(getattr(s, "exact_solves", False) for s in with_solves.structures)
+        assert not any(getattr(s, "exact_solves", False) for s in without.structures)
+        # this small problem: exact is cheaper than sketch + solves, so auto stays exact
+        assert cost.plan(prepared, settings, network, 8).sketch is None
+    finally:
+        prepared.close()
+
+
+@pytest.mark.slow
+def test_every_headline_metric_for_a_1000_class_head_with_auto():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1000))
+    inputs, targets = torch.randn(20, 6), torch.randint(0, 1000, (20,))
+    m = run(model, nn.CrossEntropyLoss(), inputs, targets, estimator="auto")
+    assert m.settings["estimator"]["method"] == "sketch"
+    _assert_headline(m, m.layer_names)
+    assert m[keys.stderr_key("block", "kl", "all")] > 0
+    assert 0 < m["block/direction_cosine_se/all"] < 0.5  # the damping's noise
+
+
+@pytest.mark.slow
+def test_every_headline_metric_for_a_vocabulary_of_2000_with_auto():
+    """Embedding → Linear over 6 positions and 2000 classes, outputs ``(N, C, T)``."""
+    torch.manual_seed(0)
+    model = sequence_model(classes=2000)
+    tokens, targets = torch.randint(0, 7, (4, 6)), torch.randint(0, 2000, (4, 6))
+    m = run(model, nn.CrossEntropyLoss(), tokens, targets, estimator="auto", backend="functorch")
+    assert m.settings["estimator"]["method"] == "sketch"
+    assert m.settings["estimator"]["exact_columns_per_sample"] == 1999 * 6
+    _assert_headline(m, m.layer_names)
+
+
+def test_the_callback_logs_the_headline_metrics_of_a_sketched_fit():
+    """``FisherMonitor(estimator="sketch")`` in a real ``Trainer.fit``."""
+    from fisher_monitor import FisherMonitor
+
+    monitor = FisherMonitor(every_n_steps=2, structures=("block",), estimator="sketch")
+    logger = SpyLogger()
+    fit(monitor, steps=3, logger=logger, model=TinyClassifier(hidden=4))
+    tags = [key for _, metrics in logger.calls for key in metrics]
+    for metric in HEADLINE:
+        assert any(tag.endswith(f"block/{metric}/all") for tag in tags), metric
+
+
+class Encoder(nn.Module):
+    """An embedding, a transformer encoder layer with dropout 0.5, a head over 12 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.block = nn.TransformerEncoderLayer(
+            8, 2, dim_feedforward=16, dropout=0.5, batch_first=True
+        )
+        self.head = nn.Linear(8, 12)
+
+    def forward(self, tokens):
+        return self.head(self.block(self.embed(tokens))).transpose(1, 2)
+
+
+def test_a_network_whose_masks_differ_under_transforms_leaves_the_metrics_out():
+    """Attention's dropout draws other masks under torch.func's transforms than in the pass
+    (``nn.Dropout``'s do not): products would mix them, so nothing is solved and the four
+    metrics are left out with a note; without dropout the same network is solved."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (4, 5), generator=generator)
+    targets = torch.randint(0, 12, (4, 5), generator=generator)
+    loss = nn.CrossEntropyLoss()
+    m = run(model, loss, tokens, targets, backend="autograd")
+    for metric in HEADLINE:
+        assert f"block/{metric}/all" not in m.scalars
+    assert "block/trace_ratio/all" in m.scalars
+    assert any("random masks in train mode (dropout)" in note for note in m.notes)
+    assert m.settings["estimator"]["exact_solves"]["left_out"] == "random masks in train mode"
+    for module in model.modules():  # no randomness: the same network is solved
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.block.self_attn.dropout = 0.0
+    m = run(model, loss, tokens, targets, backend="autograd")
+    for metric in HEADLINE:
+        assert f"block/{metric}/all" in m.scalars
