@@ -411,9 +411,9 @@ def test_hugging_face_gpt2_as_configured_logs_every_headline_metric():
 
 
 def gpt_over_200_tokens(tied: bool) -> LanguageModel:
-    """A GPT-style LM of two blocks, width 32, over 200 tokens (its head untied on request)."""
+    """A GPT-style LM of one block, width 16, over 200 tokens (its head untied on request)."""
     torch.manual_seed(0)
-    model = TiedGPT(vocab=200, width=32, length=8, layers=2)
+    model = TiedGPT(vocab=200, width=16, length=6, layers=1)
     if not tied:
         model.head.weight = nn.Parameter(model.embed.weight.detach().clone())
     return LanguageModel(model)
@@ -424,7 +424,7 @@ def gpt_over_200_tokens(tied: bool) -> LanguageModel:
 def test_gpt_over_200_tokens_logs_every_headline_metric_with_the_defaults(tied):
     """``FisherMonitor()`` as it comes: every headline metric of ``block`` is logged."""
     monitor = FisherMonitor()
-    data = DataLoader(Tokens(n=8, vocab=200, length=8), batch_size=4)
+    data = DataLoader(Tokens(n=4, vocab=200, length=6), batch_size=2)
     logger = fit(gpt_over_200_tokens(tied), data, monitor)
     for key in headline_keys():
         assert logger.steps_with(key), f"{key} was never logged"
@@ -439,7 +439,7 @@ def test_gpt_under_a_sketch_logs_the_fisher_inverse_metrics_from_exact_solves(ti
     spaces the next measurement by it (``budget`` waits for ``last_cost``) rather than
     dropping the metrics."""
     monitor = FisherMonitor(estimator="sketch", schedule=budget(0.05, minimum=2))
-    data = DataLoader(Tokens(n=8, vocab=200, length=8), batch_size=4)
+    data = DataLoader(Tokens(n=4, vocab=200, length=6), batch_size=2)
     logger = fit(gpt_over_200_tokens(tied), data, monitor, steps=3)
     measured = logger.steps_with("~fisher/block/trace_ratio/all")
     assert len(measured) >= 2  # the guaranteed ones at least
