@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -61,17 +60,35 @@ def test_a_call_over_the_limit_ends_the_case_and_skips_the_prepared_call():
     assert result["measurer"]["stopped"].startswith("skipped")
 
 
-def test_peak_memory_sees_a_known_allocation():
-    probe = timing.PeakMemory(torch.device("cpu"))
-    if not probe.available:
-        pytest.skip("no resettable resident-set high-water mark on this system")
+PEAK_SCRIPT = """
+import json, torch
+from benchmarks import timing
+probe = timing.PeakMemory(torch.device("cpu"))
+found = {"available": probe.available}
+if probe.available:
     probe.start()
     block = torch.ones(64 * 2**20 // 8, dtype=torch.float64)  # 64 MiB, touched
     del block
-    extra = probe.extra_megabytes()
-    assert 60 <= extra < 200
+    found["extra"] = probe.extra_megabytes()
     probe.start()
-    assert probe.extra_megabytes() < 60  # the peak was reset, not carried over
+    found["after_reset"] = probe.extra_megabytes()
+print(json.dumps(found))
+"""
+
+
+def test_peak_memory_sees_a_known_allocation():
+    """In a fresh process, as the harness measures every case (a long-lived process may
+    serve the block from pages it already holds, which raise no high-water mark)."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if not found["available"]:
+        pytest.skip("no resettable resident-set high-water mark on this system")
+    assert 60 <= found["extra"] < 200
+    assert found["after_reset"] < 60  # the peak was reset, not carried over
 
 
 def test_samples_take_the_median_of_per_call_ratios():
