@@ -71,6 +71,25 @@ class ClassLabels(Likelihood):
             )
         return cls(module.reduction, module.ignore_index)
 
+    def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
+        shape = (outputs.shape[0], samples, *outputs.shape[1:])
+        return torch.rand(shape, dtype=LOSS_SIDE_DTYPE, device=outputs.device)
+
+    @staticmethod
+    def draw_labels(outputs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Labels drawn from the model by Gumbel-max from uniform ``noise`` ``(N, M, C, ...)``.
+
+        Returns the log-probabilities ``(N, 1, C, ...)`` and the drawn labels one-hot
+        ``(N, M, C, ...)``.
+        """
+        log_probs = outputs.log_softmax(dim=1).unsqueeze(1)  # (N, 1, C, ...)
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-300, 1 - 1e-16)))
+        labels = (log_probs + gumbel).argmax(dim=2)  # Gumbel-max: (N, M, ...)
+        return log_probs, one_hot(labels, outputs.shape[1], dim=2, dtype=log_probs.dtype)
+
+    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:  # noqa: D102
+        return (outputs.shape[0], columns, *outputs.shape[1:])
+
     def kept(self, targets: Tensor) -> Tensor:
         """``(N, *positions)``: 1 where the target counts, 0 where it is ``ignore_index``."""
         return targets != self.ignore_index
@@ -173,21 +192,11 @@ class Categorical(ClassLabels):
         beta = torch.where(kept, beta, torch.zeros_like(beta))  # ignored: no residual
         return beta.transpose(1, 2).reshape(n, -1)  # columns (r, t)
 
-    def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
-        shape = (outputs.shape[0], samples, *outputs.shape[1:])
-        return torch.rand(shape, dtype=LOSS_SIDE_DTYPE, device=outputs.device)
-
     def sampled_residuals(self, outputs: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
         n, samples = noise.shape[:2]
-        log_probs = outputs.log_softmax(dim=1).unsqueeze(1)  # (N, 1, C, ...)
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-300, 1 - 1e-16)))
-        labels = (log_probs + gumbel).argmax(dim=2)  # Gumbel-max: (N, M, ...)
-        drawn = one_hot(labels, outputs.shape[1], dim=2, dtype=log_probs.dtype)
+        log_probs, drawn = self.draw_labels(outputs, noise)
         residual = _residual(log_probs.exp().expand_as(drawn), drawn, class_dim=2)
         return residual.reshape(n, samples, -1).transpose(1, 2) / samples**0.5
-
-    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:  # noqa: D102
-        return (outputs.shape[0], columns, *outputs.shape[1:])
 
     def sketch_columns(self, outputs: Tensor, signs: Tensor) -> Tensor:
         """``τ ⊙ (w − τ(τᵀw))/√k`` per position, without forming ``S``: ``(N, K, k)``.

@@ -88,20 +88,10 @@ class CategoricalLogProbs(ClassLabels):
         beta = torch.where(observed, -inverse_root, torch.zeros_like(inverse_root))
         return beta.reshape(outputs.shape[0], -1)
 
-    def draw_noise(self, outputs: Tensor, samples: int) -> Tensor:  # noqa: D102
-        shape = (outputs.shape[0], samples, *outputs.shape[1:])
-        return torch.rand(shape, dtype=LOSS_SIDE_DTYPE, device=outputs.device)
-
     def sampled_residuals(self, outputs: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
         n, samples = noise.shape[:2]
-        log_probs = outputs.log_softmax(dim=1).unsqueeze(1)  # (N, 1, C, ...)
-        gumbel = -torch.log(-torch.log(noise.clamp(1e-300, 1 - 1e-16)))
-        labels = (log_probs + gumbel).argmax(dim=2)  # Gumbel-max: (N, M, ...)
-        drawn = one_hot(labels, outputs.shape[1], dim=2, dtype=log_probs.dtype)
+        _, drawn = self.draw_labels(outputs, noise)
         return -drawn.reshape(n, samples, -1).transpose(1, 2) / samples**0.5
-
-    def sketch_sign_shape(self, outputs: Tensor, columns: int) -> tuple[int, ...]:  # noqa: D102
-        return (outputs.shape[0], columns, *outputs.shape[1:])
 
     def sketch_columns(self, outputs: Tensor, signs: Tensor) -> Tensor:
         """``√p ⊙ w/√k`` per output entry (``S = diag(√p)``): ``(N, K, k)``."""
