@@ -114,6 +114,11 @@ def gauss_rule(diagonal: Tensor, off_diagonal: Tensor) -> tuple[Tensor, Tensor]:
     return nodes.clamp_min(0.0), vectors[0].square()
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``a_i · b_i`` per row: one batched product (several times faster than ``vecdot``)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
+
+
 class _Lanes:
     """The state of every right-hand side during the iteration (see the module docstring)."""
 
@@ -122,8 +127,10 @@ class _Lanes:
         m, d = starts.shape
         dtype, device = starts.dtype, starts.device
         self.shifts, self.offsets = shifts, shifts - shifts.min()
+        # r, p and the starts of the active lanes only (compacted as lanes leave the batch)
         self.r = starts.clone()
         self.p = starts.clone()
+        self.active_starts = starts
         self.rho = self.r.square().sum(dim=1)
         self.norms = self.rho.sqrt()
         count = shifts.shape[0]
@@ -141,21 +148,34 @@ class _Lanes:
         self.keep = keep
 
     def step(self, lanes: Tensor, product: Tensor) -> None:
-        """One conjugate-gradient step of the lanes ``lanes`` given ``F p`` for them."""
+        """One conjugate-gradient step of the active lanes ``lanes`` given ``F p`` for them.
+
+        ``product`` is overwritten (it becomes ``(F + σ₀I) p``); the vector updates are in
+        place on the active lanes' rows (:meth:`compact`), one pass over memory each.
+        """
         seed = self.shifts.min()
-        p, r, rho = self.p[lanes], self.r[lanes], self.rho[lanes]
-        curvature = (p * (product + seed * p)).sum(dim=1)
-        alpha = rho / curvature
-        r = r - alpha.unsqueeze(1) * (product + seed * p)
-        rho_new = r.square().sum(dim=1)
+        p, r, rho = self.p, self.r, self.rho[lanes]
+        if product.data_ptr() == p.data_ptr():  # an operator that returned its input
+            product = product.clone()
+        shifted = product.add_(p, alpha=float(seed))
+        alpha = rho / _rowdot(p, shifted)
+        r.addcmul_(alpha.unsqueeze(1), shifted, value=-1.0)
+        rho_new = _rowdot(r, r)
         beta = rho_new / rho
         self._shift_step(lanes, alpha, beta, r)
-        self.r[lanes], self.rho[lanes] = r, rho_new
-        self.p[lanes] = r + beta.unsqueeze(1) * p
+        self.rho[lanes] = rho_new
+        p.mul_(beta.unsqueeze(1)).add_(r)
         for history, values in ((self.alphas, alpha), (self.betas, beta)):
             row = torch.full_like(self.rho, float("nan"))
             row[lanes] = values
             history.append(row)
+
+    def compact(self, still: Tensor) -> None:
+        """Keep the rows of the active lanes that go on (``still``: a mask over them)."""
+        if bool(still.all()):
+            return
+        self.r, self.p = self.r[still], self.p[still]
+        self.active_starts = self.active_starts[still]
 
     def _shift_step(self, lanes: Tensor, alpha: Tensor, beta: Tensor, r: Tensor) -> None:
         zeta, zeta_old = self.zeta[lanes], self.zeta_old[lanes]
@@ -171,7 +191,7 @@ class _Lanes:
         alpha_shift, beta_shift = a * ratio, ratio.square() * beta.unsqueeze(1)
         bp = self.bp[lanes]
         self.bx[lanes] += alpha_shift * bp
-        br = (self.starts[lanes] * r).sum(dim=1, keepdim=True)
+        br = _rowdot(self.active_starts, r).unsqueeze(1)
         self.bp[lanes] = zeta_new * br + beta_shift * bp
         kept = lanes < self.keep
         if bool(kept.any()):
@@ -265,15 +285,19 @@ def shifted_conjugate_gradients(
     active = torch.arange(starts.shape[0], device=starts.device)
     iterations = torch.zeros(starts.shape[0], dtype=torch.long)
     products = 0
-    active = active[~lanes.done(tolerances, rules)[active]]
+    still = ~lanes.done(tolerances, rules)[active]
+    lanes.compact(still)
+    active = active[still]
     for _ in range(max_iterations):
         if active.numel() == 0:
             break
-        product = apply(lanes.p[active])
+        product = apply(lanes.p)
         products += active.numel()
         iterations[active.cpu()] += 1
         lanes.step(active, product)
-        active = active[~lanes.done(tolerances, rules)[active]]
+        still = ~lanes.done(tolerances, rules)[active]
+        lanes.compact(still)
+        active = active[still]
     converged = lanes.done(tolerances, rules)
     tridiagonals = lanes.tridiagonals(iterations)
     return KrylovResult(

@@ -164,12 +164,15 @@ def test_energy_and_trace_rules_bound_the_quadrature_error():
         lambda v: v @ fisher, b, shifts, keep=0, tolerances=1e-4, rules=rules
     )
     assert bool(result.converged.all())
+    # Gauss quadrature underestimates in exact arithmetic; the 267 float64 steps leave
+    # rounding of about 1e-8 relative (measured), of either sign
+    rounding = 1e-7
     for index, shift in enumerate(shifts):
         inverse = dense_quadratic(fisher, b[0], lambda t, s=shift: 1 / (t + s))
         energy = float(result.energies[0, index])
-        assert 0 <= (inverse - energy) / inverse <= 1e-4
+        assert -rounding <= (inverse - energy) / inverse <= 1e-4
         ratio = dense_quadratic(fisher, b[1], lambda t, s=shift: t / (t + s))
         found = float(b[1] @ b[1]) - shift * float(result.energies[1, index])
-        assert 0 <= (found - ratio) / ratio <= 1e-4
+        assert -rounding <= (found - ratio) / ratio <= 1e-4
     strict = shifted_conjugate_gradients(lambda v: v @ fisher, b[:1], shifts, tolerances=1e-8)
     assert int(result.iterations[0]) < int(strict.iterations[0])

@@ -98,9 +98,17 @@ class FoldedHead:
         with self._in_mode("replace", head_output):
             return self.function.forward({})
 
-    def weigh(self, vectors: Tensor) -> Tensor:
-        """``G u`` per position for ``u`` shaped like the head's input."""
-        return torch.einsum("...ij,...j->...i", self.curvature, vectors)
+    def weigh_batch(self, vectors: Tensor) -> Tensor:
+        """``G u`` per position for a batch of vectors ``(m, *head input shape)``.
+
+        One batched matrix product over the samples and positions, with the vectors as the
+        rows of each: ``(m, N, …, I) → (N·…, m, I)``, times ``Gᵀ``.
+        """
+        count, curvature = vectors.shape[0], self.curvature
+        inputs = curvature.shape[-1]
+        rows = vectors.reshape(count, -1, inputs).transpose(0, 1).to(curvature.dtype)
+        weighted = torch.bmm(rows, curvature.reshape(-1, inputs, inputs).mT)  # (P, m, I)
+        return weighted.transpose(0, 1).reshape(vectors.shape).to(vectors.dtype)
 
     def build(self, weight: Tensor, head_output: Tensor, lane_bytes: int) -> None:
         """Form :attr:`curvature` column by column (module docstring)."""
@@ -125,7 +133,10 @@ class FoldedHead:
             with function.context():
                 columns.append(vmap(column, randomness="same")(block))
         self.curvature = (
-            torch.cat(columns).movedim(0, -1).reshape(*head_output.shape[:-1], inputs, inputs)
+            torch.cat(columns)
+            .movedim(0, -1)
+            .reshape(*head_output.shape[:-1], inputs, inputs)
+            .contiguous()  # a strided G makes every product copy it
         )
 
     def close(self) -> None:
