@@ -123,7 +123,6 @@ class _Lanes:
     """The state of every right-hand side during the iteration (see the module docstring)."""
 
     def __init__(self, starts: Tensor, shifts: Tensor, keep: int):
-        self.starts = starts
         m, d = starts.shape
         dtype, device = starts.dtype, starts.device
         self.shifts, self.offsets = shifts, shifts - shifts.min()
@@ -170,12 +169,13 @@ class _Lanes:
             row[lanes] = values
             history.append(row)
 
-    def compact(self, still: Tensor) -> None:
-        """Keep the rows of the active lanes that go on (``still``: a mask over them)."""
-        if bool(still.all()):
-            return
-        self.r, self.p = self.r[still], self.p[still]
-        self.active_starts = self.active_starts[still]
+    def retire(self, active: Tensor, tolerances: Tensor, rules: Tensor) -> Tensor:
+        """The lanes of ``active`` that go on; the rows of those that stopped are dropped."""
+        still = ~self.done(tolerances, rules)[active]
+        if not bool(still.all()):
+            self.r, self.p = self.r[still], self.p[still]
+            self.active_starts = self.active_starts[still]
+        return active[still]
 
     def _shift_step(self, lanes: Tensor, alpha: Tensor, beta: Tensor, r: Tensor) -> None:
         zeta, zeta_old = self.zeta[lanes], self.zeta_old[lanes]
@@ -285,9 +285,7 @@ def shifted_conjugate_gradients(
     active = torch.arange(starts.shape[0], device=starts.device)
     iterations = torch.zeros(starts.shape[0], dtype=torch.long)
     products = 0
-    still = ~lanes.done(tolerances, rules)[active]
-    lanes.compact(still)
-    active = active[still]
+    active = lanes.retire(active, tolerances, rules)
     for _ in range(max_iterations):
         if active.numel() == 0:
             break
@@ -295,9 +293,7 @@ def shifted_conjugate_gradients(
         products += active.numel()
         iterations[active.cpu()] += 1
         lanes.step(active, product)
-        still = ~lanes.done(tolerances, rules)[active]
-        lanes.compact(still)
-        active = active[still]
+        active = lanes.retire(active, tolerances, rules)
     converged = lanes.done(tolerances, rules)
     tridiagonals = lanes.tridiagonals(iterations)
     return KrylovResult(

@@ -162,14 +162,13 @@ class NetworkFunction:
         def hessian(u: Tensor) -> Tensor:
             return likelihood.hessian_product(outputs, u.to(torch.float64)).to(u.dtype)
 
-        plain = self._operator(names, self.forward, hessian, outputs.numel(), lane_bytes)
+        weigh = vmap(hessian, randomness="same")
+        plain = self._operator(names, self.forward, weigh, outputs.numel(), lane_bytes)
         head = self.folded_head(lane_bytes)
         if head is None or any(id(self.params_of[n]) in head.parameters for n in names):
             return plain
         inputs = head.curvature[..., 0].numel()
-        folded = self._operator(
-            names, head.head_input, head.weigh_batch, inputs, lane_bytes, batched=True
-        )
+        folded = self._operator(names, head.head_input, head.weigh_batch, inputs, lane_bytes)
         size = sum(self.params[n].numel() for n in names)
         probe = torch.randn(
             1, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64
@@ -210,21 +209,14 @@ class NetworkFunction:
         self._head = None
 
     def _operator(
-        self,
-        names,
-        function,
-        weigh,
-        lane_elements: int,
-        lane_bytes: int,
-        trace: bool = True,
-        batched: bool = False,
+        self, names, function, weigh, lane_elements: int, lane_bytes: int, trace: bool = True
     ) -> Operator:
         """``V ↦ (1/N) Jᵀ W J V`` for ``J`` the Jacobian of ``function`` in these parameters.
 
-        ``weigh`` applies ``W`` to one vector of ``function``'s output shape, or, with
-        ``batched``, to a batch of them (leading dimension: the vectors), outside ``vmap``:
-        a per-sample matrix product under ``vmap``'s batching rule is up to 60 times slower
-        than the same product on the batch (the folded head's ``G``).
+        ``weigh`` applies ``W`` to a batch of vectors of ``function``'s output shape (leading
+        dimension: the vectors). It runs outside ``vmap``: a per-sample matrix product under
+        ``vmap``'s batching rule is up to 60 times slower than the same product on the batch
+        (the folded head's ``G``).
         """
         primal = {name: self.params[name] for name in names}
         sizes = [t.numel() for t in primal.values()]
@@ -243,8 +235,6 @@ class NetworkFunction:
             pulled = pullback(weighted)[0]
             return torch.cat([pulled[n].reshape(-1) for n in names]).to(torch.float64)
 
-        if not batched:
-            weigh = vmap(weigh, randomness="same")
         chunk = max(1, lane_bytes // (8 * (4 * lane_elements + 4 * sum(sizes))))
 
         def apply(vectors: Tensor) -> Tensor:
