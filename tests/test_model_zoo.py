@@ -19,7 +19,6 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from tiny_transformers import CausalBlock
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,6 +28,7 @@ from fisher_monitor import FisherMonitor, measure
 from fisher_monitor.schedules import budget
 from lightning_helpers import SpyLogger, trainer_kwargs
 from reference_checks import assert_matches
+from tiny_transformers import CausalBlock
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F  # noqa: N812
-from tiny_transformers import CausalBlock as Block
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from tiny_transformers import CausalBlock as Block
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import grad, hessian, vmap
 
 from fisher_monitor.likelihoods import (
     LIKELIHOODS,
@@ -21,52 +20,17 @@ from fisher_monitor.likelihoods import (
     loss_side,
     resolve_loss,
 )
-from reference import sample_nll
-
-
-def _case(name: str, reduction: str, shape, generator):
-    outputs = 3 * torch.randn(*shape, generator=generator, dtype=torch.float64)
-    if name == "cross_entropy":
-        targets = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
-        return Categorical(reduction), nn.CrossEntropyLoss(reduction=reduction), outputs, targets
-    if name == "mse":
-        targets = torch.randn(*shape, generator=generator, dtype=torch.float64)
-        return Gaussian(reduction), nn.MSELoss(reduction=reduction), outputs, targets
-    targets = torch.randint(0, 2, shape, generator=generator).to(torch.float64)
-    return Bernoulli(reduction), nn.BCEWithLogitsLoss(reduction=reduction), outputs, targets
-
-
-CASES = [
-    ("cross_entropy", (6, 4)),
-    ("cross_entropy", (6, 4, 3)),  # a sequence: C = 4 classes at T = 3 positions
-    ("cross_entropy", (5, 3, 2, 2)),  # per-pixel classes
-    ("mse", (6, 3)),
-    ("mse", (6, 2, 3)),
-    ("mse", (6,)),
-    ("bce", (6,)),
-    ("bce", (6, 1)),
-]
-
-
-def _derivatives(loss_fn, outputs, targets):
-    nll = sample_nll(loss_fn)
-    n, shape = outputs.shape[0], outputs.shape[1:]
-
-    def sample(f, y):
-        return nll(f.reshape(1, *shape), y.unsqueeze(0))
-
-    flat = outputs.reshape(n, -1)
-    return vmap(grad(sample))(flat, targets), vmap(hessian(sample))(flat, targets)
+from likelihood_cases import CASES, likelihood_case, per_sample_derivatives
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize(("name", "shape"), CASES)
 def test_loss_side_matches_autograd(name, shape, reduction):
-    likelihood, loss_fn, outputs, targets = _case(
+    likelihood, loss_fn, outputs, targets = likelihood_case(
         name, reduction, shape, torch.Generator().manual_seed(0)
     )
     likelihood.check_batch(outputs, targets)
-    gradient, hess = _derivatives(loss_fn, outputs, targets)
+    gradient, hess = per_sample_derivatives(loss_fn, outputs, targets)
     roots = likelihood.sqrt_hessian(outputs)
     assert roots.shape[2] == likelihood.fisher_columns(outputs.shape[1:])
     torch.testing.assert_close(roots @ roots.transpose(1, 2), hess, rtol=1e-12, atol=1e-14)
@@ -84,10 +48,10 @@ def test_sampled_residuals_are_unbiased_for_the_hessian(name, shape):
     """E[r̂ r̂ᵀ] = ∇²ℓ_n. With M = 40000 draws, each entry's standard error is at most
     √(E[(r̂_i r̂_j)²]/M); the tolerance allows 6 of them (|z| < 6), plus 10/M for classes
     too rare to be drawn at all (a class of probability p < 10/M may never appear)."""
-    likelihood, loss_fn, outputs, targets = _case(
+    likelihood, loss_fn, outputs, targets = likelihood_case(
         name, "mean", shape, torch.Generator().manual_seed(1)
     )
-    _, hess = _derivatives(loss_fn, outputs, targets)
+    _, hess = per_sample_derivatives(loss_fn, outputs, targets)
     samples = 40_000
     torch.manual_seed(2)
     residuals = likelihood.sampled_residuals(outputs, likelihood.draw_noise(outputs, samples))
@@ -128,7 +92,9 @@ def test_fitted_residuals_keep_their_digits():
 
 
 def test_loss_side_columns_and_mc_observed_column():
-    likelihood, _, outputs, targets = _case("cross_entropy", "mean", (5, 4), torch.Generator())
+    likelihood, _, outputs, targets = likelihood_case(
+        "cross_entropy", "mean", (5, 4), torch.Generator()
+    )
     exact = loss_side(likelihood, outputs, targets, exact=True)
     assert exact.columns.shape == (5, 4, 3) and exact.coefficients.shape == (5, 3)
     noise = likelihood.draw_noise(outputs, 2)

@@ -62,17 +62,9 @@ def classifier(classes: int = 150, n: int = 6, seed: int = 0):
     return model, inputs, torch.randint(0, classes, (n,), generator=generator)
 
 
-def language_model(n: int = 2, positions: int = 3, seed: int = 0):
+def language_model(n: int = 2, positions: int = 3, seed: int = 0, tied: bool = False):
     torch.manual_seed(seed)
-    model = TinyLM().double()
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 200, (n, positions), generator=generator)
-    return model, tokens, torch.randint(0, 200, (n, positions), generator=generator)
-
-
-def tied_language_model(n: int = 2, positions: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    model = TiedLM().double()
+    model = (TiedLM if tied else TinyLM)().double()
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 200, (n, positions), generator=generator)
     return model, tokens, torch.randint(0, 200, (n, positions), generator=generator)
@@ -247,7 +239,7 @@ def test_a_tied_head_is_not_mistaken_for_a_plain_softmax_head():
     """The tied weight's layer (the embedding) also has the lookup's Fisher terms: the
     head's block structure does not describe it, and its products say so, so it is solved
     by conjugate gradients. Its deterministic metrics equal the exact ones to the bound."""
-    model, inputs, targets = tied_language_model()
+    model, inputs, targets = language_model(tied=True)
     loss = nn.CrossEntropyLoss()
     common = dict(damping=1e-3, damping_mode="absolute")
     exact = run(model, loss, inputs, targets, estimator="exact", **common)
