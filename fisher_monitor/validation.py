@@ -120,6 +120,13 @@ def format_bytes(size: float) -> str:
     return f"{size:,.1f} {unit}"
 
 
+def format_steps(steps: float) -> str:
+    """A number of training steps for messages: ``"0.42"``, ``"12,345"``, ``"3.2e+07"``."""
+    if steps < 10:  # two significant digits (a fraction of a step is not "0")
+        return f"{steps:.2g}"
+    return f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
+
+
 def check_memory_budget(value: Any) -> int | None:
     """Bytes as an int: from ``None``, an int ≥ 1, or a size such as ``"1GB"`` or ``"512MiB"``.
 
@@ -152,11 +159,35 @@ def check_memory_budget(value: Any) -> int | None:
     )
 
 
+def check_solve_budget(value: Any) -> float | None:
+    """Training steps the exact-Fisher solves may cost: ``None``, or a number ≥ 0 (``inf``).
+
+    Raises:
+        ValueError: For anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond floats
+            number = math.inf if value > 0 else -math.inf
+        if number >= 0:  # NaN fails this too
+            return number
+    raise ValueError(
+        f"Invalid solve_budget: {value!r}. Use a number of training steps ≥ 0 (0 never runs "
+        "the exact-Fisher solves, float('inf') always runs them), or None for the default "
+        "of 40,000."
+    )
+
+
 __all__ = [
     "COMPUTE_DTYPES",
     "check_dtype",
     "check_generator",
     "check_memory_budget",
+    "check_solve_budget",
     "check_model",
     "format_bytes",
+    "format_steps",
 ]

@@ -118,6 +118,11 @@ class FisherMonitor(ResultSink, *_BASES):
         estimator: ``"auto"`` (the exact Fisher while it is affordable, a sketch of it with
             standard errors for many classes; ``docs/theory.md#estimators``), ``"exact"``
             or ``"sketch"``.
+        solve_budget: Training steps the exact-Fisher solves of a sketched measurement may
+            cost (``kl``, ``direction_cosine``, ``nat_grad_cosine`` and ``nat_projection`` of
+            ``block`` for many classes; ``None``: 40,000; ``0``: never; ``float("inf")``:
+            always). Beyond it those metrics are left out, with a note giving the cost;
+            within it, the schedule spaces the measurements by their time.
         log_prefix: Prefix of every logged key. The default ``"~fisher"`` sorts after your
             own tags in TensorBoard, so your curves stay on top.
         log_histograms: Histograms per layer (TensorBoard).
@@ -192,6 +197,7 @@ class FisherMonitor(ResultSink, *_BASES):
         backend: str = "auto",
         memory_budget: int | str | None = None,
         estimator: str = "auto",
+        solve_budget: float | None = None,
         log_prefix: str = DEFAULT_LOG_PREFIX,
         log_histograms: bool = True,
         log_images: bool = True,
@@ -221,6 +227,7 @@ class FisherMonitor(ResultSink, *_BASES):
         self.backend = check_backend(backend)
         self.memory_budget = validation.check_memory_budget(memory_budget)
         self.estimator = check_estimator(estimator)
+        self.solve_budget = validation.check_solve_budget(solve_budget)
         self.log_prefix = arguments.check_prefix(log_prefix)
         self.log_histograms = arguments.check_flag("log_histograms", log_histograms)
         self.log_images = arguments.check_flag("log_images", log_images)
@@ -331,6 +338,7 @@ class FisherMonitor(ResultSink, *_BASES):
             memory_budget=self.memory_budget,
             estimator=self.estimator,
             outputs=outputs,
+            solve_budget=self.solve_budget,
         )
         self._probe.prepare()
         if not any(is_lazy(p) for p in network.parameters()):
@@ -350,6 +358,7 @@ class FisherMonitor(ResultSink, *_BASES):
             "backend": self.backend,
             "backend_used": self._backend_used,
             "estimator": self.estimator,
+            "solve_budget": self.solve_budget,
             "network": network_name(pl_module, self._measured) if self._measured else None,
             "loss": loss_text(measurer.likelihood) if measurer else self._discovery.pending_text,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,

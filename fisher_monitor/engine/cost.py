@@ -20,11 +20,13 @@ chooses:
 
 Under a sketch, the ``block`` metrics that need ``(F_b + λI)⁻¹`` of the exact Fisher come
 from matrix-free solves after the pass (:mod:`~fisher_monitor.engine.exact_solves`): their
-planned work (:func:`~fisher_monitor.engine.exact_solves.solve_flops`; each Fisher-vector
-product is about a forward, a forward-mode and a backward pass of the layers from ``b`` on)
-is part of the estimator's work, so the exact path is kept wherever it is cheaper, and the
-solves are left out (with a note) when they would cost more than
-:attr:`~fisher_monitor.engine.exact_solves.SolveSettings.budget_steps` training steps.
+planned work (:func:`~fisher_monitor.engine.solve_settings.planned_solves`; each
+Fisher-vector product is about a forward, a forward-mode and a backward pass of the layers
+from ``b`` on) is part of the estimator's work, so the exact path is kept wherever it is
+cheaper, and the solves are left out (with a note) when they would cost more than
+:attr:`~fisher_monitor.engine.exact_solves.SolveSettings.budget_steps` training steps
+(``solve_budget``) — planned here, and measured while they run
+(:class:`~fisher_monitor.engine.solve_settings.SolveMeter`).
 
 The counts are estimates of work, not of time: they follow the shapes (a Gram matrix of
 ``R`` columns of length ``L`` costs ``R²·L``, a factorisation about ``R³``), which is what
@@ -43,14 +45,15 @@ import torch
 
 from fisher_monitor.backends import Backend
 from fisher_monitor.engine import memory
-from fisher_monitor.engine.exact_solves import DEFAULT_SOLVES, SolveSettings, solve_flops
+from fisher_monitor.engine.exact_solves import DEFAULT_SOLVES, SolveSettings
 from fisher_monitor.engine.profile import NetworkProfile
+from fisher_monitor.engine.solve_settings import PlannedLayer, planned_solves
 from fisher_monitor.estimators import SketchDesign
 from fisher_monitor.factors import RATES, PassSize, form_of
 from fisher_monitor.settings import DampingMode, FisherType, MeasureSettings
 from fisher_monitor.structures import STRUCTURES, Structure
 from fisher_monitor.structures.fisher_solves import ExactSolves
-from fisher_monitor.validation import format_bytes
+from fisher_monitor.validation import format_bytes, format_steps
 
 #: The exact path is taken while it costs at most this many plain training steps: an
 #: exact answer is worth a slower measurement (the callback's budget schedule adapts its
@@ -105,6 +108,9 @@ class CostPlan:
             ``estimated``; 0 when none run).
         solves_skipped: Why a sketched measurement runs no exact-Fisher solves, if it
             skips them although a structure could use them.
+        solve_layers: Per layer, the planned work of the solves, which their meter scales by
+            the measured pace (:class:`~fisher_monitor.engine.solve_settings.SolveMeter`);
+            ``None`` when they run unmetered (none planned, or within ``floor_flops``).
     """
 
     sketch: SketchDesign | None
@@ -120,6 +126,7 @@ class CostPlan:
     notes: list[str] = field(default_factory=list)
     solves: float = 0.0
     solves_skipped: str | None = None
+    solve_layers: dict[str, PlannedLayer] | None = None
 
     @property
     def pass_columns(self) -> int:
@@ -311,24 +318,21 @@ def _plan_solves(
         return result.estimated
     shifts = design.groups + 1 if design.relative_damping else 1
     # float64 products, in the float32 units of the rest of the plan
-    flops = RATES.gemm64 * solve_flops(profile, result.samples, shifts, settings)
+    layers = planned_solves(profile, result.samples, shifts, settings)
+    flops = RATES.gemm64 * sum(layer.flops for layer in layers.values())
     steps = result.steps(Work(flops, 0))
-    if steps > settings.budget_steps and flops > settings.floor_flops:
+    over = steps > settings.budget_steps and flops > settings.floor_flops
+    if over or settings.budget_steps <= 0:  # 0: never, whatever the floor
         result.solves_skipped = (
-            f"the exact-Fisher solves would need about {_amount(steps)} training steps "
-            f"(budget {_amount(settings.budget_steps)})"
+            f"the exact-Fisher solves would need about {format_steps(steps)} training steps "
+            f"(solve_budget {format_steps(settings.budget_steps)}; a larger solve_budget runs them)"
         )
         return result.estimated
     for structure in users:
         structure.exact_solves = True
     result.solves = flops
+    result.solve_layers = layers if flops > settings.floor_flops else None
     return Work(result.estimated.flops + flops, result.estimated.peak_bytes)
-
-
-def _amount(steps: float) -> str:
-    if steps < 10:  # two significant digits (a fraction of a step is not "0")
-        return f"{steps:.2g}"
-    return f"{steps:,.0f}" if steps < 1e6 else f"{steps:.1e}"
 
 
 def _decide(
@@ -358,7 +362,7 @@ def _decide(
     else:
         why = []
         if too_slow:
-            why.append(f"about {_amount(result.steps(exact))} training steps of work")
+            why.append(f"about {format_steps(result.steps(exact))} training steps of work")
         if too_large:
             why.append(f"{format_bytes(exact.peak_bytes)} (budget {format_bytes(budget)})")
         cost = " and ".join(why)
@@ -383,12 +387,12 @@ def estimator_notes(plan: CostPlan) -> list[str]:
     sketch = plan.sketch
     solves = ""
     if plan.solves:
-        planned = _amount(plan.steps(Work(plan.solves, 0)))
+        planned = format_steps(plan.steps(Work(plan.solves, 0)))
         solves = f", of which {planned} for the exact-Fisher solves"
     notes = [
         f"{plan.reason}: the Fisher side is estimated from {sketch.columns} sketched columns "
         f"per sample in {sketch.groups} replicate groups (about "
-        f"{_amount(plan.steps(plan.estimated))} training steps{solves}; standard errors under "
+        f"{format_steps(plan.steps(plan.estimated))} training steps{solves}; standard errors under "
         "the '…_se' keys; docs/theory.md#estimators)"
     ]
     for structure in plan.structures:

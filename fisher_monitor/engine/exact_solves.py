@@ -40,8 +40,14 @@ from torch import Tensor
 
 from fisher_monitor import keys
 from fisher_monitor.backends import Backend
-from fisher_monitor.engine.fisher_operator import FOLD_AGREEMENT, LANE_BYTES, NetworkFunction
-from fisher_monitor.engine.profile import NetworkProfile
+from fisher_monitor.engine.fisher_operator import FOLD_AGREEMENT, NetworkFunction
+from fisher_monitor.engine.solve_settings import (
+    DEFAULT_SOLVES,
+    OverBudget,
+    PlannedLayer,
+    SolveMeter,
+    SolveSettings,
+)
 from fisher_monitor.krylov import (
     ENERGY,
     RESIDUAL,
@@ -61,6 +67,7 @@ from fisher_monitor.structures.fisher_solves import (
     SolvedResult,
     SolveRequest,
 )
+from fisher_monitor.validation import format_steps
 
 #: Layers whose products touch at most this many numbers per batched call are solved on one
 #: CPU thread: their many small operations are dominated by the thread pool's latency (a
@@ -74,62 +81,6 @@ RANDOM_NOTE = (
 )
 #: A recomputed residual may exceed the recursion's by this factor (rounding drift).
 RESIDUAL_DRIFT = 10.0
-#: Planning figures of the cost model: products per right-hand side of a solve to
-#: :attr:`SolveSettings.tolerance` and of a trace probe (measured: 100–500 and 100–300 on
-#: MLP and transformer layers at relative damping 1e-3; the notes give the actual count).
-PLANNED_SOLVE_ITERATIONS = 300
-PLANNED_TRACE_ITERATIONS = 200
-
-
-@dataclass(frozen=True)
-class SolveSettings:
-    """How the exact-Fisher solves run.
-
-    Attributes:
-        tolerance: Relative residual ``‖g − Ax‖/‖g‖`` of ``A⁻¹g``.
-        trace_tolerance: Relative error bound of each quadrature of the KL's trace terms
-            (``g_nᵀA⁻¹g_n``, and ``zᵀF A⁻¹z`` of each probe; far below the probes' own
-            noise).
-        max_iterations: Products per right-hand side at most; a layer that needs more
-            leaves its metrics out.
-        probes: Rademacher probes per layer for the trace terms of the KL.
-        exact_samples: Up to this many samples, ``tr(EF A⁻¹)`` is solved per sample
-            (exact); above, it is estimated with ``probes`` combinations of samples.
-        budget_steps: The solves run when the cost model expects at most this many
-            training steps of work for them, or at most ``floor_flops`` operations (a small
-            network's training step is too small a unit); otherwise the metrics are left out,
-            with a note.
-        floor_flops: See ``budget_steps``.
-        lane_bytes: Bytes one batched product may use for its vectors.
-        dense_limit: Layers with at most this many parameters form ``F_b`` from ``D_b``
-            products and are solved exactly (fewer products than the Krylov solves).
-        dense_fallback: Layers with at most this many parameters whose conjugate gradients
-            do not converge are solved densely instead (an embedding at initialisation).
-        exact_head: Solve a softmax head (the network's last ``Linear`` layer, read by a
-            cross-entropy) exactly by its block structure
-            (:mod:`~fisher_monitor.engine.softmax_head`) instead of by products.
-    """
-
-    tolerance: float = 1e-6
-    trace_tolerance: float = 1e-4
-    max_iterations: int = 1000
-    probes: int = 8
-    exact_samples: int = 16
-    budget_steps: float = 50_000.0
-    floor_flops: float = 1e11
-    lane_bytes: int = LANE_BYTES
-    dense_limit: int = 4096
-    dense_fallback: int = 8192
-    exact_head: bool = True
-
-    def right_hand_sides(self, samples: int) -> tuple[int, int]:
-        """``(1, quadratures)``: the right-hand side ``g`` and the trace terms' ones."""
-        sample_sides = samples if samples <= self.exact_samples else self.probes
-        return 1, sample_sides + self.probes
-
-
-#: The default settings.
-DEFAULT_SOLVES = SolveSettings()
 
 
 @dataclass
@@ -148,6 +99,12 @@ class SolveReport:
         notes: Further notes (precision, failures).
         random: Nothing was solved: the network draws random masks in train mode
             (:meth:`~fisher_monitor.engine.fisher_operator.NetworkFunction.draws_differently`).
+        over_budget: Nothing was solved: the projected seconds exceed the budget
+            (:class:`SolveMeter`).
+        stopped: Layers left unsolved because the solves ran out of their budget.
+        step_seconds: A plain training step's measured seconds (the budget's unit; 0 when
+            the solves ran unmetered).
+        projected: Seconds the solves were projected to take before they ran.
     """
 
     settings: SolveSettings
@@ -160,6 +117,10 @@ class SolveReport:
     failed_traces: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     random: bool = False
+    over_budget: bool = False
+    stopped: list[str] = field(default_factory=list)
+    step_seconds: float = 0.0
+    projected: float = 0.0
 
     def as_dict(self) -> dict:
         """Plain data for :attr:`Measurement.settings` (``estimator.exact_solves``)."""
@@ -174,7 +135,21 @@ class SolveReport:
             "seconds": round(self.seconds, 3),
             "error_bound": self.error_bound,
             **({"left_out": "random masks in train mode"} if self.random else {}),
+            **(
+                {
+                    "budget_steps": self.settings.budget_steps,
+                    "projected_steps": round(self.in_steps(self.projected)),
+                }
+                if self.step_seconds
+                else {}
+            ),
+            **({"left_out": "over budget"} if self.over_budget else {}),
+            **({"stopped": list(self.stopped)} if self.stopped else {}),
         }
+
+    def in_steps(self, seconds: float) -> float:
+        """``seconds`` in plain training steps (of :attr:`step_seconds`)."""
+        return seconds / self.step_seconds
 
 
 def solve_deferred(
@@ -183,6 +158,7 @@ def solve_deferred(
     results: Mapping[str, dict[str, LayerResult]],
     seed: int,
     settings: SolveSettings,
+    planned: Mapping[str, PlannedLayer] | None = None,
 ) -> SolveReport | None:
     """Finish every deferred result in ``results`` (in place) with exact-Fisher solves.
 
@@ -192,6 +168,10 @@ def solve_deferred(
         results: Per structure and layer, the pass's results.
         seed: The measurement's seed (dropout masks and probes).
         settings: How to solve.
+        planned: The cost model's figures per layer: with them, :class:`SolveMeter` times
+            the products, and solves projected or found to exceed
+            :attr:`SolveSettings.budget_steps` training steps are left out; ``None``:
+            unmetered.
 
     Returns:
         What was done, or ``None`` when nothing was deferred.
@@ -218,20 +198,50 @@ def solve_deferred(
         return report
     generator = torch.Generator().manual_seed(seed % 2**63)
     try:
+        if planned is not None and math.isfinite(settings.budget_steps):
+            _meter(function, deferred, planned, settings, report)
         for structure, name, result in deferred:
             request = result.request
             if request is None:
                 continue
+            if report.over_budget or report.stopped:
+                results[structure][name] = result.complete(_unavailable(request))
+                if not report.over_budget:
+                    report.stopped.append(name)
+                continue
             lanes = sum(settings.right_hand_sides(request.per_sample.shape[0]))
             work = (function.outputs.numel() + request.gradient.numel()) * lanes
-            with single_threaded(function.device, work <= SINGLE_THREAD_ELEMENTS):
-                solutions, bound = _solve(function, request, settings, generator)
+            try:
+                with single_threaded(function.device, work <= SINGLE_THREAD_ELEMENTS):
+                    solutions, bound = _solve(function, request, settings, generator)
+            except OverBudget:
+                results[structure][name] = result.complete(_unavailable(request))
+                report.stopped.append(name)
+                continue
             results[structure][name] = result.complete(solutions)
             _record(report, f"{structure}/{name}", solutions, bound)
     finally:
         function.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _meter(
+    function: NetworkFunction,
+    deferred: list[tuple[str, str, DeferredResult]],
+    planned: Mapping[str, PlannedLayer],
+    settings: SolveSettings,
+    report: SolveReport,
+) -> None:
+    """Project the solves' seconds (all left out beyond the budget), then watch the deadline."""
+    started = time.perf_counter()
+    report.step_seconds = function.step_seconds()
+    budget = settings.budget_steps * report.step_seconds
+    requests = {name: r.request for _, name, r in deferred if r.request is not None}
+    report.projected = SolveMeter.projected_seconds(function, requests, planned, settings, budget)
+    report.over_budget = report.projected > budget
+    if not report.over_budget:  # the timing counts against the budget too
+        function.meter = SolveMeter(budget - (time.perf_counter() - started)).check
 
 
 def _solve(
@@ -420,34 +430,6 @@ def _squared(shift: float):
     return lambda t: h(t).square()
 
 
-# ----------------------------------------------------------------------------- the cost
-def solve_flops(
-    profile: NetworkProfile, samples: int, shifts: int, settings: SolveSettings
-) -> float:
-    """Planned work of the solves of every layer (module docstring; planning figures).
-
-    Per layer ``b`` and product: a forward-mode and a reverse-mode pass through the layers
-    from ``b`` on (about ``3 N`` times their forward work), the primal forward once per
-    batched call, and the Krylov vector updates (``D_b`` per shift and right-hand side); a
-    layer within :attr:`SolveSettings.dense_limit` takes ``D_b`` products and an
-    eigendecomposition instead.
-    """
-    solved, probed = settings.right_hand_sides(samples)
-    planned = solved * PLANNED_SOLVE_ITERATIONS + probed * PLANNED_TRACE_ITERATIONS
-    total_forward = samples * profile.forward_flops
-    above = samples * profile.forward_flops
-    flops = 0.0
-    for shape in profile.layers:  # in the prepared network's order (≈ execution order)
-        d = float(shape.dimension)
-        if shape.dimension <= settings.dense_limit:  # D products, one eigendecomposition
-            flops += d * 3.0 * above + total_forward + 10.0 * d**3
-        else:
-            per_product = 3.0 * above + 10.0 * d * shifts
-            flops += planned * per_product + PLANNED_SOLVE_ITERATIONS * total_forward
-        above -= samples * shape.forward_flops
-    return flops
-
-
 # --------------------------------------------------------------------- standard errors
 def add_probe_errors(
     scalars: dict[str, float],
@@ -495,7 +477,25 @@ def solve_notes(report: SolveReport) -> list[str]:
         f"{report.iterations} per right-hand side, {report.seconds:.1f} s "
         "(docs/theory.md#matrix-free)"
     ]
+    step = f"training steps of {report.step_seconds * 1e3:.3g} ms"
+    budget = f"solve_budget {format_steps(s.budget_steps)}; a larger solve_budget runs them"
+    if report.over_budget:
+        projected = format_steps(report.in_steps(report.projected))
+        return [
+            "block: kl, direction_cosine, nat_grad_cosine and nat_projection are left out "
+            "under the sketch: at the measured pace of their Fisher-vector products, the "
+            f"exact-Fisher solves would need at least {projected} {step} ({budget}; "
+            "docs/theory.md#matrix-free)",
+            *report.notes,
+        ]
     notes += report.notes
+    if report.stopped:
+        notes.append(
+            f"block: the exact-Fisher solves ran out of their budget after "
+            f"{report.seconds:.1f} s ({format_steps(report.in_steps(report.seconds))} {step}; "
+            f"{budget}): kl, direction_cosine, nat_grad_cosine and nat_projection are left "
+            f"out for {_names(report.stopped)} and for all (docs/theory.md#matrix-free)"
+        )
     if report.failed_directions:
         notes.append(
             f"block: conjugate gradients did not reach relative residual {s.tolerance:g} within "
@@ -512,16 +512,18 @@ def solve_notes(report: SolveReport) -> list[str]:
     return notes
 
 
+def _names(names: list[str], shown: int = 5) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 __all__ = [
     "DEFAULT_SOLVES",
-    "PLANNED_SOLVE_ITERATIONS",
-    "PLANNED_TRACE_ITERATIONS",
     "SolveReport",
     "SolveSettings",
     "add_probe_errors",
     "dense_solutions",
     "solve_deferred",
-    "solve_flops",
     "solve_layer",
     "solve_notes",
 ]

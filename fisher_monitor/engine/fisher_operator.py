@@ -29,8 +29,9 @@ masks in every product: each runs under the measurement's seed.
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -81,6 +82,8 @@ class NetworkFunction:
         self.device = prepared.device
         self.seed = seed
         self.notes: list[str] = []
+        #: Called after each batched product (the solves' deadline, which may raise).
+        self.meter: Callable[[], None] | None = None
         named = dict(self.network.named_parameters())
         self.canonical = {id(p): name for name, p in named.items()}
         self.params_of = named  # the copy's parameter objects, by name
@@ -137,6 +140,28 @@ class NetworkFunction:
         selected = self.select(raw)
         check_outputs(selected, raw)
         return selected
+
+    def step_seconds(self) -> float:
+        """A plain training step's seconds, taken as three timed forward passes.
+
+        The network's own precision, after a first pass that warms it up; a forward and a
+        backward pass cost about three forward passes.
+        """
+        named, buffers, inputs = self._source
+        state = {**named, **buffers}
+        seconds = math.inf
+        with self.context(), torch.no_grad():
+            for _ in range(2):
+                started = time.perf_counter()
+                functional_call(self.network, state, inputs.args, inputs.kwargs)
+                self.synchronize()
+                seconds = time.perf_counter() - started
+        return 3.0 * seconds
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timings on asynchronous devices)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def names_of(self, parameter_names: Sequence[str]) -> list[str]:
         """The copy's own names of a layer's parameters (a tied parameter has one)."""
@@ -244,6 +269,8 @@ class NetworkFunction:
                     pushed = vmap(forward, randomness="same")(block)
                     weighted = weigh(pushed)
                     parts.append(vmap(backward, randomness="same")(weighted))
+                if self.meter is not None:
+                    self.meter()
             return torch.cat(parts) / samples
 
         return apply

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from fisher_monitor.backends import (
 from fisher_monitor.backends.pass_context import OutputAdapter, seed_from
 from fisher_monitor.batching import batch_on_device, model_inputs, take_samples
 from fisher_monitor.engine import cost, memory
+from fisher_monitor.engine.exact_solves import DEFAULT_SOLVES
 from fisher_monitor.engine.pipeline import (
     MAX_KEPT_BLOCK,
     MeasureOptions,
@@ -68,6 +70,7 @@ class Measurer:
             free GPU memory on CUDA).
         estimator: ``"auto"``, ``"exact"`` or ``"sketch"`` (see :func:`measure`).
         outputs: The loss's input from the network's output (see :func:`measure`).
+        solve_budget: Training steps the exact-Fisher solves may cost (see :func:`measure`).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Measurer:
         memory_budget: int | str | None = None,
         estimator: str = "auto",
         outputs: OutputAdapter | None = None,
+        solve_budget: float | None = None,
     ):
         validation.check_model(model)
         dtype = validation.check_dtype(dtype)
@@ -96,6 +100,10 @@ class Measurer:
                 "the loss's input, e.g. `outputs=lambda out: out.logits`, or None."
             )
         self.outputs = outputs
+        budget = validation.check_solve_budget(solve_budget)
+        self.solves = (
+            DEFAULT_SOLVES if budget is None else replace(DEFAULT_SOLVES, budget_steps=budget)
+        )
         self._prepared: Backend | None = None
         #: Buffers reused by every measurement of the prepared network (Gram matrices,
         #: factorisations): no allocation of their size in the hot path.
@@ -161,6 +169,7 @@ class Measurer:
             dtype=self.dtype,
             estimator=self.estimator,
             memory_budget=self.memory_budget,
+            solves=self.solves,
         )
         while True:
             try:
@@ -299,7 +308,9 @@ class Measurer:
         batch = torch.zeros(model_inputs(inputs).batch_size() or 1)
         inputs = batch_on_device(inputs, batch, prepared.device, prepared.parameter_dtype)[0]
         size = batch.shape[0] if size is None else size
-        options = MeasureOptions(seed=0, estimator=self.estimator, memory_budget=self.memory_budget)
+        options = MeasureOptions(
+            seed=0, estimator=self.estimator, memory_budget=self.memory_budget, solves=self.solves
+        )
         return self._peak_bytes(inputs, size, self._plan(inputs, size, options))
 
     def close(self) -> None:
@@ -336,6 +347,7 @@ def measure(
     memory_budget: int | str | None = None,
     estimator: str = "auto",
     outputs: OutputAdapter | None = None,
+    solve_budget: float | None = None,
 ) -> Measurement:
     """Compare the Fisher and the empirical Fisher of ``model`` on one probe batch.
 
@@ -393,6 +405,13 @@ def measure(
             ``lambda out: out.logits.transpose(1, 2)`` for a language model's ``(N, T, C)``
             logits. ``None`` takes a tensor as it is, the ``logits`` of a ``ModelOutput`` or
             of a mapping, or the first element of a tuple.
+        solve_budget: Under a sketch, the four ``block`` metrics that need ``(F + λI)⁻¹``
+            (``kl``, ``direction_cosine``, ``nat_grad_cosine``, ``nat_projection``) come
+            from exact-Fisher solves, which can cost thousands of training steps. They run
+            while the cost model, and then their measured pace, expects at most this many
+            training steps of work for them (``None``: 40,000; ``0``: never;
+            ``float("inf")``: always); otherwise those metrics are left out, with a note
+            giving the cost (``docs/theory.md#matrix-free``).
 
     Returns:
         The :class:`Measurement`.
@@ -416,6 +435,7 @@ def measure(
         memory_budget=memory_budget,
         estimator=estimator,
         outputs=outputs,
+        solve_budget=solve_budget,
     )
     try:
         return measurer(

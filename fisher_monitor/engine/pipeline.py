@@ -233,7 +233,12 @@ def measure_once(
     collector = LayerCollector(settings, options, structures)
     result = _run_pass(prepared, settings, inputs, targets, options, plan, collector)
     solved = solve_deferred(
-        prepared, inputs, collector.results, options.seed, options.solves or DEFAULT_SOLVES
+        prepared,
+        inputs,
+        collector.results,
+        options.seed,
+        options.solves or DEFAULT_SOLVES,
+        plan.solve_layers,
     )
     reduced = _reduce(prepared, collector, result, options)
     _run_diagonal_structures(structures, collector, reduced)

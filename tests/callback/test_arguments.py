@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 from fisher_monitor import FisherMonitor, schedules
-from fisher_monitor.validation import check_memory_budget
+from fisher_monitor.validation import check_memory_budget, check_solve_budget
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,10 @@ from fisher_monitor.validation import check_memory_budget
         (dict(memory_budget=-5), r"Invalid memory_budget: -5"),
         (dict(memory_budget=1.5e9), r"Invalid memory_budget: 1500000000\.0"),
         (dict(memory_budget="0MB"), r"Invalid memory_budget: '0MB'"),
+        (dict(solve_budget=-1), r"Invalid solve_budget: -1\. Use a number of training steps ≥ 0"),
+        (dict(solve_budget=float("nan")), r"Invalid solve_budget: nan"),
+        (dict(solve_budget="1000"), r"Invalid solve_budget: '1000'"),
+        (dict(solve_budget=True), r"Invalid solve_budget: True"),
         (dict(probe_size=0), r"Invalid probe_size: 0\. Use a positive integer"),
         (dict(probe_size=8.0), r"Invalid probe_size: 8\.0"),
         (dict(probe_data=[1, 2, 3]), r"Invalid probe_data: a list\. Pass a DataLoader"),
@@ -100,3 +104,9 @@ def test_valid_arguments_are_normalised():
     assert repr(FisherMonitor().schedule) == "budget(fraction=0.05, per_decade=10, minimum=8)"
     several = FisherMonitor(damping=[0.1, 0.2], prog_bar="block/kl@0.2/all")
     assert several.prog_bar == ["block/kl@0.2/all"]
+
+
+@pytest.mark.parametrize("value", [None, 0, 100, 2.5e4, float("inf")])
+def test_valid_solve_budgets_are_kept_as_numbers_of_steps(value):
+    assert check_solve_budget(value) == (None if value is None else float(value))
+    assert FisherMonitor(solve_budget=value).solve_budget == check_solve_budget(value)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from fisher_monitor import keys
+from fisher_monitor import keys, measure
 from fisher_monitor.backends import prepare
-from fisher_monitor.engine import cost
+from fisher_monitor.engine import cost, exact_solves
 from fisher_monitor.engine.exact_solves import SolveSettings
 from fisher_monitor.engine.profile import profile
+from fisher_monitor.engine.solve_settings import PlannedLayer, SolveMeter
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.settings import MeasureSettings
 from lightning_helpers import SpyLogger, TinyClassifier, fit
@@ -67,9 +70,114 @@ def test_solves_over_their_budget_are_left_out_with_the_reason():
     m = run(model, loss, inputs, targets, solves=settings)
     assert not any(f"block/{metric}/all" in m.scalars for metric in HEADLINE)
     text = " ".join(m.notes)
-    assert "the exact-Fisher solves would need about" in text and "(budget 0.01)" in text
+    assert "the exact-Fisher solves would need about" in text
+    assert "(solve_budget 0.01; a larger solve_budget runs them)" in text
     assert "A smaller probe_size does not make the exact path fit" in text
     assert "exact_solves" not in m.settings["estimator"]
+
+
+def test_a_zero_solve_budget_never_solves_and_an_infinite_one_always_does():
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    common = dict(estimator="sketch", generator=torch.Generator().manual_seed(0))
+    never = measure(model, loss, inputs, targets, solve_budget=0, **common)
+    assert not any(f"block/{metric}/all" in never.scalars for metric in HEADLINE)
+    assert "(solve_budget 0; a larger solve_budget runs them)" in " ".join(never.notes)
+    always = measure(model, loss, inputs, targets, solve_budget=math.inf, **common)
+    _assert_headline(always, always.layer_names)
+    assert "budget_steps" not in always.settings["estimator"]["exact_solves"]  # unmetered
+
+
+class _SlowFunction:
+    """A stand-in network function whose products take 2 ms per vector."""
+
+    device = torch.device("cpu")
+
+    def synchronize(self):
+        pass
+
+    def operator(self, names, lane_bytes):
+        def apply(vectors):
+            time.sleep(0.002 * vectors.shape[0])
+            return vectors
+
+        return apply
+
+
+def test_the_projection_times_one_batch_of_products_per_layer():
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    m = run(model, loss, inputs, targets, estimator="exact")
+    requests = {}
+    for name, size in (("a", 30), ("b", 50)):
+        info = SimpleNamespace(parameter_names=[f"{name}.weight"])
+        requests[name] = SimpleNamespace(
+            gradient=torch.zeros(size), per_sample=torch.zeros(8, size), info=info
+        )
+    planned = {"a": PlannedLayer(100, 1.0), "b": PlannedLayer(1000, 1.0)}
+    settings = SolveSettings()
+    seconds = SolveMeter.projected_seconds(_SlowFunction(), requests, planned, settings)
+    # 1100 products of 2 ms (sleep only oversleeps; the interpreter adds a little)
+    assert 2.2 <= seconds <= 2.2 * 1.5
+    # it stops timing once past the budget: layer b is not timed
+    assert SolveMeter.projected_seconds(
+        _SlowFunction(), requests, planned, settings, budget_seconds=0.1
+    ) == pytest.approx(0.2, rel=0.5)
+    assert m.layer_names  # the problem is the one the other tests solve
+
+
+def test_solves_projected_past_their_budget_are_left_out_with_their_measured_cost(monkeypatch):
+    """The plan lets them run (its floor is 0, its budget 500,000 steps); the timed products
+    project past the budget, so nothing is solved and the note gives the measured cost."""
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    monkeypatch.setattr(SolveMeter, "projected_seconds", staticmethod(lambda *a, **k: 1e9))
+    settings = SolveSettings(budget_steps=5e5, floor_flops=0.0)
+    m = run(model, loss, inputs, targets, solves=settings)
+    for layer in [*m.layer_names, "all"]:
+        for metric in HEADLINE:
+            assert keys.metric_key("block", metric, layer) not in m.scalars
+    assert "block/trace_ratio/all" in m.scalars  # the sketch's own metrics stay
+    text = " ".join(m.notes)
+    assert "at the measured pace of their Fisher-vector products" in text
+    assert "solve_budget 500,000; a larger solve_budget runs them" in text
+    solves = m.settings["estimator"]["exact_solves"]
+    assert solves["left_out"] == "over budget" and solves["products"] == 0
+    assert solves["projected_steps"] > 5e5 and solves["budget_steps"] == 5e5
+
+
+def test_solves_that_run_out_of_their_budget_keep_only_the_layers_they_finished(monkeypatch):
+    """Projected within the budget, they take longer: the first layer finishes in time, then
+    the clock jumps past the budget; that layer keeps its metrics, the other and ``all``
+    leave them out."""
+    model, inputs, targets, loss = classifier_problem(n=8, classes=12)
+    now = {"seconds": 0.0}
+
+    class Meter(SolveMeter):
+        projected_seconds = staticmethod(lambda *args, **kwargs: 0.0)
+
+        def __init__(self, budget_seconds):
+            super().__init__(budget_seconds, clock=lambda: now["seconds"])
+
+    solve = exact_solves._solve
+
+    def solve_then_late(*args, **kwargs):
+        solved = solve(*args, **kwargs)
+        now["seconds"] = 1e9
+        return solved
+
+    monkeypatch.setattr(exact_solves, "SolveMeter", Meter)
+    monkeypatch.setattr(exact_solves, "_solve", solve_then_late)
+    settings = SolveSettings(budget_steps=1e6, floor_flops=0.0, exact_head=False)
+    m = run(model, loss, inputs, targets, solves=settings)
+    solves = m.settings["estimator"]["exact_solves"]
+    assert solves["layers"] == 1 and len(solves["stopped"]) == 1
+    (stopped,) = solves["stopped"]
+    for layer in m.layer_names:
+        for metric in HEADLINE:
+            present = keys.metric_key("block", metric, layer) in m.scalars
+            assert present == (layer != stopped), (layer, metric)
+    assert not any(f"block/{metric}/all" in m.scalars for metric in HEADLINE)
+    text = " ".join(m.notes)
+    assert "the exact-Fisher solves ran out of their budget" in text
+    assert f"left out for {stopped} and for all" in text
 
 
 def test_unconverged_solves_leave_their_metrics_out_rather_than_report_them_wrong():
