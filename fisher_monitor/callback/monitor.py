@@ -26,7 +26,7 @@ from fisher_monitor.callback.discovery import LossDiscovery, find_network, loss_
 from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.results import IMAGE_EVERY, ResultSink
-from fisher_monitor.callback.timing import Ledger
+from fisher_monitor.callback.timing import Ledger, charged
 from fisher_monitor.callback.update import (
     UpdateRecorder,
     has_second_moment,
@@ -43,7 +43,7 @@ from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.report.headline import check_use
 from fisher_monitor.report.text import terminal_safe
-from fisher_monitor.schedules import Schedule, TimedSchedule
+from fisher_monitor.schedules import Schedule
 from fisher_monitor.settings import MeasureSettings
 
 #: Default logging prefix. TensorBoard's Time Series and Scalars pages list tag groups in
@@ -241,7 +241,8 @@ class FisherMonitor(ResultSink, *_BASES):
 
     def _start_state(self) -> None:
         """The monitor's own state before a fit: clock, generator, history, writers."""
-        clock = self.schedule.clock if isinstance(self.schedule, TimedSchedule) else None
+        timed = self._timed()
+        clock = timed.clock if timed is not None else None
         self._ledger = Ledger(clock or time.perf_counter)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._history = History(*self._heatmap_key())
@@ -267,7 +268,14 @@ class FisherMonitor(ResultSink, *_BASES):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(log_prefix=self.log_prefix)
+        # Lightning reads it around every hook call: formed once per prefix
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != self.log_prefix:
+            cached = self._state_key = (
+                self.log_prefix,
+                self._generate_state_key(log_prefix=self.log_prefix),
+            )
+        return cached[1]
 
     # ------------------------------------------------------------------ start
 
@@ -284,8 +292,9 @@ class FisherMonitor(ResultSink, *_BASES):
         # after configure_model() and the move to the device, before the first batch
         self._trainer = trainer
         self._ledger.start()
-        if isinstance(self.schedule, TimedSchedule):
-            self.schedule.start()
+        timed = self._timed()
+        if timed is not None:
+            timed.start()
         self._policy = FailurePolicy(self.raise_on_error, self.probe_data is not None)
         self._discovery.reset()
         self._writers = WriterGroup(
@@ -382,6 +391,7 @@ class FisherMonitor(ResultSink, *_BASES):
 
     @override
     @never_raises
+    @charged
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -405,11 +415,13 @@ class FisherMonitor(ResultSink, *_BASES):
 
     @override
     @never_raises
+    @charged
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:  # noqa: D102
         self._finish_recording(trainer, pl_module, measure=True)
 
     @override
     @never_raises
+    @charged
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Prepare from a recorded step without backward; charge what a measurement disturbed."""
         self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
@@ -439,7 +451,8 @@ class FisherMonitor(ResultSink, *_BASES):
 
     def _due(self, step: int) -> bool:
         decision = bool(self.schedule(step))
-        if isinstance(self.schedule, TimedSchedule) and self.schedule.decided_on_rank_zero:
+        timed = self._timed()
+        if timed is not None and timed.decided_on_rank_zero:
             decision = distributed.decision_of_rank_zero(decision)  # the same steps everywhere
         return decision
 
@@ -529,8 +542,9 @@ class FisherMonitor(ResultSink, *_BASES):
             "history": self._history.state(),
             "time": self._ledger.state_dict(),
         }
-        if isinstance(self.schedule, TimedSchedule):
-            state["schedule"] = self.schedule.state_dict()
+        timed = self._timed()
+        if timed is not None:
+            state["schedule"] = timed.state_dict()
         return state
 
     @override
@@ -540,7 +554,7 @@ class FisherMonitor(ResultSink, *_BASES):
         self._history.load(state_dict.get("history", []))
         if "time" in state_dict:
             self._ledger.load_state_dict(state_dict["time"])
-        if "schedule" in state_dict and isinstance(self.schedule, TimedSchedule):
+        if "schedule" in state_dict and self._timed() is not None:
             self.schedule.load_state_dict(state_dict["schedule"])
 
 

@@ -149,8 +149,21 @@ class ResultSink:
 
     def _charge(self, seconds: float, measurement: bool, one_time: bool = False) -> None:
         self._ledger.charge(seconds)
-        if isinstance(self.schedule, TimedSchedule):
-            self.schedule.charge(seconds, measurement=measurement, one_time=one_time)
+        timed = self._timed()
+        if timed is not None:
+            timed.charge(seconds, measurement=measurement, one_time=one_time)
+
+    def _timed(self) -> TimedSchedule | None:
+        """The schedule if it is a :class:`TimedSchedule`, checked once per schedule object.
+
+        ``isinstance`` with a runtime-checkable protocol inspects every member (tens of
+        microseconds), and the monitor asks at every training step.
+        """
+        schedule = self.schedule
+        if getattr(self, "_timed_checked", None) is not schedule:
+            self._timed_checked = schedule
+            self._timed_schedule = schedule if isinstance(schedule, TimedSchedule) else None
+        return self._timed_schedule
 
 
 __all__ = ["IMAGE_EVERY", "ResultSink"]

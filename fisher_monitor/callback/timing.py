@@ -7,11 +7,13 @@ what those calls leave behind: right after a measurement the training step runs 
 hold other sizes), and so does the measured step's own forward and backward pass. The
 ledger times every training step (from the start of its batch to its end, the monitor's
 own calls taken out) and charges the excess of the two steps a measurement disturbs over
-a typical undisturbed step (the median of the last :data:`TYPICAL_WINDOW` of them).
+a typical undisturbed step (the median of the last :data:`TYPICAL_WINDOW` of them). The
+hooks that run at every step charge their own bookkeeping too (:func:`charged`).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -113,3 +115,26 @@ class Ledger:
         self._elapsed_before = float(state["elapsed"])
         if self._started is not None:  # restored after the fit started: count from now
             self._started = self.clock()
+
+
+def charged(hook: Callable[..., None]) -> Callable[..., None]:
+    """A hook of the monitor that charges its own time, beyond what it charged itself.
+
+    For the hooks Lightning calls at every training step: their bookkeeping (the schedule,
+    the ledger, the loss recording) is small per step but adds up over a long fit. The
+    hook's measurements and logging charge themselves (``self._charge``); the rest of its
+    time is charged here, as other work than a measurement.
+    """
+
+    @functools.wraps(hook)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> None:
+        ledger = self._ledger
+        started, spent = ledger.clock(), ledger.spent
+        try:
+            hook(self, *args, **kwargs)
+        finally:
+            rest = ledger.clock() - started - (ledger.spent - spent)
+            if rest > 0:
+                self._charge(rest, measurement=False)
+
+    return timed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fisher_monitor.callback.timing import MIN_TYPICAL, Ledger
+from fisher_monitor.callback.timing import MIN_TYPICAL, Ledger, charged
 
 
 class FakeClock:
@@ -85,3 +85,65 @@ def test_the_callback_starts_and_finishes_the_ledger_s_step_at_every_batch(monke
     monkeypatch.setattr(Ledger, "step_finished", count_finish)
     fit(FisherMonitor(every_n_steps=2), steps=6)
     assert calls == {"started": 6, "finished": 6}
+
+
+class _Hooks:
+    """A stand-in monitor: a ledger on a fake clock, and ``_charge`` as the monitor's."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self._ledger = Ledger(self.clock)
+        self.charges: list[tuple[float, bool]] = []
+
+    def _charge(self, seconds: float, measurement: bool) -> None:
+        self._ledger.charge(seconds)
+        self.charges.append((seconds, measurement))
+
+    @charged
+    def hook(self, bookkeeping: float, measuring: float = 0.0) -> None:
+        self.clock.now += bookkeeping
+        if measuring:  # a measurement charges itself
+            self.clock.now += measuring
+            self._charge(measuring, measurement=True)
+
+
+def test_a_charged_hook_charges_its_own_time_beyond_what_it_charged():
+    hooks = _Hooks()
+    hooks.hook(0.002)
+    assert hooks._ledger.spent == pytest.approx(0.002)
+    hooks.hook(0.001, measuring=3.0)
+    assert hooks._ledger.spent == pytest.approx(3.003)  # the measurement counted once
+    assert hooks.charges[-2:] == [(3.0, True), (pytest.approx(0.001), False)]
+
+
+def test_a_charged_hook_that_raises_still_charges_its_time():
+    hooks = _Hooks()
+
+    @charged
+    def failing(self) -> None:
+        self.clock.now += 0.5
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        failing(hooks)
+    assert hooks._ledger.spent == pytest.approx(0.5)
+
+
+def test_the_callback_s_per_step_hooks_charge_their_bookkeeping(monkeypatch):
+    """A schedule that takes 10 ms to decide, and never measures: the 6 steps' decisions
+    are charged (60 ms beyond the same fit with an instant schedule)."""
+    import time
+
+    from fisher_monitor import FisherMonitor
+    from lightning_helpers import fit
+
+    def slow(step: int) -> bool:
+        time.sleep(0.01)
+        return False
+
+    spent = {}
+    for name, schedule in (("instant", lambda step: False), ("slow", slow)):
+        monitor = FisherMonitor(schedule=schedule)
+        fit(monitor, steps=6)
+        spent[name] = monitor._ledger.spent
+    assert spent["slow"] - spent["instant"] >= 0.06 - 0.005
