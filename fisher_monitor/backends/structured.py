@@ -6,7 +6,8 @@ weight stored transposed) all have per-sample gradients
 ``g_n = vec(Σ_t δ_{n,t} x̃_{n,t}ᵀ)`` and Fisher columns ``v_{r,n} = vec(Σ_t s_{r,n,t} x̃_{n,t}ᵀ)``.
 From the layer's inputs and the loss-side columns backpropagated to its output, any backend
 builds the same :class:`~fisher_monitor.factors.OuterProductFactors` (one position) or
-:class:`~fisher_monitor.factors.WeightSharingFactors` (several), or, where a parameter is
+:class:`~fisher_monitor.factors.WeightSharingFactors` (several; one per group of a grouped
+convolution, :class:`~fisher_monitor.factors.GroupedFactors`), or, where a parameter is
 shared with another layer, the materialised per-sample columns.
 """
 
@@ -17,13 +18,14 @@ from torch import Tensor, nn
 
 from fisher_monitor.factors import (
     ColumnSplit,
+    GroupedFactors,
     LayerFactors,
     OuterProductFactors,
     WeightSharingFactors,
     augment,
 )
 
-#: Convolutions captured as weight-sharing factors (ungrouped, zero padding).
+#: Convolutions captured as weight-sharing factors (zero padding; grouped ones per group).
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -73,7 +75,7 @@ def has_structured_rule(module: nn.Module) -> bool:
         return _own_forward(module, nn.Embedding)
     for convolution in CONVOLUTIONS:
         if _own_forward(module, convolution):
-            return module.groups == 1 and module.padding_mode == "zeros"
+            return module.padding_mode == "zeros"
     return False
 
 
@@ -149,6 +151,19 @@ def structured_factors(
     has_bias = any(p is getattr(module, "bias", None) for p in trainable)
     x = structured_inputs(module, inputs)
     s = structured_columns(module, columns)
+    groups = getattr(module, "groups", 1) if isinstance(module, CONVOLUTIONS) else 1
+    if groups > 1:
+        per_group = []
+        for x_g, s_g in zip(x.chunk(groups, dim=-1), s.chunk(groups, dim=-1), strict=True):
+            sqrt, output_grads = split.fisher(s_g), split.per_sample(s_g)
+            columns_g = x_g.shape[-1] if has_weight else 0
+            augmented = augment(x_g, has_weight, has_bias)
+            per_group.append(
+                WeightSharingFactors(augmented, output_grads, sqrt, columns_g, has_bias, dtype)
+            )
+        grouped = GroupedFactors(per_group, dtype)
+        grouped.coefficients = split.coefficients
+        return grouped
     augmented = augment(x, has_weight, has_bias)
     weight_columns = x.shape[-1] if has_weight else 0
     sqrt, output_grads = split.fisher(s), split.per_sample(s)
@@ -176,8 +191,12 @@ def structured_pullbacks(module: nn.Module, inputs: Tensor, columns: Tensor) -> 
     s = structured_columns(module, columns)
     found: dict[str, Tensor] = {}
     weight = getattr(module, "weight", None)
+    groups = getattr(module, "groups", 1) if isinstance(module, CONVOLUTIONS) else 1
     if isinstance(weight, Tensor):
-        matrices = torch.einsum("rnto,nti->rnoi", s, x)  # O × I per column and sample
+        # O_g × I_g per group, column and sample; the groups' rows stacked in order
+        xg = x.reshape(*x.shape[:2], groups, -1)
+        sg = s.reshape(*s.shape[:3], groups, -1)
+        matrices = torch.einsum("rntgo,ntgi->rngoi", sg, xg).flatten(2, 3)
         if is_transposed_linear(module) or isinstance(module, nn.Embedding):
             matrices = matrices.transpose(-1, -2)
         found["weight"] = matrices.reshape(*s.shape[:2], *weight.shape)

@@ -10,6 +10,7 @@ from fisher_monitor.factors.base import (
     to_parameter_order,
 )
 from fisher_monitor.factors.forms import FORMS, form_of
+from fisher_monitor.factors.grouped import GroupedFactors
 from fisher_monitor.factors.materialized import MaterializedFactors
 from fisher_monitor.factors.outer_product import OuterProductFactors
 from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize, Rates
@@ -25,6 +26,7 @@ __all__ = [
     "form_of",
     "CoefficientMatrix",
     "ColumnSplit",
+    "GroupedFactors",
     "KroneckerFactors",
     "LayerFactors",
     "MaterializedFactors",

@@ -90,6 +90,59 @@ def test_functional_code_between_layers_and_a_sliced_output():
     assert any("norm (LayerNorm)" in note for note in m.notes)  # torch.func per module
 
 
+class Grouped(nn.Module):
+    """Grouped convolutions (ResNeXt/RegNet-style, and depthwise), one without bias, and a
+    strided one whose positions do not cover the whole input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
+        self.depthwise = nn.Conv2d(6, 6, 3, stride=2, groups=6)
+        self.fc = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.grouped(torch.relu(self.stem(x))))
+        return self.fc(torch.tanh(self.depthwise(h)).flatten(start_dim=1))
+
+
+def test_grouped_convolutions_get_per_group_factors():
+    torch.manual_seed(0)
+    model = Grouped().double()
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    loss = nn.CrossEntropyLoss()
+    m = agrees_with_torch_func(model, loss, x, y, damping=DAMPINGS)
+    factors = {entry["layer"]: entry["factors"] for entry in m.coverage}
+    assert factors["grouped"] == factors["depthwise"] == "grouped weight-sharing outer products"
+    assert factors["stem"] == "weight-sharing outer products"
+    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, x, y, DAMPINGS))
+    # the dense route (D ≤ R: few parameters, many samples) and tied uses agree too
+    few = measure(model, loss, x.repeat(4, 1, 1, 1), y.repeat(4), backend="autograd")
+    dense = measure(model, loss, x.repeat(4, 1, 1, 1), y.repeat(4), backend="functorch")
+    assert_matches(few.scalars, without_time(dense.scalars), rtol=1e-7, atol=1e-10)
+
+
+class TwiceGrouped(nn.Module):
+    """One grouped convolution applied twice: its per-sample gradient sums both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(start_dim=1))
+
+
+def test_a_grouped_convolution_used_twice_is_one_layer():
+    torch.manual_seed(0)
+    model = TwiceGrouped().double()
+    x = torch.randn(4, 4, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    agrees_with_torch_func(model, nn.CrossEntropyLoss(), x, y, damping=DAMPINGS)
+
+
 class TiedLM(nn.Module):
     """An embedding whose matrix is also the output layer's (a module use or ``F.linear``)."""
 
