@@ -53,6 +53,7 @@ from fisher_monitor.backends.pass_context import (
     select_logits,
 )
 from fisher_monitor.backends.structured import (
+    has_compact_factors,
     has_structured_rule,
     structured_factors,
     structured_pullbacks,
@@ -218,7 +219,7 @@ class AutogradNetwork(Backend):
             for local, p in module._parameters.items()
             if p is not None and (qualified := self._name_of(p)) is not None
         )
-        if shared or not has_structured_rule(module) or not isinstance(output, Tensor):
+        if shared or not has_compact_factors(module) or not isinstance(output, Tensor):
             return "materialised"
         if isinstance(module, nn.Linear) and output.dim() == 2:
             return "outer"
@@ -356,7 +357,7 @@ class _Pass:
             return None
         module = uses[0][0][0]
         calls = self.calls.get(id(module), [])
-        if not has_structured_rule(module) or len(calls) != 1 or len(calls[0].outputs) != 1:
+        if not has_compact_factors(module) or len(calls) != 1 or len(calls[0].outputs) != 1:
             return None
         if not calls[0].per_sample(self.batch):
             return None

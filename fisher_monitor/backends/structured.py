@@ -79,6 +79,19 @@ def has_structured_rule(module: nn.Module) -> bool:
     return False
 
 
+#: Grouped convolutions with at most this many groups get one compact factor per group
+#: (:class:`~fisher_monitor.factors.GroupedFactors`); with more (depthwise convolutions: one
+#: group per channel), each group's work is too small for its overhead, and the per-sample
+#: columns are materialised instead (:func:`structured_pullbacks`, one batched product).
+MAX_FACTOR_GROUPS = 64
+
+
+def has_compact_factors(module: nn.Module) -> bool:
+    """Whether :func:`structured_factors` applies (else the columns are materialised)."""
+    groups = getattr(module, "groups", 1) if isinstance(module, CONVOLUTIONS) else 1
+    return has_structured_rule(module) and groups <= MAX_FACTOR_GROUPS
+
+
 def unfold_convolution_input(module: nn.Module, inputs: Tensor) -> Tensor:
     """``(N, T, C_in·k)``: the patches a convolution multiplies its weight with, per position.
 
@@ -207,6 +220,8 @@ def structured_pullbacks(module: nn.Module, inputs: Tensor, columns: Tensor) -> 
 
 __all__ = [
     "CONVOLUTIONS",
+    "MAX_FACTOR_GROUPS",
+    "has_compact_factors",
     "has_structured_rule",
     "is_transposed_linear",
     "structured_factors",

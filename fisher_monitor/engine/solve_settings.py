@@ -19,6 +19,7 @@ import torch
 
 from fisher_monitor.engine.fisher_operator import LANE_BYTES
 from fisher_monitor.engine.profile import NetworkProfile
+from fisher_monitor.factors import LayerShape
 
 if TYPE_CHECKING:
     from fisher_monitor.engine.fisher_operator import NetworkFunction
@@ -104,24 +105,42 @@ def planned_solves(
     from ``b`` on (about ``3 N`` times their forward work), the primal forward once per
     batched call, and the Krylov vector updates (``D_b`` per shift and right-hand side); a
     layer within the settings' ``dense_limit`` takes ``D_b`` products and an
-    eigendecomposition instead.
+    eigendecomposition instead. Below a wide last layer (a classifier's head, a language
+    model's unembedding) the products stop at its input, where the loss-Hessian folded
+    through it weighs ``I × I`` per position
+    (:mod:`~fisher_monitor.engine.folded_head`): its forward work is replaced by that.
     """
     solved, probed = settings.right_hand_sides(samples)
     planned = solved * PLANNED_SOLVE_ITERATIONS + probed * PLANNED_TRACE_ITERATIONS
-    total_forward = samples * profile.forward_flops
+    head = _wide_head(profile)
+    saved = 0.0  # per batched forward, below the head
+    if head is not None:
+        folded = head.positions * float(head.inputs) ** 2
+        saved = samples * max(head.forward_flops - folded, 0.0)
     above = samples * profile.forward_flops
     layers = {}
     for shape in profile.layers:  # in the prepared network's order (≈ execution order)
         d = float(shape.dimension)
+        below = saved if shape is not head else 0.0
+        forward = samples * profile.forward_flops - below  # the primal, once per call
         if shape.dimension <= settings.dense_limit:  # D products, one eigendecomposition
-            flops = d * 3.0 * above + total_forward + 10.0 * d**3
+            flops = d * 3.0 * (above - below) + forward + 10.0 * d**3
             layers[shape.name] = PlannedLayer(d, flops)
         else:
-            per_product = 3.0 * above + 10.0 * d * shifts
-            flops = planned * per_product + PLANNED_SOLVE_ITERATIONS * total_forward
+            per_product = 3.0 * (above - below) + 10.0 * d * shifts
+            flops = planned * per_product + PLANNED_SOLVE_ITERATIONS * forward
             layers[shape.name] = PlannedLayer(float(planned), flops)
         above -= samples * shape.forward_flops
     return layers
+
+
+def _wide_head(profile: NetworkProfile) -> LayerShape | None:
+    """The network's last layer if it is a matrix layer with more outputs than inputs."""
+    if not profile.layers:
+        return None
+    last = profile.layers[-1]
+    wide = last.form in ("outer", "shared") and last.outputs > last.inputs
+    return last if wide else None
 
 
 class OverBudget(Exception):

@@ -123,6 +123,22 @@ def test_grouped_convolutions_get_per_group_factors():
     assert_matches(few.scalars, without_time(dense.scalars), rtol=1e-7, atol=1e-10)
 
 
+def test_convolutions_of_many_groups_are_materialised_by_one_product(monkeypatch):
+    """Above ``MAX_FACTOR_GROUPS`` (depthwise convolutions of wide networks) the columns
+    are materialised by one batched product of the groups, with the same numbers."""
+    from fisher_monitor.backends import structured
+
+    monkeypatch.setattr(structured, "MAX_FACTOR_GROUPS", 2)
+    torch.manual_seed(0)
+    model = Grouped().double()
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    m = agrees_with_torch_func(model, nn.CrossEntropyLoss(), x, y, damping=DAMPINGS)
+    factors = {entry["layer"]: entry["factors"] for entry in m.coverage}
+    assert factors["grouped"] == "grouped weight-sharing outer products"  # 2 groups
+    assert factors["depthwise"] == "per-sample pull-backs of its module"  # 6 groups
+
+
 class TwiceGrouped(nn.Module):
     """One grouped convolution applied twice: its per-sample gradient sums both uses."""
 

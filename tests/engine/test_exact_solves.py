@@ -14,8 +14,9 @@ from fisher_monitor import keys, measure
 from fisher_monitor.backends import prepare
 from fisher_monitor.engine import cost, exact_solves
 from fisher_monitor.engine.exact_solves import SolveSettings
-from fisher_monitor.engine.profile import profile
-from fisher_monitor.engine.solve_settings import PlannedLayer, SolveMeter
+from fisher_monitor.engine.profile import NetworkProfile, profile
+from fisher_monitor.engine.solve_settings import PlannedLayer, SolveMeter, planned_solves
+from fisher_monitor.factors import LayerShape
 from fisher_monitor.likelihoods import resolve_loss
 from fisher_monitor.settings import MeasureSettings
 from lightning_helpers import SpyLogger, TinyClassifier, fit
@@ -300,3 +301,36 @@ def test_a_network_whose_masks_differ_under_transforms_leaves_the_metrics_out():
     m = run(model, loss, tokens, targets, backend="autograd")
     for metric in HEADLINE:
         assert f"block/{metric}/all" in m.scalars
+
+
+def _shape(name, inputs, outputs, positions=1):
+    return LayerShape(
+        name,
+        "outer",
+        positions,
+        inputs,
+        outputs,
+        inputs * outputs,
+        positions * outputs,
+        2.0 * positions * inputs * outputs,
+    )
+
+
+def test_the_plan_folds_the_loss_through_a_wide_head():
+    """Below a 1000-class head, a product costs the hidden layer's passes plus ``I²`` per
+    sample for the folded loss-Hessian, not the head's ``2·I·C`` forward."""
+    hidden, head = _shape("hidden", 65, 64), _shape("head", 65, 1000)
+    settings = SolveSettings(dense_limit=0)
+    plan = planned_solves(NetworkProfile((hidden, head), 4), 8, 1, settings)
+    per_product = (plan["hidden"].flops - 300 * 8 * (hidden.forward_flops + 65**2)) / plan[
+        "hidden"
+    ].products
+    expected = 3.0 * 8 * (hidden.forward_flops + 65**2) + 10.0 * hidden.dimension
+    assert per_product == pytest.approx(expected)
+    # a narrow last layer (a regression output) is not folded: its forward counts
+    narrow = _shape("out", 65, 3)
+    plain = planned_solves(NetworkProfile((hidden, narrow), 4), 8, 1, settings)
+    forward = hidden.forward_flops + narrow.forward_flops
+    assert plain["hidden"].flops == pytest.approx(
+        plain["hidden"].products * (3.0 * 8 * forward + 10.0 * hidden.dimension) + 300 * 8 * forward
+    )
