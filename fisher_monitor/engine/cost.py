@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from fisher_monitor.backends import Backend
 from fisher_monitor.engine import memory
@@ -294,7 +295,8 @@ def plan(
     )
     result = CostPlan(None, columns, samples, step, exact, estimated, exact_structures)
     if solves is not None:
-        result.estimated = _plan_solves(result, sketched, profile, design, solves)
+        random = random_attention(prepared.copy_root)
+        result.estimated = _plan_solves(result, sketched, profile, design, solves, random)
     budget = (
         memory_budget if memory_budget is not None else memory.available_memory(prepared.device)
     )
@@ -307,14 +309,23 @@ def _plan_solves(
     profile: NetworkProfile,
     design: SketchDesign,
     settings: SolveSettings,
+    random: str | None = None,
 ) -> Work:
     """The estimator's work with the exact-Fisher solves, where they fit their budget.
 
     Switches them on for the structures that use them (:class:`~fisher_monitor.structures.
-    fisher_solves.ExactSolves`); takes effect only if the plan sketches.
+    fisher_solves.ExactSolves`); takes effect only if the plan sketches. Not for a network
+    whose ``random`` modules draw masks the products cannot reproduce.
     """
     users = [s for s in sketched if isinstance(s, ExactSolves)]
     if not users:
+        return result.estimated
+    if random is not None:
+        result.solves_skipped = (
+            f"the network draws random masks in train mode ({random}), which Fisher-vector "
+            "products cannot reproduce (set the dropout to 0 while measuring, or measure "
+            "exactly)"
+        )
         return result.estimated
     shifts = design.groups + 1 if design.relative_damping else 1
     # float64 products, in the float32 units of the rest of the plan
@@ -380,6 +391,20 @@ def _decide(
     return result
 
 
+def random_attention(network: nn.Module) -> str | None:
+    """The first attention module in train mode with dropout, by name (else ``None``).
+
+    Its dropout draws other masks under torch.func's transforms than in a plain forward,
+    so the exact-Fisher solves cannot run (:meth:`~fisher_monitor.engine.fisher_operator.
+    NetworkFunction.draws_differently` checks any network when they start); the plan does
+    not count them.
+    """
+    for name, module in network.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
+            return f"{name or 'the network'}: attention dropout {module.dropout:g}"
+    return None
+
+
 def estimator_notes(plan: CostPlan) -> list[str]:
     """What the measurement's notes say about the plan (a sketched Fisher, a forced exact)."""
     if plan.sketch is None:
@@ -425,6 +450,7 @@ __all__ = [
     "check_estimator",
     "estimator_notes",
     "plan",
+    "random_attention",
     "seconds",
     "step_work",
     "structures_for",

@@ -278,10 +278,11 @@ class Encoder(nn.Module):
         return self.head(self.block(self.embed(tokens))).transpose(1, 2)
 
 
-def test_a_network_whose_masks_differ_under_transforms_leaves_the_metrics_out():
+def test_a_network_whose_masks_differ_under_transforms_leaves_the_metrics_out(monkeypatch):
     """Attention's dropout draws other masks under torch.func's transforms than in the pass
     (``nn.Dropout``'s do not): products would mix them, so nothing is solved and the four
-    metrics are left out with a note; without dropout the same network is solved."""
+    metrics are left out with a note; the plan sees it and does not count the solves;
+    without dropout the same network is solved."""
     torch.manual_seed(0)
     model = Encoder().double()
     generator = torch.Generator().manual_seed(0)
@@ -292,6 +293,16 @@ def test_a_network_whose_masks_differ_under_transforms_leaves_the_metrics_out():
     for metric in HEADLINE:
         assert f"block/{metric}/all" not in m.scalars
     assert "block/trace_ratio/all" in m.scalars
+    text = " ".join(m.notes)
+    assert "draws random masks in train mode (block.self_attn: attention dropout 0.5)" in text
+    assert "exact_solves" not in m.settings["estimator"]  # planned out: none ran
+    assert m.settings["estimator"].get("exact_solves_cost_steps", 0) == 0
+    # the check when the solves start (attention the plan cannot see: functional code)
+    with monkeypatch.context() as patched:
+        patched.setattr(cost, "random_attention", lambda network: None)
+        m = run(model, loss, tokens, targets, backend="autograd")
+    for metric in HEADLINE:
+        assert f"block/{metric}/all" not in m.scalars
     assert any("random masks in train mode (dropout)" in note for note in m.notes)
     assert m.settings["estimator"]["exact_solves"]["left_out"] == "random masks in train mode"
     for module in model.modules():  # no randomness: the same network is solved
