@@ -60,30 +60,30 @@ class GroupedFactors(LayerFactors):
         pairs = [group.diagonals() for group in self.groups]
         return self._assemble([f for f, _ in pairs]), self._assemble([e for _, e in pairs])
 
+    def _summed(self, gram: str) -> Tensor:
+        """``Σ_g`` of the groups' Gram matrix ``gram`` (``"gram_u"``, …), added in place."""
+        total = getattr(self.groups[0], gram)()
+        for group in self.groups[1:]:
+            total += getattr(group, gram)()
+        return total
+
     def gram_u(self) -> Tensor:  # noqa: D102
-        return sum(group.gram_u() for group in self.groups[1:]) + self.groups[0].gram_u()
+        return self._summed("gram_u")
 
     def gram_v(self) -> Tensor:  # noqa: D102
-        return sum(group.gram_v() for group in self.groups[1:]) + self.groups[0].gram_v()
+        return self._summed("gram_v")
 
     def gram_uv(self) -> Tensor:  # noqa: D102
-        return sum(group.gram_uv() for group in self.groups[1:]) + self.groups[0].gram_uv()
+        return self._summed("gram_uv")
 
     def _materialised(self, which: str) -> Tensor:
         """``(K·N, D)`` columns in ``named_parameters`` order (dense blocks only)."""
         return self._assemble([group._materialised(which) for group in self.groups])
 
-    def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
-        v = self._materialised("v")
-        u = self._materialised("u")  # columns g_n/√N
-        return v.T @ v, u.T @ u, u.sum(dim=0) / self.num_samples**0.5
-
-    def fisher_block(self) -> Tensor:  # noqa: D102
-        v = self._materialised("v")
-        return v.T @ v
-
-    def sample_columns(self) -> Tensor:  # noqa: D102
-        return self._materialised("u").T
+    # the dense route from the materialised columns, as a single group's
+    dense_blocks = WeightSharingFactors.dense_blocks
+    fisher_block = WeightSharingFactors.fisher_block
+    sample_columns = WeightSharingFactors.sample_columns
 
 
 __all__ = ["GroupedFactors"]
