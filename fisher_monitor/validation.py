@@ -159,6 +159,12 @@ def check_memory_budget(value: Any) -> int | None:
     )
 
 
+def format_names(names: list[str], shown: int = 5) -> str:
+    """Names for messages: the first ``shown``, then ``"and N more"``."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def check_solve_budget(value: Any) -> float | None:
     """Training steps the exact-Fisher solves may cost: ``None``, or a number ≥ 0 (``inf``).
 
@@ -189,5 +195,6 @@ __all__ = [
     "check_solve_budget",
     "check_model",
     "format_bytes",
+    "format_names",
     "format_steps",
 ]

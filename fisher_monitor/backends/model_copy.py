@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fisher_monitor.backends.pass_context import OutputAdapter
 from fisher_monitor.layers import LayerInfo, find_layers, is_compiled, named_modules
 from fisher_monitor.likelihoods import Likelihood
+from fisher_monitor.validation import format_names
 
 # every batch normalisation, SyncBatchNorm included (it derives from _BatchNorm only)
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -237,10 +238,9 @@ class ModelCopy:
                 notes.append(name)
         if not notes:
             return []
-        listed = ", ".join(notes[:5]) + (f" and {len(notes) - 5} more" if len(notes) > 5 else "")
         return [
             f"BatchNorm in train mode measured in eval mode (running statistics; per-sample "
-            f"gradients through batch statistics are not defined): {listed}"
+            f"gradients through batch statistics are not defined): {format_names(notes)}"
         ]
 
     def close(self) -> None:

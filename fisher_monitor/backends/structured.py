@@ -86,10 +86,14 @@ def has_structured_rule(module: nn.Module) -> bool:
 MAX_FACTOR_GROUPS = 64
 
 
+def _groups(module: nn.Module) -> int:
+    """A convolution's groups (1 for any other module)."""
+    return module.groups if isinstance(module, CONVOLUTIONS) else 1
+
+
 def has_compact_factors(module: nn.Module) -> bool:
     """Whether :func:`structured_factors` applies (else the columns are materialised)."""
-    groups = getattr(module, "groups", 1) if isinstance(module, CONVOLUTIONS) else 1
-    return has_structured_rule(module) and groups <= MAX_FACTOR_GROUPS
+    return has_structured_rule(module) and _groups(module) <= MAX_FACTOR_GROUPS
 
 
 def unfold_convolution_input(module: nn.Module, inputs: Tensor) -> Tensor:
@@ -164,7 +168,7 @@ def structured_factors(
     has_bias = any(p is getattr(module, "bias", None) for p in trainable)
     x = structured_inputs(module, inputs)
     s = structured_columns(module, columns)
-    groups = getattr(module, "groups", 1) if isinstance(module, CONVOLUTIONS) else 1
+    groups = _groups(module)
     if groups > 1:
         per_group = []
         for x_g, s_g in zip(x.chunk(groups, dim=-1), s.chunk(groups, dim=-1), strict=True):
@@ -204,7 +208,7 @@ def structured_pullbacks(module: nn.Module, inputs: Tensor, columns: Tensor) -> 
     s = structured_columns(module, columns)
     found: dict[str, Tensor] = {}
     weight = getattr(module, "weight", None)
-    groups = getattr(module, "groups", 1) if isinstance(module, CONVOLUTIONS) else 1
+    groups = _groups(module)
     if isinstance(weight, Tensor):
         # O_g × I_g per group, column and sample; the groups' rows stacked in order
         xg = x.reshape(*x.shape[:2], groups, -1)

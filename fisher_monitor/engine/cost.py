@@ -109,9 +109,10 @@ class CostPlan:
             ``estimated``; 0 when none run).
         solves_skipped: Why a sketched measurement runs no exact-Fisher solves, if it
             skips them although a structure could use them.
-        solve_layers: Per layer, the planned work of the solves, which their meter scales by
-            the measured pace (:class:`~fisher_monitor.engine.solve_settings.SolveMeter`);
-            ``None`` when they run unmetered (none planned, or within ``floor_flops``).
+        solve_layers: Per layer, the planned products and work of the solves, whose meter
+            times products against them (:class:`~fisher_monitor.engine.solve_settings.
+            SolveMeter`); ``None`` when they run unmetered (none planned, or within
+            ``floor_flops``).
     """
 
     sketch: SketchDesign | None

@@ -67,7 +67,7 @@ from fisher_monitor.structures.fisher_solves import (
     SolvedResult,
     SolveRequest,
 )
-from fisher_monitor.validation import format_steps
+from fisher_monitor.validation import format_names, format_steps
 
 #: Layers whose products touch at most this many numbers per batched call are solved on one
 #: CPU thread: their many small operations are dominated by the thread pool's latency (a
@@ -494,7 +494,7 @@ def solve_notes(report: SolveReport) -> list[str]:
             f"block: the exact-Fisher solves ran out of their budget after "
             f"{report.seconds:.1f} s ({format_steps(report.in_steps(report.seconds))} {step}; "
             f"{budget}): kl, direction_cosine, nat_grad_cosine and nat_projection are left "
-            f"out for {_names(report.stopped)} and for all (docs/theory.md#matrix-free)"
+            f"out for {format_names(report.stopped)} and for all (docs/theory.md#matrix-free)"
         )
     if report.failed_directions:
         notes.append(
@@ -510,11 +510,6 @@ def solve_notes(report: SolveReport) -> list[str]:
             "for all"
         )
     return notes
-
-
-def _names(names: list[str], shown: int = 5) -> str:
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 __all__ = [
