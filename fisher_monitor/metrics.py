@@ -242,7 +242,9 @@ def _frob_diff_sq(v: Values, check: _RangeCheck) -> float:
 
 def _projection(name: str, squares: str) -> Metric:
     def metric(v: Values, check: _RangeCheck) -> float:
-        scale = (v["grad_sq"] * v[squares]) ** 0.5  # Cauchy-Schwarz bound of |gᵀM⁻¹g|
+        if check.gradient_vanishes:  # g is rounding, and so is the sign of gᵀM⁻¹g
+            return max(v[name], 0.0)
+        scale = abs(v["grad_sq"] * v[squares]) ** 0.5  # Cauchy-Schwarz bound of |gᵀM⁻¹g|
         return check.non_negative(name, v[name], scale)
 
     return metric

@@ -43,6 +43,7 @@ from fisher_monitor.linalg import eigh_psd, factor_damped_gram, gram_resolution,
 from fisher_monitor.metrics import LayerStatistics
 from fisher_monitor.structures.base import NumericalHealth
 from fisher_monitor.structures.block.factored import (
+    SHADOW_MARGIN,
     factored_statistics,
     rounding_level,
     shadow_errors,
@@ -156,6 +157,11 @@ SHADOW_MAX_COLUMNS = 512
 #: large against rounding (the difference is the perturbation's effect), small enough to
 #: stay in the linear regime wherever the statistics are worth reporting.
 PROBE_AMPLITUDE = 30.0
+#: The float32 rerun's estimate holds while its statistics moved by at most this much
+#: (relative): beyond, they may have saturated (float32 lost what float64 kept, or both lost
+#: the same, and the difference no longer grows with the perturbation), and the perturbed
+#: float64 rerun is run as well, the larger estimate kept.
+LINEAR_MOVE = 1e-2
 
 
 def _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length):
@@ -168,7 +174,11 @@ def _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length
     ``ε₃₂ √(1 + R) / (ε₆₄ √(L + R))`` times larger. Where float32 cannot factorise
     ``λI + K_V`` (a damping below its resolution), in float64 with every entry moved by
     ``±η ζ |K_ij|`` (``η =`` :data:`PROBE_AMPLITUDE`, ``ζ = ε₆₄ √(L + R)``, signs from a
-    fixed seed). ``K_UV`` and ``K_U`` follow ``K_V`` through ``B``.
+    fixed seed); in float64 too where the float32 rerun moved the statistics by more than
+    :data:`LINEAR_MOVE` (out of the linear regime its scaling assumes: on a head whose
+    inputs are 2e-10 small, float32 and float64 both lose the inputs' part of ``K_V`` and
+    agree, while the statistics are 6e-5 off). ``K_UV`` and ``K_U`` follow ``K_V`` through
+    ``B``.
 
     Returns:
         The estimates, or ``None`` where neither rerun could be done.
@@ -179,7 +189,8 @@ def _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length
     single = gram_v.float().double()
     scale = eps64 * math.sqrt(length + r) / (eps32 * math.sqrt(1 + r))
     found = _rerun(damped, single, coefficients, dimension, dampings, empirical, scale, True)
-    if found is not None:
+    linear = LINEAR_MOVE * scale * SHADOW_MARGIN
+    if found is not None and max(float(error) for error in found) <= linear:
         return found
     zeta = rounding_level(torch.float64, length, r)
     generator = torch.Generator(device=gram_v.device).manual_seed(0)
@@ -190,7 +201,10 @@ def _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length
     # the perturbed rerun errs high by itself (one ±1 draw against rounding's smaller
     # typical entries): two thirds of the margin
     scale = 2.0 / (3.0 * PROBE_AMPLITUDE)
-    return _rerun(damped, perturbed, coefficients, dimension, dampings, empirical, scale)
+    rerun = _rerun(damped, perturbed, coefficients, dimension, dampings, empirical, scale)
+    if found is None or rerun is None:
+        return rerun if found is None else found
+    return [torch.maximum(a, b) for a, b in zip(found, rerun, strict=True)]
 
 
 def _rerun(damped, gram_v, coefficients, dimension, dampings, empirical, scale, single=False):
