@@ -131,6 +131,7 @@ class AutogradNetwork(Backend):
             ``"{id(module)}:{local name}"`` → ``(module, qualified parameter name)``.
         """
         names = {id(p): n for n, p in self.copy_root.named_parameters()}
+        self._names = names
         measured = {id(p) for p in self.copy_root.parameters() if id(p) in self.layer_of_copy_param}
         holders: dict[str, tuple[nn.Module, str]] = {}
         self._uses: dict[str, list[tuple[nn.Module, str]]] = defaultdict(list)
@@ -226,10 +227,8 @@ class AutogradNetwork(Backend):
         return "shared"
 
     def _name_of(self, parameter: Tensor) -> str | None:
-        for name, p in self.copy_root.named_parameters():
-            if p is parameter:
-                return name if name in self._uses else None
-        return None
+        name = self._names.get(id(parameter))
+        return name if name in self._uses else None
 
     def close(self) -> None:
         """Remove the forward hooks from the shadow copy."""

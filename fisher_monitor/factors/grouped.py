@@ -21,6 +21,9 @@ from torch import Tensor
 from fisher_monitor.factors.base import LayerFactors
 from fisher_monitor.factors.weight_sharing import WeightSharingFactors
 
+#: Bytes of the ``(G_c, K·N, K'·N)`` products summed at once by the one-position Grams.
+GROUP_CHUNK_BYTES = 16 << 20
+
 
 class GroupedFactors(LayerFactors):
     """The factors of a grouped convolution from its groups' (module docstring).
@@ -53,15 +56,82 @@ class GroupedFactors(LayerFactors):
     def u_combination(self, weights: Tensor) -> Tensor:  # noqa: D102
         return self._assemble([group.u_combination(weights) for group in self.groups])
 
+    # ------------------------------------------------- one position: the groups batched
+    @property
+    def single_position(self) -> bool:
+        """Whether every group sees one position (``T = 1``).
+
+        E.g. a ``3 × 3`` convolution on a ``1 × 1`` map, RegNet's last stage on small
+        images. Each group is then a sum-free outer product, and every Gram matrix and diagonal is
+        one batched product over the groups instead of one weight-sharing computation per
+        group (a few hundred small ones on RegNetY's last stage).
+        """
+        return self.groups[0].positions == 1
+
+    def _stacked_sides(self, which: str, dtype: torch.dtype) -> Tensor:
+        """``(G, K·N, O_g)``: the groups' output sides (``"v"``: ``s``; ``"u"``: ``δ/√N``)."""
+        sides = [group._sides(which, dtype)[:, :, 0] for group in self.groups]  # (K, N, O_g)
+        return torch.stack(sides).flatten(1, 2)
+
+    def _stacked_inputs(self, dtype: torch.dtype) -> Tensor:
+        """``(G, N, I_g)``: the groups' augmented inputs."""
+        return torch.stack([group.inputs[:, 0] for group in self.groups]).to(dtype)
+
+    def _input_grams(self) -> Tensor:
+        """``(G, N, N)``: ``X̃_g X̃_gᵀ`` in :attr:`dtype`, formed once."""
+        cached = self.__dict__.get("_grouped_input_grams")
+        if cached is None:
+            x = self._stacked_inputs(self.dtype)
+            cached = self.__dict__["_grouped_input_grams"] = torch.bmm(x, x.mT)
+        return cached
+
+    def _single_position_gram(self, left: str, right: str) -> Tensor:
+        """``K[(k,n),(k',m)] = Σ_g (a_g a_gᵀ)[(k,n),(k',m)] (X̃_g X̃_gᵀ)[n,m]`` in :attr:`dtype`.
+
+        The groups' products in chunks whose ``(G_c, K·N, K'·N)`` intermediate stays within
+        :data:`GROUP_CHUNK_BYTES`.
+        """
+        a = self._stacked_sides(left, self.dtype)
+        b = a if right == left else self._stacked_sides(right, self.dtype)
+        grams, n = self._input_grams(), self.num_samples
+        g, rows, columns = a.shape[0], a.shape[1], b.shape[1]
+        ka, kb = rows // n, columns // n
+        total = torch.zeros(ka, n, kb, n, dtype=self.dtype, device=a.device)
+        step = max(1, GROUP_CHUNK_BYTES // max(rows * columns * a.element_size(), 1))
+        for start in range(0, g, step):
+            stop = min(start + step, g)
+            products = torch.bmm(a[start:stop], b[start:stop].mT).view(-1, ka, n, kb, n)
+            products *= grams[start:stop].view(-1, 1, n, 1, n)
+            total += products.sum(dim=0)
+        return total.view(rows, columns)
+
+    def _single_position_diagonals(self) -> tuple[Tensor, Tensor]:
+        """``diag F`` and ``diag EF``: ``(Σ_k a²)ᵀ x̃²`` per group, one batched product each."""
+        x_sq = self._stacked_inputs(self.dtype).square()  # (G, N, I_g)
+        found = []
+        for which in ("v", "u"):
+            sides = self._stacked_sides(which, self.dtype)  # (G, K·N, O_g)
+            squares = sides.square().view(sides.shape[0], -1, self.num_samples, sides.shape[2])
+            matrices = torch.bmm(squares.sum(dim=1).mT, x_sq)  # (G, O_g, I_g)
+            pieces = zip(self.groups, matrices, strict=True)
+            found.append(self._assemble([group._ordered(matrix) for group, matrix in pieces]))
+        return found[0], found[1]
+
+    # ------------------------------------------------------------------ LayerFactors
     def mean_gradient(self) -> Tensor:  # noqa: D102
         return self._assemble([group.mean_gradient() for group in self.groups])
 
     def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        if self.single_position:
+            return self._single_position_diagonals()
         pairs = [group.diagonals() for group in self.groups]
         return self._assemble([f for f, _ in pairs]), self._assemble([e for _, e in pairs])
 
     def _summed(self, gram: str) -> Tensor:
         """``Σ_g`` of the groups' Gram matrix ``gram`` (``"gram_u"``, …), added in place."""
+        if self.single_position:
+            left, right = {"gram_u": "uu", "gram_v": "vv", "gram_uv": "uv"}[gram]
+            return self._single_position_gram(left, right)
         total = getattr(self.groups[0], gram)()
         for group in self.groups[1:]:
             total += getattr(group, gram)()

@@ -123,6 +123,79 @@ def test_grouped_convolutions_get_per_group_factors():
     assert_matches(few.scalars, without_time(dense.scalars), rtol=1e-7, atol=1e-10)
 
 
+class GroupedOnePosition(nn.Module):
+    """Grouped convolutions on a 1 × 1 map (RegNet's last stage on small images): one
+    position per sample, with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, stride=2)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.plain = nn.Conv2d(6, 4, 1, groups=2, bias=False)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.grouped(torch.relu(self.stem(x))))
+        return self.fc(torch.tanh(self.plain(h)).flatten(start_dim=1))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_grouped_convolutions_on_one_position_are_batched_over_the_groups(monkeypatch, chunk_bytes):
+    """``T = 1``: the groups' Grams and diagonals come from batched products (in chunks of
+    groups, down to one group at a time), with the numbers of the per-group computation,
+    of torch.func and of the dense reference."""
+    from fisher_monitor.factors import grouped
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(grouped, "GROUP_CHUNK_BYTES", chunk_bytes)
+    calls = []
+    original = grouped.GroupedFactors._single_position_gram
+
+    def counted(self, left, right):
+        calls.append((left, right))
+        return original(self, left, right)
+
+    monkeypatch.setattr(grouped.GroupedFactors, "_single_position_gram", counted)
+    torch.manual_seed(0)
+    model = GroupedOnePosition().double()
+    x = torch.randn(7, 2, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,))
+    loss = nn.CrossEntropyLoss()
+    m = agrees_with_torch_func(model, loss, x, y, damping=DAMPINGS)
+    assert ("v", "v") in calls
+    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, x, y, DAMPINGS))
+
+
+def test_one_position_grams_equal_the_groups_summed():
+    """The batched Grams and diagonals against the sum of the groups' own."""
+    from fisher_monitor.factors import GroupedFactors, WeightSharingFactors
+
+    g = torch.Generator().manual_seed(0)
+    groups = [
+        WeightSharingFactors(
+            torch.randn(6, 1, 5, generator=g, dtype=torch.float64),
+            torch.randn(6, 1, 3, generator=g, dtype=torch.float64),
+            torch.randn(4, 6, 1, 3, generator=g, dtype=torch.float64),
+            weight_columns=4,
+            has_bias=True,
+        )
+        for _ in range(3)
+    ]
+    batched = GroupedFactors(groups, torch.float64)
+    assert batched.single_position
+    for name in ("gram_u", "gram_v", "gram_uv"):
+        expected = sum(getattr(group, name)() for group in groups)
+        torch.testing.assert_close(getattr(batched, name)(), expected, rtol=1e-12, atol=0)
+    fisher, empirical = batched.diagonals()
+    pieces = [group.diagonals() for group in groups]
+    torch.testing.assert_close(
+        fisher, batched._assemble([f for f, _ in pieces]), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        empirical, batched._assemble([e for _, e in pieces]), rtol=1e-12, atol=0
+    )
+
+
 def test_convolutions_of_many_groups_are_materialised_by_one_product(monkeypatch):
     """Above ``MAX_FACTOR_GROUPS`` (depthwise convolutions of wide networks) the columns
     are materialised by one batched product of the groups, with the same numbers."""
