@@ -255,12 +255,29 @@ class WeightSharingFactors(LayerFactors):
         """``K[(k,n),(k',m)] = ⟨M^left_{k,n}, M^right_{k',m}⟩`` in :attr:`dtype`."""
         network = self.sqrt_at_output.dtype
         a, b = self._sides(left, network), self._sides(right, network)
+        if self.positions == 1:
+            return self._outer_gram(a, b if right != left else None)
         if self._gram_uses_pairs(a.shape[0], b.shape[0]):
             if left == right:
                 a = a.to(self.dtype)
                 return self._pair_gram(a, a, symmetric=True)
             return self._pair_gram(a.to(self.dtype), b.to(self.dtype))
         return self._materialised_gram(a, b, symmetric=left == right)
+
+    def _outer_gram(self, a: Tensor, b: Tensor | None) -> Tensor:
+        """One position (``T = 1``, e.g. a ``1 × 1`` map): ``(a aᵀ) ⊙ (X̃X̃ᵀ)`` in :attr:`dtype`.
+
+        ``b`` is ``None`` for a symmetric Gram. The pair form would form an ``N² × K × O``
+        intermediate (32 MB for 440 outputs, 9 columns and 32 samples) for what is one
+        ``K·N × K·N`` product.
+        """
+        n = self.num_samples
+        left = a.to(self.dtype).reshape(-1, self.out_features)  # rows (k, n)
+        right = left if b is None else b.to(self.dtype).reshape(-1, self.out_features)
+        x = self.inputs[:, 0].to(self.dtype)
+        gram = left @ right.T
+        gram.view(-1, n, right.shape[0] // n, n).mul_((x @ x.T).view(1, n, 1, n))
+        return gram
 
     def _pair_gram(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         """The cross Gram in the position-pair form (see :func:`weight_sharing_costs`).

@@ -132,11 +132,13 @@ class GroupedOnePosition(nn.Module):
         self.stem = nn.Conv2d(2, 6, 3, stride=2)
         self.grouped = nn.Conv2d(6, 6, 3, padding=1, groups=3)
         self.plain = nn.Conv2d(6, 4, 1, groups=2, bias=False)
+        self.pointwise = nn.Conv2d(4, 4, 1)  # ungrouped, one position
         self.fc = nn.Linear(4, 5)
 
     def forward(self, x):
         h = torch.tanh(self.grouped(torch.relu(self.stem(x))))
-        return self.fc(torch.tanh(self.plain(h)).flatten(start_dim=1))
+        h = torch.tanh(self.pointwise(torch.tanh(self.plain(h))))
+        return self.fc(h.flatten(start_dim=1))
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
@@ -183,6 +185,11 @@ def test_one_position_grams_equal_the_groups_summed():
     ]
     batched = GroupedFactors(groups, torch.float64)
     assert batched.single_position
+    for group in groups:  # one group's own one-position Gram against the pair form
+        sides = group._sides("v", torch.float64)
+        torch.testing.assert_close(
+            group.gram_v(), group._pair_gram(sides, sides, symmetric=True), rtol=1e-12, atol=0
+        )
     for name in ("gram_u", "gram_v", "gram_uv"):
         expected = sum(getattr(group, name)() for group in groups)
         torch.testing.assert_close(getattr(batched, name)(), expected, rtol=1e-12, atol=0)
