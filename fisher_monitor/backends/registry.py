@@ -20,6 +20,8 @@ place in :data:`AUTO_ORDER`.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -161,13 +163,17 @@ def fallback(
     order = list(_AUTO)
     remaining = order[order.index(after) + 1 :] if after is not None else order
     reasons = [why] if why else []
+    refused = _refusals(model, likelihood, outputs)
     for index, name in enumerate(remaining):
+        if name in refused and index < len(remaining) - 1:
+            reasons.append(refused[name])
+            continue
         try:
             network = REGISTRY[name](model, likelihood, outputs)
         except UnsupportedNetworkError as error:
             if index == len(remaining) - 1:
                 raise
-            reasons.append(f"{LABELS[name]} {error.reason}")
+            reasons.append(refused.setdefault(name, f"{LABELS[name]} {error.reason}"))
             continue
         if reasons:
             network.preparation_notes.insert(
@@ -175,6 +181,28 @@ def fallback(
             )
         return network
     raise UnsupportedNetworkError(after or "auto", "has no backend left to try")
+
+
+#: Per model (weakly held): the backends that refused to prepare it, by the model's
+#: structure, likelihood and output adapter. A one-shot ``measure()`` called again on the
+#: same network does not redo a failed preparation (BackPACK's torch.fx trace of a UNet
+#: fails after 80 ms, 5 training steps); a changed module tree is tried afresh.
+_REFUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refusals(
+    model: nn.Module, likelihood: Likelihood, outputs: OutputAdapter | None
+) -> dict[str, str]:
+    """The reasons backends gave for refusing this model as it is now (to be filled)."""
+    signature = (
+        type(likelihood),
+        outputs,
+        tuple((name, type(module)) for name, module in model.named_modules()),
+    )
+    try:
+        return _REFUSED.setdefault(model, {}).setdefault(signature, {})
+    except TypeError:  # no weak reference to the model, or an unhashable adapter
+        return {}
 
 
 def is_backend_failure(error: BaseException) -> bool:

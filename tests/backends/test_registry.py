@@ -65,3 +65,45 @@ def test_backend_names_are_validated():
     assert check_backend("functorch") == "functorch"
     with pytest.raises(ValueError, match=r"Invalid backend: 'jax'. Supported: \('auto'"):
         check_backend("jax")
+
+
+class Untraceable(nn.Module):
+    """``torch.relu`` on a value torch.fx cannot follow: BackPACK's converter refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)[:, : int(x.shape[1]) - 1]
+
+
+def test_auto_remembers_a_backend_that_refused_the_network(monkeypatch):
+    """A second one-shot ``measure()`` of the same network does not prepare BackPACK again
+    (its note stays); a changed module tree, or another network, is tried afresh."""
+    from fisher_monitor.backends import registry
+
+    attempts = []
+    original = registry.REGISTRY["backpack"]
+
+    def counted(*args, **kwargs):
+        attempts.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(registry.REGISTRY, "backpack", counted)
+    torch.manual_seed(0)
+    model = Untraceable()
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    first = measure(model, nn.CrossEntropyLoss(), x, y, structures="diag")
+    second = measure(model, nn.CrossEntropyLoss(), x, y, structures="diag")
+    assert len(attempts) == 1
+    assert {e["backend"] for e in first.coverage} == {e["backend"] for e in second.coverage}
+    assert {e["backend"] for e in second.coverage} == {"autograd"}
+    refusal = [note for note in first.notes if note.startswith("BackPACK")]
+    assert refusal and refusal == [note for note in second.notes if note.startswith("BackPACK")]
+    timeless = [{k: v for k, v in m.scalars.items() if "seconds" not in k} for m in (first, second)]
+    assert timeless[0] == timeless[1]
+    model.extra = nn.Identity()  # a new module: the tree changed
+    measure(model, nn.CrossEntropyLoss(), x, y, structures="diag")
+    measure(Untraceable(), nn.CrossEntropyLoss(), x, y, structures="diag")
+    assert len(attempts) == 3
