@@ -65,7 +65,9 @@ REFERENCE = ROOT / "benchmarks" / "reference"
 
 #: Options of a full run and of ``--quick``.
 FULL = Options(limit=60.0, budget=10.0, repeats=9, warm_steps=4, measurements=10, every=6)
-QUICK = Options(limit=20.0, budget=1.5, repeats=3, warm_steps=3, measurements=2, every=4)
+QUICK = Options(
+    limit=20.0, budget=1.5, repeats=3, min_repeats=1, warm_steps=3, measurements=2, every=4
+)
 #: Hard limit of one case (seconds): full run and ``--quick``.
 TIMEOUT, QUICK_TIMEOUT = 100.0, 90.0
 #: Hard limit of a report case: writing the synthetic run is not part of the report's time.

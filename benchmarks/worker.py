@@ -58,6 +58,10 @@ if PACKAGE:
     sys.path.insert(0, PACKAGE)
 
 
+#: Budgets of time (``Options.budget``) up to which a case is repeated ``min_repeats`` times.
+MIN_REPEATS_BUDGETS = 3.0
+
+
 @dataclass(frozen=True)
 class Options:
     """How hard to try.
@@ -68,6 +72,9 @@ class Options:
             one-shot ``measure()`` that long, the prepared call is skipped too.
         budget: Seconds of repetitions per case after the first (at most ``repeats``).
         repeats: Most repetitions of each call.
+        min_repeats: Fewest repetitions of each call (a median of two is their mean, and
+            the first call also probes memory), while the repetitions take less than
+            :data:`MIN_REPEATS_BUDGETS` budgets and no call exceeds ``limit``.
         warm_steps: Plain steps before each timed call (the first is not counted).
         measurements: Callback case: measurements timed after the first.
         every: Callback case: measure every this many steps.
@@ -78,6 +85,7 @@ class Options:
     limit: float = 60.0
     budget: float = 10.0
     repeats: int = 9
+    min_repeats: int = 3
     warm_steps: int = 4
     measurements: int = 10
     every: int = 6
@@ -258,7 +266,10 @@ def interleave(
         done = all(s.stopped for s in samples.values())
         if done or repetition >= options.repeats:
             break
-        if time.perf_counter() - started > options.budget:
+        spent = time.perf_counter() - started
+        if spent > options.budget and (
+            repetition >= options.min_repeats or spent > MIN_REPEATS_BUDGETS * options.budget
+        ):
             break
 
 

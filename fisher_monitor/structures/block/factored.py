@@ -112,6 +112,7 @@ def factored_statistics(
     product: Product | None = None,
     workspace: Workspace | None = None,
     probe: bool = False,
+    estimate: bool = True,
 ) -> Factored | None:
     """The damped statistics of the coefficient path from ``L⁻¹`` (module docstring).
 
@@ -127,8 +128,11 @@ def factored_statistics(
         length: Length of the dot products ``K_V`` was formed from.
         product: ``w ↦ K_V w`` in float64, for the refinement (needed below float64).
         workspace: Where ``L⁻¹`` and the gathers live (default: the active one).
-        probe: Compute in ``gram_v``'s precision as it is, without refinement or
-            tolerance (the rounding probe of :func:`shadow_errors`).
+        probe: Compute in ``gram_v``'s precision as it is, without refinement, tolerance
+            or rounding estimates (the rounding probe of :func:`shadow_errors`).
+        estimate: Whether to estimate the rounding errors from the model (off where the
+            caller probes them instead; the errors are then empty). Below float64 the
+            KL's estimate is always made: it decides whether the precision suffices.
 
     Returns:
         The statistics, or ``None`` where this precision does not suffice (module
@@ -167,13 +171,13 @@ def factored_statistics(
             assemble_damped(damping, dimension, kl, b @ k_b, nat_sq, nat_ef, nat_projection, ef)
         )
         natural.append(c0)
+        if probe or not (estimate or mixed):
+            continue
         scale = (diagonal + damping).sqrt()
         kl_error = _kl_error(factor, scale, zeta, precision, damping, projected, beta_sq)
         if mixed and bool(relative(kl_error, kl) > MIXED_TOLERANCE):
             return None
         errors.append(relative(kl_error, kl))
-        if probe:
-            continue
         if measured is None:
             ef_direction = coefficients @ ef.coefficients  # B⁻¹g = V(Be)
             errors += _solve_errors(factor, scale, c0, ef_direction, zeta64, damping, damped[-1])

@@ -123,12 +123,15 @@ def gram_block_statistics(
             gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution
         )
     else:
-        damped, errors, natural = _coefficients_cholesky(
-            gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution, length
-        )
-        if r <= SHADOW_MAX_COLUMNS and natural is not None:
+        shadow = r <= SHADOW_MAX_COLUMNS  # estimated by a rerun: no model estimate needed
+        arguments = (gram_v, gram_uv, coefficients, dimension, dampings, empirical, resolution)
+        damped, errors, natural = _coefficients_cholesky(*arguments, length, estimate=not shadow)
+        if shadow and natural is not None:
             probed = _probed(damped, gram_v, coefficients, dimension, dampings, empirical, length)
-            errors = probed if probed is not None else errors
+            if probed is None:  # neither rerun could be done: the model's estimates
+                errors = _coefficients_cholesky(*arguments, length)[1]
+            else:
+                errors = probed
     errors += [ef.relative_error for ef in empirical if ef.relative_error is not None]
     for statistics in damped:
         statistics.grad_sq_error = grad_sq_error
@@ -238,14 +241,15 @@ def _as_float64(solve: EmpiricalSolve) -> EmpiricalSolve:
 
 
 def _coefficients_cholesky(
-    gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau, length=None
+    gram_v, gram_uv, coefficients, dimension, dampings, empirical, tau, length=None, estimate=True
 ):
     """Coefficient path, one Cholesky factorisation of ``λI + K_V`` per damping.
 
     From the inverse Cholesky factor (:func:`~.factored.factored_statistics`); where
     ``λI + K_V`` is numerically indefinite, from a factor built by eigendecomposition
     (:func:`_coefficients_indefinite`). Returns the damped statistics, the error estimates
-    and ``c₀ = (λI + K_V)⁻¹Ba`` per damping (``A⁻¹g = Vc₀``).
+    (none from the factor without ``estimate``) and ``c₀ = (λI + K_V)⁻¹Ba`` per damping
+    (``A⁻¹g = Vc₀``).
     """
     factored = factored_statistics(
         gram_v,
@@ -256,6 +260,7 @@ def _coefficients_cholesky(
         empirical,
         diagonal=torch.diagonal(gram_v).to(torch.float64),
         length=dimension if length is None else length,
+        estimate=estimate,
     )
     if factored is None:
         return _coefficients_indefinite(
