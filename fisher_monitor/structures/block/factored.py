@@ -150,8 +150,6 @@ def factored_statistics(
     rhs = torch.stack([b, k_b], dim=1)
     beta = getattr(coefficients, "by_column", coefficients)  # β (R_n × N), or a dense B
     beta_sq = beta.square().sum()
-    zeta = rounding_level(precision, length, r)
-    zeta64 = rounding_level(torch.float64, length, r)
     damped, errors, natural = [], [], []
     for damping, ef in zip(dampings, empirical, strict=True):
         factor = inverse_cholesky_factor(gram_v, damping, workspace)
@@ -165,25 +163,45 @@ def factored_statistics(
         trace_u, trace_v = beta_sq - damping * projected, r - damping * factor.trace_inverse()
         kl = 0.5 * (trace_u - trace_v + factor.logdet_ratio - ef.logdet_ratio)
         nat_projection = _nat_projection(factor, rhs, b, c, refined=mixed or probe)
-        nat_sq = c0 @ c
-        nat_ef = c @ (coefficients @ ef.coefficients)
-        damped.append(
-            assemble_damped(damping, dimension, kl, b @ k_b, nat_sq, nat_ef, nat_projection, ef)
+        ef_direction = coefficients @ ef.coefficients  # B⁻¹g = V(Be)
+        statistics = assemble_damped(
+            damping, dimension, kl, b @ k_b, c0 @ c, c @ ef_direction, nat_projection, ef
         )
+        damped.append(statistics)
         natural.append(c0)
         if probe or not (estimate or mixed):
             continue
-        scale = (diagonal + damping).sqrt()
-        kl_error = _kl_error(factor, scale, zeta, precision, damping, projected, beta_sq)
-        if mixed and bool(relative(kl_error, kl) > MIXED_TOLERANCE):
+        kl_terms = (kl, projected, beta_sq)
+        found = _estimates(
+            factor, diagonal, length, kl_terms, measured, statistics, c0, ef_direction
+        )
+        if found is None:
             return None
-        errors.append(relative(kl_error, kl))
-        if measured is None:
-            ef_direction = coefficients @ ef.coefficients  # B⁻¹g = V(Be)
-            errors += _solve_errors(factor, scale, c0, ef_direction, zeta64, damping, damped[-1])
-        else:
-            errors.append(_refined_error(measured, precision, kl.dtype))
+        errors += found
     return Factored(damped, errors, natural, precision)
+
+
+def _estimates(
+    factor, diagonal, length, kl_terms, measured, statistics, c0, ef_direction
+) -> list | None:
+    """One damping's rounding estimates from the model (module docstring).
+
+    ``kl_terms`` are the KL, ``‖L⁻¹B‖²_F`` and ``‖β‖²``; ``statistics``, ``c₀`` and ``Be``
+    serve the solves' estimates where the solve was not refined. ``None`` where a
+    factorisation below float64 leaves the KL's error above :data:`MIXED_TOLERANCE`.
+    """
+    kl, projected, beta_sq = kl_terms
+    precision, r, damping = factor.lower.dtype, factor.lower.shape[0], factor.damping
+    scale = (diagonal + damping).sqrt()
+    zeta = rounding_level(precision, length, r)
+    kl_error = relative(_kl_error(factor, scale, zeta, precision, damping, projected, beta_sq), kl)
+    if precision != torch.float64 and bool(kl_error > MIXED_TOLERANCE):
+        return None
+    if measured is not None:
+        return [kl_error, _refined_error(measured, precision, kl.dtype)]
+    zeta64 = rounding_level(torch.float64, length, r)
+    solves = _solve_errors(factor, scale, c0, ef_direction, zeta64, damping, statistics)
+    return [kl_error, *solves]
 
 
 def _nat_projection(factor, rhs: Tensor, b: Tensor, c: Tensor, *, refined: bool) -> Tensor:
