@@ -36,7 +36,8 @@ class Measurement:
             layer measured in eval mode, a layer without Kronecker factors).
         coverage: Per layer: ``{"layer", "type", "parameters", "dimension", "backend",
             "measured", "reason", "estimator"}`` — which parameters were measured, by which
-            backend (``"backpack"`` or ``"functorch"``), why a layer was not, and per
+            backend (``"backpack"``, ``"autograd"`` or ``"functorch"``; with ``"factors"``, how
+            its columns were formed), why a layer was not, and per
             structure whether the Fisher side was exact or estimated
             (``docs/theory.md#estimators``).
         blocks: With ``keep_blocks=True``: per layer name, the dense ``(F_b, EF_b, g_b)``

@@ -110,8 +110,8 @@ class FisherMonitor(ResultSink, *_BASES):
         probe_size: Measure on at most this many samples of the batch (per process).
         probe_data: A fixed probe set instead of the training batch: a ``DataLoader`` (its
             first batch, taken once) or an ``(inputs, targets)`` pair.
-        backend: ``"auto"`` (BackPACK where it can, ``torch.func`` otherwise), ``"backpack"``
-            or ``"functorch"``.
+        backend: ``"auto"`` (BackPACK where it can, else the autograd backend, else
+            ``torch.func``), ``"backpack"``, ``"autograd"`` or ``"functorch"``.
         memory_budget: Peak bytes of one measurement: an int, a size such as ``"1GB"``
             (powers of 1000) or ``"512MiB"`` (powers of 1024), or ``None`` for half the
             available memory. A larger probe is sub-sampled, and the notes say so.

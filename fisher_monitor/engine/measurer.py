@@ -63,8 +63,8 @@ class Measurer:
         settings: Validated settings.
         dtype: Floating-point type of the curvature computations (float64 by default:
             the damped solves amplify rounding by up to ``1/λ``).
-        backend: ``"auto"`` (BackPACK where it can handle the network, ``torch.func``
-            otherwise), ``"backpack"`` or ``"functorch"``.
+        backend: ``"auto"`` (BackPACK where it can handle the network, else the autograd
+            backend, else ``torch.func``), ``"backpack"``, ``"autograd"`` or ``"functorch"``.
         memory_budget: Bytes a measurement may use at its peak (an int, or a size such as
             ``"2GB"`` or ``"512MiB"``); ``None`` for half the memory available (80% of the
             free GPU memory on CUDA).
@@ -372,11 +372,12 @@ def measure(
         structures: Any of ``"diag"``, ``"block"``, ``"kron"``.
         backend: ``"auto"`` uses BackPACK when it can handle the network (single-input
             modules it lacks, such as LayerNorm or GELU, are pulled back by ``torch.func``
-            inside its pass) and ``torch.func`` otherwise (attention, operations that are
-            not modules, modules drawing random numbers, or a BackPACK failure on the
-            network); ``"backpack"`` or ``"functorch"`` force one. ``Measurement.coverage``
-            and ``notes`` say which was used. The ``torch.func`` backend forms no
-            Kronecker factors.
+            inside its pass), else the autograd backend (module hooks and batched backward
+            passes: functional code between layers, attention, tied weights, Hugging Face
+            and timm models), else ``torch.func`` through the whole network;
+            ``"backpack"``, ``"autograd"`` or ``"functorch"`` force one.
+            ``Measurement.coverage`` and ``notes`` say which was used. The ``torch.func``
+            backend forms no Kronecker factors.
         fisher: ``"exact"`` (exact loss-Hessian square root) or ``"mc"`` (sampled labels).
         mc_samples: Sampled labels per input for ``fisher="mc"``.
         damping: λ (relative or absolute), or a sequence of values; with more than one,
