@@ -106,17 +106,24 @@ class Grouped(nn.Module):
         return self.fc(torch.tanh(self.depthwise(h)).flatten(start_dim=1))
 
 
+def matches_both_references(model: nn.Module, samples: int, side: int):
+    """The autograd backend on ``samples`` images of ``2 × side × side`` against torch.func
+    and the dense float64 reference; returns the measurement and its problem."""
+    x = torch.randn(samples, 2, side, side, dtype=torch.float64)
+    y = torch.randint(0, 5, (samples,))
+    loss = nn.CrossEntropyLoss()
+    m = agrees_with_torch_func(model, loss, x, y, damping=DAMPINGS)
+    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, x, y, DAMPINGS))
+    return m, x, y, loss
+
+
 def test_grouped_convolutions_get_per_group_factors():
     torch.manual_seed(0)
     model = Grouped().double()
-    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
-    y = torch.randint(0, 5, (5,))
-    loss = nn.CrossEntropyLoss()
-    m = agrees_with_torch_func(model, loss, x, y, damping=DAMPINGS)
+    m, x, y, loss = matches_both_references(model, 5, 7)
     factors = {entry["layer"]: entry["factors"] for entry in m.coverage}
     assert factors["grouped"] == factors["depthwise"] == "grouped weight-sharing outer products"
     assert factors["stem"] == "weight-sharing outer products"
-    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, x, y, DAMPINGS))
     # the dense route (D ≤ R: few parameters, many samples) and tied uses agree too
     few = measure(model, loss, x.repeat(4, 1, 1, 1), y.repeat(4), backend="autograd")
     dense = measure(model, loss, x.repeat(4, 1, 1, 1), y.repeat(4), backend="functorch")
@@ -159,13 +166,8 @@ def test_grouped_convolutions_on_one_position_are_batched_over_the_groups(monkey
 
     monkeypatch.setattr(grouped.GroupedFactors, "_single_position_gram", counted)
     torch.manual_seed(0)
-    model = GroupedOnePosition().double()
-    x = torch.randn(7, 2, 3, 3, dtype=torch.float64)
-    y = torch.randint(0, 5, (7,))
-    loss = nn.CrossEntropyLoss()
-    m = agrees_with_torch_func(model, loss, x, y, damping=DAMPINGS)
+    matches_both_references(GroupedOnePosition().double(), 7, 3)
     assert ("v", "v") in calls
-    assert_matches(m.scalars, reference.diag_and_block_metrics(model, loss, x, y, DAMPINGS))
 
 
 def test_one_position_grams_equal_the_groups_summed():
