@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -238,6 +239,40 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
+#: Bytes of buffers a thread keeps between one-shot measurements (:func:`shared_workspace`);
+#: more are released when the measurement ends.
+SHARED_WORKSPACE_BYTES = 64 << 20
+
+_SHARED = threading.local()
+
+
+@contextlib.contextmanager
+def shared_workspace() -> Iterator[Workspace]:
+    """A workspace whose buffers this thread keeps for its next one-shot measurement.
+
+    ``measure()`` prepares a new ``Measurer`` at every call, and a fresh workspace faults in
+    fresh pages for every buffer (on a 784-512-256-10 MLP that doubled the fused diagonals'
+    time, 6.7 ms → 13 ms). The buffers stay with the thread while they hold at most
+    :data:`SHARED_WORKSPACE_BYTES`; the routes' memory (:attr:`Workspace.memory`) is the
+    measurement's own.
+    """
+    if getattr(_SHARED, "busy", False):  # a measurement inside one: a private workspace
+        yield Workspace()
+        return
+    buffers = getattr(_SHARED, "buffers", None)
+    if buffers is None:
+        buffers = _SHARED.buffers = {}
+    workspace = Workspace()
+    workspace._buffers = buffers
+    _SHARED.busy = True
+    try:
+        yield workspace
+    finally:
+        _SHARED.busy = False
+        if workspace.bytes > SHARED_WORKSPACE_BYTES:
+            buffers.clear()
+
+
 _ACTIVE_WORKSPACE: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar(
     "fisher_monitor_workspace", default=None
 )
@@ -412,6 +447,7 @@ def eigen_solve(gram: Tensor, rhs: Tensor, damping: float) -> Tensor:
 
 
 __all__ = [
+    "SHARED_WORKSPACE_BYTES",
     "SINGLE_THREAD_EIGH_MAX",
     "TRIANGULAR_BASE",
     "DampedGram",
@@ -427,6 +463,7 @@ __all__ = [
     "inverse_cholesky_factor",
     "inverse_square_norm",
     "relative",
+    "shared_workspace",
     "single_threaded",
     "square_norm",
     "symmetric_eigh",

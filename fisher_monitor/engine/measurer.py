@@ -45,7 +45,7 @@ from fisher_monitor.engine.profile import profile
 from fisher_monitor.factors import PassSize
 from fisher_monitor.layers import is_lazy
 from fisher_monitor.likelihoods import Likelihood, resolve_loss
-from fisher_monitor.linalg import Workspace, using_workspace
+from fisher_monitor.linalg import Workspace, shared_workspace, using_workspace
 from fisher_monitor.measurement import Measurement
 from fisher_monitor.settings import FisherType, MeasureSettings
 
@@ -355,7 +355,11 @@ def measure(
     module objects carrying BackPACK's hooks, parameters sharing the caller's storage,
     cloned buffers), so the caller's parameters, ``.grad``, buffers, train/eval modes
     and hooks are untouched. The global RNG state is restored afterwards: label sampling
-    (``fisher="mc"``) and dropout masks use a seed drawn from ``generator``.
+    (``fisher="mc"``) and dropout masks use a seed drawn from ``generator``. The work
+    buffers (Gram matrices, factorisations, fused diagonals) stay with the calling thread
+    for its next call while they hold at most
+    :data:`~fisher_monitor.linalg.SHARED_WORKSPACE_BYTES` (64 MiB), so that repeated
+    calls do not fault in fresh pages; results never share them.
 
     Args:
         model: The network. Layers are modules that own trainable parameters, named by
@@ -438,17 +442,19 @@ def measure(
         outputs=outputs,
         solve_budget=solve_budget,
     )
-    try:
-        return measurer(
-            inputs,
-            targets,
-            generator=generator,
-            keep_blocks=keep_blocks,
-            keep_directions=keep_directions,
-            update=update,
-        )
-    finally:
-        measurer.close()
+    with shared_workspace() as workspace:  # buffers kept for the next call (small ones)
+        measurer.workspace = workspace
+        try:
+            return measurer(
+                inputs,
+                targets,
+                generator=generator,
+                keep_blocks=keep_blocks,
+                keep_directions=keep_directions,
+                update=update,
+            )
+        finally:
+            measurer.close()
 
 
 __all__ = [
