@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors.base import LayerFactors
-from fisher_monitor.factors.weight_sharing import WeightSharingFactors
+from fisher_monitor.factors.weight_sharing import WeightSharingFactors, one_position_grams
 
 #: Bytes of the ``(G_c, K·N, K'·N)`` products summed at once by the one-position Grams.
 GROUP_CHUNK_BYTES = 16 << 20
@@ -86,24 +86,10 @@ class GroupedFactors(LayerFactors):
         return cached
 
     def _single_position_gram(self, left: str, right: str) -> Tensor:
-        """``K[(k,n),(k',m)] = Σ_g (a_g a_gᵀ)[(k,n),(k',m)] (X̃_g X̃_gᵀ)[n,m]`` in :attr:`dtype`.
-
-        The groups' products in chunks whose ``(G_c, K·N, K'·N)`` intermediate stays within
-        :data:`GROUP_CHUNK_BYTES`.
-        """
+        """``Σ_g`` of the groups' one-position Grams, batched (:func:`one_position_grams`)."""
         a = self._stacked_sides(left, self.dtype)
-        b = a if right == left else self._stacked_sides(right, self.dtype)
-        grams, n = self._input_grams(), self.num_samples
-        g, rows, columns = a.shape[0], a.shape[1], b.shape[1]
-        ka, kb = rows // n, columns // n
-        total = torch.zeros(ka, n, kb, n, dtype=self.dtype, device=a.device)
-        step = max(1, GROUP_CHUNK_BYTES // max(rows * columns * a.element_size(), 1))
-        for start in range(0, g, step):
-            stop = min(start + step, g)
-            products = torch.bmm(a[start:stop], b[start:stop].mT).view(-1, ka, n, kb, n)
-            products *= grams[start:stop].view(-1, 1, n, 1, n)
-            total += products.sum(dim=0)
-        return total.view(rows, columns)
+        b = None if right == left else self._stacked_sides(right, self.dtype)
+        return one_position_grams(a, b, self._input_grams(), GROUP_CHUNK_BYTES)
 
     def _single_position_diagonals(self) -> tuple[Tensor, Tensor]:
         """``diag F`` and ``diag EF``: ``(Σ_k a²)ᵀ x̃²`` per group, one batched product each."""

@@ -78,6 +78,38 @@ def symmetric_gram(columns: Tensor, blocks: int = 4) -> Tensor:
     return upper + upper.triu(1).T
 
 
+def one_position_grams(
+    a: Tensor, b: Tensor | None, input_grams: Tensor, chunk_bytes: int = CHUNK_BYTES
+) -> Tensor:
+    """``K[(k,n),(k',m)] = Σ_g (a_g b_gᵀ)[(k,n),(k',m)] (X̃_g X̃_gᵀ)[n,m]`` for ``T = 1``.
+
+    One position per sample: each column is an outer product, so the Gram matrix is the
+    output sides' Gram times the inputs' (the pair form would build an ``N² × K × O``
+    intermediate, 32 MB for 440 outputs, 9 columns and 32 samples, for what is one
+    product). ``G`` weights (the groups of a grouped convolution, or one) are summed in
+    chunks whose ``(G_c, K·N, K'·N)`` products stay within ``chunk_bytes``.
+
+    Args:
+        a: ``(G, K·N, O)`` output sides, rows ``(k, n)``.
+        b: ``(G, K'·N, O)``, or ``None`` for ``b = a``.
+        input_grams: ``(G, N, N)``: ``X̃_g X̃_gᵀ``.
+        chunk_bytes: Bytes of the products summed at once.
+    """
+    b = a if b is None else b
+    g, rows, columns = a.shape[0], a.shape[1], b.shape[1]
+    n = input_grams.shape[-1]
+    ka, kb = rows // n, columns // n
+    step = max(1, chunk_bytes // max(rows * columns * a.element_size(), 1))
+    total = None
+    for start in range(0, g, step):
+        stop = min(start + step, g)
+        products = torch.bmm(a[start:stop], b[start:stop].mT).view(-1, ka, n, kb, n)
+        products *= input_grams[start:stop].view(-1, 1, n, 1, n)
+        part = products.sum(dim=0)
+        total = part if total is None else total.add_(part)
+    return total.view(rows, columns)
+
+
 class WeightSharingFactors(LayerFactors):
     """Factors of a layer that applies one weight at ``T`` positions (conv, sequence linear).
 
@@ -265,19 +297,14 @@ class WeightSharingFactors(LayerFactors):
         return self._materialised_gram(a, b, symmetric=left == right)
 
     def _outer_gram(self, a: Tensor, b: Tensor | None) -> Tensor:
-        """One position (``T = 1``, e.g. a ``1 × 1`` map): ``(a aᵀ) ⊙ (X̃X̃ᵀ)`` in :attr:`dtype`.
+        """One position (``T = 1``, e.g. a ``1 × 1`` map): :func:`one_position_grams`.
 
-        ``b`` is ``None`` for a symmetric Gram. The pair form would form an ``N² × K × O``
-        intermediate (32 MB for 440 outputs, 9 columns and 32 samples) for what is one
-        ``K·N × K·N`` product.
+        ``b`` is ``None`` for a symmetric Gram.
         """
-        n = self.num_samples
-        left = a.to(self.dtype).reshape(-1, self.out_features)  # rows (k, n)
-        right = left if b is None else b.to(self.dtype).reshape(-1, self.out_features)
+        left = a.to(self.dtype).reshape(1, -1, self.out_features)  # rows (k, n)
+        right = None if b is None else b.to(self.dtype).reshape(1, -1, self.out_features)
         x = self.inputs[:, 0].to(self.dtype)
-        gram = left @ right.T
-        gram.view(-1, n, right.shape[0] // n, n).mul_((x @ x.T).view(1, n, 1, n))
-        return gram
+        return one_position_grams(left, right, (x @ x.T).unsqueeze(0))
 
     def _pair_gram(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         """The cross Gram in the position-pair form (see :func:`weight_sharing_costs`).
