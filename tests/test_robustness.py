@@ -491,3 +491,20 @@ def test_measure_accepts_memory_budget_sizes_and_rejects_nonsense():
     assert m["probe/batch_size"] == 8
     with pytest.raises(ValueError, match="Invalid memory_budget: '1 gigabyte'"):
         measure(model, nn.CrossEntropyLoss(), inputs, targets, memory_budget="1 gigabyte")
+
+
+@pytest.mark.parametrize(("width", "samples"), [(64, 40), (300, 64)])
+def test_a_layer_no_gradient_reaches_gets_no_rounding_note(width, samples):
+    """Behind a zero weight (timm's zero-initialised last normalisation of a block), a layer's
+    F and EF are exactly zero: its rounding estimate, relative to zero statistics, came out
+    as 3e+01 (probed, R = 360) and 7e+297 (model, R = 576) and named it in a note. It has no
+    curvature to blur: no note, and the other layers keep their metrics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, width), nn.Tanh(), nn.Linear(width, 10))
+    with torch.no_grad():
+        model[2].weight.zero_()
+    x, y = torch.randn(samples, 20), torch.randint(0, 10, (samples,))
+    m = measure(model, nn.CrossEntropyLoss(), x, y)
+    assert m.scalars["block/trace_ratio/0"] != m.scalars["block/trace_ratio/0"]  # 0/0: nan
+    assert not [note for note in m.notes if "may be off" in note], m.notes
+    assert 0.0 < m.scalars["block/direction_cosine/2"] <= 1.0

@@ -487,16 +487,25 @@ def _notes(
 HEALTH_LIMIT = 1e-3
 
 
+def _without_curvature(collector: LayerCollector, name: str) -> bool:
+    """Whether the layer's ``F`` and ``EF`` are zero (every entry of their diagonals)."""
+    diagonals = collector.diagonals.get(name)
+    return diagonals is not None and not bool(diagonals[0].any() or diagonals[1].any())
+
+
 def _health_notes(collector: LayerCollector) -> list[str]:
     """Name the layers whose numbers rounding may have moved (numerical health).
 
     The estimate bounds the relative error of the damped statistics (cosines move by about
-    as much); it is pessimistic, so a note means "check", not "wrong".
+    as much); it is pessimistic, so a note means "check", not "wrong". A layer without any
+    curvature (``diag F = diag EF = 0``: no gradient reached it, e.g. behind a zero-initialised
+    normalisation) has nothing for rounding to blur, and its estimate, relative to
+    statistics that are zero, means nothing: it gets no note.
     """
     doubtful = []
     for structure, per_layer in collector.results.items():
         for name, result in per_layer.items():
-            if result.health is None:
+            if result.health is None or _without_curvature(collector, name):
                 continue
             error = float(result.health.relative_error)
             if error > HEALTH_LIMIT:
