@@ -26,7 +26,7 @@ from fisher_monitor.callback.discovery import LossDiscovery, find_network, loss_
 from fisher_monitor.callback.failures import FailurePolicy, never_raises
 from fisher_monitor.callback.history import History
 from fisher_monitor.callback.results import IMAGE_EVERY, ResultSink
-from fisher_monitor.callback.timing import Ledger, charged
+from fisher_monitor.callback.timing import Ledger, charged, dispatch_seconds
 from fisher_monitor.callback.update import (
     UpdateRecorder,
     has_second_moment,
@@ -304,6 +304,7 @@ class FisherMonitor(ResultSink, *_BASES):
             self._write_failed,
         )
         started = self._ledger.clock()
+        self._ledger.dispatch = dispatch_seconds(self, trainer, self._ledger.clock)
         self._prepare_everywhere(pl_module, step=None)
         self._charge(self._ledger.clock() - started, measurement=False, one_time=True)
         self._info = RunInfo(self.log_prefix, self._settings(trainer, pl_module))
@@ -396,6 +397,7 @@ class FisherMonitor(ResultSink, *_BASES):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._ledger.step_started()  # the steps a measurement slows down are charged too
+        self._ledger.dispatched()
         step = trainer.global_step
         if self._policy.off or step == self._last_step or not self._due(step):
             return
@@ -417,15 +419,34 @@ class FisherMonitor(ResultSink, *_BASES):
     @never_raises
     @charged
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:  # noqa: D102
+        self._ledger.dispatched()
         self._finish_recording(trainer, pl_module, measure=True)
+
+    # the other hooks Lightning calls at every step: only their dispatch is the monitor's
+    @override
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
+        self._ledger.dispatched()
+
+    @override
+    def on_after_backward(self, trainer, pl_module) -> None:  # noqa: D102
+        self._ledger.dispatched()
+
+    @override
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
+        self._ledger.dispatched()
+
+    def _dispatch_probe(self, trainer, pl_module) -> None:
+        """A hook that does nothing, to time Lightning's dispatch (:func:`dispatch_seconds`)."""
 
     @override
     @never_raises
     @charged
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Prepare from a recorded step without backward; charge what a measurement disturbed."""
+        """Prepare from a recorded step without backward; charge what a measurement disturbed
+        and Lightning's dispatch of the step's hook calls."""
+        self._ledger.dispatched()
         self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
-        excess = self._ledger.step_finished()
+        excess = self._ledger.step_finished() + self._ledger.take_dispatch()
         if excess > 0:
             self._charge(excess, measurement=False)
 

@@ -147,3 +147,55 @@ def test_the_callback_s_per_step_hooks_charge_their_bookkeeping(monkeypatch):
         fit(monitor, steps=6)
         spent[name] = monitor._ledger.spent
     assert spent["slow"] - spent["instant"] >= 0.06 - 0.005
+
+
+def test_the_hook_calls_counted_are_charged_at_the_dispatch_cost():
+    clock = FakeClock()
+    ledger = Ledger(clock)
+    ledger.dispatch = 2e-6
+    for _ in range(6):
+        ledger.dispatched()
+    assert ledger.take_dispatch() == pytest.approx(12e-6)
+    assert ledger.take_dispatch() == 0.0  # charged once
+
+
+def test_dispatch_seconds_times_a_hook_call_as_lightning_makes_it():
+    """A hook call that takes 1 ms of the fake clock: the dispatch measured is 1 ms, so the
+    measurement times the call itself, not a constant."""
+    from fisher_monitor.callback.timing import DISPATCH_CALLS, DISPATCH_ROUNDS, dispatch_seconds
+
+    clock = FakeClock()
+
+    class Probed:
+        state_key = "Probed"
+        calls = 0
+
+        def _dispatch_probe(self, trainer, module) -> None:
+            Probed.calls += 1
+            clock.now += 1e-3
+
+    assert dispatch_seconds(Probed(), object(), clock) == pytest.approx(1e-3)
+    assert Probed.calls == DISPATCH_CALLS * DISPATCH_ROUNDS
+
+
+def test_lightning_s_dispatch_of_every_step_s_hooks_is_charged(monkeypatch):
+    """Six hook calls per automatic-optimization step, each charged at the dispatch cost
+    measured at the start of the fit (a real one: positive, and well below a millisecond)."""
+    from fisher_monitor import FisherMonitor
+    from lightning_helpers import fit
+
+    taken = []
+    take = Ledger.take_dispatch
+
+    def count(self):
+        calls = self._dispatched
+        seconds = take(self)
+        taken.append((calls, seconds, self.dispatch))
+        return seconds
+
+    monkeypatch.setattr(Ledger, "take_dispatch", count)
+    fit(FisherMonitor(schedule=lambda step: False), steps=5)
+    assert [calls for calls, _, _ in taken] == [6] * 5
+    dispatch = taken[0][2]
+    assert 0 < dispatch < 1e-3
+    assert all(seconds == pytest.approx(6 * dispatch) for _, seconds, _ in taken)
