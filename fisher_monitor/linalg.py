@@ -299,24 +299,50 @@ def current_workspace() -> Workspace:
 TRIANGULAR_BASE = 384
 
 
+#: Below float64, entries are brought to about ``2^0`` by a power of two before squaring when
+#: the largest lies outside ``[2^-SAFE_EXPONENT, 2^SAFE_EXPONENT]``: float32 squares below
+#: ``2^-126`` fall into denormals (few digits) or vanish, and a Gram matrix of gradients
+#: ``1e-11`` in size has entries near ``1e-23`` whose squares are ``1e-46``.
+SAFE_EXPONENT = 50
+
+
+def _norm_scale(matrix: Tensor) -> float:
+    """``1`` or the power of two that brings ``max |M|`` near 1 (see :data:`SAFE_EXPONENT`)."""
+    if matrix.dtype == torch.float64 or matrix.numel() == 0:
+        return 1.0
+    largest = float(matrix.abs().max())
+    if largest == 0.0 or not math.isfinite(largest):
+        return 1.0
+    exponent = math.frexp(largest)[1]
+    return 1.0 if abs(exponent) <= SAFE_EXPONENT else 2.0 ** (-exponent)
+
+
 def square_norm(matrix: Tensor) -> Tensor:
     """``‖M‖²_F`` in float64: rows in the matrix's precision, their sum in float64.
 
     (``vector_norm(..., dtype=torch.float64)`` of a float32 matrix converts every entry
-    first: thirty times slower.)
+    first: thirty times slower.) Below float64, a matrix of tiny or huge entries is scaled
+    by a power of two first (exact), so that no square leaves float32's normal range.
     """
-    rows = torch.linalg.vector_norm(matrix.reshape(matrix.shape[0], -1), dim=1)
-    return rows.to(torch.float64).square().sum()
+    scale = _norm_scale(matrix)
+    flat = matrix.reshape(matrix.shape[0], -1)
+    rows = torch.linalg.vector_norm(flat * scale if scale != 1.0 else flat, dim=1)
+    return rows.to(torch.float64).square().sum() / scale**2
 
 
 def column_square_norms(matrix: Tensor) -> Tensor:
-    """The squared column norms of a matrix, in float64 (a sum over rows, row by row)."""
+    """The squared column norms of a matrix, in float64 (a sum over rows, row by row).
+
+    Scaled by a power of two below float64 as :func:`square_norm` is.
+    """
+    scale = _norm_scale(matrix)
     squares = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
     step = max(1, 2**16 // max(matrix.shape[1], 1))
     for start in range(0, matrix.shape[0], step):
         block = matrix[start : start + step]
+        block = block * scale if scale != 1.0 else block
         squares += torch.linalg.vector_norm(block, dim=0).to(torch.float64).square()
-    return squares
+    return squares / scale**2
 
 
 def symmetric_product(rows: Tensor, out: Tensor) -> Tensor:

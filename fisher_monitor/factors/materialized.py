@@ -10,9 +10,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fisher_monitor.factors.base import LayerFactors
+from fisher_monitor.factors.base import LayerFactors, power_of_two_scale
 from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
 from fisher_monitor.linalg import symmetric_product
+
+
+def _scaled_squares(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values²`` in ``dtype``, squared in ``values``' precision without leaving its range."""
+    if values.dtype == torch.float64:
+        return values.square().to(dtype)
+    scale = power_of_two_scale(values)
+    return (values * scale).square().to(dtype) / scale**2
 
 
 class MaterializedFactors(LayerFactors):
@@ -36,9 +44,11 @@ class MaterializedFactors(LayerFactors):
         return self.per_sample.mean(dim=0).to(self.dtype)
 
     def diagonals(self) -> tuple[Tensor, Tensor]:  # noqa: D102
+        # squares in the factors' precision, of entries brought near 2^20 by a power of two
+        # (exact): a float32 gradient of 1e-20 squares to a denormal, of 1e-23 to zero
         return (
-            self.sqrt.square().sum(dim=0).to(self.dtype),
-            self.per_sample.square().mean(dim=0).to(self.dtype),
+            _scaled_squares(self.sqrt, self.dtype).sum(dim=0),
+            _scaled_squares(self.per_sample, self.dtype).mean(dim=0),
         )
 
     def _casted(self) -> tuple[Tensor, Tensor]:

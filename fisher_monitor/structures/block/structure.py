@@ -41,6 +41,7 @@ from fisher_monitor.factors import (
     form_of,
 )
 from fisher_monitor.linalg import damped_solver
+from fisher_monitor.metrics import NumericalError, finalize
 from fisher_monitor.structures.base import (
     Directions,
     LayerInput,
@@ -104,6 +105,7 @@ class Block(ExactSolves, Structure):
         if block is None:
             block = _checked_root_route(layer, factors)
             if block is not None:
+                block = _in_range_or_root(layer, factors, block)
                 found = _root_route_directions(layer, factors) if directions else None
                 return LayerResult(block.statistics, found, block.health)
         if block is not None:
@@ -118,6 +120,10 @@ class Block(ExactSolves, Structure):
                 empirical=layer.empirical_solves(),
                 length=factors.gram_length(),
             )
+        checked = _in_range_or_root(layer, factors, block)
+        if checked is not block:
+            found = _root_route_directions(layer, factors) if directions else None
+            return LayerResult(checked.statistics, found, checked.health)
         found = None
         if directions:
             found = _lowrank_directions(layer, factors, grams, block.natural)
@@ -266,28 +272,53 @@ def _checked_root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatis
     return root if root is not None else block
 
 
+def _in_range_or_root(
+    layer: LayerInput, factors: LayerFactors, block: BlockStatistics
+) -> BlockStatistics:
+    """``block``, or the root route's statistics where ``block`` leaves a metric's range.
+
+    A Gram matrix squares its factors' entries, so where a layer's scales lie further apart
+    than float64 holds (a bias column of ones beside inputs of 2e-10: ``x̃ᵀx̃' = 1 + 4e-17``)
+    the Gram route loses what the root route, working on the factors themselves, keeps.
+    The rounding estimate does not always see it; a cosine above one (Cauchy–Schwarz) or a
+    negative squared norm beyond rounding proves it (:func:`~fisher_monitor.metrics.
+    finalize`'s range check). Such a layer is redone by the root route wherever its SVD
+    is affordable (``k·R·min(k, R) ≤`` :data:`MATERIALIZED_ROOT_WORK`); elsewhere ``block``
+    stays, and the measurement fails with the range check's message as before.
+    """
+    try:
+        finalize(block.statistics, layer.dampings, f"block/{layer.info.name}")
+    except NumericalError:
+        root = _root_route(layer, factors, MATERIALIZED_ROOT_WORK)
+        if root is not None:
+            return root
+    return block
+
+
 def _root_route(
-    layer: LayerInput, factors: LayerFactors, materialised_work: float = MATERIALIZED_CHEAP_ROOT
+    layer: LayerInput, factors: LayerFactors, work: float = MATERIALIZED_CHEAP_ROOT
 ) -> BlockStatistics | None:
     """The root route's statistics where its SVD is cheap, else ``None``.
 
     ``Linear`` layers on ``(N, I)`` inputs are written in the ``min(N, I)·min(O, R)``
     coordinates of :func:`~fisher_monitor.structures.block.root_route.outer_product_roots`;
     materialised layers (the ``torch.func`` backend, BackPACK's other layer types) in their
-    own parameters, while ``D·R·min(D, R)`` stays below ``materialised_work``
-    (:data:`MATERIALIZED_CHEAP_ROOT`; larger ones go through :func:`_checked_root_route`).
+    own parameters. Either while ``k·R·min(k, R)`` (``k`` those coordinates) stays below
+    ``work`` (:data:`MATERIALIZED_CHEAP_ROOT`, what :func:`~fisher_monitor.structures.
+    block.root_route.prefer_root_route` allows; larger materialised layers go through
+    :func:`_checked_root_route`).
     """
     coefficients = factors.coefficient_matrix()
     columns = factors.num_columns + (0 if coefficients is not None else factors.num_samples)
     if isinstance(factors, OuterProductFactors):
         rows = min(factors.num_samples, factors.in_features) * min(factors.out_features, columns)
-        if not prefer_root_route(rows, columns):
+        if rows * columns * min(rows, columns) > work:
             return None
         grads = factors.output_grads if coefficients is None else None
         v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
     elif isinstance(factors, MaterializedFactors):
         rows = factors.dimension
-        if rows * columns * min(rows, columns) > materialised_work:
+        if rows * columns * min(rows, columns) > work:
             return None
         per_sample, sqrt = factors.columns()
         v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5

@@ -145,3 +145,35 @@ def test_triangular_inverse_and_the_inverse_cholesky_factor(dtype, size):
     )
     assert float(factor.logdet_ratio) == pytest.approx(float(torch.logdet(shifted)), rel=tolerance)
     assert inverse_cholesky_factor(-torch.eye(3, dtype=dtype), 0.5) is None
+
+
+def test_tiny_gradients_keep_their_digits_in_float32(monkeypatch):
+    """Gradients near 1e-12 (MobileNetV3's depthwise convolutions at initialisation reach
+    1e-10): ``K_V``'s entries near 1e-24 square to 1e-48, below float32's range, so
+    ``‖K_V‖²_F`` read zero and the matrix cosine came out above one (2.2 on MobileNetV3).
+    The squares are taken on entries scaled by a power of two: with ``K_V`` in float32, the
+    metrics equal the dense float64 definition."""
+    import reference
+
+    model, inputs, targets = problem()
+    head = nn.Linear(10, 10, bias=False)
+    head.weight.data = 1e-12 * torch.eye(10)
+    head.weight.requires_grad_(False)
+    network = nn.Sequential(model[0], head).double()
+    inputs = inputs.double()
+    seen = []
+    original = mixed._attempt
+
+    def spy(layer, factors, workspace):
+        result = original(layer, factors, workspace)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(mixed, "_attempt", spy)
+    loss = nn.CrossEntropyLoss()
+    got = measure(network, loss, inputs, targets, structures=("block",)).scalars
+    assert seen and seen[0] is not None and seen[0].health.route == "gram-float32"
+    expected = reference.diag_and_block_metrics(network, loss, inputs, targets)
+    for metric in ("matrix_cosine", "rel_error", "trace_ratio", "kl", "direction_cosine"):
+        key = f"block/{metric}/0"
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key

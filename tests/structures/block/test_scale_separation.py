@@ -79,3 +79,30 @@ def test_both_backends_match_high_precision(case, relative):
     for key, value in results["backpack"].scalars.items():
         if key.startswith("block/") and key.split("/")[1] in COSINES:
             assert results["functorch"][key] == pytest.approx(value, abs=TOLERANCE[relative]), key
+
+
+def test_a_layer_the_gram_route_leaves_out_of_range_is_redone_by_its_root_route():
+    """Inputs near 2e-10 beside the bias' ones, 32 samples of 10 classes (``R = 288``: the
+    Gram route, its rounding probed by a rerun): ``x̃ᵀx̃' = 1 + 4e-18`` keeps no digit of the
+    inputs, and the Gram route's ``nat_grad_cosine`` read 1.00007, beyond its rounding
+    estimate, so the measurement failed (MobileNetV3's classifier at initialisation, one
+    random batch in three). A layer whose statistics leave a metric's range is redone by
+    its root route: the metrics equal the dense float64 definition."""
+    import reference
+
+    torch.manual_seed(5)
+    network = nn.Sequential(nn.Linear(100, 10))
+    nn.init.normal_(network[0].weight, 0.0, 0.01)
+    nn.init.zeros_(network[0].bias)
+    x = torch.randn(32, 100).abs() * 2e-10
+    y = torch.randint(0, 10, (32,))
+    network, x = network.double(), x.double()
+    loss = nn.CrossEntropyLoss()
+    got = measure(network, loss, x, y, structures=("block",)).scalars
+    expected = reference.diag_and_block_metrics(network, loss, x, y)
+    for metric in ("nat_grad_cosine", "ef_grad_cosine", "direction_cosine", "matrix_cosine"):
+        key = f"block/{metric}/0"
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+    for metric in ("nat_projection", "ef_projection", "kl"):
+        key = f"block/{metric}/0"
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
