@@ -16,6 +16,7 @@ descriptions for dashboards are in :data:`DESCRIPTIONS`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -218,8 +219,12 @@ class ParsedKey:
     stderr: bool = False
 
 
+@functools.lru_cache(maxsize=1 << 15)
 def parse_key(key: str) -> ParsedKey | None:
     """Split a metric key (without a logging prefix) into its parts.
+
+    Cached: the callback parses the same few thousand keys at every measurement (the
+    result is immutable).
 
     Args:
         key: e.g. ``"block/direction_cosine@0.001/encoder.fc1"``.
