@@ -306,11 +306,23 @@ TRIANGULAR_BASE = 384
 SAFE_EXPONENT = 50
 
 
+def largest_magnitude(values: Tensor) -> float:
+    """``max |values|`` (0 for no values; NaN propagates), without an ``abs()`` copy.
+
+    ``torch.aminmax`` reads the values once: half the time of ``values.abs().max()``, which
+    writes and reads a temporary of the same size.
+    """
+    if values.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(values)
+    return float(torch.maximum(-low, high))
+
+
 def _norm_scale(matrix: Tensor) -> float:
     """``1`` or the power of two that brings ``max |M|`` near 1 (see :data:`SAFE_EXPONENT`)."""
     if matrix.dtype == torch.float64 or matrix.numel() == 0:
         return 1.0
-    largest = float(matrix.abs().max())
+    largest = largest_magnitude(matrix)
     if largest == 0.0 or not math.isfinite(largest):
         return 1.0
     exponent = math.frexp(largest)[1]
@@ -490,6 +502,7 @@ __all__ = [
     "gram_resolution",
     "inverse_cholesky_factor",
     "inverse_square_norm",
+    "largest_magnitude",
     "relative",
     "shared_workspace",
     "single_threaded",

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors.shape import RATES, LayerShape, PassSize
+from fisher_monitor.linalg import largest_magnitude
 
 
 @dataclass
@@ -380,7 +381,7 @@ def power_of_two_scale(values: Tensor, target: int = 40) -> float:
     (``2^128``) and its denormals (below ``2^-126``) even for output gradients of ``1e-20``
     (a fitted sample), and scaling by a power of two is exact.
     """
-    largest = float(values.abs().max()) if values.numel() else 0.0
+    largest = largest_magnitude(values)
     if not math.isfinite(largest) or largest == 0.0:
         return 1.0
     return 2.0 ** (target // 2 - math.frexp(largest)[1])
