@@ -19,8 +19,10 @@ from fisher_monitor.structures.diag.sketched import (
 from fisher_monitor.structures.diag.statistics import DIAGONAL_CHUNK, diagonal_statistics
 
 #: Elementwise float64 passes over each entry, per damping plus one (in units of
-#: ``RATES.entry``; measured with ``benchmarks/metrics_micro.py``).
-FLOPS_PER_ENTRY = 5.0
+#: ``RATES.entry``; measured with ``benchmarks/metrics_micro.py``: the MLP's 536k entries
+#: take 6.2–7.0 ms with one damping and 19.9–21.0 ms with five on the 2-core AVX-512
+#: machine, 2.5–2.85 and 8.0–8.5 plain steps, where 5 passes modelled 1.1 and 3.4).
+FLOPS_PER_ENTRY = 12.0
 
 
 class Diagonal(Structure):
