@@ -442,8 +442,10 @@ class FisherMonitor(ResultSink, *_BASES):
     @never_raises
     @charged
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Prepare from a recorded step without backward; charge what a measurement disturbed
-        and Lightning's dispatch of the step's hook calls."""
+        """Prepare from a recorded step without backward; charge the step's extra costs.
+
+        What a measurement disturbed, and Lightning's dispatch of the step's hook calls.
+        """
         self._ledger.dispatched()
         self._finish_recording(trainer, pl_module, measure=False)  # no backward: next step
         excess = self._ledger.step_finished() + self._ledger.take_dispatch()

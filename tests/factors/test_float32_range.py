@@ -20,7 +20,7 @@ SCALES = [1e-23, 1e-20, 1e-12, 1.0, 1e19]
 
 @pytest.mark.parametrize("scale", SCALES)
 def test_square_norms_of_float32_matrices_keep_their_digits(scale):
-    matrix = (torch.randn(60, 40, dtype=F64, generator=torch.Generator().manual_seed(0)) * scale)
+    matrix = torch.randn(60, 40, dtype=F64, generator=torch.Generator().manual_seed(0)) * scale
     single = matrix.float()
     exact = single.double()  # the same numbers, squared in float64
     assert float(square_norm(single)) == pytest.approx(float(exact.square().sum()), rel=1e-6)

@@ -44,7 +44,8 @@ def both(monkeypatch, damping=1e-3, duplicates=False, **kwargs):
     return fast, slow
 
 
-def test_float32_factorisation_with_refinement_gives_the_float64_numbers(monkeypatch):
+def spy_on_attempts(monkeypatch) -> list:
+    """The float32 attempts' results (``None``: refused), in order, as they happen."""
     seen = []
     original = mixed._attempt
 
@@ -54,6 +55,11 @@ def test_float32_factorisation_with_refinement_gives_the_float64_numbers(monkeyp
         return result
 
     monkeypatch.setattr(mixed, "_attempt", spy)
+    return seen
+
+
+def test_float32_factorisation_with_refinement_gives_the_float64_numbers(monkeypatch):
+    seen = spy_on_attempts(monkeypatch)
     fast, slow = both(monkeypatch)
     assert seen and seen[0] is not None and seen[0].health.route == "gram-float32"
     for key, value in slow.scalars.items():
@@ -71,15 +77,7 @@ def test_float32_factorisation_with_refinement_gives_the_float64_numbers(monkeyp
 
 
 def test_a_damping_below_float32_resolution_is_redone_in_float64(monkeypatch):
-    attempts = []
-    original = mixed._attempt
-
-    def spy(layer, factors, workspace):
-        result = original(layer, factors, workspace)
-        attempts.append(result)
-        return result
-
-    monkeypatch.setattr(mixed, "_attempt", spy)
+    attempts = spy_on_attempts(monkeypatch)
     fast, slow = both(monkeypatch, damping=1e-12, duplicates=True)
     assert attempts == [None]  # refused: the float64 route measured the layer
     for key, value in slow.scalars.items():
@@ -161,15 +159,7 @@ def test_tiny_gradients_keep_their_digits_in_float32(monkeypatch):
     head.weight.requires_grad_(False)
     network = nn.Sequential(model[0], head).double()
     inputs = inputs.double()
-    seen = []
-    original = mixed._attempt
-
-    def spy(layer, factors, workspace):
-        result = original(layer, factors, workspace)
-        seen.append(result)
-        return result
-
-    monkeypatch.setattr(mixed, "_attempt", spy)
+    seen = spy_on_attempts(monkeypatch)
     loss = nn.CrossEntropyLoss()
     got = measure(network, loss, inputs, targets, structures=("block",)).scalars
     assert seen and seen[0] is not None and seen[0].health.route == "gram-float32"
