@@ -105,7 +105,6 @@ class Block(ExactSolves, Structure):
         if block is None:
             block = _checked_root_route(layer, factors)
             if block is not None:
-                block = _in_range_or_root(layer, factors, block)
                 found = _root_route_directions(layer, factors) if directions else None
                 return LayerResult(block.statistics, found, block.health)
         if block is not None:
@@ -120,10 +119,10 @@ class Block(ExactSolves, Structure):
                 empirical=layer.empirical_solves(),
                 length=factors.gram_length(),
             )
-        checked = _in_range_or_root(layer, factors, block)
-        if checked is not block:
+        root = None if _in_range(layer, block) else _root_route(layer, factors, MAX_ROOT_WORK)
+        if root is not None:
             found = _root_route_directions(layer, factors) if directions else None
-            return LayerResult(checked.statistics, found, checked.health)
+            return LayerResult(root.statistics, found, root.health)
         found = None
         if directions:
             found = _lowrank_directions(layer, factors, grams, block.natural)
@@ -241,19 +240,22 @@ def _grams(layer: LayerInput, factors: LayerFactors) -> tuple[Tensor, Tensor, Te
 #: route directly: its SVD costs several times forming the Gram matrix ``VᵀV``, so larger
 #: layers take the Gram route and fall back to their SVD only where its rounding estimate
 #: exceeds :data:`ROOT_RETRY_HEALTH` (while ``D·R·min(D, R)`` stays below
-#: :data:`MATERIALIZED_ROOT_WORK`).
+#: :data:`MAX_ROOT_WORK`).
 MATERIALIZED_CHEAP_ROOT = 2**24
-#: Multiply-adds up to which a materialised factor's SVD is affordable at all.
-MATERIALIZED_ROOT_WORK = 2e9
-#: A Gram route whose rounding estimate exceeds this is redone by the root route where
-#: affordable (the root route keeps twice the digits).
+#: Multiply-adds (``k·R·min(k, R)``) up to which a layer's SVD is affordable at all, where
+#: the Gram route's result needs redoing (:func:`_in_range`, :data:`ROOT_RETRY_HEALTH`).
+MAX_ROOT_WORK = 2e9
+#: A materialised layer's Gram route whose rounding estimate exceeds this is redone by the
+#: root route where affordable (the root route keeps twice the digits).
 ROOT_RETRY_HEALTH = 1e-6
 
 
 def _checked_root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatistics | None:
     """The float64 Gram route of a materialised layer, or its root route where that is safer.
 
-    ``None`` for other layers (the caller's Gram route then runs).
+    Safer where the Gram route's rounding estimate exceeds :data:`ROOT_RETRY_HEALTH` or a
+    metric left its range (:func:`_in_range`). ``None`` for other layers (the caller's Gram
+    route then runs).
     """
     if not isinstance(factors, MaterializedFactors) or factors.prefers_dense():
         return None
@@ -266,33 +268,29 @@ def _checked_root_route(layer: LayerInput, factors: LayerFactors) -> BlockStatis
         empirical=layer.empirical_solves(),
         length=factors.gram_length(),
     )
-    if not float(block.health.relative_error) > ROOT_RETRY_HEALTH:
+    if float(block.health.relative_error) <= ROOT_RETRY_HEALTH and _in_range(layer, block):
         return block
-    root = _root_route(layer, factors, MATERIALIZED_ROOT_WORK)
+    root = _root_route(layer, factors, MAX_ROOT_WORK)
     return root if root is not None else block
 
 
-def _in_range_or_root(
-    layer: LayerInput, factors: LayerFactors, block: BlockStatistics
-) -> BlockStatistics:
-    """``block``, or the root route's statistics where ``block`` leaves a metric's range.
+def _in_range(layer: LayerInput, block: BlockStatistics) -> bool:
+    """Whether every metric of the Gram route's ``block`` lies within its range.
 
     A Gram matrix squares its factors' entries, so where a layer's scales lie further apart
     than float64 holds (a bias column of ones beside inputs of 2e-10: ``x̃ᵀx̃' = 1 + 4e-17``)
     the Gram route loses what the root route, working on the factors themselves, keeps.
     The rounding estimate does not always see it; a cosine above one (Cauchy–Schwarz) or a
     negative squared norm beyond rounding proves it (:func:`~fisher_monitor.metrics.
-    finalize`'s range check). Such a layer is redone by the root route wherever its SVD
-    is affordable (``k·R·min(k, R) ≤`` :data:`MATERIALIZED_ROOT_WORK`); elsewhere ``block``
+    finalize`'s range check). The callers redo such a layer by the root route wherever its
+    SVD is affordable (``k·R·min(k, R) ≤`` :data:`MAX_ROOT_WORK`); elsewhere ``block``
     stays, and the measurement fails with the range check's message as before.
     """
     try:
         finalize(block.statistics, layer.dampings, f"block/{layer.info.name}")
     except NumericalError:
-        root = _root_route(layer, factors, MATERIALIZED_ROOT_WORK)
-        if root is not None:
-            return root
-    return block
+        return False
+    return True
 
 
 def _root_route(
@@ -312,18 +310,18 @@ def _root_route(
     columns = factors.num_columns + (0 if coefficients is not None else factors.num_samples)
     if isinstance(factors, OuterProductFactors):
         rows = min(factors.num_samples, factors.in_features) * min(factors.out_features, columns)
-        if rows * columns * min(rows, columns) > work:
-            return None
-        grads = factors.output_grads if coefficients is None else None
-        v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
     elif isinstance(factors, MaterializedFactors):
         rows = factors.dimension
-        if rows * columns * min(rows, columns) > work:
-            return None
-        per_sample, sqrt = factors.columns()
-        v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5
     else:
         return None
+    if rows * columns * min(rows, columns) > work:
+        return None
+    if isinstance(factors, OuterProductFactors):
+        grads = factors.output_grads if coefficients is None else None
+        v_root, u_root = outer_product_roots(factors.inputs, factors.sqrt, grads)
+    else:
+        per_sample, sqrt = factors.columns()
+        v_root, u_root = sqrt.T, per_sample.T / factors.num_samples**0.5
     if coefficients is not None:
         return root_block_statistics(
             v_root, factors.dimension, layer.dampings, coefficients=coefficients
