@@ -318,15 +318,26 @@ def largest_magnitude(values: Tensor) -> float:
     return float(torch.maximum(-low, high))
 
 
+def power_of_two_scale(values: Tensor, target: int = 40) -> float:
+    """A power of two ``2^k`` that brings ``max |values|`` to about ``2^(target/2)``.
+
+    Squares of the scaled values then stay near ``2^target``: far from float32's overflow
+    (``2^128``) and its denormals (below ``2^-126``) even for output gradients of ``1e-20``
+    (a fitted sample), and scaling by a power of two is exact. ``1`` for no values, zeros,
+    or a non-finite largest value.
+    """
+    largest = largest_magnitude(values)
+    if not math.isfinite(largest) or largest == 0.0:
+        return 1.0
+    return 2.0 ** (target // 2 - math.frexp(largest)[1])
+
+
 def _norm_scale(matrix: Tensor) -> float:
     """``1`` or the power of two that brings ``max |M|`` near 1 (see :data:`SAFE_EXPONENT`)."""
-    if matrix.dtype == torch.float64 or matrix.numel() == 0:
+    if matrix.dtype == torch.float64:
         return 1.0
-    largest = largest_magnitude(matrix)
-    if largest == 0.0 or not math.isfinite(largest):
-        return 1.0
-    exponent = math.frexp(largest)[1]
-    return 1.0 if abs(exponent) <= SAFE_EXPONENT else 2.0 ** (-exponent)
+    scale = power_of_two_scale(matrix, target=0)
+    return 1.0 if abs(math.log2(scale)) <= SAFE_EXPONENT else scale
 
 
 def square_norm(matrix: Tensor) -> Tensor:
@@ -503,6 +514,7 @@ __all__ = [
     "inverse_cholesky_factor",
     "inverse_square_norm",
     "largest_magnitude",
+    "power_of_two_scale",
     "relative",
     "shared_workspace",
     "single_threaded",

@@ -33,7 +33,6 @@ Monte-Carlo Fisher the observed residual travels as one extra column.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors.shape import RATES, LayerShape, PassSize
-from fisher_monitor.linalg import largest_magnitude
+from fisher_monitor.linalg import power_of_two_scale
 
 
 @dataclass
@@ -372,19 +371,6 @@ def ordered_copy(
     if has_bias:
         result[o * weight_columns :].copy_(matrix[:, weight_columns])
     return result.mul_(scale) if scale != 1.0 else result
-
-
-def power_of_two_scale(values: Tensor, target: int = 40) -> float:
-    """A power of two ``2^k`` that brings ``max |values|`` to about ``2^(target/2)``.
-
-    Squares of the scaled values then stay near ``2^target``: far from float32's overflow
-    (``2^128``) and its denormals (below ``2^-126``) even for output gradients of ``1e-20``
-    (a fitted sample), and scaling by a power of two is exact.
-    """
-    largest = largest_magnitude(values)
-    if not math.isfinite(largest) or largest == 0.0:
-        return 1.0
-    return 2.0 ** (target // 2 - math.frexp(largest)[1])
 
 
 def to_parameter_order(
