@@ -118,7 +118,7 @@ def factored_dense_statistics(
     the two ``D × D`` eigendecompositions of :func:`dense_statistics` (ten times that).
 
     Args:
-        fisher: ``D × D`` Fisher block (lower triangle read).
+        fisher: ``D × D`` Fisher block (symmetric; its upper triangle is read).
         samples: ``U`` (``D × N``).
         gradient: ``g`` (``D``).
         dampings: Damping values λ (> 0), fewer than five.

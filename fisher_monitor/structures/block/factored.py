@@ -118,7 +118,7 @@ def factored_statistics(
 
     Args:
         gram_v: ``K_V`` (``R × R``) in the precision to factorise it in (float32 needs
-            ``product``); only its lower triangle is read.
+            ``product``), symmetric (its upper triangle is read).
         gram_uv: ``K_UV = BᵀK_V`` (``N × R``) in float64.
         coefficients: ``B`` (a :class:`~fisher_monitor.factors.CoefficientMatrix`).
         dimension: ``D``.
@@ -298,8 +298,12 @@ def _refine(
 ) -> tuple[Tensor, float] | None:
     """Iterative refinement of ``(λI + K_V) x = rhs`` in float64 with the float32 factor.
 
-    Stops once a correction is at float64's rounding, or stalls (the float64 residual's
-    own rounding); ``None`` when it stalls above :data:`REFINEMENT_STALL` or diverges.
+    Stops once a correction is at float64's rounding, or once the next one would be: the
+    corrections shrink geometrically (by the float32 factor's relative error), so after
+    corrections ``δ₁, δ₂`` the remaining error is about ``δ₂²/δ₁``, and at float64's rounding
+    the step that would only confirm it is saved. Stops too where the corrections stall (the
+    float64 residual's own rounding); ``None`` when they stall above
+    :data:`REFINEMENT_STALL` or diverge.
 
     Returns:
         The refined solution and the first correction relative to it (the float32
@@ -318,7 +322,7 @@ def _refine(
             ).max()
         )
         first = size if first is None else first
-        if size <= 8.0 * eps:
+        if size <= 8.0 * eps or (previous < math.inf and size * size / previous <= eps):
             return x, first
         if size > 0.5 * previous:  # stalled: accept only at the float64 floor
             return (x, first) if size <= REFINEMENT_STALL else None

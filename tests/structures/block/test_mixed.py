@@ -8,13 +8,15 @@ estimate refuses float32 (a tiny damping) the layer is redone in float64.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import fisher_monitor.structures.block.mixed as mixed
 from fisher_monitor import measure
-from fisher_monitor.linalg import inverse_cholesky_factor, triangular_inverse
+from fisher_monitor.linalg import factor_damped_gram, inverse_cholesky_factor, triangular_inverse
 
 F64 = torch.float64
 
@@ -131,9 +133,15 @@ def test_triangular_inverse_and_the_inverse_cholesky_factor(dtype, size):
     tolerance = 1e-4 if dtype == torch.float32 else 1e-10
     assert (triangular_inverse(lower, out).to(F64) - expected).abs().max() <= tolerance
     assert bool((out.triu(1) == 0).all())
+    kept = gram.clone()
     factor = inverse_cholesky_factor(gram, 1.0)
+    assert torch.equal(gram, kept)  # factorised in a workspace copy
     shifted = gram.to(F64) + torch.eye(size, dtype=F64)
     inverse = torch.linalg.inv(shifted)
+    dense_lower = torch.linalg.cholesky(shifted)
+    relative_lower = (factor.lower.to(F64) - dense_lower).norm() / dense_lower.norm()
+    assert float(relative_lower) <= tolerance
+    assert bool((factor.lower.triu(1) == 0).all())
     rhs = torch.randn(size, 2, generator=g, dtype=F64)
     solved, expected_solve = factor.solve(rhs), inverse @ rhs
     assert float((solved - expected_solve).norm() / expected_solve.norm()) <= tolerance
@@ -143,6 +151,29 @@ def test_triangular_inverse_and_the_inverse_cholesky_factor(dtype, size):
     )
     assert float(factor.logdet_ratio) == pytest.approx(float(torch.logdet(shifted)), rel=tolerance)
     assert inverse_cholesky_factor(-torch.eye(3, dtype=dtype), 0.5) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("size", [5, 64])
+def test_the_damped_gram_factor_in_a_reused_buffer(dtype, size):
+    g = torch.Generator().manual_seed(size)
+    root = torch.randn(size, size // 2, generator=g, dtype=F64)  # rank-deficient K
+    gram = (root @ root.T).to(dtype)
+    kept, buffer = gram.clone(), torch.empty_like(gram)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    for damping in (1e-1, 1.0):  # the buffer serves both dampings in turn
+        factor = factor_damped_gram(gram, damping, buffer)
+        shifted = gram.to(F64) + damping * torch.eye(size, dtype=F64)
+        dense_lower = torch.linalg.cholesky(shifted)
+        relative_lower = (factor.cholesky.to(F64) - dense_lower).norm() / dense_lower.norm()
+        assert float(relative_lower) <= tolerance
+        assert bool((factor.cholesky.triu(1) == 0).all())
+        expected = torch.logdet(shifted) - size * math.log(damping)
+        assert float(factor.logdet_ratio) == pytest.approx(float(expected), rel=tolerance)
+        assert float(factor.trace_inverse) == pytest.approx(
+            float(torch.linalg.inv(shifted).trace()), rel=tolerance
+        )
+    assert torch.equal(gram, kept)
 
 
 def test_tiny_gradients_keep_their_digits_in_float32(monkeypatch):
