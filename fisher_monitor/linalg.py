@@ -301,11 +301,15 @@ def current_workspace() -> Workspace:
 TRIANGULAR_BASE = 384
 
 
-#: Below float64, entries are brought to about ``2^0`` by a power of two before squaring when
-#: the largest lies outside ``[2^-SAFE_EXPONENT, 2^SAFE_EXPONENT]``: float32 squares below
-#: ``2^-126`` fall into denormals (few digits) or vanish, and a Gram matrix of gradients
-#: ``1e-11`` in size has entries near ``1e-23`` whose squares are ``1e-46``.
-SAFE_EXPONENT = 50
+#: Below float64, a norm computed in the matrix's precision lost nothing to its range when
+#: its largest row (or column) norm is finite and at least ``2^-SAFE_EXPONENT``: squares
+#: below ``2^-126`` (entries below ``2^-63``) vanish or fall into denormals, but next to a
+#: row of squared norm ``2^-2·SAFE_EXPONENT`` even ``2^31`` of them move the sum by less than
+#: ``2^-35`` of it (float32's own rounding is ``2^-24``); an overflow shows as ``inf``.
+#: Outside that range the matrix is scaled by a power of two (exact) and the norm taken
+#: again: a Gram matrix of gradients ``1e-11`` in size has entries near ``1e-23`` whose
+#: squares are ``1e-46``.
+SAFE_EXPONENT = 30
 
 
 def largest_magnitude(values: Tensor) -> float:
@@ -334,12 +338,17 @@ def power_of_two_scale(values: Tensor, target: int = 40) -> float:
     return 2.0 ** (target // 2 - math.frexp(largest)[1])
 
 
-def _norm_scale(matrix: Tensor) -> float:
-    """``1`` or the power of two that brings ``max |M|`` near 1 (see :data:`SAFE_EXPONENT`)."""
+def _norms_in_range(matrix: Tensor, norms: Tensor) -> bool:
+    """Whether ``norms`` (of ``matrix``'s rows or columns) lost nothing to the precision's range.
+
+    Always in float64; below it, see :data:`SAFE_EXPONENT`. (Checking the result, a short
+    vector, instead of scanning the matrix for its largest entry first, saves a pass over
+    it: 0.3 ms for a float32 matrix of order 1,152.)
+    """
     if matrix.dtype == torch.float64:
-        return 1.0
-    scale = power_of_two_scale(matrix, target=0)
-    return 1.0 if abs(math.log2(scale)) <= SAFE_EXPONENT else scale
+        return True
+    largest = largest_magnitude(norms)
+    return math.isfinite(largest) and largest >= 2.0**-SAFE_EXPONENT
 
 
 def square_norm(matrix: Tensor) -> Tensor:
@@ -347,27 +356,38 @@ def square_norm(matrix: Tensor) -> Tensor:
 
     (``vector_norm(..., dtype=torch.float64)`` of a float32 matrix converts every entry
     first: thirty times slower.) Below float64, a matrix of tiny or huge entries is scaled
-    by a power of two first (exact), so that no square leaves float32's normal range.
+    by a power of two (exact) and the norm taken again, so that no square leaves float32's
+    normal range (:data:`SAFE_EXPONENT`).
     """
-    scale = _norm_scale(matrix)
     flat = matrix.reshape(matrix.shape[0], -1)
-    rows = torch.linalg.vector_norm(flat * scale if scale != 1.0 else flat, dim=1)
+    rows = torch.linalg.vector_norm(flat, dim=1)
+    if _norms_in_range(matrix, rows):
+        return rows.to(torch.float64).square().sum()
+    scale = power_of_two_scale(matrix, target=0)
+    rows = torch.linalg.vector_norm(flat * scale, dim=1)
     return rows.to(torch.float64).square().sum() / scale**2
 
 
 def column_square_norms(matrix: Tensor) -> Tensor:
     """The squared column norms of a matrix, in float64 (a sum over rows, row by row).
 
-    Scaled by a power of two below float64 as :func:`square_norm` is.
+    Scaled by a power of two below float64 where needed, as :func:`square_norm` is.
     """
-    scale = _norm_scale(matrix)
+    squares = _column_squares(matrix, 1.0)
+    if _norms_in_range(matrix, squares.sqrt()):
+        return squares
+    scale = power_of_two_scale(matrix, target=0)
+    return _column_squares(matrix, scale) / scale**2
+
+
+def _column_squares(matrix: Tensor, scale: float) -> Tensor:
     squares = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
     step = max(1, 2**16 // max(matrix.shape[1], 1))
     for start in range(0, matrix.shape[0], step):
         block = matrix[start : start + step]
         block = block * scale if scale != 1.0 else block
         squares += torch.linalg.vector_norm(block, dim=0).to(torch.float64).square()
-    return squares / scale**2
+    return squares
 
 
 def symmetric_product(rows: Tensor, out: Tensor) -> Tensor:
