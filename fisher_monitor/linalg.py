@@ -405,16 +405,15 @@ def triangular_inverse(
     at several times a triangular solve's rate). Up to ``base`` a solve with the identity
     is faster (measured on AVX-512 CPUs: order 288 in 0.33 ms against 0.69 ms with the
     recursion down to 96; from about 1,000 on the recursion wins). ``out`` must not overlap
-    ``lower``; ``scratch`` holds at least ``⌈k/2⌉·⌊k/2⌋`` numbers (allocated when not given).
+    ``lower``; ``scratch`` holds at least ``⌈k/2⌉²`` numbers (allocated when not given).
     """
     k = lower.shape[0]
     if k <= base:
-        out.zero_()
-        out.diagonal().fill_(1.0)
-        return torch.linalg.solve_triangular(lower, out.clone(), upper=False, out=out)
+        return _triangular_inverse_block(lower, out, scratch)
     half = k // 2
     if scratch is None:
-        scratch = torch.empty((k - half) * half, dtype=lower.dtype, device=lower.device)
+        scratch = torch.empty((k - half) ** 2, dtype=lower.dtype, device=lower.device)
+    # the halves use the scratch first, then their product does
     triangular_inverse(lower[:half, :half], out[:half, :half], scratch, base)
     triangular_inverse(lower[half:, half:], out[half:, half:], scratch, base)
     product = scratch[: (k - half) * half].view(k - half, half)
@@ -423,6 +422,25 @@ def triangular_inverse(
     out[half:, :half].neg_()
     out[:half, half:].zero_()
     return out
+
+
+def _triangular_inverse_block(lower: Tensor, out: Tensor, scratch: Tensor | None) -> Tensor:
+    """``L⁻¹`` by one triangular solve with the identity (:func:`triangular_inverse`'s base).
+
+    A diagonal block of a larger ``out`` is solved in place in a column-major block of the
+    scratch (LAPACK's layout) and copied once: solving into the strided block directly
+    made torch copy it in and out (576 in float64: 1.98 → 1.62 ms for the whole inverse).
+    """
+    k = lower.shape[0]
+    if out.is_contiguous() or scratch is None or scratch.numel() < k * k:
+        out.zero_()
+        out.diagonal().fill_(1.0)
+        return torch.linalg.solve_triangular(lower, out.clone(), upper=False, out=out)
+    block = scratch[: k * k].view(k, k).mT
+    block.zero_()
+    block.diagonal().fill_(1.0)
+    torch.linalg.solve_triangular(lower, block, upper=False, out=block)
+    return out.copy_(block)
 
 
 @dataclass
@@ -512,7 +530,7 @@ def inverse_cholesky_factor(
     if not bool(torch.isfinite(logdet_ratio)):
         return None
     inverse = workspace.take(f"{name}-inverse", (k, k), dtype, device)
-    scratch = workspace.take(f"{name}-scratch", ((k + 1) // 2 * (k // 2),), dtype, device)
+    scratch = workspace.take(f"{name}-scratch", (((k + 1) // 2) ** 2,), dtype, device)
     triangular_inverse(lower, inverse, scratch)
     spare = workspace.take(name, (k, k), dtype, device)
     return InverseFactor(damping, lower, inverse, logdet_ratio, scratch=spare)

@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors import LayerFactors
-from fisher_monitor.linalg import eigh_psd, factor_damped_gram, gram_resolution, relative
+from fisher_monitor.linalg import (
+    eigh_psd,
+    factor_damped_gram,
+    gram_resolution,
+    relative,
+    square_norm,
+)
 from fisher_monitor.metrics import LayerStatistics
 from fisher_monitor.structures.base import NumericalHealth
 from fisher_monitor.structures.block.factored import (
@@ -101,9 +107,9 @@ def gram_block_statistics(
         dimension,
         torch.diagonal(gram_v).sum(),
         torch.diagonal(gram_u).sum(),
-        gram_v.square().sum(),
-        gram_u.square().sum(),
-        gram_uv.square().sum(),
+        square_norm(gram_v),  # no R × R temporary of squares (fresh pages at every call)
+        square_norm(gram_u),
+        square_norm(gram_uv),
     )
     resolution = gram_resolution(gram_v, dimension)
     grad_sq_error = _grad_sq_error(gram_u, gram_v, coefficients, dimension, resolution)

@@ -100,8 +100,8 @@ def _attempt(layer: LayerInput, factors: LayerFactors, workspace) -> BlockStatis
         diagonal.sum(),
         torch.diagonal(gram_u).sum(),
         frob_f_sq,
-        gram_u.square().sum(),
-        gram_uv.square().sum(),
+        square_norm(gram_u),
+        square_norm(gram_uv),
     )
     frob_error = frobenius_error(gram_v, diagonal, length)
     if bool(relative(frob_error, undamped["frob_diff_sq"]) > MIXED_TOLERANCE):

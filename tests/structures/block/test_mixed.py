@@ -154,6 +154,24 @@ def test_triangular_inverse_and_the_inverse_cholesky_factor(dtype, size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("size", "base"), [(97, 16), (577, 384), (800, 100)])
+def test_the_recursive_triangular_inverse_with_its_scratch(dtype, size, base):
+    """Odd and even splits down to solved diagonal blocks in the scratch (given or not)."""
+    g = torch.Generator().manual_seed(size)
+    root = torch.randn(size, size + 5, generator=g, dtype=F64)
+    lower = torch.linalg.cholesky(root @ root.T + torch.eye(size, dtype=F64))
+    expected = torch.linalg.inv(lower)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    scratch = torch.full((((size + 1) // 2) ** 2,), float("nan"), dtype=dtype)
+    for given in (scratch, None):
+        out = torch.full((size, size), float("nan"), dtype=dtype)
+        triangular_inverse(lower.to(dtype), out, given, base=base)
+        relative_error = (out.to(F64) - expected).norm() / expected.norm()
+        assert float(relative_error) <= tolerance
+        assert bool((out.triu(1) == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("size", [5, 64])
 def test_the_damped_gram_factor_in_a_reused_buffer(dtype, size):
     g = torch.Generator().manual_seed(size)
