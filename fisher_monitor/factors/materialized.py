@@ -82,7 +82,7 @@ class MaterializedFactors(LayerFactors):
         return v @ (v.T @ weights.to(self.dtype))
 
     def gram_v_diagonal(self) -> Tensor:  # noqa: D102
-        return self._casted()[1].square().sum(dim=1)
+        return torch.linalg.vector_norm(self._casted()[1], dim=1).square()
 
     def dense_blocks(self) -> tuple[Tensor, Tensor, Tensor]:  # noqa: D102
         u, v = self._casted()

@@ -201,7 +201,8 @@ class OuterProductFactors(LayerFactors):
         return out.squeeze(1) if vector else out
 
     def gram_v_diagonal(self) -> Tensor:  # noqa: D102
-        sqrt_sq = self.sqrt.square().sum(dim=-1)  # (R_n, N)
+        # (R_n, N), without a temporary of the factor's size (4.7 MB for 9 × 128 × 512)
+        sqrt_sq = torch.linalg.vector_norm(self.sqrt, dim=-1).square()
         return (sqrt_sq * torch.diagonal(self.input_gram())).reshape(-1)
 
     def gram_length(self) -> int:  # noqa: D102

@@ -116,6 +116,7 @@ def _attempt(layer: LayerInput, factors: LayerFactors, workspace) -> BlockStatis
         ef.relative_error for ef in empirical if ef.relative_error is not None
     ]
     layer.cached("gram_u", lambda: gram_u)
+    layer.cached("gram_uv", lambda: gram_uv)  # the directions' (structure.py)
     layer.cached("empirical", lambda: empirical)
     return BlockStatistics(
         statistics=LayerStatistics(**undamped, damped=factored.damped),

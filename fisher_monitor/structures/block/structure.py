@@ -107,9 +107,8 @@ class Block(ExactSolves, Structure):
             if block is not None:
                 found = _root_route_directions(layer, factors) if directions else None
                 return LayerResult(block.statistics, found, block.health)
-        if block is not None:
-            grams = (layer.gram_u(), None, factors.gram_uv())
-        else:
+        grams = None  # the mixed route's, formed below only if the directions need them
+        if block is None:
             grams = _grams(layer, factors)
             block = gram_block_statistics(
                 *grams,
@@ -125,6 +124,8 @@ class Block(ExactSolves, Structure):
             return LayerResult(root.statistics, found, root.health)
         found = None
         if directions:
+            if grams is None:
+                grams = (layer.gram_u(), None, layer.cached("gram_uv", factors.gram_uv))
             found = _lowrank_directions(layer, factors, grams, block.natural)
         return LayerResult(block.statistics, found, block.health)
 
