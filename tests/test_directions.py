@@ -78,9 +78,17 @@ def test_kron_directions_solve_the_kronecker_fisher():
         network.close()
     for name in ("0", "2"):
         kron = factors[name].kronecker()
-        dense = torch.kron(kron.output_factor, kron.input_factor)  # augmented layout
+        # a wide root's factor is left unformed (None): formed here from the root
+        output_factor, input_factor = (
+            root.T @ root if factor is None else factor
+            for factor, root in (
+                (kron.output_factor, kron.output_root),
+                (kron.input_factor, kron.input_root),
+            )
+        )
+        dense = torch.kron(output_factor, input_factor)  # augmented layout
         size = dense.shape[0]
-        basis = torch.eye(size, dtype=torch.float64).view(size, kron.output_factor.shape[0], -1)
+        basis = torch.eye(size, dtype=torch.float64).view(size, output_factor.shape[0], -1)
         to_parameters = torch.stack([kron.order(row) for row in basis], dim=1)
         fisher_block = to_parameters @ dense @ to_parameters.T
         g = result.blocks[name][2]

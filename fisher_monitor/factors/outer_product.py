@@ -249,9 +249,9 @@ class OuterProductFactors(LayerFactors):
     def kronecker(self) -> KroneckerFactors:  # noqa: D102
         s = self._flat_sqrt()
         root = self.inputs / self.num_samples**0.5
-        return KroneckerFactors(
-            input_factor=root.T @ root,
-            output_factor=s.T @ s,
+        return KroneckerFactors(  # a wide root's factor is never formed (factor_basis)
+            input_factor=None if root.shape[0] < root.shape[1] else root.T @ root,
+            output_factor=None if s.shape[0] < s.shape[1] else s.T @ s,
             samples=OuterSamples(self.output_grads, self.inputs),
             input_root=root,
             output_root=s,
