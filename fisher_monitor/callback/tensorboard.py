@@ -225,7 +225,8 @@ HISTOGRAM_BINS = 64
 def histogram_summary(tag: str, data: Any) -> Any:
     """A TensorBoard histogram of ``data`` in :data:`HISTOGRAM_BINS` equal bins, made with torch.
 
-    Non-finite values are left out; ``None`` when none is finite.
+    Non-finite values are left out; ``None`` when none is finite. The values are binned in
+    their own precision; the sum and the sum of squares are float64.
 
     ``torch.utils.tensorboard``'s own ``histogram`` takes NumPy's ``dot`` for the sum of
     squares; on a small CPU machine the BLAS threads it wakes keep spinning beside
@@ -234,38 +235,56 @@ def histogram_summary(tag: str, data: Any) -> Any:
     import torch
     from torch.utils.tensorboard.summary import histogram_raw
 
-    values = torch.as_tensor(data).detach().to("cpu", torch.float64).flatten()
-    values = values[torch.isfinite(values)]
+    values = torch.as_tensor(data).detach().cpu().flatten()
+    if not values.is_floating_point():
+        values = values.to(torch.float64)
+    values = torch.from_numpy(_finite(values.numpy()))
     if not values.numel():
         return None
-    low, high = values.min().item(), values.max().item()
+    low, high = (value.item() for value in torch.aminmax(values))
     if high > low:
         counts = torch.histc(values, bins=HISTOGRAM_BINS, min=low, max=high)
         limits = torch.linspace(low, high, HISTOGRAM_BINS + 1, dtype=torch.float64)[1:]
     else:
         counts = torch.tensor([float(values.numel())], dtype=torch.float64)
         limits = torch.tensor([high], dtype=torch.float64)
+    wide = values.to(torch.float64)  # the moments in float64
     return histogram_raw(
         tag,
         min=low,
         max=high,
         num=values.numel(),
-        sum=values.sum().item(),
-        sum_squares=values.square().sum().item(),
+        sum=wide.sum().item(),
+        sum_squares=torch.dot(wide, wide).item(),
         bucket_limits=limits.tolist(),
         bucket_counts=counts.tolist(),
     )
 
 
 def ef_over_f_log_ratios(diagonals: Mapping[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:
-    """Per layer, ``log10(EF_ii / F_ii)`` (float32) where both are positive and finite."""
+    """Per layer, ``log10(EF_ii / F_ii)`` (float32) where both are positive and finite.
+
+    The ratio and its logarithm are taken in the diagonals' own precision (float64 as
+    measured: tiny entries of a fitted layer do not underflow as they would in float32).
+    """
     import torch
 
     ratios = {}
     for layer, (fisher, empirical) in diagonals.items():
-        ratio = torch.log10(empirical.float()) - torch.log10(fisher.float())
-        ratios[layer] = ratio[torch.isfinite(ratio)].numpy()  # drops zeros, NaN, infinities
+        # 0/0, x/0, 0/x give NaN, inf and 0 (then -inf): dropped
+        logs = torch.log10(torch.div(empirical, fisher)).cpu().numpy()
+        ratios[layer] = _finite(logs).astype(np.float32)
     return ratios
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite entries: the array itself where all are finite.
+
+    NumPy's mask and copy take a third of torch's boolean indexing (0.4 against 1.3 ms for
+    400k values).
+    """
+    finite = np.isfinite(values)
+    return values if finite.all() else values[finite]
 
 
 def _as_list(value: Any) -> list[float]:

@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -16,6 +17,8 @@ from fisher_monitor import FisherMonitor, keys, runinfo
 from fisher_monitor.callback.layout import custom_scalar_layout
 from fisher_monitor.callback.tensorboard import description
 from lightning_helpers import fit
+
+F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +248,26 @@ def test_histogram_summary_matches_numpy():
     (finite,) = histogram_summary("f", np.array([1.0, np.nan, np.inf, 3.0])).value
     assert finite.histo.num == 2 and finite.histo.min == 1.0 and finite.histo.max == 3.0
     assert histogram_summary("n", np.array([np.nan, -np.inf])) is None
+
+
+def test_log_ratio_histogram_values_keep_tiny_entries_and_drop_undefined_ones():
+    """``log10(EF_ii / F_ii)`` where both are positive and finite, also below float32's range."""
+    import numpy as np
+
+    from fisher_monitor.callback.tensorboard import ef_over_f_log_ratios
+
+    fisher = torch.tensor([1.0, 0.0, 1e-300, 2.0, 0.0, 1e-45, 1.0, np.nan, 4.0], dtype=F64)
+    empirical = torch.tensor([10.0, 0.0, 1e-250, 0.0, 3.0, 1e-44, 1e-60, 1.0, np.inf], dtype=F64)
+    (ratios,) = ef_over_f_log_ratios({"layer": (fisher, empirical)}).values()
+    f, e = fisher.numpy(), empirical.numpy()
+    defined = (f > 0) & (e > 0) & np.isfinite(f) & np.isfinite(e)
+    expected = np.log10(e[defined]) - np.log10(f[defined])  # 1, 50, 1, -60
+    assert ratios.dtype == np.float32
+    np.testing.assert_allclose(ratios, expected, rtol=1e-6)
+    many = torch.rand(1000, dtype=F64) + 0.1, torch.rand(1000, dtype=F64) + 0.1
+    (all_finite,) = ef_over_f_log_ratios({"layer": many}).values()
+    expected = np.log10(many[1].numpy()) - np.log10(many[0].numpy())
+    np.testing.assert_allclose(all_finite, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_no_heat_map_of_a_single_measurement(tmp_path):
