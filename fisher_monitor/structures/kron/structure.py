@@ -65,9 +65,11 @@ class Kronecker(Structure):
         o, i = float(shape.outputs), float(shape.inputs)
         out_side, in_side = min(o, r * t), min(i, n * t)
         eigh = RATES.eigh64 * (out_side**3 + in_side**3)
-        # the factors (both formed), a QR pass over a wide side's basis, the mean gradient
-        # and its part outside the bases, the samples' residuals
-        forming = 2.0 * r * t * o * o + 2.0 * n * t * i * i + 4.0 * (o * o * r + i * i * n) * t
+        # each factor (or, where its root is wide, the root's Gram matrix), a QR pass over a
+        # wide side's basis, the mean gradient and its part outside the bases, the samples'
+        # residuals
+        forming = _factor_flops(r * t, o) + _factor_flops(n * t, i)
+        forming += 4.0 * (o * o * r + i * i * n) * t
         forming += 2.0 * n * t * o * i + 4.0 * o * i * max(out_side, in_side)
         forming += 4.0 * n * t * (o * out_side + i * in_side)
         if t > 1:  # per-sample gradients materialised and rotated on both sides
@@ -89,6 +91,11 @@ class Kronecker(Structure):
             if t > 1:  # per-sample gradients, rotated and residual copies
                 total += 3 * n * shape.dimension * d
         return total
+
+
+def _factor_flops(rows: float, columns: float) -> float:
+    """Forming ``rootᵀroot`` (``columns²``) from a tall root, ``root rootᵀ`` from a wide one."""
+    return 2.0 * rows * columns * min(rows, columns)
 
 
 def _mean_sample(samples: Tensor | OuterSamples) -> Tensor:
