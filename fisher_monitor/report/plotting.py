@@ -67,17 +67,22 @@ def short_name(name: str, limit: int = 22) -> str:
 
     Dotted module paths keep their last two parts and the numbers (block indices) of the
     others, and shorten other leading parts to their first letter
-    (``encoder.layers.3.self_attn.out_proj`` → ``e.l.3.self_attn.out_proj``); what is
-    still too long keeps its end.
+    (``encoder.layers.3.self_attn.out_proj`` → ``e.l.3.self_attn.out_proj``). Where that
+    is still too long, the second-last part is shortened too, so that the block indices
+    that tell layers apart stay (``encoder.layers.11.self_attention.out_proj`` →
+    ``e.l.11.s.out_proj``); only then is the end kept.
     """
     name = plain_text(name)
     if len(name) <= limit:
         return name
     parts = name.split(".")
     if len(parts) > 2:
-        head = [part if part.isdigit() else part[:1] for part in parts[:-2]]
-        name = ".".join([*head, *parts[-2:]])
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+        for kept in (2, 1):
+            head = [part if part.isdigit() else part[:1] for part in parts[:-kept]]
+            name = ".".join([*head, *parts[-kept:]])
+            if len(name) <= limit:
+                return name
+    return "…" + name[-(limit - 1) :]
 
 
 def draw_cosine_heatmap(

@@ -6,7 +6,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fisher_monitor.report.figures import png
-from fisher_monitor.report.plotting import cosine_colormap, draw_cosine_heatmap, plain_text
+from fisher_monitor.report.plotting import (
+    cosine_colormap,
+    draw_cosine_heatmap,
+    plain_text,
+    short_name,
+)
 
 
 def colour(value: float) -> tuple[float, float, float]:
@@ -47,3 +52,15 @@ def test_names_are_drawn_literally():
     names = ["$\\frac{", "ok", "50$ and $"]  # malformed mathtext would stop the drawing
     draw_cosine_heatmap(figure, [0], names, np.zeros((3, 1)), "$title")
     assert png(figure)[:4] == b"\x89PNG"
+
+
+def test_short_names_keep_the_block_indices_that_tell_layers_apart():
+    names = [f"encoder.layers.{i}.self_attention.out_proj" for i in (0, 1, 11)]
+    short = [short_name(name) for name in names]
+    assert short == ["e.l.0.s.out_proj", "e.l.1.s.out_proj", "e.l.11.s.out_proj"]
+    assert short_name("encoder.layers.3.attn.out_proj") == "e.l.3.attn.out_proj"
+    assert short_name("net.0") == "net.0"  # short names stay as they are
+    two_parts = "a_rather_long_module_name.projection_weights"  # no path to shorten: its end
+    assert short_name(two_parts) == "…" + two_parts[-21:]
+    very_long = short_name("x.y.a_parameter_name_longer_than_the_limit")
+    assert len(very_long) == 22 and very_long.startswith("…") and very_long.endswith("limit")
