@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from fisher_monitor.factors.shape import RATES, LayerShape, PassSize
-from fisher_monitor.linalg import power_of_two_scale
 
 
 @dataclass
@@ -408,6 +407,5 @@ __all__ = [
     "OuterSamples",
     "augment",
     "ordered_copy",
-    "power_of_two_scale",
     "to_parameter_order",
 ]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fisher_monitor.factors.base import LayerFactors, power_of_two_scale
+from fisher_monitor.factors.base import LayerFactors
 from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
-from fisher_monitor.linalg import symmetric_product
+from fisher_monitor.linalg import power_of_two_scale, symmetric_product
 
 
 def _scaled_squares(values: Tensor, dtype: torch.dtype) -> Tensor:

@@ -14,11 +14,15 @@ from fisher_monitor.factors.base import (
     LayerFactors,
     OuterSamples,
     ordered_copy,
-    power_of_two_scale,
     to_parameter_order,
 )
 from fisher_monitor.factors.shape import CURVATURE_BYTES, RATES, LayerShape, PassSize
-from fisher_monitor.linalg import Workspace, current_workspace, symmetric_product
+from fisher_monitor.linalg import (
+    Workspace,
+    current_workspace,
+    power_of_two_scale,
+    symmetric_product,
+)
 
 #: Samples per matrix product of the fused diagonals: longer sums are split into chunks of
 #: this many samples, gathered in float64 (a float32 product of 256 terms carries a relative

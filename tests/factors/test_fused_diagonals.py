@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fisher_monitor.factors import OuterProductFactors
-from fisher_monitor.factors.base import power_of_two_scale
 from fisher_monitor.factors.outer_product import SAMPLE_CHUNK
+from fisher_monitor.linalg import power_of_two_scale
 
 F64 = torch.float64
 
